@@ -1,0 +1,92 @@
+# xnbd top-level GNU Makefile.
+#   make            build everything into $(BUILDDIR) (default: build/)
+#   make check      install missing Debian packages, build, run every test,
+#                   then rebuild with ASan+UBSan into build-asan/ and run again
+#   make bench      benchmarks (not tests)
+#   make install    PREFIX=/usr/local DESTDIR=
+VERSION   := 0.1.0
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+BUILDDIR  ?= build
+SAN       ?=
+
+PKGS      := libevent libevent_pthreads libnbd libzstd openssl
+CC        ?= cc
+CFLAGS    ?= -O2 -g
+CFLAGS    += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter \
+             -D_GNU_SOURCE -DXNBD_VERSION='"$(VERSION)"' -pthread \
+             -Icommon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
+ifneq ($(SAN),)
+CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS   += -fsanitize=address,undefined
+endif
+
+COMMON_SRC := $(wildcard common/*.c)
+COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILDDIR)/%.o)
+LIBCOMMON  := $(BUILDDIR)/libxnbd-common.a
+
+# Every program is one directory's main file plus the common library.
+PROGRAMS   := $(BUILDDIR)/xnbd-server
+PROGRAMS   += $(if $(wildcard proxy/xnbd-proxy.c),$(BUILDDIR)/xnbd-proxy)
+PROGRAMS   += $(if $(wildcard proxy/xnbd-ctl.c),$(BUILDDIR)/xnbd-ctl)
+PROGRAMS   += $(if $(wildcard scripts/wan-emu/wan-relay.c),$(BUILDDIR)/wan-relay)
+# Test helper programs: tests/tools/NAME.c -> build/tests/NAME
+TOOLS      := $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%,$(wildcard tests/tools/*.c))
+# Criterion unit tests: tests/unit/test-NAME.c -> build/tests/unit-NAME
+UNITS      := $(patsubst tests/unit/test-%.c,$(BUILDDIR)/tests/unit-%,$(wildcard tests/unit/test-*.c))
+MANPAGES   := $(wildcard man/*.[18])
+
+.PHONY: all check check-build unit e2e bench install clean deps
+all: $(PROGRAMS) $(TOOLS)
+
+$(BUILDDIR)/%.o: %.c $(wildcard common/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(LIBCOMMON): $(COMMON_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILDDIR)/xnbd-server: $(BUILDDIR)/server/xnbd-server.o $(wildcard server/*.c) $(LIBCOMMON)
+	$(CC) $(LDFLAGS) -o $@ $(filter %.o,$^) $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out server/xnbd-server.c,$(wildcard server/*.c))) $(LIBCOMMON) $(LDLIBS)
+$(BUILDDIR)/xnbd-proxy: $(BUILDDIR)/proxy/xnbd-proxy.o $(LIBCOMMON)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILDDIR)/xnbd-ctl: $(BUILDDIR)/proxy/xnbd-ctl.o $(LIBCOMMON)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILDDIR)/wan-relay: $(BUILDDIR)/scripts/wan-emu/wan-relay.o $(LIBCOMMON)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILDDIR)/tests/%: $(BUILDDIR)/tests/tools/%.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILDDIR)/tests/unit-%: $(BUILDDIR)/tests/unit/test-%.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcriterion
+
+deps:
+	@scripts/install-deps.sh
+
+# The full test run: plain build, then the sanitizer build, same tests.
+check: deps
+	$(MAKE) check-build BUILDDIR=build
+	$(MAKE) check-build BUILDDIR=build-asan SAN=1
+	@echo "make check: all suites passed (build and build-asan)"
+
+check-build: all $(UNITS)
+	@tests/run-tests.sh $(BUILDDIR)
+
+unit: all $(UNITS)
+	@tests/run-tests.sh $(BUILDDIR) unit
+e2e: all
+	@tests/run-tests.sh $(BUILDDIR) e2e
+
+bench: deps all
+	scripts/bench/run-all.sh $(BUILDDIR)
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8
+	install -m 755 $(filter-out $(BUILDDIR)/wan-relay,$(PROGRAMS)) $(DESTDIR)$(PREFIX)/bin/
+	for m in $(MANPAGES); do \
+	  s=$${m##*.}; install -m 644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/; done
+
+clean:
+	rm -rf build build-asan

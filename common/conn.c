@@ -1,0 +1,214 @@
+/* conn.c: one client connection: socket I/O through a bufferevent, the
+ * per-connection memory budget (backpressure by not reading), and the one
+ * close path.  A connection whose socket is gone stays allocated until the
+ * backend has completed every request it was handed. */
+#include "server-int.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#define OUTPUT_HIGH (64u << 20)    /* stop reading requests above this */
+#define OUTPUT_LOW  (8u << 20)     /* resume at or below this */
+
+bool conn_is_open(const struct conn *c) { return c->bev != NULL; }
+
+void conn_send(struct conn *c, const void *data, size_t len)
+{
+  if (c->bev)
+    evbuffer_add(bufferevent_get_output(c->bev), data, len);
+}
+
+static void conn_free(struct conn *c)
+{
+  struct xnbd_server *srv = c->srv;
+  if (c->prev) c->prev->next = c->next;
+  else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  srv->nconns--;
+  free(c->meta_export);
+  free(c);
+  server_conn_closed(srv);
+}
+
+static void conn_maybe_free(struct conn *c)
+{
+  if (!c->bev && c->inflight == 0 && !c->in_input)
+    conn_free(c);
+}
+
+static const char *state_name(enum conn_state s)
+{
+  switch (s) {
+  case CONN_WAIT_CLIENT_FLAGS: return "waiting for client flags";
+  case CONN_OPTIONS: return "negotiating";
+  case CONN_TRANSMISSION: return "transmission";
+  case CONN_DRAINING: return "disconnecting";
+  }
+  return "?";
+}
+
+void conn_close(struct conn *c, const char *reason)
+{
+  if (!c->bev) return;
+  if (c->state == CONN_DRAINING || c->state == CONN_TRANSMISSION)
+    log_debug("connection %" PRIu64 " from %s closed (%s) after %" PRIu64
+              " requests, %" PRIu64 " errors", c->id, c->peer, reason,
+              c->nreq, c->nerr);
+  else
+    log_info("connection %" PRIu64 " from %s closed while %s: %s", c->id,
+             c->peer, state_name(c->state), reason);
+  bufferevent_free(c->bev);
+  c->bev = NULL;
+  if (c->hs_timer) { event_free(c->hs_timer); c->hs_timer = NULL; }
+  conn_maybe_free(c);
+}
+
+/* Under budget again: read (and parse what is already buffered). */
+static void conn_maybe_resume(struct conn *c)
+{
+  if (!c->bev || !c->read_paused || c->state != CONN_TRANSMISSION)
+    return;
+  if (c->inflight_bytes > c->srv->cfg.max_inflight_bytes / 2 ||
+      evbuffer_get_length(bufferevent_get_output(c->bev)) > OUTPUT_LOW)
+    return;
+  c->read_paused = false;
+  bufferevent_enable(c->bev, EV_READ);
+  conn_process_input(c);
+}
+
+/* Over budget: stop reading the socket.  Returns true if paused. */
+static bool conn_check_budget(struct conn *c)
+{
+  if (!c->bev) return true;
+  if (c->inflight_bytes > c->srv->cfg.max_inflight_bytes ||
+      evbuffer_get_length(bufferevent_get_output(c->bev)) > OUTPUT_HIGH) {
+    if (!c->read_paused) {
+      c->read_paused = true;
+      bufferevent_disable(c->bev, EV_READ);
+    }
+    return true;
+  }
+  return false;
+}
+
+void conn_check_idle(struct conn *c)
+{
+  if (!c->bev || c->state != CONN_DRAINING || c->inflight > 0)
+    return;
+  bufferevent_disable(c->bev, EV_READ);
+  if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+    conn_close(c, c->srv->shutting_down ? "server shutting down"
+                                        : "client disconnected");
+}
+
+void conn_process_input(struct conn *c)
+{
+  if (c->in_input) return;
+  c->in_input = true;
+  while (c->bev && !c->read_paused) {
+    bool more;
+    switch (c->state) {
+    case CONN_WAIT_CLIENT_FLAGS:
+    case CONN_OPTIONS:
+      more = nego_step(c);
+      break;
+    case CONN_TRANSMISSION:
+      more = trans_step(c);
+      if (more) conn_check_budget(c);
+      break;
+    default:
+      more = false;
+    }
+    if (!more) break;
+  }
+  c->in_input = false;
+  conn_check_idle(c);
+  conn_maybe_free(c);
+}
+
+void conn_request_done(struct conn *c, struct xreq *r, int err)
+{
+  c->inflight--;
+  if (r->type == XREQ_READ || r->type == XREQ_WRITE)
+    c->inflight_bytes -= r->length;
+  if (c->bev)
+    trans_reply(c, r, err);
+  trans_free_req(r);
+  if (!c->bev) { conn_maybe_free(c); return; }
+  conn_check_idle(c);
+  if (c->bev && !c->in_input)
+    conn_maybe_resume(c);
+}
+
+static void read_cb(struct bufferevent *bev, void *arg)
+{
+  conn_process_input(arg);
+}
+
+static void write_cb(struct bufferevent *bev, void *arg)
+{
+  struct conn *c = arg;
+  conn_check_idle(c);
+  if (c->bev) conn_maybe_resume(c);
+}
+
+static void event_cb(struct bufferevent *bev, short what, void *arg)
+{
+  struct conn *c = arg;
+  char why[128];
+  if (what & BEV_EVENT_EOF)
+    snprintf(why, sizeof why, "client hung up%s",
+             c->inflight ? " with requests in flight" : "");
+  else if (what & BEV_EVENT_ERROR)
+    snprintf(why, sizeof why, "socket error: %s",
+             evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+  else
+    return;
+  conn_close(c, why);
+}
+
+static void hs_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+  struct conn *c = arg;
+  char why[96];
+  if (c->state == CONN_TRANSMISSION) return;
+  snprintf(why, sizeof why, "negotiation not finished within %u s "
+           "(--handshake-timeout)", c->srv->cfg.handshake_timeout_s);
+  conn_close(c, why);
+}
+
+void conn_new(struct xnbd_server *srv, int fd, const char *peer)
+{
+  struct conn *c = calloc(1, sizeof *c);
+  struct timeval tv = { srv->cfg.handshake_timeout_s, 0 };
+
+  if (!c) { close(fd); return; }
+  c->bev = bufferevent_socket_new(srv->base, fd, BEV_OPT_CLOSE_ON_FREE);
+  if (!c->bev) { close(fd); free(c); return; }
+  c->srv = srv;
+  c->id = ++srv->next_conn_id;
+  snprintf(c->peer, sizeof c->peer, "%s", peer);
+  c->state = CONN_WAIT_CLIENT_FLAGS;
+  c->next = srv->conns;
+  if (srv->conns) srv->conns->prev = c;
+  srv->conns = c;
+  srv->nconns++;
+
+  bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
+  /* Large single reads and writes: 1 MiB sequential I/O at GB/s. */
+  bufferevent_set_max_single_read(c->bev, 1 << 20);
+  bufferevent_set_max_single_write(c->bev, 4 << 20);
+  /* Never buffer more than one maximal request (plus headers). */
+  bufferevent_setwatermark(c->bev, EV_READ, 0,
+                           (size_t) srv->cfg.max_request + XNBD_MAX_OPTION_LEN);
+  bufferevent_setwatermark(c->bev, EV_WRITE, OUTPUT_LOW, 0);
+  c->hs_timer = evtimer_new(srv->base, hs_timeout_cb, c);
+  evtimer_add(c->hs_timer, &tv);
+  log_debug("connection %" PRIu64 " from %s", c->id, peer);
+  nego_send_greeting(c);
+  bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+}

@@ -1,0 +1,121 @@
+/* server-int.h: internals of the NBD server core shared by server.c
+ * (listeners, lifecycle), conn.c (connection I/O), negotiate.c (option
+ * haggling) and transmit.c (requests and replies).  Not for backends.
+ *
+ * Everything here is touched only on the loop thread, except the done
+ * queue (done_lock). */
+#ifndef XNBD_SERVER_INT_H
+#define XNBD_SERVER_INT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <event2/event.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/listener.h>
+
+#include "backend.h"
+#include "server.h"
+
+#define XNBD_MAX_OPTION_LEN (64 * 1024)
+#define XNBD_MAX_LISTENERS 16
+
+struct xnbd_export {
+  char *name;
+  char *description;
+  const struct xnbd_backend_ops *ops;
+  void *handle;
+  struct xnbd_export *next;
+};
+
+/* Named connection states (logged on close). */
+enum conn_state {
+  CONN_WAIT_CLIENT_FLAGS,
+  CONN_OPTIONS,
+  CONN_TRANSMISSION,
+  CONN_DRAINING,     /* DISC, ABORT or shutdown: no more input; close when idle */
+};
+
+struct conn {
+  struct xnbd_server *srv;
+  struct bufferevent *bev;       /* NULL once the socket is closed */
+  struct event *hs_timer;        /* negotiation deadline */
+  enum conn_state state;
+  uint64_t id;
+  char peer[80];
+
+  /* Negotiated state. */
+  bool fixed_newstyle, no_zeroes, structured, meta_base_alloc;
+  char *meta_export;             /* export named by SET_META_CONTEXT */
+  struct xnbd_export *exp;       /* chosen export (transmission) */
+  uint16_t tflags;
+  uint64_t size;
+  uint32_t min_bs, pref_bs, max_bs;
+
+  uint64_t skip;                 /* payload bytes still to discard */
+  uint32_t skip_reply_opt;       /* option to answer TOO_BIG once skipped */
+  bool skip_then_reply;
+
+  /* Requests handed to the backend and not yet replied. */
+  unsigned inflight;
+  uint64_t inflight_bytes;
+  bool read_paused;              /* over budget: not reading the socket */
+  bool in_input;                 /* inside conn_process_input */
+
+  uint64_t nreq, nerr;
+  struct conn *prev, *next;
+};
+
+struct xnbd_server {
+  struct event_base *base;
+  struct xnbd_server_config cfg;
+  pthread_t loop_thread;
+  struct xnbd_export *exports;
+  struct evconnlistener *listeners[XNBD_MAX_LISTENERS];
+  char *unix_paths[XNBD_MAX_LISTENERS];
+  unsigned nlisteners;
+  int first_tcp_port;
+  struct conn *conns;
+  unsigned nconns;
+  uint64_t next_conn_id;
+  bool accept_paused;
+  struct event *accept_retry;
+
+  bool shutting_down;
+  void (*shutdown_done)(void *);
+  void *shutdown_arg;
+  struct event *shutdown_ev;
+
+  pthread_mutex_t done_lock;     /* protects done_head/done_tail */
+  struct xreq *done_head, *done_tail;
+  struct event *done_ev;
+};
+
+/* conn.c */
+void conn_new(struct xnbd_server *srv, int fd, const char *peer);
+void conn_close(struct conn *c, const char *reason);
+void conn_process_input(struct conn *c);
+void conn_request_done(struct conn *c, struct xreq *r, int err);
+void conn_check_idle(struct conn *c);
+bool conn_is_open(const struct conn *c);
+void conn_send(struct conn *c, const void *data, size_t len);
+
+/* negotiate.c: returns false when it needs more input or the conn closed. */
+void nego_send_greeting(struct conn *c);
+bool nego_step(struct conn *c);
+
+/* transmit.c */
+bool trans_step(struct conn *c);
+void trans_reply(struct conn *c, struct xreq *r, int err);
+void trans_free_req(struct xreq *r);
+
+/* server.c */
+struct xnbd_export *server_find_export(struct xnbd_server *srv,
+                                       const char *name, size_t len);
+void server_conn_closed(struct xnbd_server *srv);
+/* The completion function of every request (hands it to the loop). */
+void server_req_done(struct xreq *r, int err);
+
+#endif

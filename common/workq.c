@@ -1,0 +1,92 @@
+#include "workq.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+
+struct workq {
+  pthread_mutex_t lock;        /* protects everything below */
+  pthread_cond_t cond;
+  struct xwork *head, *tail;
+  bool stopping;
+  unsigned nthreads;
+  pthread_t *threads;
+};
+
+static void *worker(void *arg)
+{
+  struct workq *wq = arg;
+  pthread_mutex_lock(&wq->lock);
+  for (;;) {
+    struct xwork *w = wq->head;
+    if (!w) {
+      if (wq->stopping)
+        break;
+      pthread_cond_wait(&wq->cond, &wq->lock);
+      continue;
+    }
+    wq->head = w->next;
+    if (!wq->head)
+      wq->tail = NULL;
+    pthread_mutex_unlock(&wq->lock);
+    w->fn(w);
+    pthread_mutex_lock(&wq->lock);
+  }
+  pthread_mutex_unlock(&wq->lock);
+  return NULL;
+}
+
+struct workq *workq_new(unsigned nthreads, const char *name)
+{
+  struct workq *wq = calloc(1, sizeof *wq);
+  if (!wq) return NULL;
+  pthread_mutex_init(&wq->lock, NULL);
+  pthread_cond_init(&wq->cond, NULL);
+  wq->threads = calloc(nthreads, sizeof *wq->threads);
+  if (!wq->threads) { free(wq); return NULL; }
+  for (unsigned i = 0; i < nthreads; i++) {
+    int e = pthread_create(&wq->threads[i], NULL, worker, wq);
+    if (e) {
+      errno = e;
+      workq_free(wq);
+      return NULL;
+    }
+    if (name) {
+      char n[32];
+      snprintf(n, sizeof n, "%.8s-%u", name, i % 1000);
+      n[15] = '\0';
+      pthread_setname_np(wq->threads[i], n);
+    }
+    wq->nthreads++;
+  }
+  return wq;
+}
+
+void workq_submit(struct workq *wq, struct xwork *w)
+{
+  w->next = NULL;
+  pthread_mutex_lock(&wq->lock);
+  if (wq->tail) wq->tail->next = w;
+  else wq->head = w;
+  wq->tail = w;
+  pthread_cond_signal(&wq->cond);
+  pthread_mutex_unlock(&wq->lock);
+}
+
+void workq_free(struct workq *wq)
+{
+  if (!wq) return;
+  pthread_mutex_lock(&wq->lock);
+  wq->stopping = true;
+  pthread_cond_broadcast(&wq->cond);
+  pthread_mutex_unlock(&wq->lock);
+  for (unsigned i = 0; i < wq->nthreads; i++)
+    pthread_join(wq->threads[i], NULL);
+  pthread_cond_destroy(&wq->cond);
+  pthread_mutex_destroy(&wq->lock);
+  free(wq->threads);
+  free(wq);
+}

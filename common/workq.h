@@ -1,0 +1,17 @@
+/* workq.h: a fixed pool of threads running queued work items (FIFO).
+ * Items are intrusive (struct xwork in backend.h): queueing never
+ * allocates and never fails. */
+#ifndef XNBD_WORKQ_H
+#define XNBD_WORKQ_H
+
+#include "backend.h"
+
+struct workq;
+
+/* Starts nthreads threads.  Returns NULL with errno on failure. */
+struct workq *workq_new(unsigned nthreads, const char *name);
+void workq_submit(struct workq *wq, struct xwork *w);
+/* Runs every queued item, joins the threads and frees the pool. */
+void workq_free(struct workq *wq);
+
+#endif

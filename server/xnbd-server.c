@@ -1,0 +1,229 @@
+/* xnbd-server: serves image files over NBD (the source site of a
+ * migration, or any NBD use). */
+#include "server.h"
+#include "file-backend.h"
+#include "workq.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#define MAX_EXPORTS 64
+#define MAX_LISTEN 16
+
+static void usage(FILE *f)
+{
+  fprintf(f,
+"Usage: xnbd-server [OPTIONS] [FILE]\n"
+"Serve image files over the NBD protocol.\n"
+"\n"
+"  FILE                      image served as the default export \"\" (see --name)\n"
+"  -e, --export NAME=FILE    serve FILE as export NAME (repeatable)\n"
+"  -n, --name NAME           export name for FILE (default: the empty name)\n"
+"  -r, --readonly            serve every export read-only\n"
+"  -l, --listen ADDR:PORT    listen on TCP (repeatable; default [::]:10809 and\n"
+"                            0.0.0.0:10809); port 0 picks a free port\n"
+"  -u, --unix PATH           listen on a unix socket (repeatable)\n"
+"      --port-file FILE      write the first TCP listener's port to FILE\n"
+"  -p, --pidfile FILE        write the PID to FILE once listening\n"
+"  -d, --daemon              run in the background, log to syslog\n"
+"  -t, --threads N           I/O threads (default 8)\n"
+"      --handshake-timeout S seconds a client may take to negotiate (default 30)\n"
+"      --max-connections N   connections served at once (default 1024)\n"
+"  -v, --verbose             log each connection and refused request\n"
+"  -q, --quiet               log errors only\n"
+"  -h, --help                show this help\n"
+"  -V, --version             show the version\n"
+"\n"
+"Examples:\n"
+"  xnbd-server disk.img                     # nbd://HOST/ on port 10809\n"
+"  xnbd-server -l 127.0.0.1:10809 -e vm1=vm1.img -e vm2=vm2.img\n"
+"  xnbd-server -r -u /run/xnbd.sock base.img\n");
+}
+
+static struct event_base *base;
+static struct xnbd_server *srv;
+static int exit_code;
+
+static void shutdown_done(void *arg) { event_base_loopexit(base, NULL); }
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+  log_info("signal %d: shutting down (finishing requests in flight)", (int) sig);
+  xnbd_server_shutdown(srv, shutdown_done, NULL);
+}
+
+static int write_file(const char *path, const char *fmt, long v)
+{
+  FILE *f = fopen(path, "w");
+  if (!f || fprintf(f, fmt, v) < 0 || fclose(f) != 0) {
+    log_error("cannot write '%s': %s", path, strerror(errno));
+    return -1;
+  }
+  return 0;
+}
+
+static unsigned parse_uint(const char *opt, const char *s, unsigned min, unsigned max)
+{
+  char *end;
+  unsigned long v;
+  errno = 0;
+  v = strtoul(s, &end, 10);
+  if (errno || *end || !*s || v < min || v > max)
+    fatal("%s: '%s' is not a number from %u to %u", opt, s, min, max);
+  return v;
+}
+
+int main(int argc, char **argv)
+{
+  enum { OPT_PORT_FILE = 256, OPT_HS_TIMEOUT, OPT_MAX_CONN };
+  static const struct option longopts[] = {
+    { "export", required_argument, 0, 'e' },
+    { "name", required_argument, 0, 'n' },
+    { "readonly", no_argument, 0, 'r' },
+    { "read-only", no_argument, 0, 'r' },
+    { "listen", required_argument, 0, 'l' },
+    { "unix", required_argument, 0, 'u' },
+    { "port-file", required_argument, 0, OPT_PORT_FILE },
+    { "pidfile", required_argument, 0, 'p' },
+    { "daemon", no_argument, 0, 'd' },
+    { "threads", required_argument, 0, 't' },
+    { "handshake-timeout", required_argument, 0, OPT_HS_TIMEOUT },
+    { "max-connections", required_argument, 0, OPT_MAX_CONN },
+    { "verbose", no_argument, 0, 'v' },
+    { "quiet", no_argument, 0, 'q' },
+    { "help", no_argument, 0, 'h' },
+    { "version", no_argument, 0, 'V' },
+    { 0, 0, 0, 0 }
+  };
+  const char *export_names[MAX_EXPORTS], *export_files[MAX_EXPORTS];
+  const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN];
+  struct file_backend *fbs[MAX_EXPORTS];
+  unsigned nexp = 0, ntcp = 0, nunix = 0, threads = 8;
+  const char *default_name = "", *pidfile = NULL, *portfile = NULL;
+  bool readonly = false, daemonize = false;
+  struct xnbd_server_config cfg = { 0 };
+  struct workq *wq;
+  struct event *sigs[3];
+  int c;
+
+  log_init(argv[0], LOG_LVL_INFO);
+  while ((c = getopt_long(argc, argv, "e:n:rl:u:p:dt:vqhV", longopts, NULL)) != -1) {
+    switch (c) {
+    case 'e': {
+      const char *eq = strchr(optarg, '=');
+      if (!eq || eq == optarg || !eq[1])
+        fatal("--export '%s': expected NAME=FILE", optarg);
+      if (nexp >= MAX_EXPORTS) fatal("too many exports (at most %d)", MAX_EXPORTS);
+      export_names[nexp] = strndup(optarg, eq - optarg);
+      export_files[nexp++] = eq + 1;
+      break;
+    }
+    case 'n': default_name = optarg; break;
+    case 'r': readonly = true; break;
+    case 'l':
+      if (ntcp >= MAX_LISTEN) fatal("too many --listen addresses (at most %d)", MAX_LISTEN);
+      tcp[ntcp++] = optarg;
+      break;
+    case 'u':
+      if (nunix >= MAX_LISTEN) fatal("too many --unix sockets (at most %d)", MAX_LISTEN);
+      unixp[nunix++] = optarg;
+      break;
+    case OPT_PORT_FILE: portfile = optarg; break;
+    case 'p': pidfile = optarg; break;
+    case 'd': daemonize = true; break;
+    case 't': threads = parse_uint("--threads", optarg, 1, 256); break;
+    case OPT_HS_TIMEOUT:
+      cfg.handshake_timeout_s = parse_uint("--handshake-timeout", optarg, 1, 86400);
+      break;
+    case OPT_MAX_CONN:
+      cfg.max_connections = parse_uint("--max-connections", optarg, 1, 1000000);
+      break;
+    case 'v': log_set_level(LOG_LVL_DEBUG); break;
+    case 'q': log_set_level(LOG_LVL_ERROR); break;
+    case 'h': usage(stdout); return 0;
+    case 'V': printf("xnbd-server %s\n", XNBD_VERSION); return 0;
+    default:
+      fprintf(stderr, "Try 'xnbd-server --help' for the options.\n");
+      return 1;
+    }
+  }
+  if (optind < argc) {
+    if (optind + 1 < argc)
+      fatal("only one FILE may be given as an argument (use --export NAME=FILE for more)");
+    if (nexp >= MAX_EXPORTS) fatal("too many exports");
+    export_names[nexp] = default_name;
+    export_files[nexp++] = argv[optind];
+  }
+  if (nexp == 0) {
+    fprintf(stderr, "xnbd-server: nothing to serve: give an image FILE or "
+            "--export NAME=FILE\nTry 'xnbd-server --help' for the options.\n");
+    return 1;
+  }
+  if (ntcp == 0 && nunix == 0) {
+    tcp[ntcp++] = ":10809";
+  }
+
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGHUP, SIG_IGN);
+  wq = workq_new(threads, "io");
+  if (!wq) fatal("cannot start I/O threads: %s", strerror(errno));
+  base = xnbd_event_base_new();
+  if (!base) fatal("cannot create the event loop");
+  srv = xnbd_server_new(base, &cfg);
+  if (!srv) fatal("out of memory");
+
+  for (unsigned i = 0; i < nexp; i++) {
+    char err[512];
+    fbs[i] = file_backend_open(export_files[i], readonly, wq, err, sizeof err);
+    if (!fbs[i]) fatal("%s", err);
+    if (xnbd_server_add_export(srv, export_names[i], NULL, &file_backend_ops, fbs[i]) < 0)
+      return 1;
+    log_info("export '%s': %s%s", export_names[i], export_files[i],
+             readonly ? " (read-only)" : "");
+  }
+  for (unsigned i = 0; i < ntcp; i++)
+    if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
+  for (unsigned i = 0; i < nunix; i++)
+    if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
+
+  if (daemonize) {
+    /* Listeners are bound, so errors so far reached the terminal. */
+    if (daemon(1, 0) < 0) fatal("cannot daemonize: %s", strerror(errno));
+    log_to_syslog();
+    event_reinit(base);
+  }
+  if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
+      write_file(portfile, "%ld\n", xnbd_server_tcp_port(srv)) < 0)
+    return 1;
+  if (pidfile && write_file(pidfile, "%ld\n", (long) getpid()) < 0)
+    return 1;
+
+  sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
+  sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
+  sigs[2] = NULL;
+  evsignal_add(sigs[0], NULL);
+  evsignal_add(sigs[1], NULL);
+
+  event_base_dispatch(base);
+
+  xnbd_server_free(srv);
+  /* Every request has completed; flush and close the images. */
+  workq_free(wq);
+  for (unsigned i = 0; i < nexp; i++)
+    file_backend_close(fbs[i]);
+  event_free(sigs[0]);
+  event_free(sigs[1]);
+  event_base_free(base);
+  if (pidfile) unlink(pidfile);
+  log_info("stopped");
+  return exit_code;
+}
