@@ -61,6 +61,8 @@ void conn_close(struct conn *c, const char *reason)
   else
     log_info("connection %" PRIu64 " from %s closed while %s: %s", c->id,
              c->peer, state_name(c->state), reason);
+  if (c->direct_ev) { event_free(c->direct_ev); c->direct_ev = NULL; }
+  if (c->direct) { trans_free_req(c->direct); c->direct = NULL; }
   bufferevent_free(c->bev);
   c->bev = NULL;
   if (c->hs_timer) { event_free(c->hs_timer); c->hs_timer = NULL; }
@@ -76,7 +78,8 @@ static void conn_maybe_resume(struct conn *c)
       evbuffer_get_length(bufferevent_get_output(c->bev)) > OUTPUT_LOW)
     return;
   c->read_paused = false;
-  bufferevent_enable(c->bev, EV_READ);
+  if (!c->direct)
+    bufferevent_enable(c->bev, EV_READ);
   conn_process_input(c);
 }
 
@@ -109,7 +112,7 @@ void conn_process_input(struct conn *c)
 {
   if (c->in_input) return;
   c->in_input = true;
-  while (c->bev && !c->read_paused) {
+  while (c->bev && !c->read_paused && !c->direct) {
     bool more;
     switch (c->state) {
     case CONN_WAIT_CLIENT_FLAGS:

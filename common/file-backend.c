@@ -285,17 +285,28 @@ static void fb_pread(void *h, struct xreq *r)
   to_pool(fb, r);
 }
 
+/* Writes that the page cache absorbs are done here, on the loop thread:
+ * with RWF_NOWAIT where the filesystem supports it for buffered writes,
+ * else plainly for small ones (a buffered write of a few pages costs less
+ * than handing it to another thread and back).  Large and FUA writes, and
+ * anything that would block, go to the I/O threads. */
+#define INLINE_WRITE_MAX (256 * 1024)
+
 static void fb_pwrite(void *h, struct xreq *r)
 {
   struct file_backend *fb = h;
   r->be_u64 = 0;
-  if (!(r->flags & XREQ_F_FUA) && atomic_load(&fb->nowait_write_ok)) {
+  if (!(r->flags & XREQ_F_FUA)) {
     struct iovec iov = { r->buf, r->length };
-    ssize_t n = pwritev2(fb->fd, &iov, 1, r->offset, RWF_NOWAIT);
+    ssize_t n = -1;
+    if (atomic_load(&fb->nowait_write_ok)) {
+      n = pwritev2(fb->fd, &iov, 1, r->offset, RWF_NOWAIT);
+      if (n < 0 && errno == EOPNOTSUPP)
+        atomic_store(&fb->nowait_write_ok, false);
+    } else if (r->length <= INLINE_WRITE_MAX)
+      n = pwrite(fb->fd, r->buf, r->length, r->offset);
     if (n == (ssize_t) r->length) { xreq_complete(r, 0); return; }
     if (n > 0) r->be_u64 = n;
-    else if (n < 0 && errno == EOPNOTSUPP)
-      atomic_store(&fb->nowait_write_ok, false);
   }
   to_pool(fb, r);
 }

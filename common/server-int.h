@@ -64,6 +64,13 @@ struct conn {
   bool read_paused;              /* over budget: not reading the socket */
   bool in_input;                 /* inside conn_process_input */
 
+  /* A large WRITE payload is read straight from the socket into the
+   * request's buffer (no evbuffer copy) while the bufferevent's reading is
+   * off: the request, bytes received so far, and the read event. */
+  struct xreq *direct;
+  uint64_t direct_got;
+  struct event *direct_ev;
+
   uint64_t nreq, nerr;
   struct conn *prev, *next;
 };
@@ -110,6 +117,7 @@ bool nego_step(struct conn *c);
 bool trans_step(struct conn *c);
 void trans_reply(struct conn *c, struct xreq *r, int err);
 void trans_free_req(struct xreq *r);
+void trans_direct_read(struct conn *c);
 
 /* server.c */
 struct xnbd_export *server_find_export(struct xnbd_server *srv,

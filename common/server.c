@@ -4,6 +4,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -72,7 +73,13 @@ void server_req_done(struct xreq *r, int err)
 struct xnbd_server *xnbd_server_new(struct event_base *base,
                                     const struct xnbd_server_config *cfg)
 {
-  struct xnbd_server *srv = calloc(1, sizeof *srv);
+  struct xnbd_server *srv;
+  /* Request buffers up to 32 MiB come and go at a high rate: keep them on
+   * the heap instead of mmap/munmap (and page faults) for each one.  The
+   * per-connection budget bounds what the heap can hold. */
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  srv = calloc(1, sizeof *srv);
   if (!srv) return NULL;
   srv->base = base;
   if (cfg) srv->cfg = *cfg;

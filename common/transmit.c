@@ -10,9 +10,11 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <sys/socket.h>
 
 #define MAX_STATUS_DESCRIPTORS 1024
 #define MAX_READ_CHUNKS 1024
+#define DIRECT_WRITE_MIN (64 * 1024)  /* payloads read straight from the socket */
 
 /* The server's request: the backend's xreq plus the wire identity. */
 struct treq {
@@ -262,6 +264,12 @@ static void dispatch(struct conn *c, struct treq *t)
   op(h, r);
 }
 
+static void direct_cb(evutil_socket_t fd, short what, void *arg)
+{
+  struct conn *c = arg;
+  if (c->direct) trans_direct_read(c);
+}
+
 bool trans_step(struct conn *c)
 {
   struct evbuffer *in = bufferevent_get_input(c->bev);
@@ -308,7 +316,8 @@ bool trans_step(struct conn *c)
     error_reply(c, rq.cookie, err, NULL);
     return true;
   }
-  if (rq.type == NBD_CMD_WRITE && avail < NBD_REQUEST_SIZE + (size_t) rq.length)
+  if (rq.type == NBD_CMD_WRITE && avail < NBD_REQUEST_SIZE + (size_t) rq.length &&
+      rq.length < DIRECT_WRITE_MIN)
     return false;                /* wait for the whole payload */
   evbuffer_drain(in, sizeof h);
 
@@ -322,14 +331,50 @@ bool trans_step(struct conn *c)
     error_reply(c, rq.cookie, NBD_ENOMEM, NULL);
     return true;
   }
-  if (rq.type == NBD_CMD_WRITE)
-    evbuffer_remove(in, t->r.buf, rq.length);
   t->cookie = rq.cookie;
   t->cmd = rq.type;
   t->cmd_flags = rq.flags;
   t->r.offset = rq.offset;
   t->r.length = rq.type == NBD_CMD_FLUSH ? 0 : rq.length;
   if (rq.type == NBD_CMD_FLUSH) t->r.offset = 0;
+  if (rq.type == NBD_CMD_WRITE) {
+    int n = evbuffer_remove(in, t->r.buf, rq.length);
+    if (n < (int) rq.length) {
+      /* Receive the rest straight into the buffer. */
+      c->direct = &t->r;
+      c->direct_got = n < 0 ? 0 : n;
+      bufferevent_disable(c->bev, EV_READ);
+      if (!c->direct_ev)
+        c->direct_ev = event_new(c->srv->base, bufferevent_getfd(c->bev),
+                                 EV_READ | EV_PERSIST, direct_cb, c);
+      event_add(c->direct_ev, NULL);
+      trans_direct_read(c);
+      return false;
+    }
+  }
   dispatch(c, t);
   return c->bev != NULL;
+}
+
+/* Reads what the socket has of the pending direct payload; dispatches the
+ * write once complete and goes back to buffered input. */
+void trans_direct_read(struct conn *c)
+{
+  struct xreq *r = c->direct;
+  while (c->direct_got < r->length) {
+    ssize_t n = recv(bufferevent_getfd(c->bev), (char *) r->buf + c->direct_got,
+                     r->length - c->direct_got, 0);
+    if (n > 0) { c->direct_got += n; continue; }
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    conn_close(c, n == 0 ? "client hung up in the middle of a write payload"
+                         : "socket error while reading a write payload");
+    return;
+  }
+  event_del(c->direct_ev);
+  c->direct = NULL;
+  dispatch(c, (struct treq *) r);
+  if (!c->bev) return;
+  if (!c->read_paused)
+    bufferevent_enable(c->bev, EV_READ);
+  conn_process_input(c);
 }
