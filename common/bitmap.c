@@ -277,9 +277,13 @@ static const char *slot_problem(enum slot_state st)
   return "?";
 }
 
-#define CLEAR_HINT \
-  "Start over with --clear-bitmap (the bitmap is recreated empty and every " \
-  "block is fetched from the source again)."
+/* The fix for a bitmap that cannot be used, as a sentence and as the tail
+ * of one. */
+#define CLEAR_WHAT \
+  " with --clear-bitmap (the bitmap is recreated empty and every block is " \
+  "fetched from the source again)."
+#define CLEAR_HINT "Start over" CLEAR_WHAT
+#define OR_CLEAR_HINT "or start over" CLEAR_WHAT
 
 /* Reads and checks the header; fills h with the slot in force. */
 static int read_header(struct bitmap *bm, struct hdr *h,
@@ -320,15 +324,15 @@ static int read_header(struct bitmap *bm, struct hdr *h,
       int i = st[0] == SLOT_BAD_VERSION ? 0 : 1;
       errno = ENOTSUP;
       seterr(err, errlen, "bitmap %s has format version %" PRIu32 "; this "
-             "xnbd reads version %d. Use the xnbd that made it, or: "
-             CLEAR_HINT, bm->path, slot[i].version, BITMAP_VERSION);
+             "xnbd reads version %d. Use the xnbd that made it, "
+             OR_CLEAR_HINT, bm->path, slot[i].version, BITMAP_VERSION);
     }
     else if (st[0] == SLOT_BAD_FLAGS || st[1] == SLOT_BAD_FLAGS) {
       int i = st[0] == SLOT_BAD_FLAGS ? 0 : 1;
       errno = ENOTSUP;
       seterr(err, errlen, "bitmap %s uses features this xnbd does not know "
-             "(header flags 0x%" PRIx32 "). Use the xnbd that made it, or: "
-             CLEAR_HINT, bm->path, slot[i].flags);
+             "(header flags 0x%" PRIx32 "). Use the xnbd that made it, "
+             OR_CLEAR_HINT, bm->path, slot[i].flags);
     }
     else {
       errno = EUCLEAN;
@@ -396,7 +400,7 @@ static int check_same_source(struct bitmap *bm, const struct hdr *h,
            "\"%s\" now", sep, a, b);
   }
   adderr(err, errlen, ". Use the source (--target) and block size this "
-         "bitmap was made for, or: " CLEAR_HINT);
+         "bitmap was made for, " OR_CLEAR_HINT);
   errno = EINVAL;
   return -1;
 }
