@@ -15,7 +15,7 @@ CC        ?= cc
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter \
              -D_GNU_SOURCE -DXNBD_VERSION='"$(VERSION)"' -pthread \
-             -Icommon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+             -Icommon -Iproxy $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 ifneq ($(SAN),)
 CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -49,7 +49,8 @@ $(LIBCOMMON): $(COMMON_OBJ)
 
 $(BUILDDIR)/xnbd-server: $(BUILDDIR)/server/xnbd-server.o $(wildcard server/*.c) $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $(filter %.o,$^) $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out server/xnbd-server.c,$(wildcard server/*.c))) $(LIBCOMMON) $(LDLIBS)
-$(BUILDDIR)/xnbd-proxy: $(BUILDDIR)/proxy/xnbd-proxy.o $(LIBCOMMON)
+PROXY_OBJ := $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out proxy/xnbd-ctl.c,$(wildcard proxy/*.c)))
+$(BUILDDIR)/xnbd-proxy: $(PROXY_OBJ) $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 $(BUILDDIR)/xnbd-ctl: $(BUILDDIR)/proxy/xnbd-ctl.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)

@@ -369,6 +369,32 @@ static int read_header(struct bitmap *bm, struct hdr *h,
   return 0;
 }
 
+int bitmap_peek(const char *path, struct bitmap_info *info,
+                char *err, size_t errlen)
+{
+  struct bitmap tmp;
+  struct hdr h;
+  int rc;
+
+  memset(&tmp, 0, sizeof tmp);
+  tmp.fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (tmp.fd < 0) {
+    if (errno != ENOENT)
+      seterr(err, errlen, "cannot open bitmap %s: %s", path, strerror(errno));
+    return -1;
+  }
+  tmp.path = (char *) path;
+  rc = read_header(&tmp, &h, err, errlen);
+  close(tmp.fd);
+  if (rc < 0) return -1;
+  info->image_size = h.image_size;
+  info->block_size = h.block_size;
+  info->complete = h.flags & BITMAP_FLAG_COMPLETE;
+  memcpy(info->source_id, h.id, h.id_len);
+  info->source_id[h.id_len] = '\0';
+  return 0;
+}
+
 /* Refuses a bitmap made for another image / block size / source. */
 static int check_same_source(struct bitmap *bm, const struct hdr *h,
                              char *err, size_t errlen)

@@ -162,6 +162,19 @@ int bitmap_persist(struct bitmap *bm);
 int bitmap_mark_complete(struct bitmap *bm);
 bool bitmap_is_complete(const struct bitmap *bm);
 
+/* What a bitmap file says about itself, read without opening it for use
+ * (the proxy learns from it whether the source is needed at all). */
+struct bitmap_info {
+  uint64_t image_size;
+  uint32_t block_size;
+  bool complete;
+  char source_id[BITMAP_SOURCE_ID_MAX + 1];
+};
+/* Returns 0, or -1 with errno (ENOENT: no such file) and, except for
+ * ENOENT, a message in err. */
+int bitmap_peek(const char *path, struct bitmap_info *info,
+                char *err, size_t errlen);
+
 /* Persists (errors are logged), closes the file and frees bm.  NULL is
  * allowed. */
 void bitmap_close(struct bitmap *bm);

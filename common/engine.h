@@ -1,0 +1,108 @@
+/* engine.h: the migration engine behind xnbd-proxy (and later the nbdkit
+ * plugin).  It serves a source's export from a local cache image: blocks
+ * present locally are served locally; missing blocks are fetched from the
+ * source on demand (and kept); writes stay local; a background copy fetches
+ * the rest; then the engine can detach from the source.
+ *
+ * The engine is a backend (backend.h): pass engine_backend_ops and the
+ * engine handle to any front end.  It has no event-loop types in its
+ * interface: it runs its own fetcher thread (libnbd) and uses a work queue
+ * for local I/O.  Every function here is thread-safe.
+ *
+ * Block states: missing -> in flight -> present.  The persistent bitmap
+ * (bitmap.h) holds "present"; see DESIGN.md §3 for invariants I1-I7. */
+#ifndef XNBD_ENGINE_H
+#define XNBD_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+
+struct workq;
+struct engine;
+
+struct engine_config {
+  const char *target;            /* nbd://, nbds://, nbd+unix:// URI or HOST:PORT */
+  const char *target_export;     /* export name for HOST:PORT targets ("") */
+  const char *cache_path;        /* local cache image (created sparse) */
+  const char *bitmap_path;       /* persistent bitmap */
+  const char *source_id;         /* identity recorded in the bitmap (NULL:
+                                  * derived from the source's export) */
+  uint32_t block_size;           /* power of two >= 4096 (default 4096) */
+  bool clear_bitmap;             /* start over */
+  bool readonly;                 /* refuse client writes */
+  unsigned connections;          /* source connections (default 2: one kept
+                                  * for on-demand reads) */
+  uint64_t bg_window;            /* background bytes in flight (default 32 MiB) */
+  uint64_t bg_rate;              /* background bytes/s cap (0: none) */
+  uint32_t max_fetch;            /* largest single fetch (default 4 MiB,
+                                  * capped by the source's maximum) */
+  unsigned source_timeout_s;     /* how long a client request waits for a
+                                  * lost source before EIO (default 60) */
+  unsigned persist_interval_ms;  /* bitmap persisted this often (default 1000) */
+  bool cache_all;                /* start the background copy at once */
+  bool detach_when_complete;     /* detach by itself once every block is present */
+  struct workq *wq;              /* local I/O threads (shared; outlives engine) */
+};
+
+enum engine_state {
+  ENGINE_CONNECTING,    /* source not reached yet */
+  ENGINE_PROXYING,      /* source connected, blocks missing */
+  ENGINE_SOURCE_LOST,   /* reconnecting with backoff */
+  ENGINE_COMPLETE,      /* every block present, source still attached */
+  ENGINE_DETACHED,      /* no source; an ordinary local server */
+};
+
+struct engine_stats {
+  enum engine_state state;
+  uint64_t image_size;
+  uint32_t block_size;
+  uint64_t blocks_total, blocks_present, blocks_missing, blocks_inflight;
+  uint64_t bytes_fetched;        /* payload bytes received from the source */
+  uint64_t bytes_zero_skipped;   /* bytes made present as zero w/o transfer */
+  uint64_t bytes_local_written;  /* bytes written by clients */
+  uint64_t fetches_ondemand, fetches_background, fetch_errors;
+  uint64_t fetch_rate;           /* bytes/s over the last few seconds */
+  uint64_t ondemand_waiting;     /* client requests waiting on the source */
+  bool bg_running, bg_paused;
+  uint64_t bg_rate;              /* current cap, bytes/s (0: none) */
+  uint64_t bg_window;
+  unsigned connections_up, connections;
+  char target[512];
+  char source_id[1025];
+  char last_error[512];
+  uint64_t forced_missing;       /* blocks missing at a forced detach */
+};
+
+extern const struct xnbd_backend_ops engine_backend_ops;
+
+/* Opens (or creates) the cache and bitmap and, unless the bitmap says every
+ * block is present, connects to the source (waiting up to
+ * source_timeout_s).  Returns NULL with a message (cause and fix) in err. */
+struct engine *engine_open(const struct engine_config *cfg, char *err, size_t errlen);
+
+/* Persists the bitmap, stops the fetcher, closes files, frees. */
+void engine_close(struct engine *e);
+
+void engine_get_stats(struct engine *e, struct engine_stats *st);
+const char *engine_state_name(enum engine_state s);
+
+/* Background copy control.  Return 0, or -1 with a message in err. */
+int engine_bg_start(struct engine *e, char *err, size_t errlen);
+int engine_bg_pause(struct engine *e, char *err, size_t errlen);
+int engine_bg_resume(struct engine *e, char *err, size_t errlen);
+int engine_set_bg_rate(struct engine *e, uint64_t bytes_per_sec);
+
+/* Detach from the source: refused while blocks are missing unless force
+ * (then logged, and missing blocks read as EIO).  Clients stay connected. */
+int engine_detach(struct engine *e, bool force, char *err, size_t errlen);
+
+/* Switch to another address of the same source (identity is checked). */
+int engine_reconnect(struct engine *e, const char *target, char *err, size_t errlen);
+
+/* Make everything written so far durable (data, then bitmap). */
+int engine_flush(struct engine *e);
+
+#endif

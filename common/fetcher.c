@@ -1,0 +1,599 @@
+/* fetcher.c: the source side of the engine, on its own thread: libnbd
+ * connections (reconnected with backoff), submission of fetch jobs
+ * (on-demand first, on connection 0 when there are several), and the
+ * background copy (block status to skip zeros, a window of bytes in
+ * flight, a token-bucket rate cap).  All libnbd calls happen here. */
+#include "engine-int.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+
+#define MAX_CONNS 16
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 5000
+#define STATUS_CHUNK (UINT64_C(1) << 30)   /* block status asked per query */
+
+enum sc_state { SC_DOWN, SC_CONNECTING, SC_UP };
+
+struct sconn {
+  struct nbd_handle *h;
+  enum sc_state st;
+  unsigned gen;
+  uint64_t retry_at;
+  unsigned backoff_ms;
+  unsigned inflight;
+  struct fetch_job *submitted;
+};
+
+struct fetcher {
+  struct sconn c[MAX_CONNS];
+  unsigned n;
+  char *target;
+  atomic_uint up;
+  atomic_bool quit;
+  struct fetch_job *done;          /* completed by libnbd callbacks */
+  bool status_inflight;
+  uint64_t status_off;
+  int64_t tokens;
+  uint64_t tokens_at;
+  uint64_t rate_at, rate_bytes;
+  uint64_t last_expire;
+  unsigned rr;
+};
+
+unsigned fetcher_connections_up(struct engine *e)
+{
+  return e->f ? atomic_load(&e->f->up) : 0;
+}
+
+void fetcher_wake(struct engine *e)
+{
+  uint64_t one = 1;
+  if (e->wake_fd >= 0 && write(e->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+    log_debug("waking the fetcher failed: %s", strerror(errno));
+}
+
+/* ---------- connecting ---------- */
+
+static bool is_uri(const char *t) { return strstr(t, "://") != NULL; }
+
+static struct nbd_handle *make_handle(struct engine *e, const char *target,
+                                      char *err, size_t errlen)
+{
+  struct nbd_handle *h = nbd_create();
+  if (!h) {
+    snprintf(err, errlen, "libnbd: %s", nbd_get_error());
+    return NULL;
+  }
+  nbd_set_handle_name(h, "source");
+  nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  nbd_set_full_info(h, true);
+  if (is_uri(target)) {
+    if (nbd_aio_connect_uri(h, target) < 0) goto fail;
+  } else {
+    CLEANUP_FREE char *host = NULL;
+    CLEANUP_FREE char *port = NULL;
+    const char *why;
+    if (parse_host_port(target, "10809", &host, &port, &why) < 0 || !host) {
+      snprintf(err, errlen, "bad --target '%s': %s (expected HOST:PORT or an "
+               "NBD URI such as nbd://HOST:PORT/EXPORT)", target,
+               host ? why : "missing host");
+      nbd_close(h);
+      return NULL;
+    }
+    if (nbd_set_export_name(h, e->target_export) < 0 ||
+        nbd_aio_connect_tcp(h, host, port) < 0)
+      goto fail;
+  }
+  return h;
+fail:
+  snprintf(err, errlen, "cannot connect to source %s: %s", target, nbd_get_error());
+  nbd_close(h);
+  return NULL;
+}
+
+/* Drives one handle's connection with poll until ready or the deadline. */
+static int wait_connected(struct nbd_handle *h, uint64_t deadline)
+{
+  while (nbd_aio_is_connecting(h)) {
+    struct pollfd p = { .fd = nbd_aio_get_fd(h) };
+    unsigned dir = nbd_aio_get_direction(h);
+    uint64_t now = now_ns();
+    if (now >= deadline) { errno = ETIMEDOUT; return -1; }
+    if (dir & LIBNBD_AIO_DIRECTION_READ) p.events |= POLLIN;
+    if (dir & LIBNBD_AIO_DIRECTION_WRITE) p.events |= POLLOUT;
+    int r = poll(&p, 1, MIN((deadline - now) / 1000000 + 1, 1000u));
+    if (r < 0 && errno != EINTR) return -1;
+    if (p.revents & (POLLIN | POLLHUP | POLLERR)) { if (nbd_aio_notify_read(h) < 0) return -1; }
+    else if (p.revents & POLLOUT) { if (nbd_aio_notify_write(h) < 0) return -1; }
+  }
+  return nbd_aio_is_ready(h) ? 0 : -1;
+}
+
+static void identity(struct nbd_handle *h, uint64_t size, char *id, size_t idlen)
+{
+  char *name = nbd_get_canonical_export_name(h);
+  if (!name) name = nbd_get_export_name(h);
+  snprintf(id, idlen, "export=%s size=%" PRIu64, name ? name : "", size);
+  free(name);
+}
+
+int source_probe(struct engine *e, const char *target, uint64_t *size,
+                 char *id, size_t idlen, uint32_t *max_req,
+                 char *err, size_t errlen)
+{
+  struct nbd_handle *h = make_handle(e, target, err, errlen);
+  uint64_t deadline = now_ns() + (uint64_t) e->cfg.source_timeout_s * 1000000000u;
+  int64_t sz;
+  if (!h) return -1;
+  if (wait_connected(h, deadline) < 0) {
+    snprintf(err, errlen, "cannot connect to source %s: %s (is the source "
+             "server running and reachable? the proxy needs it at start-up "
+             "unless its bitmap is complete)", target,
+             errno == ETIMEDOUT ? "timed out (--source-timeout)" : nbd_get_error());
+    nbd_close(h);
+    return -1;
+  }
+  sz = nbd_get_size(h);
+  if (sz < 0) {
+    snprintf(err, errlen, "source %s: cannot get the export size: %s", target, nbd_get_error());
+    nbd_close(h);
+    return -1;
+  }
+  *size = sz;
+  identity(h, *size, id, idlen);
+  int64_t m = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+  *max_req = m > 0 ? (uint32_t) MIN(m, (int64_t) (32 << 20)) : 0;
+  nbd_shutdown(h, 0);
+  nbd_close(h);
+  return 0;
+}
+
+/* ---------- submitting ---------- */
+
+static void requeue(struct engine *e, struct fetch_job *j)
+{
+  j->submitted = false;
+  j->conn = -1;
+  pthread_mutex_lock(&e->lock);
+  j->next = e->retry_head;
+  e->retry_head = j;
+  pthread_mutex_unlock(&e->lock);
+}
+
+static void conn_unlink(struct sconn *c, struct fetch_job *j)
+{
+  for (struct fetch_job **pp = &c->submitted; *pp; pp = &(*pp)->cnext)
+    if (*pp == j) { *pp = j->cnext; c->inflight--; return; }
+}
+
+static int job_cb(void *user_data, int *error)
+{
+  struct fetch_job *j = user_data;
+  struct fetcher *f = j->e->f;
+  struct sconn *c;
+  if (j->conn < 0) return 1;
+  c = &f->c[j->conn];
+  if (c->gen != j->gen) return 1;      /* requeued when its connection closed */
+  conn_unlink(c, j);
+  j->err = *error;
+  j->next = f->done;
+  f->done = j;
+  return 1;
+}
+
+static void conn_close(struct engine *e, struct fetcher *f, unsigned i, bool retry_soon)
+{
+  struct sconn *c = &f->c[i];
+  struct fetch_job *j, *next;
+  if (!c->h) return;
+  c->gen++;
+  for (j = c->submitted; j; j = next) {   /* fetched again elsewhere */
+    next = j->cnext;
+    requeue(e, j);
+  }
+  c->submitted = NULL;
+  c->inflight = 0;
+  nbd_close(c->h);
+  c->h = NULL;
+  if (c->st == SC_UP) atomic_fetch_sub(&f->up, 1);
+  c->st = SC_DOWN;
+  c->backoff_ms = retry_soon ? BACKOFF_MIN_MS
+                : MIN(MAX(c->backoff_ms * 2, BACKOFF_MIN_MS), BACKOFF_MAX_MS);
+  c->retry_at = now_ns() + (uint64_t) c->backoff_ms * 1000000u;
+}
+
+static bool submit(struct engine *e, struct fetcher *f, struct fetch_job *j, unsigned i)
+{
+  struct sconn *c = &f->c[i];
+  if (!j->buf && !(j->buf = malloc(j->len))) return false;
+  j->e = e;
+  j->conn = i;
+  j->gen = c->gen;
+  j->submitted = true;
+  j->attempts++;
+  j->cnext = c->submitted;
+  c->submitted = j;
+  c->inflight++;
+  if (nbd_aio_pread(c->h, j->buf, j->len, j->off,
+                    (nbd_completion_callback) { .callback = job_cb, .user_data = j },
+                    0) < 0) {
+    log_warn("fetch of %" PRIu64 "+%" PRIu64 " could not be sent: %s", j->off,
+             j->len, nbd_get_error());
+    conn_unlink(c, j);
+    j->conn = -1;
+    return false;
+  }
+  return true;
+}
+
+static int pick_conn(struct fetcher *f, bool ondemand)
+{
+  int best = -1;
+  unsigned first = (!ondemand && f->n > 1) ? 1 : 0;
+  if (ondemand && f->c[0].st == SC_UP) return 0;
+  for (unsigned k = 0; k < f->n - first; k++) {
+    unsigned i = first + (f->rr + k) % (f->n - first);
+    if (f->c[i].st != SC_UP) continue;
+    if (best < 0 || f->c[i].inflight < f->c[best].inflight) best = i;
+  }
+  if (best < 0 && f->c[0].st == SC_UP) best = 0;   /* only the reserved one is up */
+  f->rr++;
+  return best;
+}
+
+static void submit_queued(struct engine *e, struct fetcher *f)
+{
+  struct fetch_job *od, *rt, *j, *next;
+  pthread_mutex_lock(&e->lock);
+  od = e->od_head;
+  rt = e->retry_head;
+  e->od_head = e->od_tail = e->retry_head = NULL;
+  pthread_mutex_unlock(&e->lock);
+  /* On-demand first (their order kept), then retries. */
+  for (int pass = 0; pass < 2; pass++)
+    for (j = pass ? rt : od; j; j = next) {
+      next = j->next;
+      int i = pick_conn(f, j->ondemand || j->waiters);
+      if (i < 0 || !submit(e, f, j, i)) requeue(e, j);
+    }
+}
+
+/* ---------- background copy ---------- */
+
+static int status_extent_cb(void *user_data, const char *ctx, uint64_t off,
+                            uint32_t *entries, size_t n, int *error)
+{
+  struct engine *e = user_data;
+  if (strcmp(ctx, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+  for (size_t i = 0; i + 1 < n; i += 2) {
+    uint64_t len = entries[i], end = off + len;
+    if (entries[i + 1] & LIBNBD_STATE_ZERO) {
+      uint64_t first = (off + e->bs - 1) / e->bs;
+      uint64_t last = end >= e->size ? e->nblocks : end / e->bs;   /* exclusive */
+      if (last > first) engine_mark_zero(e, first, last - first);
+    }
+    off = end;
+  }
+  pthread_mutex_lock(&e->lock);
+  if (off > e->bs_known_until) e->bs_known_until = MIN(off, e->size);
+  pthread_mutex_unlock(&e->lock);
+  return 0;
+}
+
+static int status_done_cb(void *user_data, int *error)
+{
+  struct engine *e = user_data;
+  e->f->status_inflight = false;
+  if (*error) {
+    log_warn("block status from the source failed (%s); copying that range "
+             "without skipping zeros", strerror(*error));
+    pthread_mutex_lock(&e->lock);
+    e->bs_known_until = MIN(e->size, e->f->status_off + STATUS_CHUNK);
+    pthread_mutex_unlock(&e->lock);
+  }
+  return 1;
+}
+
+static void maybe_query_status(struct engine *e, struct fetcher *f, int i)
+{
+  uint64_t off, len;
+  pthread_mutex_lock(&e->lock);
+  bool want = e->source_has_status && !f->status_inflight &&
+              e->bs_known_until < e->size && e->bg_running && !e->bg_paused &&
+              e->bs_known_until < e->bg_cursor * e->bs + 4 * STATUS_CHUNK;
+  off = e->bs_known_until;
+  pthread_mutex_unlock(&e->lock);
+  if (!want) return;
+  len = MIN(e->size - off, STATUS_CHUNK);
+  f->status_off = off;
+  f->status_inflight = true;
+  if (nbd_aio_block_status(f->c[i].h, len, off,
+        (nbd_extent_callback) { .callback = status_extent_cb, .user_data = e },
+        (nbd_completion_callback) { .callback = status_done_cb, .user_data = e },
+        0) < 0) {
+    f->status_inflight = false;
+    log_warn("cannot ask the source for block status: %s", nbd_get_error());
+    pthread_mutex_lock(&e->lock);
+    e->source_has_status = false;
+    pthread_mutex_unlock(&e->lock);
+  }
+}
+
+static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
+{
+  struct fetch_job *list = NULL, *j, *next;
+  uint64_t per_job = MAX(1, e->cfg.max_fetch / e->bs);
+  int ci = pick_conn(f, false);
+  bool wrapped = false;
+  if (ci < 0) return;
+  maybe_query_status(e, f, ci);
+
+  pthread_mutex_lock(&e->lock);
+  if (!e->bg_running || e->bg_paused ||
+      (e->state != ENGINE_PROXYING && e->state != ENGINE_SOURCE_LOST)) {
+    pthread_mutex_unlock(&e->lock);
+    return;
+  }
+  if (e->bg_rate) {
+    int64_t cap = MAX((int64_t) e->cfg.max_fetch, (int64_t) (e->bg_rate / 10));
+    f->tokens += (int64_t) ((now - f->tokens_at) / 1000 * e->bg_rate / 1000000);
+    if (f->tokens > cap) f->tokens = cap;
+  }
+  f->tokens_at = now;
+  for (int iter = 0; iter < 4096; iter++) {
+    uint64_t b;
+    if (e->bg_inflight_bytes >= e->cfg.bg_window) break;
+    if (e->bg_rate && f->tokens <= 0) break;
+    b = bitmap_next_clear(e->bm, e->bg_cursor);
+    while (b < e->nblocks && inflight_get(e, b))
+      b = bitmap_next_clear(e->bm, b + 1);
+    if (b >= e->nblocks) {
+      if (wrapped || e->bg_cursor == 0) break;
+      e->bg_cursor = 0;            /* blocks left behind (failed, in flight) */
+      wrapped = true;
+      continue;
+    }
+    if (e->source_has_status && b * e->bs >= e->bs_known_until) break;
+    uint64_t s = b;
+    uint64_t lim = e->source_has_status ? (e->bs_known_until + e->bs - 1) / e->bs : e->nblocks;
+    while (b < e->nblocks && b < lim && b - s < per_job &&
+           !bitmap_test(e->bm, b) && !inflight_get(e, b))
+      b++;
+    j = job_new_locked(e, s, b - s, false);
+    if (!j) break;
+    e->bg_inflight_bytes += j->len;
+    if (e->bg_rate) f->tokens -= j->len;
+    e->bg_cursor = b;
+    j->next = list;
+    list = j;
+  }
+  pthread_mutex_unlock(&e->lock);
+  for (j = list; j; j = next) {
+    next = j->next;
+    int i = pick_conn(f, false);
+    if (i < 0 || !submit(e, f, j, i)) requeue(e, j);
+  }
+}
+
+/* ---------- the loop ---------- */
+
+static void process_done(struct engine *e, struct fetcher *f)
+{
+  while (f->done) {
+    struct fetch_job *j = f->done;
+    f->done = j->next;
+    if (!j->err) {
+      engine_job_finished(e, j);
+      continue;
+    }
+    pthread_mutex_lock(&e->lock);
+    e->fetch_errors++;
+    pthread_mutex_unlock(&e->lock);
+    log_warn("fetch of %" PRIu64 "+%" PRIu64 " from the source failed: %s "
+             "(attempt %u; retrying)", j->off, j->len, strerror(j->err), j->attempts);
+    if (j->attempts >= 10 && j->err != ENOTCONN && j->err != ESHUTDOWN) {
+      engine_set_error(e, "source refused to read %" PRIu64 "+%" PRIu64 ": %s",
+                       j->off, j->len, strerror(j->err));
+      engine_job_failed_final(e, j, EIO);
+    } else
+      requeue(e, j);
+  }
+}
+
+static void update_state(struct engine *e, struct fetcher *f)
+{
+  unsigned up = atomic_load(&f->up);
+  pthread_mutex_lock(&e->lock);
+  if (up && (e->state == ENGINE_CONNECTING || e->state == ENGINE_SOURCE_LOST)) {
+    log_info("source %s connected (%u connection%s)", f->target, up, up > 1 ? "s" : "");
+    e->state = ENGINE_PROXYING;
+  } else if (!up && e->state == ENGINE_PROXYING) {
+    log_warn("lost the source %s; reconnecting (client reads of missing blocks "
+             "wait up to %u s)", f->target, e->cfg.source_timeout_s);
+    e->state = ENGINE_SOURCE_LOST;
+  }
+  pthread_mutex_unlock(&e->lock);
+}
+
+static void drive_connections(struct engine *e, struct fetcher *f, uint64_t now)
+{
+  for (unsigned i = 0; i < f->n; i++) {
+    struct sconn *c = &f->c[i];
+    char err[512];
+    if (c->st == SC_DOWN && now >= c->retry_at) {
+      c->h = make_handle(e, f->target, err, sizeof err);
+      if (!c->h) {
+        engine_set_error(e, "%s", err);
+        c->backoff_ms = MIN(MAX(c->backoff_ms * 2, BACKOFF_MIN_MS), BACKOFF_MAX_MS);
+        c->retry_at = now + (uint64_t) c->backoff_ms * 1000000u;
+        continue;
+      }
+      c->st = SC_CONNECTING;
+    }
+    if (c->st == SC_CONNECTING) {
+      if (nbd_aio_is_ready(c->h)) {
+        int64_t sz = nbd_get_size(c->h);
+        if (sz != (int64_t) e->size) {
+          engine_set_error(e, "source %s has size %" PRId64 " but this cache and "
+                           "bitmap are for size %" PRIu64 ": not using it (point "
+                           "--target/reconnect at the right export)",
+                           f->target, sz, e->size);
+          log_error("%s", e->last_error);
+          c->backoff_ms = BACKOFF_MAX_MS / 2;
+          conn_close(e, f, i, false);
+          continue;
+        }
+        c->st = SC_UP;
+        c->backoff_ms = 0;
+        atomic_fetch_add(&f->up, 1);
+        if (i == 0 || f->n == 1) {
+          bool st = nbd_can_meta_context(c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+          pthread_mutex_lock(&e->lock);
+          e->source_has_status = st;
+          if (!st) e->bs_known_until = e->size;
+          pthread_mutex_unlock(&e->lock);
+        }
+      } else if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
+        engine_set_error(e, "connecting to source %s failed: %s", f->target,
+                         nbd_get_error());
+        conn_close(e, f, i, false);
+      }
+    }
+    if (c->st == SC_UP && (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h))) {
+      engine_set_error(e, "connection to source %s lost: %s", f->target, nbd_get_error());
+      conn_close(e, f, i, false);
+    }
+  }
+}
+
+static void *fetcher_main(void *arg)
+{
+  struct engine *e = arg;
+  struct fetcher *f = e->f;
+
+  while (!atomic_load(&f->quit) && !atomic_load(&e->stopping)) {
+    struct pollfd p[MAX_CONNS + 1];
+    int idx[MAX_CONNS + 1], np = 0, timeout = 100;
+    uint64_t now = now_ns();
+
+    /* Switch address on request (same source, checked by size). */
+    pthread_mutex_lock(&e->lock);
+    char *nt = e->new_target;
+    e->new_target = NULL;
+    pthread_mutex_unlock(&e->lock);
+    if (nt) {
+      for (unsigned i = 0; i < f->n; i++) conn_close(e, f, i, true);
+      for (unsigned i = 0; i < f->n; i++) f->c[i].retry_at = 0;
+      free(f->target);
+      f->target = nt;
+      pthread_mutex_lock(&e->lock);
+      free(e->target);
+      e->target = strdup(nt);
+      pthread_mutex_unlock(&e->lock);
+    }
+    drive_connections(e, f, now);
+    update_state(e, f);
+    if (atomic_load(&f->up)) {
+      submit_queued(e, f);
+      bg_fill(e, f, now);
+    }
+    if (now - f->last_expire > 100000000u) {
+      engine_expire_waiters(e, now);
+      f->last_expire = now;
+    }
+    if (now - f->rate_at >= 1000000000u) {
+      pthread_mutex_lock(&e->lock);
+      uint64_t b = e->bytes_fetched;
+      e->fetch_rate = (b - f->rate_bytes) * 1000000000u / (now - f->rate_at);
+      pthread_mutex_unlock(&e->lock);
+      f->rate_bytes = b;
+      f->rate_at = now;
+    }
+
+    p[np].fd = e->wake_fd; p[np].events = POLLIN; idx[np++] = -1;
+    for (unsigned i = 0; i < f->n; i++) {
+      struct sconn *c = &f->c[i];
+      if (c->st == SC_DOWN) continue;
+      unsigned dir = nbd_aio_get_direction(c->h);
+      p[np].fd = nbd_aio_get_fd(c->h);
+      p[np].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                     ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+      if (p[np].fd < 0) continue;
+      idx[np++] = i;
+    }
+    if (poll(p, np, timeout) < 0 && errno != EINTR) {
+      log_error("fetcher: poll failed: %s", strerror(errno));
+      continue;
+    }
+    for (int k = 0; k < np; k++) {
+      if (!p[k].revents) continue;
+      if (idx[k] < 0) {
+        uint64_t v;
+        if (read(e->wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+          log_debug("fetcher wake read: %s", strerror(errno));
+        continue;
+      }
+      struct sconn *c = &f->c[idx[k]];
+      if (!c->h) continue;
+      if (p[k].revents & (POLLIN | POLLHUP | POLLERR)) nbd_aio_notify_read(c->h);
+      else if (p[k].revents & POLLOUT) nbd_aio_notify_write(c->h);
+    }
+    process_done(e, f);
+  }
+
+  /* Stopping (detach or close): nothing may touch the source any more. */
+  for (unsigned i = 0; i < f->n; i++) conn_close(e, f, i, true);
+  process_done(e, f);
+  pthread_mutex_lock(&e->lock);
+  struct fetch_job *lists[2] = { e->od_head, e->retry_head };
+  e->od_head = e->od_tail = e->retry_head = NULL;
+  pthread_mutex_unlock(&e->lock);
+  for (int l = 0; l < 2; l++)
+    for (struct fetch_job *j = lists[l], *next; j; j = next) {
+      next = j->next;
+      engine_job_failed_final(e, j, EIO);
+    }
+  return NULL;
+}
+
+int fetcher_start(struct engine *e, char *err, size_t errlen)
+{
+  struct fetcher *f = calloc(1, sizeof *f);
+  if (!f) { snprintf(err, errlen, "out of memory"); return -1; }
+  f->n = MIN(MAX(e->cfg.connections, 1u), (unsigned) MAX_CONNS);
+  f->target = strdup(e->target);
+  f->rate_at = f->tokens_at = now_ns();
+  e->f = f;
+  if (pthread_create(&e->fetcher, NULL, fetcher_main, e) != 0) {
+    snprintf(err, errlen, "cannot start the fetcher thread");
+    free(f->target);
+    free(f);
+    e->f = NULL;
+    return -1;
+  }
+  e->fetcher_started = true;
+  return 0;
+}
+
+void fetcher_stop(struct engine *e)
+{
+  struct fetcher *f = e->f;
+  if (!f) return;
+  atomic_store(&f->quit, true);
+  fetcher_wake(e);
+  if (pthread_equal(pthread_self(), e->fetcher))
+    return;                     /* detach from the fetcher itself: it exits */
+  if (e->fetcher_started) {
+    pthread_join(e->fetcher, NULL);
+    e->fetcher_started = false;
+    atomic_store(&f->up, 0);
+  }
+}

@@ -1,0 +1,269 @@
+/* xnbd-proxy: the destination-site caching proxy.  Serves the source's
+ * export over NBD at once, fetching missing blocks on demand, keeping
+ * writes local, copying the rest in the background, then detaching. */
+#include "server.h"
+#include "engine.h"
+#include "workq.h"
+#include "control.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#define MAX_LISTEN 16
+
+static void usage(FILE *f)
+{
+  fprintf(f,
+"Usage: xnbd-proxy --target URI|HOST:PORT --cache FILE --bitmap FILE\n"
+"                  --control SOCK [OPTIONS]\n"
+"Serve a remote NBD export locally while migrating it: missing blocks are\n"
+"fetched on demand and kept, writes stay local, the rest is copied in the\n"
+"background, then the proxy detaches from the source.\n"
+"\n"
+"Source:\n"
+"  -t, --target T            source: nbd://HOST[:PORT]/EXPORT, nbds://...,\n"
+"                            nbd+unix:///EXPORT?socket=PATH, or HOST:PORT\n"
+"      --target-export NAME  export name for a HOST:PORT target (default \"\")\n"
+"      --source-id ID        identity recorded in the bitmap (default: the\n"
+"                            source's export name and size)\n"
+"      --connections N       source connections (default 2; one is kept for\n"
+"                            on-demand reads)\n"
+"      --source-timeout S    how long client reads wait for a lost source\n"
+"                            before failing with EIO (default 60)\n"
+"Local state:\n"
+"  -c, --cache FILE          cache image (created sparse if absent)\n"
+"  -b, --bitmap FILE         persistent cached-block bitmap\n"
+"      --block-size N        cache block size, power of two >= 4096 (default 4096)\n"
+"      --clear-bitmap        start over: forget which blocks are cached\n"
+"      --persist-interval MS persist the bitmap this often (default 1000)\n"
+"Background copy:\n"
+"      --cache-all           start copying every block at once\n"
+"      --bg-rate RATE        cap, e.g. 50mbit or 20M (bytes/s); 0 = none\n"
+"      --bg-window SIZE      background bytes in flight (default 32M)\n"
+"      --max-fetch SIZE      largest single fetch (default 4M)\n"
+"      --detach-when-complete  detach from the source once every block is here\n"
+"Serving:\n"
+"  -l, --listen ADDR:PORT    NBD listener (repeatable; default 127.0.0.1:10809)\n"
+"  -u, --unix PATH           NBD unix socket (repeatable)\n"
+"  -e, --export NAME         export name served (default \"\")\n"
+"  -r, --readonly            refuse client writes\n"
+"  -C, --control SOCK        control socket for xnbd-ctl (mode 0600)\n"
+"      --port-file FILE      write the first TCP listener's port to FILE\n"
+"  -p, --pidfile FILE        write the PID once ready\n"
+"  -d, --daemon              run in the background, log to syslog\n"
+"      --threads N           local I/O threads (default 8)\n"
+"      --handshake-timeout S seconds a client may take to negotiate (default 30)\n"
+"  -v, --verbose / -q, --quiet / -h, --help / -V, --version\n");
+}
+
+static struct event_base *base;
+static struct xnbd_server *srv;
+
+static void shutdown_done(void *arg) { event_base_loopexit(base, NULL); }
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+  log_info("signal %d: shutting down (finishing requests in flight)", (int) sig);
+  xnbd_server_shutdown(srv, shutdown_done, NULL);
+}
+
+static unsigned parse_uint(const char *opt, const char *s, unsigned min, unsigned max)
+{
+  char *end;
+  unsigned long v;
+  errno = 0;
+  v = strtoul(s, &end, 10);
+  if (errno || *end || !*s || v < min || v > max)
+    fatal("%s: '%s' is not a number from %u to %u", opt, s, min, max);
+  return v;
+}
+
+static uint64_t parse_size_opt(const char *opt, const char *s)
+{
+  uint64_t v;
+  const char *why;
+  if (parse_size(s, &v, &why) < 0) fatal("%s '%s': %s", opt, s, why);
+  return v;
+}
+
+static int write_file(const char *path, long v)
+{
+  FILE *f = fopen(path, "w");
+  if (!f || fprintf(f, "%ld\n", v) < 0 || fclose(f) != 0) {
+    log_error("cannot write '%s': %s", path, strerror(errno));
+    return -1;
+  }
+  return 0;
+}
+
+int main(int argc, char **argv)
+{
+  enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
+         O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_PORTFILE,
+         O_THREADS, O_HSTMO };
+  static const struct option longopts[] = {
+    { "target", required_argument, 0, 't' },
+    { "target-export", required_argument, 0, O_TEXPORT },
+    { "source-id", required_argument, 0, O_SRCID },
+    { "connections", required_argument, 0, O_CONNS },
+    { "source-timeout", required_argument, 0, O_SRCTMO },
+    { "cache", required_argument, 0, 'c' },
+    { "bitmap", required_argument, 0, 'b' },
+    { "block-size", required_argument, 0, O_BS },
+    { "clear-bitmap", no_argument, 0, O_CLEAR },
+    { "persist-interval", required_argument, 0, O_PERSIST },
+    { "cache-all", no_argument, 0, O_CACHEALL },
+    { "bg-rate", required_argument, 0, O_BGRATE },
+    { "bg-window", required_argument, 0, O_BGWIN },
+    { "max-fetch", required_argument, 0, O_MAXFETCH },
+    { "detach-when-complete", no_argument, 0, O_DETACH },
+    { "listen", required_argument, 0, 'l' },
+    { "unix", required_argument, 0, 'u' },
+    { "export", required_argument, 0, 'e' },
+    { "readonly", no_argument, 0, 'r' },
+    { "control", required_argument, 0, 'C' },
+    { "port-file", required_argument, 0, O_PORTFILE },
+    { "pidfile", required_argument, 0, 'p' },
+    { "daemon", no_argument, 0, 'd' },
+    { "threads", required_argument, 0, O_THREADS },
+    { "handshake-timeout", required_argument, 0, O_HSTMO },
+    { "verbose", no_argument, 0, 'v' },
+    { "quiet", no_argument, 0, 'q' },
+    { "help", no_argument, 0, 'h' },
+    { "version", no_argument, 0, 'V' },
+    { 0, 0, 0, 0 }
+  };
+  struct engine_config ec = { 0 };
+  struct xnbd_server_config sc = { 0 };
+  const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN];
+  unsigned ntcp = 0, nunix = 0, threads = 8;
+  const char *export_name = "", *control_path = NULL, *pidfile = NULL, *portfile = NULL;
+  bool daemonize = false;
+  struct event *sigs[2];
+  struct control *ctl = NULL;
+  struct engine *eng;
+  char err[4096];
+  int c;
+
+  log_init(argv[0], LOG_LVL_INFO);
+  while ((c = getopt_long(argc, argv, "t:c:b:l:u:e:rC:p:dvqhV", longopts, NULL)) != -1) {
+    const char *why;
+    switch (c) {
+    case 't': ec.target = optarg; break;
+    case O_TEXPORT: ec.target_export = optarg; break;
+    case O_SRCID: ec.source_id = optarg; break;
+    case O_CONNS: ec.connections = parse_uint("--connections", optarg, 1, 16); break;
+    case O_SRCTMO: ec.source_timeout_s = parse_uint("--source-timeout", optarg, 1, 86400 * 7); break;
+    case 'c': ec.cache_path = optarg; break;
+    case 'b': ec.bitmap_path = optarg; break;
+    case O_BS: {
+      uint64_t v = parse_size_opt("--block-size", optarg);
+      if (v < 4096 || v > (1u << 30) || !is_power_of_2(v))
+        fatal("--block-size %s: must be a power of two from 4096 to 1G", optarg);
+      ec.block_size = v;
+      break;
+    }
+    case O_CLEAR: ec.clear_bitmap = true; break;
+    case O_PERSIST: ec.persist_interval_ms = parse_uint("--persist-interval", optarg, 10, 3600000); break;
+    case O_CACHEALL: ec.cache_all = true; break;
+    case O_BGRATE:
+      if (parse_rate(optarg, &ec.bg_rate, &why) < 0) fatal("--bg-rate '%s': %s", optarg, why);
+      break;
+    case O_BGWIN: ec.bg_window = parse_size_opt("--bg-window", optarg); break;
+    case O_MAXFETCH: {
+      uint64_t v = parse_size_opt("--max-fetch", optarg);
+      if (v < 4096 || v > (32u << 20)) fatal("--max-fetch %s: must be from 4K to 32M", optarg);
+      ec.max_fetch = v;
+      break;
+    }
+    case O_DETACH: ec.detach_when_complete = true; break;
+    case 'l':
+      if (ntcp >= MAX_LISTEN) fatal("too many --listen addresses");
+      tcp[ntcp++] = optarg;
+      break;
+    case 'u':
+      if (nunix >= MAX_LISTEN) fatal("too many --unix sockets");
+      unixp[nunix++] = optarg;
+      break;
+    case 'e': export_name = optarg; break;
+    case 'r': ec.readonly = true; break;
+    case 'C': control_path = optarg; break;
+    case O_PORTFILE: portfile = optarg; break;
+    case 'p': pidfile = optarg; break;
+    case 'd': daemonize = true; break;
+    case O_THREADS: threads = parse_uint("--threads", optarg, 1, 256); break;
+    case O_HSTMO: sc.handshake_timeout_s = parse_uint("--handshake-timeout", optarg, 1, 86400); break;
+    case 'v': log_set_level(LOG_LVL_DEBUG); break;
+    case 'q': log_set_level(LOG_LVL_ERROR); break;
+    case 'h': usage(stdout); return 0;
+    case 'V': printf("xnbd-proxy %s\n", XNBD_VERSION); return 0;
+    default:
+      fprintf(stderr, "Try 'xnbd-proxy --help' for the options.\n");
+      return 1;
+    }
+  }
+  if (optind < argc)
+    fatal("unexpected argument '%s' (see --help)", argv[optind]);
+  if (!ec.cache_path || !ec.bitmap_path)
+    fatal("--cache FILE and --bitmap FILE are required (the local copy and "
+          "the record of which blocks it holds)");
+  if (!control_path)
+    fatal("--control SOCK is required: it is how xnbd-ctl starts the "
+          "background copy and detaches");
+  if (ntcp == 0 && nunix == 0) tcp[ntcp++] = "127.0.0.1:10809";
+
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGHUP, SIG_IGN);
+  ec.wq = workq_new(threads, "io");
+  if (!ec.wq) fatal("cannot start I/O threads: %s", strerror(errno));
+  eng = engine_open(&ec, err, sizeof err);
+  if (!eng) fatal("%s", err);
+
+  base = xnbd_event_base_new();
+  if (!base) fatal("cannot create the event loop");
+  srv = xnbd_server_new(base, &sc);
+  if (!srv || xnbd_server_add_export(srv, export_name, NULL, &engine_backend_ops, eng) < 0)
+    fatal("cannot set up the NBD server");
+  for (unsigned i = 0; i < ntcp; i++)
+    if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
+  for (unsigned i = 0; i < nunix; i++)
+    if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
+  ctl = control_new(base, control_path, eng, err, sizeof err);
+  if (!ctl) fatal("%s", err);
+
+  if (daemonize) {
+    if (daemon(1, 0) < 0) fatal("cannot daemonize: %s", strerror(errno));
+    log_to_syslog();
+    event_reinit(base);
+  }
+  if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
+      write_file(portfile, xnbd_server_tcp_port(srv)) < 0)
+    return 1;
+  if (pidfile && write_file(pidfile, (long) getpid()) < 0)
+    return 1;
+
+  sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
+  sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
+  evsignal_add(sigs[0], NULL);
+  evsignal_add(sigs[1], NULL);
+
+  event_base_dispatch(base);
+
+  control_free(ctl);
+  xnbd_server_free(srv);
+  engine_close(eng);        /* stops the fetcher, persists the bitmap */
+  workq_free(ec.wq);
+  event_free(sigs[0]);
+  event_free(sigs[1]);
+  event_base_free(base);
+  if (pidfile) unlink(pidfile);
+  log_info("stopped");
+  return 0;
+}
