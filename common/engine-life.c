@@ -144,9 +144,16 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
     snprintf(e->source_id, sizeof e->source_id, "%s", cfg->source_id ? cfg->source_id : id);
     if (max_req && e->cfg.max_fetch > max_req) e->cfg.max_fetch = max_req;
     if (e->cfg.max_fetch < e->bs) e->cfg.max_fetch = e->bs;
-    (void) have_bitmap;
   }
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
+  if (have_bitmap && access(e->cache_path, F_OK) < 0 && errno == ENOENT) {
+    /* A new, empty cache would turn every "present" block into zeros. */
+    snprintf(err, errlen, "bitmap %s exists but cache image %s does not: the "
+             "blocks the bitmap records as present would read as zeros. "
+             "Restore the cache image, or start over with --clear-bitmap",
+             e->bitmap_path, e->cache_path);
+    goto fail;
+  }
   if (open_cache(e, complete, err, errlen) < 0) goto fail;
   e->bm = bitmap_open(e->bitmap_path, e->size, e->bs, e->source_id,
                       cfg->clear_bitmap, berr, sizeof berr);

@@ -46,6 +46,7 @@ struct fetcher {
   uint64_t rate_at, rate_bytes;
   uint64_t last_expire;
   unsigned rr;
+  bool status_checked;           /* source's base:allocation support known */
 };
 
 unsigned fetcher_connections_up(struct engine *e)
@@ -329,7 +330,7 @@ static void maybe_query_status(struct engine *e, struct fetcher *f, int i)
 
 static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
 {
-  struct fetch_job *list = NULL, *j, *next;
+  struct fetch_job *list = NULL, **tail = &list, *j, *next;
   uint64_t per_job = MAX(1, e->cfg.max_fetch / e->bs);
   int ci = pick_conn(f, false);
   bool wrapped = false;
@@ -372,9 +373,10 @@ static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
     e->bg_inflight_bytes += j->len;
     if (e->bg_rate) f->tokens -= j->len;
     e->bg_cursor = b;
-    j->next = list;
-    list = j;
+    *tail = j;                     /* ascending offsets: the source reads ahead */
+    tail = &j->next;
   }
+  *tail = NULL;
   pthread_mutex_unlock(&e->lock);
   for (j = list; j; j = next) {
     next = j->next;
@@ -454,7 +456,8 @@ static void drive_connections(struct engine *e, struct fetcher *f, uint64_t now)
         c->st = SC_UP;
         c->backoff_ms = 0;
         atomic_fetch_add(&f->up, 1);
-        if (i == 0 || f->n == 1) {
+        if (!f->status_checked) {
+          f->status_checked = true;
           bool st = nbd_can_meta_context(c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
           pthread_mutex_lock(&e->lock);
           e->source_has_status = st;
