@@ -34,9 +34,9 @@ static void conn_free(struct conn *c)
   server_conn_closed(srv);
 }
 
-static void conn_maybe_free(struct conn *c)
+void conn_maybe_free(struct conn *c)
 {
-  if (!c->bev && c->inflight == 0 && !c->in_input)
+  if (!c->bev && c->inflight == 0 && c->busy == 0)
     conn_free(c);
 }
 
@@ -112,6 +112,7 @@ void conn_process_input(struct conn *c)
 {
   if (c->in_input) return;
   c->in_input = true;
+  c->busy++;
   while (c->bev && !c->read_paused && !c->direct) {
     bool more;
     switch (c->state) {
@@ -130,21 +131,24 @@ void conn_process_input(struct conn *c)
   }
   c->in_input = false;
   conn_check_idle(c);
+  c->busy--;
   conn_maybe_free(c);
 }
 
 void conn_request_done(struct conn *c, struct xreq *r, int err)
 {
+  c->busy++;
   c->inflight--;
   if (r->type == XREQ_READ || r->type == XREQ_WRITE)
     c->inflight_bytes -= r->length;
   if (c->bev)
     trans_reply(c, r, err);
   trans_free_req(r);
-  if (!c->bev) { conn_maybe_free(c); return; }
   conn_check_idle(c);
   if (c->bev && !c->in_input)
     conn_maybe_resume(c);
+  c->busy--;
+  conn_maybe_free(c);
 }
 
 static void read_cb(struct bufferevent *bev, void *arg)
@@ -155,8 +159,11 @@ static void read_cb(struct bufferevent *bev, void *arg)
 static void write_cb(struct bufferevent *bev, void *arg)
 {
   struct conn *c = arg;
+  c->busy++;
   conn_check_idle(c);
   if (c->bev) conn_maybe_resume(c);
+  c->busy--;
+  conn_maybe_free(c);
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)

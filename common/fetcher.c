@@ -82,7 +82,9 @@ static struct nbd_handle *make_handle(struct engine *e, const char *target,
     CLEANUP_FREE char *host = NULL;
     CLEANUP_FREE char *port = NULL;
     const char *why;
-    if (parse_host_port(target, "10809", &host, &port, &why) < 0 || !host) {
+    if (parse_host_port(target, "10809", &host, &port, &why) < 0 || !host ||
+        strcmp(port, "0") == 0) {
+      if (host && port && strcmp(port, "0") == 0) why = "port 0 is not a port to connect to";
       snprintf(err, errlen, "bad --target '%s': %s (expected HOST:PORT or an "
                "NBD URI such as nbd://HOST:PORT/EXPORT)", target,
                host ? why : "missing host");

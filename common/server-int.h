@@ -63,6 +63,8 @@ struct conn {
   uint64_t inflight_bytes;
   bool read_paused;              /* over budget: not reading the socket */
   bool in_input;                 /* inside conn_process_input */
+  unsigned busy;                 /* callbacks on the stack using this conn:
+                                  * it is freed only when this is 0 */
 
   /* A large WRITE payload is read straight from the socket into the
    * request's buffer (no evbuffer copy) while the bufferevent's reading is
@@ -106,6 +108,8 @@ void conn_close(struct conn *c, const char *reason);
 void conn_process_input(struct conn *c);
 void conn_request_done(struct conn *c, struct xreq *r, int err);
 void conn_check_idle(struct conn *c);
+/* Frees a closed connection once no request and no callback uses it. */
+void conn_maybe_free(struct conn *c);
 bool conn_is_open(const struct conn *c);
 void conn_send(struct conn *c, const void *data, size_t len);
 

@@ -267,7 +267,10 @@ static void dispatch(struct conn *c, struct treq *t)
 static void direct_cb(evutil_socket_t fd, short what, void *arg)
 {
   struct conn *c = arg;
+  c->busy++;
   if (c->direct) trans_direct_read(c);
+  c->busy--;
+  conn_maybe_free(c);
 }
 
 bool trans_step(struct conn *c)

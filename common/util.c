@@ -102,9 +102,9 @@ int parse_host_port(const char *s, const char *default_port,
   if (*port) {
     char *end;
     unsigned long p = strtoul(*port, &end, 10);
-    if (*end || p == 0 || p > 65535) {
+    if (*end || p > 65535) {
       free(*host); free(*port); *host = *port = NULL;
-      *why = "port must be a number from 1 to 65535";
+      *why = "port must be a number from 0 to 65535";
       return -1;
     }
   }

@@ -37,7 +37,8 @@ int parse_size(const char *s, uint64_t *out, const char **why);
 int parse_rate(const char *s, uint64_t *bytes_per_sec, const char **why);
 
 /* Splits "HOST:PORT", "[V6]:PORT", ":PORT" or "PORT" into host (NULL for
- * any address) and port.  *host is malloc'd (caller frees). */
+ * any address) and port (0 allowed: a listener's "any free port"; callers
+ * that connect must refuse it).  *host and *port are malloc'd. */
 int parse_host_port(const char *s, const char *default_port,
                     char **host, char **port, const char **why);
 

@@ -243,16 +243,17 @@ int main(int argc, char **argv)
     log_to_syslog();
     event_reinit(base);
   }
+  /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
+  sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
+  sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
+  evsignal_add(sigs[0], NULL);
+  evsignal_add(sigs[1], NULL);
   if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
       write_file(portfile, xnbd_server_tcp_port(srv)) < 0)
     return 1;
   if (pidfile && write_file(pidfile, (long) getpid()) < 0)
     return 1;
 
-  sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
-  sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
-  evsignal_add(sigs[0], NULL);
-  evsignal_add(sigs[1], NULL);
 
   event_base_dispatch(base);
 

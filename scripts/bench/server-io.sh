@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Local I/O benchmark of NBD servers: xnbd-server against the servers a user
+# would pick instead (qemu-nbd, nbdkit's file plugin), same image, same
+# client (fio's nbd engine over a unix socket), one after the other.
+#
+#   scripts/bench/server-io.sh BUILDDIR
+#
+# Environment:
+#   BENCH_SECONDS   run time of each workload (default 15; 3 for a smoke run)
+#   BENCH_SIZE_MIB  image size (default 1024)
+#   BENCH_TMPDIR    where the image goes (default $TMPDIR or /tmp)
+#
+# Prints a table (IOPS and MB/s per server, and xnbd's ratio to the best
+# peer) and saves it to BUILDDIR/bench-server-io.txt.  A benchmark, not a
+# test: it fails only when it cannot run; a server that fails a workload is
+# shown as FAIL in the table and its log is printed.
+set -euo pipefail
+
+usage() { echo "usage: $0 BUILDDIR" >&2; exit 1; }
+[[ $# -eq 1 ]] || usage
+cd "$(dirname "$0")/../.."
+BUILDDIR=$(cd "$1" && pwd) || { echo "server-io.sh: no such build directory: $1" >&2; exit 1; }
+XNBD=$BUILDDIR/xnbd-server
+SECONDS_PER=${BENCH_SECONDS:-15}
+SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+OUT=$BUILDDIR/bench-server-io.txt
+
+die() { echo "server-io.sh: $*" >&2; exit 1; }
+[[ $SECONDS_PER =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer, not '$SECONDS_PER'"
+[[ $SIZE_MIB =~ ^[1-9][0-9]*$ ]] || die "BENCH_SIZE_MIB must be a positive integer, not '$SIZE_MIB'"
+[[ -x $XNBD ]] || die "$XNBD not found; run 'make' first"
+for tool in fio qemu-nbd nbdkit python3; do
+    command -v "$tool" >/dev/null || die "$tool not found; run scripts/install-deps.sh"
+done
+fio --enghelp=nbd >/dev/null 2>&1 ||
+    die "this fio has no nbd engine (fio --enghelp=nbd failed); Debian's fio >= 3.20 has it"
+nbdkit file --version >/dev/null 2>&1 || die "nbdkit's file plugin is missing"
+
+tmp=
+server_pid=
+server_name=
+
+stop_server() {
+    [[ -n $server_pid ]] || return 0
+    if kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$server_pid" 2>/dev/null; then
+            echo "server-io.sh: $server_name (pid $server_pid) ignored SIGTERM for 10 s; killing it" >&2
+            kill -KILL "$server_pid" 2>/dev/null || true
+        fi
+    fi
+    local status=0
+    wait "$server_pid" 2>/dev/null || status=$?
+    if (( status != 0 )); then
+        echo "server-io.sh: $server_name (pid $server_pid) exited with status $status" >&2
+    fi
+    server_pid=
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_server
+    [[ -n $tmp && -d $tmp ]] && rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+tmp=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/xnbd-bench.XXXXXX")
+img=$tmp/disk.img
+sock=$tmp/nbd.sock
+
+echo "server-io: writing a ${SIZE_MIB} MiB image (random data, fully allocated) in $tmp"
+dd if=/dev/urandom of="$img" bs=1M count="$SIZE_MIB" status=none conv=fsync
+
+# Workloads: name, fio rw, block size, iodepth.
+WORKLOADS=(
+    "randread-4k  randread  4k 32"
+    "randwrite-4k randwrite 4k 32"
+    "seqread-1m   read      1m 32"
+    "seqwrite-1m  write     1m 32"
+)
+SERVERS=(xnbd-server qemu-nbd nbdkit-file)
+
+start_server() {
+    server_name=$1
+    local log=$tmp/$1.log pidfile=$tmp/$1.pid
+    rm -f "$sock" "$pidfile"
+    case $1 in
+        xnbd-server)
+            "$XNBD" --unix "$sock" --pidfile "$pidfile" "$img" >"$log" 2>&1 &
+            ;;
+        qemu-nbd)
+            qemu-nbd -f raw --persistent --shared=8 --cache=writeback --aio=threads \
+                --socket="$sock" --pid-file="$pidfile" "$img" >"$log" 2>&1 &
+            ;;
+        nbdkit-file)
+            nbdkit -f -U "$sock" --pidfile "$pidfile" file "$img" >"$log" 2>&1 &
+            ;;
+    esac
+    server_pid=$!
+    for _ in $(seq 100); do
+        [[ -s $pidfile && -S $sock ]] && return 0
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "server-io.sh: $1 did not become ready (pid file and socket) within 10 s; its log:" >&2
+    sed 's/^/    /' "$log" >&2
+    stop_server
+    return 1
+}
+
+# Runs one workload; prints "IOPS BYTES_PER_SEC" or "FAIL".
+run_fio() {
+    local name=$1 rw=$2 bs=$3 depth=$4 json=$tmp/$server_name-$1.json
+    if ! timeout $((SECONDS_PER + 60)) fio --name="$name" --ioengine=nbd \
+            --uri="nbd+unix:///?socket=$sock" --rw="$rw" --bs="$bs" \
+            --iodepth="$depth" --time_based --runtime="$SECONDS_PER" \
+            --output-format=json --output="$json" >"$json.stdout" 2>&1; then
+        echo "server-io.sh: fio $name against $server_name failed:" >&2
+        sed 's/^/    /' "$json.stdout" >&2
+        echo FAIL
+        return 0
+    fi
+    python3 - "$json" "$rw" <<'PY' || echo FAIL
+import json, sys
+text = open(sys.argv[1]).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+side = job["write" if "write" in sys.argv[2] else "read"]
+if job["error"] or side["io_bytes"] == 0:
+    sys.exit("fio job error %d, %d bytes moved" % (job["error"], side["io_bytes"]))
+print("%.0f %.0f" % (side["iops"], side["bw_bytes"]))
+PY
+}
+
+declare -A RESULT
+for server in "${SERVERS[@]}"; do
+    echo "server-io: $server"
+    if ! start_server "$server"; then
+        for w in "${WORKLOADS[@]}"; do read -r name _ <<< "$w"; RESULT[$server,$name]=FAIL; done
+        continue
+    fi
+    for w in "${WORKLOADS[@]}"; do
+        read -r name rw bs depth <<< "$w"
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            RESULT[$server,$name]=FAIL
+            continue
+        fi
+        # Start each run without the previous run's dirty pages in flight.
+        sync "$img"
+        RESULT[$server,$name]=$(run_fio "$name" "$rw" "$bs" "$depth")
+        printf '  %-13s %s\n' "$name" "${RESULT[$server,$name]}"
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            echo "server-io.sh: $server died during $name; its log:" >&2
+            sed 's/^/    /' "$tmp/$server.log" >&2
+        fi
+    done
+    stop_server
+done
+
+{
+    echo "NBD server local I/O: fio $(fio --version | sed 's/^fio-//') --ioengine=nbd over a unix socket, one connection"
+    echo "image ${SIZE_MIB} MiB raw (page-cached), ${SECONDS_PER} s per workload, $(nproc) CPUs, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "qemu-nbd: -f raw --persistent --shared=8 --cache=writeback --aio=threads; nbdkit $(nbdkit --version | awk '{print $2}'): file plugin"
+    echo "ratio = xnbd-server IOPS / best peer IOPS (>1.00: xnbd is faster)"
+    echo
+    printf '%-14s' workload
+    for server in "${SERVERS[@]}"; do printf ' | %-18s' "$server"; done
+    printf ' | %s\n' "xnbd/best"
+    printf '%-14s' ""
+    for _ in "${SERVERS[@]}"; do printf ' | %8s %9s' IOPS MB/s; done
+    printf ' |\n'
+    for w in "${WORKLOADS[@]}"; do
+        read -r name rw bs depth <<< "$w"
+        printf '%-14s' "$name"
+        best=0
+        for server in "${SERVERS[@]}"; do
+            r=${RESULT[$server,$name]}
+            if [[ $r == FAIL ]]; then
+                printf ' | %8s %9s' FAIL -
+            else
+                read -r iops bw <<< "$r"
+                printf ' | %8s %9s' "$iops" "$(awk -v b="$bw" 'BEGIN { printf "%.1f", b / 1e6 }')"
+                if [[ $server != xnbd-server ]] && (( iops > best )); then best=$iops; fi
+            fi
+        done
+        x=${RESULT[xnbd-server,$name]}
+        if [[ $x == FAIL || $best -eq 0 ]]; then
+            printf ' | %s\n' -
+        else
+            printf ' | %.2f\n' "$(awk -v a="${x%% *}" -v b="$best" 'BEGIN { print a / b }')"
+        fi
+    done
+    echo "(workloads: 4k = 4 KiB random, 1m = 1 MiB sequential; iodepth 32 each)"
+} | tee "$OUT"
+echo "server-io: table saved to $OUT"
