@@ -66,6 +66,7 @@ struct engine {
   int cache_fd;
   struct bitmap *bm;
   atomic_uint_fast64_t sync_count;
+  struct wan_tls *wan_tls;      /* client TLS context for xnbds:// */
 
   pthread_mutex_t lock;         /* protects everything below */
   struct inflight_tab inflight;

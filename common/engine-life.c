@@ -2,6 +2,7 @@
  * operator's controls (background copy, rate, detach, reconnect). */
 #include "engine-int.h"
 #include "workq.h"
+#include "wan.h"
 #include "log.h"
 #include "util.h"
 
@@ -108,6 +109,14 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   pthread_mutex_init(&e->lock, NULL);
   pthread_cond_init(&e->persist_cond, NULL);
 
+  if (e->target && strncmp(e->target, "xnbds://", 8) == 0) {
+    struct wan_tls_config tc = {
+      .cert_dir = cfg->tls_certificates, .psk_file = cfg->tls_psk,
+      .psk_username = cfg->tls_username, .verify_peer = cfg->tls_verify,
+    };
+    e->wan_tls = wan_tls_new(false, &tc, err, errlen);
+    if (!e->wan_tls) goto fail;
+  }
   if (e->bs < 4096 || !is_power_of_2(e->bs)) {
     snprintf(err, errlen, "block size %u is not a power of two >= 4096", e->bs);
     goto fail;
@@ -204,6 +213,7 @@ void engine_close(struct engine *e)
   }
   file_backend_close(e->fb);
   if (e->wake_fd >= 0) close(e->wake_fd);
+  wan_tls_free(e->wan_tls);
   for (size_t i = 0; i < e->inflight.nbuckets; i++)
     for (struct hnode *n = e->inflight.b[i], *next; n; n = next) {
       next = n->next;
@@ -248,6 +258,10 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   snprintf(st->last_error, sizeof st->last_error, "%s", e->last_error);
   pthread_mutex_unlock(&e->lock);
   st->connections_up = e->fetcher_started ? fetcher_connections_up(e) : 0;
+  st->wire_tx_raw = atomic_load(&wan_totals.tx_raw);
+  st->wire_tx = atomic_load(&wan_totals.tx_wire);
+  st->wire_rx = atomic_load(&wan_totals.rx_wire);
+  st->wire_rx_raw = atomic_load(&wan_totals.rx_raw);
 }
 
 static bool attached(struct engine *e, char *err, size_t errlen)

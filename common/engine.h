@@ -45,6 +45,11 @@ struct engine_config {
   bool cache_all;                /* start the background copy at once */
   bool detach_when_complete;     /* detach by itself once every block is present */
   struct workq *wq;              /* local I/O threads (shared; outlives engine) */
+  int compress_level;            /* xnbd:// zstd level; 0: default (3); <0: off */
+  const char *tls_certificates;  /* TLS: directory with ca-cert.pem (...) */
+  const char *tls_psk;           /* TLS: USER:HEXKEY file */
+  const char *tls_username;      /* TLS: PSK identity / certificate user */
+  bool tls_verify;               /* verify the server certificate (default on) */
 };
 
 enum engine_state {
@@ -74,6 +79,8 @@ struct engine_stats {
   char source_id[1025];
   char last_error[512];
   uint64_t forced_missing;       /* blocks missing at a forced detach */
+  /* WAN transport (xnbd://) bytes, both directions, before and after zstd. */
+  uint64_t wire_tx_raw, wire_tx, wire_rx, wire_rx_raw;
 };
 
 extern const struct xnbd_backend_ops engine_backend_ops;

@@ -6,6 +6,7 @@
 #include "engine-int.h"
 #include "log.h"
 #include "util.h"
+#include "wan.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -76,7 +77,26 @@ static struct nbd_handle *make_handle(struct engine *e, const char *target,
   nbd_set_handle_name(h, "source");
   nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
   nbd_set_full_info(h, true);
-  if (is_uri(target)) {
+  CLEANUP_FREE char *whost = NULL;
+  CLEANUP_FREE char *wport = NULL;
+  CLEANUP_FREE char *wexp = NULL;
+  bool wtls;
+  if (wan_parse_uri(target, &whost, &wport, &wexp, &wtls) == 0) {
+    /* Our WAN transport: NBD inside zstd (inside TLS for xnbds://). */
+    int level = e->cfg.compress_level;
+    unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (wtls ? WAN_F_TLS : 0);
+    int fd = wan_connect(whost, wport, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
+                         e->wan_tls, e->cfg.source_timeout_s, err, errlen);
+    if (fd < 0) { nbd_close(h); return NULL; }
+    if (nbd_set_export_name(h, wexp) < 0 || nbd_aio_connect_socket(h, fd) < 0)
+      goto fail;
+  } else if (is_uri(target)) {
+    if (e->cfg.tls_psk && nbd_set_tls_psk_file(h, e->cfg.tls_psk) < 0) goto fail;
+    if (e->cfg.tls_certificates &&
+        nbd_set_tls_certificates(h, e->cfg.tls_certificates) < 0) goto fail;
+    if (e->cfg.tls_username && nbd_set_tls_username(h, e->cfg.tls_username) < 0)
+      goto fail;
+    if (!e->cfg.tls_verify) nbd_set_tls_verify_peer(h, false);
     if (nbd_aio_connect_uri(h, target) < 0) goto fail;
   } else {
     CLEANUP_FREE char *host = NULL;

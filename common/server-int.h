@@ -84,8 +84,11 @@ struct xnbd_server {
   struct xnbd_export *exports;
   struct evconnlistener *listeners[XNBD_MAX_LISTENERS];
   char *unix_paths[XNBD_MAX_LISTENERS];
+  int (*hooks[XNBD_MAX_LISTENERS])(int fd, void *arg);
+  void *hook_args[XNBD_MAX_LISTENERS];
   unsigned nlisteners;
   int first_tcp_port;
+  int last_tcp_port;             /* of the latest listen_tcp call */
   struct conn *conns;
   unsigned nconns;
   uint64_t next_conn_id;

@@ -188,6 +188,13 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   }
+  for (unsigned i = 0; i < srv->nlisteners; i++)
+    if (srv->listeners[i] == l && srv->hooks[i]) {
+      fd = srv->hooks[i](fd, srv->hook_args[i]);
+      if (fd < 0) return;
+      evutil_make_socket_nonblocking(fd);
+      break;
+    }
   conn_new(srv, fd, peer);
 }
 
@@ -298,6 +305,7 @@ int xnbd_server_listen_tcp(struct xnbd_server *srv, const char *addr)
     log_error("cannot listen on %s: no usable address", addr);
     return -1;
   }
+  srv->last_tcp_port = this_port;
   log_info("listening on %s (port %d)", addr, this_port);
   return 0;
 }
@@ -340,6 +348,20 @@ int xnbd_server_listen_unix(struct xnbd_server *srv, const char *path)
   srv->unix_paths[srv->nlisteners - 1] = strdup(path);
   log_info("listening on unix socket %s", path);
   return 0;
+}
+
+int xnbd_server_listen_tcp_hook(struct xnbd_server *srv, const char *addr,
+                                int (*hook)(int fd, void *arg), void *arg)
+{
+  unsigned first = srv->nlisteners;
+  int port = srv->first_tcp_port;
+  if (xnbd_server_listen_tcp(srv, addr) < 0) return -1;
+  for (unsigned i = first; i < srv->nlisteners; i++) {
+    srv->hooks[i] = hook;
+    srv->hook_args[i] = arg;
+  }
+  if (port < 0) srv->first_tcp_port = -1;   /* --port-file names the NBD port */
+  return srv->last_tcp_port;
 }
 
 int xnbd_server_tcp_port(struct xnbd_server *srv) { return srv->first_tcp_port; }

@@ -42,6 +42,12 @@ int xnbd_server_add_export(struct xnbd_server *srv, const char *name,
  * with a message already logged. */
 int xnbd_server_listen_tcp(struct xnbd_server *srv, const char *addr);
 int xnbd_server_listen_unix(struct xnbd_server *srv, const char *path);
+/* A TCP listener whose accepted sockets pass through hook first: it
+ * returns the fd to speak NBD on (e.g. one end of a transport's
+ * socketpair) or -1 to drop the connection (hook owns fd either way).
+ * Returns the bound port, or -1. */
+int xnbd_server_listen_tcp_hook(struct xnbd_server *srv, const char *addr,
+                                int (*hook)(int fd, void *arg), void *arg);
 int xnbd_server_tcp_port(struct xnbd_server *srv); /* first TCP listener */
 
 /* Graceful shutdown: stop accepting, answer new requests with ESHUTDOWN,

@@ -28,8 +28,15 @@ static void usage(FILE *f)
 "background, then the proxy detaches from the source.\n"
 "\n"
 "Source:\n"
-"  -t, --target T            source: nbd://HOST[:PORT]/EXPORT, nbds://...,\n"
+"  -t, --target T            source: xnbd://HOST[:PORT]/EXPORT (xnbd-server's\n"
+"                            WAN transport, zstd; xnbds:// adds TLS),\n"
+"                            nbd://HOST[:PORT]/EXPORT, nbds://... (TLS),\n"
 "                            nbd+unix:///EXPORT?socket=PATH, or HOST:PORT\n"
+"      --compress=off|LEVEL  zstd level on xnbd:// links (default 3)\n"
+"      --tls-psk FILE        TLS pre-shared keys (USER:HEXKEY lines)\n"
+"      --tls-certificates DIR  TLS CA (ca-cert.pem) and client certificates\n"
+"      --tls-username NAME   TLS identity (PSK user)\n"
+"      --no-tls-verify       do not verify the server certificate\n"
 "      --target-export NAME  export name for a HOST:PORT target (default \"\")\n"
 "      --source-id ID        identity recorded in the bitmap (default: the\n"
 "                            source's export name and size)\n"
@@ -107,10 +114,16 @@ int main(int argc, char **argv)
 {
   enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
          O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_PORTFILE,
-         O_THREADS, O_HSTMO };
+         O_THREADS, O_HSTMO, O_COMPRESS, O_TLSPSK, O_TLSCERTS, O_TLSUSER,
+         O_NOVERIFY };
   static const struct option longopts[] = {
     { "target", required_argument, 0, 't' },
     { "target-export", required_argument, 0, O_TEXPORT },
+    { "compress", required_argument, 0, O_COMPRESS },
+    { "tls-psk", required_argument, 0, O_TLSPSK },
+    { "tls-certificates", required_argument, 0, O_TLSCERTS },
+    { "tls-username", required_argument, 0, O_TLSUSER },
+    { "no-tls-verify", no_argument, 0, O_NOVERIFY },
     { "source-id", required_argument, 0, O_SRCID },
     { "connections", required_argument, 0, O_CONNS },
     { "source-timeout", required_argument, 0, O_SRCTMO },
@@ -153,11 +166,20 @@ int main(int argc, char **argv)
   int c;
 
   log_init(argv[0], LOG_LVL_INFO);
+  ec.tls_verify = true;
   while ((c = getopt_long(argc, argv, "t:c:b:l:u:e:rC:p:dvqhV", longopts, NULL)) != -1) {
     const char *why;
     switch (c) {
     case 't': ec.target = optarg; break;
     case O_TEXPORT: ec.target_export = optarg; break;
+    case O_COMPRESS:
+      if (strcmp(optarg, "off") == 0) ec.compress_level = -1;
+      else ec.compress_level = parse_uint("--compress", optarg, 1, 19);
+      break;
+    case O_TLSPSK: ec.tls_psk = optarg; break;
+    case O_TLSCERTS: ec.tls_certificates = optarg; break;
+    case O_TLSUSER: ec.tls_username = optarg; break;
+    case O_NOVERIFY: ec.tls_verify = false; break;
     case O_SRCID: ec.source_id = optarg; break;
     case O_CONNS: ec.connections = parse_uint("--connections", optarg, 1, 16); break;
     case O_SRCTMO: ec.source_timeout_s = parse_uint("--source-timeout", optarg, 1, 86400 * 7); break;

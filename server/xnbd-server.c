@@ -2,6 +2,7 @@
  * migration, or any NBD use). */
 #include "server.h"
 #include "file-backend.h"
+#include "wan.h"
 #include "workq.h"
 #include "log.h"
 #include "util.h"
@@ -32,6 +33,13 @@ static void usage(FILE *f)
 "  -l, --listen ADDR:PORT    listen on TCP (repeatable; default [::]:10809 and\n"
 "                            0.0.0.0:10809); port 0 picks a free port\n"
 "  -u, --unix PATH           listen on a unix socket (repeatable)\n"
+"  -W, --wan-listen ADDR:PORT  accept the WAN transport of xnbd-proxy (NBD in\n"
+"                            zstd, optionally in TLS) here (default port 10810)\n"
+"      --wan-port-file FILE  write the WAN listener's port to FILE\n"
+"      --compress=off        refuse compression on the WAN port\n"
+"      --tls=off|on|require  TLS on the WAN port (require: refuse plain clients)\n"
+"      --tls-certificates DIR  server-cert.pem and server-key.pem in DIR\n"
+"      --tls-psk FILE        pre-shared keys, USER:HEXKEY lines (psktool)\n"
 "      --port-file FILE      write the first TCP listener's port to FILE\n"
 "  -p, --pidfile FILE        write the PID to FILE once listening\n"
 "  -d, --daemon              run in the background, log to syslog\n"
@@ -50,6 +58,14 @@ static void usage(FILE *f)
 }
 
 static struct event_base *base;
+static struct wan_tls *wan_tls;
+static bool wan_allow_zstd = true, wan_require_tls;
+static unsigned wan_hs_timeout = 30;
+
+static int wan_hook(int fd, void *arg)
+{
+  return wan_serve(fd, wan_tls, wan_require_tls, wan_allow_zstd, wan_hs_timeout);
+}
 static struct xnbd_server *srv;
 static int exit_code;
 
@@ -84,7 +100,8 @@ static unsigned parse_uint(const char *opt, const char *s, unsigned min, unsigne
 
 int main(int argc, char **argv)
 {
-  enum { OPT_PORT_FILE = 256, OPT_HS_TIMEOUT, OPT_MAX_CONN };
+  enum { OPT_PORT_FILE = 256, OPT_HS_TIMEOUT, OPT_MAX_CONN, OPT_WAN_PORT_FILE,
+         OPT_COMPRESS, OPT_TLS, OPT_TLS_CERTS, OPT_TLS_PSK };
   static const struct option longopts[] = {
     { "export", required_argument, 0, 'e' },
     { "name", required_argument, 0, 'n' },
@@ -93,6 +110,12 @@ int main(int argc, char **argv)
     { "listen", required_argument, 0, 'l' },
     { "unix", required_argument, 0, 'u' },
     { "port-file", required_argument, 0, OPT_PORT_FILE },
+    { "wan-listen", required_argument, 0, 'W' },
+    { "wan-port-file", required_argument, 0, OPT_WAN_PORT_FILE },
+    { "compress", required_argument, 0, OPT_COMPRESS },
+    { "tls", required_argument, 0, OPT_TLS },
+    { "tls-certificates", required_argument, 0, OPT_TLS_CERTS },
+    { "tls-psk", required_argument, 0, OPT_TLS_PSK },
     { "pidfile", required_argument, 0, 'p' },
     { "daemon", no_argument, 0, 'd' },
     { "threads", required_argument, 0, 't' },
@@ -105,7 +128,10 @@ int main(int argc, char **argv)
     { 0, 0, 0, 0 }
   };
   const char *export_names[MAX_EXPORTS], *export_files[MAX_EXPORTS];
-  const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN];
+  const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN], *wanl[MAX_LISTEN];
+  unsigned nwan = 0;
+  const char *wan_portfile = NULL, *tls_mode = "off";
+  struct wan_tls_config tlscfg = { 0 };
   struct file_backend *fbs[MAX_EXPORTS];
   unsigned nexp = 0, ntcp = 0, nunix = 0, threads = 8;
   const char *default_name = "", *pidfile = NULL, *portfile = NULL;
@@ -116,7 +142,7 @@ int main(int argc, char **argv)
   int c;
 
   log_init(argv[0], LOG_LVL_INFO);
-  while ((c = getopt_long(argc, argv, "e:n:rl:u:p:dt:vqhV", longopts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "e:n:rl:u:W:p:dt:vqhV", longopts, NULL)) != -1) {
     switch (c) {
     case 'e': {
       const char *eq = strchr(optarg, '=');
@@ -138,6 +164,23 @@ int main(int argc, char **argv)
       unixp[nunix++] = optarg;
       break;
     case OPT_PORT_FILE: portfile = optarg; break;
+    case 'W':
+      if (nwan >= MAX_LISTEN) fatal("too many --wan-listen addresses");
+      wanl[nwan++] = optarg;
+      break;
+    case OPT_WAN_PORT_FILE: wan_portfile = optarg; break;
+    case OPT_COMPRESS:
+      if (strcmp(optarg, "off") == 0) wan_allow_zstd = false;
+      else if (strcmp(optarg, "on") == 0) wan_allow_zstd = true;
+      else fatal("--compress=%s: use off or on (the proxy chooses the level)", optarg);
+      break;
+    case OPT_TLS:
+      if (strcmp(optarg, "off") && strcmp(optarg, "on") && strcmp(optarg, "require"))
+        fatal("--tls=%s: use off, on or require", optarg);
+      tls_mode = optarg;
+      break;
+    case OPT_TLS_CERTS: tlscfg.cert_dir = optarg; break;
+    case OPT_TLS_PSK: tlscfg.psk_file = optarg; break;
     case 'p': pidfile = optarg; break;
     case 'd': daemonize = true; break;
     case 't': threads = parse_uint("--threads", optarg, 1, 256); break;
@@ -168,7 +211,7 @@ int main(int argc, char **argv)
             "--export NAME=FILE\nTry 'xnbd-server --help' for the options.\n");
     return 1;
   }
-  if (ntcp == 0 && nunix == 0) {
+  if (ntcp == 0 && nunix == 0 && nwan == 0) {
     tcp[ntcp++] = ":10809";
   }
 
@@ -194,6 +237,21 @@ int main(int argc, char **argv)
     if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
   for (unsigned i = 0; i < nunix; i++)
     if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
+  if (strcmp(tls_mode, "off") != 0) {
+    char err[512];
+    if (!nwan)
+      fatal("--tls=%s applies to the WAN port: add --wan-listen ADDR:PORT", tls_mode);
+    wan_tls = wan_tls_new(true, &tlscfg, err, sizeof err);
+    if (!wan_tls) fatal("%s", err);
+    wan_require_tls = strcmp(tls_mode, "require") == 0;
+  } else if (tlscfg.cert_dir || tlscfg.psk_file)
+    fatal("--tls-certificates/--tls-psk given but --tls is off: add --tls=on or --tls=require");
+  if (cfg.handshake_timeout_s) wan_hs_timeout = cfg.handshake_timeout_s;
+  for (unsigned i = 0; i < nwan; i++) {
+    int port = xnbd_server_listen_tcp_hook(srv, wanl[i], wan_hook, NULL);
+    if (port < 0) return 1;
+    if (i == 0 && wan_portfile && write_file(wan_portfile, "%ld\n", port) < 0) return 1;
+  }
 
   if (daemonize) {
     /* Listeners are bound, so errors so far reached the terminal. */
@@ -223,6 +281,7 @@ int main(int argc, char **argv)
   event_free(sigs[0]);
   event_free(sigs[1]);
   event_base_free(base);
+  wan_tls_free(wan_tls);
   if (pidfile) unlink(pidfile);
   log_info("stopped");
   return exit_code;

@@ -1,0 +1,80 @@
+/* wan.h: the WAN transport between xnbd-proxy and xnbd-server.
+ *
+ * On the WAN port, a connection starts with a transport handshake (not
+ * NBD), then optionally TLS, then each direction is a zstd stream; inside
+ * runs ordinary, unmodified NBD.  Nothing is added to NBD's option or
+ * command number spaces.
+ *
+ *   client -> server: "XNBDWAN\0" u32 version (1) u32 flags u32 zstd level
+ *   server -> client: "XNBDWAN\0" u32 version (1) u32 flags u32 status
+ *     flags: WAN_F_ZSTD (compress both directions), WAN_F_TLS (a TLS
+ *     handshake follows: client connects, server accepts; compression runs
+ *     inside TLS, so data is compressed before it is encrypted).
+ *     The server answers with the flags it accepted; status 0 = go on,
+ *     else one of WAN_ST_* and the connection is closed.
+ *
+ * Both ends run a pump thread between the WAN socket and a local
+ * socketpair: the NBD server core, or libnbd in the proxy
+ * (nbd_aio_connect_socket), sees a plain NBD socket.  All integers are
+ * big-endian. */
+#ifndef XNBD_WAN_H
+#define XNBD_WAN_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define WAN_MAGIC "XNBDWAN"          /* 8 bytes with the NUL */
+#define WAN_VERSION 1
+#define WAN_F_ZSTD (1u << 0)
+#define WAN_F_TLS  (1u << 1)
+#define WAN_ST_OK 0
+#define WAN_ST_TLS_REQUIRED 1        /* server requires TLS, client did not ask */
+#define WAN_ST_TLS_UNAVAILABLE 2     /* client asked for TLS, server has none */
+#define WAN_DEFAULT_PORT "10810"
+#define WAN_DEFAULT_LEVEL 3
+
+/* Bytes counted by every pump of a process (sums over connections). */
+struct wan_counters {
+  atomic_uint_fast64_t tx_raw, tx_wire;    /* sent: before / after compression */
+  atomic_uint_fast64_t rx_wire, rx_raw;    /* received: on the wire / after */
+};
+extern struct wan_counters wan_totals;
+
+struct wan_tls;                   /* OpenSSL context and settings */
+
+/* TLS settings.  Certificates: a directory with ca-cert.pem, and
+ * server-cert.pem + server-key.pem (server) or optionally client-cert.pem
+ * + client-key.pem (client), as nbdkit and qemu lay them out.  PSK: a file
+ * of "username:hexkey" lines (psktool's format). */
+struct wan_tls_config {
+  const char *cert_dir;
+  const char *psk_file;
+  const char *psk_username;       /* client: which identity (default: first) */
+  bool verify_peer;               /* client: verify the server's certificate */
+};
+struct wan_tls *wan_tls_new(bool server, const struct wan_tls_config *cfg,
+                            char *err, size_t errlen);
+void wan_tls_free(struct wan_tls *t);
+
+/* Server side: wan_fd is an accepted WAN connection.  Returns the local
+ * end of a socketpair to serve NBD on (the pump owns wan_fd), or -1.
+ * tls: NULL if not configured; require_tls refuses clients without TLS.
+ * allow_zstd: whether compression may be accepted. */
+int wan_serve(int wan_fd, struct wan_tls *tls, bool require_tls,
+              bool allow_zstd, unsigned handshake_timeout_s);
+
+/* Client side: connects to host:port (non-blocking connect done by the
+ * pump), handshakes with the given flags and zstd level, and returns the
+ * local end of a socketpair carrying NBD, or -1 with a message in err. */
+int wan_connect(const char *host, const char *port, unsigned flags,
+                int level, struct wan_tls *tls, unsigned timeout_s,
+                char *err, size_t errlen);
+
+/* Parses xnbd://HOST[:PORT]/[EXPORT] (and xnbds:// = with TLS).  Returns
+ * 0 and malloc'd host, port, export; -1 if it is not such a URI. */
+int wan_parse_uri(const char *uri, char **host, char **port, char **exp,
+                  bool *tls);
+
+#endif
