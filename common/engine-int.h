@@ -41,6 +41,7 @@ struct fetch_job {
   void *buf;
   struct waiter *waiters;
   unsigned attempts;
+  uint64_t submit_ns;
   int err;                      /* set by the libnbd completion */
   int conn;                     /* connection index while submitted */
   unsigned gen;                 /* that connection's generation then */
@@ -77,6 +78,9 @@ struct engine {
   uint64_t bg_rate;
   uint64_t bg_cursor;           /* next block the background copy looks at */
   uint64_t bg_inflight_bytes;
+  uint64_t bg_window;           /* current window (auto-sized unless set) */
+  bool bg_window_auto;
+  uint64_t rtt_ns;              /* smallest recent round trip to the source */
   uint64_t bs_known_until;      /* source block status known below (bytes) */
   bool source_has_status;
   uint64_t forced_missing;

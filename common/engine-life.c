@@ -69,7 +69,9 @@ static int open_cache(struct engine *e, bool must_exist, char *err, size_t errle
     close(fd);
     log_info("created sparse cache image %s (%" PRIu64 " bytes)", e->cache_path, e->size);
   } else if (S_ISREG(st.st_mode) && (uint64_t) st.st_size != e->size) {
-    if ((uint64_t) st.st_size > e->size || truncate(e->cache_path, e->size) < 0) {
+    /* With --clear-bitmap the old content is not used: any size will do. */
+    if (((uint64_t) st.st_size > e->size && !e->cfg.clear_bitmap) ||
+        truncate(e->cache_path, e->size) < 0) {
       snprintf(err, errlen, "cache image %s is %" PRIu64 " bytes but the "
                "source is %" PRIu64 " bytes: use a new --cache file for this "
                "source", e->cache_path, (uint64_t) st.st_size, e->size);
@@ -99,7 +101,8 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   e->cfg.target_export = e->target_export;
   e->bs = cfg->block_size ? cfg->block_size : 4096;
   if (!e->cfg.connections) e->cfg.connections = 2;
-  if (!e->cfg.bg_window) e->cfg.bg_window = 32 << 20;
+  e->bg_window_auto = !e->cfg.bg_window;
+  e->bg_window = e->cfg.bg_window ? e->cfg.bg_window : 4 << 20;
   if (!e->cfg.max_fetch) e->cfg.max_fetch = 4 << 20;
   if (!e->cfg.source_timeout_s) e->cfg.source_timeout_s = 60;
   if (!e->cfg.persist_interval_ms) e->cfg.persist_interval_ms = 1000;
@@ -163,10 +166,11 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
              e->bitmap_path, e->cache_path);
     goto fail;
   }
-  if (open_cache(e, complete, err, errlen) < 0) goto fail;
   e->bm = bitmap_open(e->bitmap_path, e->size, e->bs, e->source_id,
                       cfg->clear_bitmap, berr, sizeof berr);
   if (!e->bm) { snprintf(err, errlen, "%s", berr); goto fail; }
+  /* The bitmap (I5) first: it names a wrong source better than the cache can. */
+  if (open_cache(e, complete, err, errlen) < 0) goto fail;
   bitmap_set_data_sync(e->bm, engine_sync_data_hook, e);
   if (cfg->clear_bitmap) {
     /* Old cache content is not trusted: every block will be fetched. */
@@ -250,7 +254,8 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->bg_running = e->bg_running;
   st->bg_paused = e->bg_paused;
   st->bg_rate = e->bg_rate;
-  st->bg_window = e->cfg.bg_window;
+  st->bg_window = e->bg_window;
+  st->rtt_us = e->rtt_ns / 1000;
   st->connections = e->state == ENGINE_DETACHED ? 0 : e->cfg.connections;
   st->forced_missing = e->forced_missing;
   snprintf(st->target, sizeof st->target, "%s", e->target ? e->target : "");

@@ -35,7 +35,8 @@ struct engine_config {
   bool readonly;                 /* refuse client writes */
   unsigned connections;          /* source connections (default 2: one kept
                                   * for on-demand reads) */
-  uint64_t bg_window;            /* background bytes in flight (default 32 MiB) */
+  uint64_t bg_window;            /* background bytes in flight (0: sized
+                                  * from measured RTT x throughput) */
   uint64_t bg_rate;              /* background bytes/s cap (0: none) */
   uint32_t max_fetch;            /* largest single fetch (default 4 MiB,
                                   * capped by the source's maximum) */
@@ -73,7 +74,8 @@ struct engine_stats {
   uint64_t ondemand_waiting;     /* client requests waiting on the source */
   bool bg_running, bg_paused;
   uint64_t bg_rate;              /* current cap, bytes/s (0: none) */
-  uint64_t bg_window;
+  uint64_t bg_window;            /* bytes in flight allowed (auto-sized) */
+  uint64_t rtt_us;               /* measured round trip to the source */
   unsigned connections_up, connections;
   char target[512];
   char source_id[1025];

@@ -47,7 +47,14 @@ struct fetcher {
   uint64_t rate_at, rate_bytes;
   uint64_t last_expire;
   unsigned rr;
-  bool status_checked;           /* source's base:allocation support known */
+  bool status_checked;
+  /* Round-trip probes (tiny requests on the on-demand connection) and the
+   * window sizing they feed. */
+  uint64_t probe_at, probe_sent;
+  bool probe_inflight;
+  uint64_t rtt_min, rtt_epoch;     /* min over the current 10 s epoch */
+  uint64_t win_at, win_bytes;
+  char probe_buf[512];           /* source's base:allocation support known */
 };
 
 unsigned fetcher_connections_up(struct engine *e)
@@ -212,6 +219,80 @@ static int job_cb(void *user_data, int *error)
   return 1;
 }
 
+static void rtt_sample(struct engine *e, struct fetcher *f, uint64_t rtt)
+{
+  uint64_t now = now_ns();
+  if (!f->rtt_min || rtt < f->rtt_min || now - f->rtt_epoch > 10000000000u) {
+    if (now - f->rtt_epoch > 10000000000u) f->rtt_epoch = now;
+    f->rtt_min = rtt;
+    pthread_mutex_lock(&e->lock);
+    e->rtt_ns = rtt;
+    pthread_mutex_unlock(&e->lock);
+  }
+}
+
+static int probe_extent_cb(void *user_data, const char *ctx, uint64_t off,
+                           uint32_t *entries, size_t n, int *error)
+{
+  return 0;
+}
+
+static int probe_cb(void *user_data, int *error)
+{
+  struct engine *e = user_data;
+  struct fetcher *f = e->f;
+  if (f->probe_inflight && !*error)
+    rtt_sample(e, f, now_ns() - f->probe_sent);
+  f->probe_inflight = false;
+  return 1;
+}
+
+/* A 512-byte read on the on-demand connection when it is idle: its time
+ * is one round trip (plus nothing queued ahead of it on that connection). */
+static void maybe_probe(struct engine *e, struct fetcher *f, uint64_t now)
+{
+  struct sconn *c = &f->c[0];
+  bool status;
+  if (f->probe_inflight || c->st != SC_UP || c->inflight || now - f->probe_at < 1000000000u)
+    return;
+  pthread_mutex_lock(&e->lock);
+  bool wanted = e->bg_running && !e->bg_paused && e->bg_window_auto;
+  status = e->source_has_status;
+  pthread_mutex_unlock(&e->lock);
+  if (!wanted) return;              /* only the window sizing needs it */
+  f->probe_at = f->probe_sent = now;
+  f->probe_inflight = true;
+  nbd_completion_callback done = { .callback = probe_cb, .user_data = e };
+  int64_t r = status
+    ? nbd_aio_block_status(c->h, MIN((uint64_t) e->bs, e->size), 0,
+        (nbd_extent_callback) { .callback = probe_extent_cb }, done, 0)
+    : nbd_aio_pread(c->h, f->probe_buf, MIN((uint64_t) sizeof f->probe_buf, e->size),
+                    0, done, 0);
+  if (r < 0) f->probe_inflight = false;
+}
+
+/* Every half second: a window of about 1.5 x bandwidth x RTT keeps the
+ * link busy without filling the bottleneck queue (which would delay the
+ * on-demand reads behind it).  While the window itself is what limits the
+ * rate, it grows by half to find out whether the link can do more. */
+static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
+{
+  if (now - f->win_at < 500000000u) return;
+  pthread_mutex_lock(&e->lock);
+  uint64_t bytes = e->bytes_fetched, dt = now - f->win_at;
+  uint64_t rate = f->win_at ? (bytes - f->win_bytes) * 1000000000u / dt : 0;
+  f->win_at = now;
+  f->win_bytes = bytes;
+  if (e->bg_window_auto && f->rtt_min && rate && e->bg_running && !e->bg_paused) {
+    uint64_t bdp = rate * f->rtt_min / 1000000000u;
+    uint64_t w = e->bg_window;
+    if (w <= bdp * 5 / 4 + (1 << 20)) w = w * 3 / 2;      /* window-limited: probe up */
+    else w = bdp * 3 / 2;
+    e->bg_window = MIN(MAX(w, (uint64_t) 1 << 20), (uint64_t) 256 << 20);
+  }
+  pthread_mutex_unlock(&e->lock);
+}
+
 static void conn_close(struct engine *e, struct fetcher *f, unsigned i, bool retry_soon)
 {
   struct sconn *c = &f->c[i];
@@ -224,6 +305,7 @@ static void conn_close(struct engine *e, struct fetcher *f, unsigned i, bool ret
   }
   c->submitted = NULL;
   c->inflight = 0;
+  if (i == 0) f->probe_inflight = false;
   nbd_close(c->h);
   c->h = NULL;
   if (c->st == SC_UP) atomic_fetch_sub(&f->up, 1);
@@ -242,6 +324,7 @@ static bool submit(struct engine *e, struct fetcher *f, struct fetch_job *j, uns
   j->gen = c->gen;
   j->submitted = true;
   j->attempts++;
+  j->submit_ns = now_ns();
   j->cnext = c->submitted;
   c->submitted = j;
   c->inflight++;
@@ -353,7 +436,9 @@ static void maybe_query_status(struct engine *e, struct fetcher *f, int i)
 static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
 {
   struct fetch_job *list = NULL, **tail = &list, *j, *next;
-  uint64_t per_job = MAX(1, e->cfg.max_fetch / e->bs);
+  /* Several jobs per window, so replies stream back to back. */
+  uint64_t job_bytes = MIN((uint64_t) e->cfg.max_fetch, MAX(e->bg_window / 8, (uint64_t) 256 << 10));
+  uint64_t per_job = MAX(1, job_bytes / e->bs);
   int ci = pick_conn(f, false);
   bool wrapped = false;
   if (ci < 0) return;
@@ -373,7 +458,7 @@ static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
   f->tokens_at = now;
   for (int iter = 0; iter < 4096; iter++) {
     uint64_t b;
-    if (e->bg_inflight_bytes >= e->cfg.bg_window) break;
+    if (e->bg_inflight_bytes >= e->bg_window) break;
     if (e->bg_rate && f->tokens <= 0) break;
     b = bitmap_next_clear(e->bm, e->bg_cursor);
     while (b < e->nblocks && inflight_get(e, b))
@@ -529,6 +614,8 @@ static void *fetcher_main(void *arg)
     if (atomic_load(&f->up)) {
       submit_queued(e, f);
       bg_fill(e, f, now);
+      maybe_probe(e, f, now);
+      size_window(e, f, now);
     }
     if (now - f->last_expire > 100000000u) {
       engine_expire_waiters(e, now);
@@ -619,6 +706,8 @@ void fetcher_stop(struct engine *e)
   if (e->fetcher_started) {
     pthread_join(e->fetcher, NULL);
     e->fetcher_started = false;
-    atomic_store(&f->up, 0);
+    free(f->target);
+    free(f);
+    e->f = NULL;
   }
 }

@@ -5,6 +5,7 @@
 #include "engine.h"
 #include "workq.h"
 #include "control.h"
+#include "daemon.h"
 #include "log.h"
 #include "util.h"
 
@@ -241,6 +242,10 @@ int main(int argc, char **argv)
           "background copy and detaches");
   if (ntcp == 0 && nunix == 0) tcp[ntcp++] = "127.0.0.1:10809";
 
+  if (daemonize) {
+    /* Fork before any thread exists; the parent exits when we are ready. */
+    daemon_start();
+  }
   signal(SIGPIPE, SIG_IGN);
   signal(SIGHUP, SIG_IGN);
   ec.wq = workq_new(threads, "io");
@@ -260,11 +265,6 @@ int main(int argc, char **argv)
   ctl = control_new(base, control_path, eng, err, sizeof err);
   if (!ctl) fatal("%s", err);
 
-  if (daemonize) {
-    if (daemon(1, 0) < 0) fatal("cannot daemonize: %s", strerror(errno));
-    log_to_syslog();
-    event_reinit(base);
-  }
   /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
   sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
   sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
@@ -275,6 +275,7 @@ int main(int argc, char **argv)
     return 1;
   if (pidfile && write_file(pidfile, (long) getpid()) < 0)
     return 1;
+  if (daemonize) daemon_ready();
 
 
   event_base_dispatch(base);

@@ -4,6 +4,7 @@
 #include "file-backend.h"
 #include "wan.h"
 #include "workq.h"
+#include "daemon.h"
 #include "log.h"
 #include "util.h"
 
@@ -215,6 +216,10 @@ int main(int argc, char **argv)
     tcp[ntcp++] = ":10809";
   }
 
+  if (daemonize) {
+    /* Fork before any thread exists; the parent exits when we are ready. */
+    daemon_start();
+  }
   signal(SIGPIPE, SIG_IGN);
   signal(SIGHUP, SIG_IGN);
   wq = workq_new(threads, "io");
@@ -253,12 +258,6 @@ int main(int argc, char **argv)
     if (i == 0 && wan_portfile && write_file(wan_portfile, "%ld\n", port) < 0) return 1;
   }
 
-  if (daemonize) {
-    /* Listeners are bound, so errors so far reached the terminal. */
-    if (daemon(1, 0) < 0) fatal("cannot daemonize: %s", strerror(errno));
-    log_to_syslog();
-    event_reinit(base);
-  }
   /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
   sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
   sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
@@ -269,6 +268,7 @@ int main(int argc, char **argv)
     return 1;
   if (pidfile && write_file(pidfile, "%ld\n", (long) getpid()) < 0)
     return 1;
+  if (daemonize) daemon_ready();
 
 
   event_base_dispatch(base);
