@@ -10,7 +10,7 @@ DESTDIR   ?=
 BUILDDIR  ?= build
 SAN       ?=
 
-PKGS      := libevent libevent_pthreads libnbd libzstd openssl
+PKGS      := libevent libevent_pthreads libevent_openssl libnbd libzstd openssl
 CC        ?= cc
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter \

@@ -6,6 +6,9 @@
 #include "log.h"
 #include "util.h"
 
+#include <event2/bufferevent_ssl.h>
+#include <openssl/ssl.h>
+
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -191,6 +194,35 @@ static void hs_timeout_cb(evutil_socket_t fd, short what, void *arg)
   conn_close(c, why);
 }
 
+static void setup_bev(struct conn *c)
+{
+  bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
+  /* Large single reads and writes: 1 MiB sequential I/O at GB/s. */
+  bufferevent_set_max_single_read(c->bev, 1 << 20);
+  bufferevent_set_max_single_write(c->bev, 4 << 20);
+  /* Never buffer more than one maximal request (plus headers). */
+  bufferevent_setwatermark(c->bev, EV_READ, 0,
+                           (size_t) c->srv->cfg.max_request + XNBD_MAX_OPTION_LEN);
+  bufferevent_setwatermark(c->bev, EV_WRITE, OUTPUT_LOW, 0);
+}
+
+int conn_start_tls(struct conn *c)
+{
+  SSL *ssl = SSL_new(c->srv->cfg.ssl_ctx);
+  struct bufferevent *f;
+  if (!ssl) return -1;
+  /* The ACK already queued on the plain bufferevent goes out first. */
+  f = bufferevent_openssl_filter_new(c->srv->base, c->bev, ssl,
+                                     BUFFEREVENT_SSL_ACCEPTING,
+                                     BEV_OPT_CLOSE_ON_FREE);
+  if (!f) { SSL_free(ssl); return -1; }
+  c->bev = f;
+  c->tls = true;
+  setup_bev(c);
+  bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+  return 0;
+}
+
 void conn_new(struct xnbd_server *srv, int fd, const char *peer)
 {
   struct conn *c = calloc(1, sizeof *c);
@@ -208,14 +240,7 @@ void conn_new(struct xnbd_server *srv, int fd, const char *peer)
   srv->conns = c;
   srv->nconns++;
 
-  bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
-  /* Large single reads and writes: 1 MiB sequential I/O at GB/s. */
-  bufferevent_set_max_single_read(c->bev, 1 << 20);
-  bufferevent_set_max_single_write(c->bev, 4 << 20);
-  /* Never buffer more than one maximal request (plus headers). */
-  bufferevent_setwatermark(c->bev, EV_READ, 0,
-                           (size_t) srv->cfg.max_request + XNBD_MAX_OPTION_LEN);
-  bufferevent_setwatermark(c->bev, EV_WRITE, OUTPUT_LOW, 0);
+  setup_bev(c);
   c->hs_timer = evtimer_new(srv->base, hs_timeout_cb, c);
   evtimer_add(c->hs_timer, &tv);
   log_debug("connection %" PRIu64 " from %s", c->id, peer);

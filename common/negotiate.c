@@ -256,6 +256,16 @@ static void handle_option(struct conn *c, uint32_t opt, const uint8_t *p,
     send_error(c, opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
     return;
   }
+  if (c->srv->cfg.tls_require && !c->tls && opt != NBD_OPT_STARTTLS &&
+      opt != NBD_OPT_ABORT) {
+    if (opt == NBD_OPT_EXPORT_NAME) {
+      conn_close(c, "NBD_OPT_EXPORT_NAME without TLS, and TLS is required");
+      return;
+    }
+    send_error(c, opt, NBD_REP_ERR_TLS_REQD,
+               "this server requires TLS: negotiate NBD_OPT_STARTTLS first");
+    return;
+  }
   switch (opt) {
   case NBD_OPT_EXPORT_NAME:
     opt_export_name(c, p, len);
@@ -270,9 +280,20 @@ static void handle_option(struct conn *c, uint32_t opt, const uint8_t *p,
   case NBD_OPT_STARTTLS:
     if (len)
       send_error(c, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-    else
+    else if (!c->srv->cfg.ssl_ctx)
       send_error(c, opt, NBD_REP_ERR_POLICY,
-                 "TLS is not configured on this server");
+                 "TLS is not configured on this server (start it with --tls)");
+    else if (c->tls)
+      send_error(c, opt, NBD_REP_ERR_INVALID, "TLS is already in use");
+    else {
+      send_reply(c, opt, NBD_REP_ACK, NULL, 0);
+      /* Everything negotiated in plain text is forgotten. */
+      c->structured = false;
+      c->meta_base_alloc = false;
+      free(c->meta_export);
+      c->meta_export = NULL;
+      if (conn_start_tls(c) < 0) conn_close(c, "cannot start TLS");
+    }
     break;
   case NBD_OPT_INFO:
   case NBD_OPT_GO:

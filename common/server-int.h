@@ -48,6 +48,7 @@ struct conn {
 
   /* Negotiated state. */
   bool fixed_newstyle, no_zeroes, structured, meta_base_alloc;
+  bool tls;                      /* STARTTLS done: bev is a TLS filter */
   char *meta_export;             /* export named by SET_META_CONTEXT */
   struct xnbd_export *exp;       /* chosen export (transmission) */
   uint16_t tflags;
@@ -115,6 +116,8 @@ void conn_check_idle(struct conn *c);
 void conn_maybe_free(struct conn *c);
 bool conn_is_open(const struct conn *c);
 void conn_send(struct conn *c, const void *data, size_t len);
+/* Replaces the connection's bufferevent by a TLS filter over it. */
+int conn_start_tls(struct conn *c);
 
 /* negotiate.c: returns false when it needs more input or the conn closed. */
 void nego_send_greeting(struct conn *c);

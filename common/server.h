@@ -22,6 +22,8 @@ struct xnbd_server_config {
   unsigned max_connections;      /* 0: default (1024) */
   uint64_t max_inflight_bytes;   /* per connection; 0: default (64 MiB) */
   uint32_t max_request;          /* largest READ/WRITE; 0: default (32 MiB) */
+  void *ssl_ctx;                 /* OpenSSL SSL_CTX for NBD_OPT_STARTTLS, or NULL */
+  bool tls_require;              /* refuse everything but STARTTLS before TLS */
 };
 
 /* Creates an event_base with threading support enabled (so backends can

@@ -195,6 +195,8 @@ fail:
   return NULL;
 }
 
+void *wan_tls_ssl_ctx(struct wan_tls *t) { return t ? t->ctx : NULL; }
+
 void wan_tls_free(struct wan_tls *t)
 {
   if (!t) return;

@@ -57,6 +57,8 @@ struct wan_tls_config {
 struct wan_tls *wan_tls_new(bool server, const struct wan_tls_config *cfg,
                             char *err, size_t errlen);
 void wan_tls_free(struct wan_tls *t);
+/* The OpenSSL SSL_CTX (for the NBD server core's STARTTLS). */
+void *wan_tls_ssl_ctx(struct wan_tls *t);
 
 /* Server side: wan_fd is an accepted WAN connection.  Returns the local
  * end of a socketpair to serve NBD on (the pump owns wan_fd), or -1.

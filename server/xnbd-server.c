@@ -38,7 +38,8 @@ static void usage(FILE *f)
 "                            zstd, optionally in TLS) here (default port 10810)\n"
 "      --wan-port-file FILE  write the WAN listener's port to FILE\n"
 "      --compress=off        refuse compression on the WAN port\n"
-"      --tls=off|on|require  TLS on the WAN port (require: refuse plain clients)\n"
+"      --tls=off|on|require  TLS on the WAN port and NBD_OPT_STARTTLS on the NBD\n"
+"                            listeners (require: refuse clients without TLS)\n"
 "      --tls-certificates DIR  server-cert.pem and server-key.pem in DIR\n"
 "      --tls-psk FILE        pre-shared keys, USER:HEXKEY lines (psktool)\n"
 "      --port-file FILE      write the first TCP listener's port to FILE\n"
@@ -226,6 +227,16 @@ int main(int argc, char **argv)
   if (!wq) fatal("cannot start I/O threads: %s", strerror(errno));
   base = xnbd_event_base_new();
   if (!base) fatal("cannot create the event loop");
+  if (strcmp(tls_mode, "off") != 0) {
+    /* Both the WAN port and NBD_OPT_STARTTLS on the NBD listeners. */
+    char err[512];
+    wan_tls = wan_tls_new(true, &tlscfg, err, sizeof err);
+    if (!wan_tls) fatal("%s", err);
+    wan_require_tls = strcmp(tls_mode, "require") == 0;
+    cfg.ssl_ctx = wan_tls_ssl_ctx(wan_tls);
+    cfg.tls_require = wan_require_tls;
+  } else if (tlscfg.cert_dir || tlscfg.psk_file)
+    fatal("--tls-certificates/--tls-psk given but --tls is off: add --tls=on or --tls=require");
   srv = xnbd_server_new(base, &cfg);
   if (!srv) fatal("out of memory");
 
@@ -242,15 +253,6 @@ int main(int argc, char **argv)
     if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
   for (unsigned i = 0; i < nunix; i++)
     if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
-  if (strcmp(tls_mode, "off") != 0) {
-    char err[512];
-    if (!nwan)
-      fatal("--tls=%s applies to the WAN port: add --wan-listen ADDR:PORT", tls_mode);
-    wan_tls = wan_tls_new(true, &tlscfg, err, sizeof err);
-    if (!wan_tls) fatal("%s", err);
-    wan_require_tls = strcmp(tls_mode, "require") == 0;
-  } else if (tlscfg.cert_dir || tlscfg.psk_file)
-    fatal("--tls-certificates/--tls-psk given but --tls is off: add --tls=on or --tls=require");
   if (cfg.handshake_timeout_s) wan_hs_timeout = cfg.handshake_timeout_s;
   for (unsigned i = 0; i < nwan; i++) {
     int port = xnbd_server_listen_tcp_hook(srv, wanl[i], wan_hook, NULL);
