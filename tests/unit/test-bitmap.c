@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -424,10 +425,23 @@ static uint64_t lone_bit(uint64_t page)
   return page * BITS_PER_PAGE + (page * 7919) % BITS_PER_PAGE;
 }
 
+struct persister {
+  struct bitmap *bm;
+  atomic_bool stop;
+  atomic_int rounds;
+};
+
+static struct persister *the_persister;
+
 static void *setter_thread(void *arg)
 {
   struct setter *s = arg;
   for (uint64_t p = s->id; p < NPAGES; p += s->nthreads) {
+    /* Halfway, wait (bounded) for two persists to finish, so persisting
+     * provably overlaps setting whatever the scheduler does. */
+    if (p / s->nthreads == NPAGES / s->nthreads / 2)
+      for (int spin = 0; spin < 2000000 && atomic_load(&the_persister->rounds) < 2; spin++)
+        sched_yield();
     if (p < DENSE_PAGES) {
       uint64_t base = p * BITS_PER_PAGE;
       for (uint64_t b = 0; b < BITS_PER_PAGE; b++) {
@@ -442,12 +456,6 @@ static void *setter_thread(void *arg)
   }
   return NULL;
 }
-
-struct persister {
-  struct bitmap *bm;
-  atomic_bool stop;
-  int rounds;
-};
 
 static void *persister_thread(void *arg)
 {
@@ -469,6 +477,7 @@ Test(bitmap, concurrent_set_and_persist_lose_no_bit)
   pthread_t st[4], pt;
   struct bitmap *copy;
 
+  the_persister = &p;
   cr_assert_eq(pthread_create(&pt, NULL, persister_thread, &p), 0);
   for (unsigned i = 0; i < 4; i++) {
     s[i] = (struct setter) { .bm = bm, .id = i, .nthreads = 4 };
