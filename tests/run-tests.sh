@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# run-tests.sh BUILDDIR [unit|e2e|all]
+#
+# Runs every Criterion unit-test binary BUILDDIR/tests/unit-* and every
+# end-to-end script tests/test-*.sh, each under `timeout 300`, with
+# XNBD_BUILD exported as the absolute BUILDDIR.  Output goes to
+# BUILDDIR/test-logs/NAME.log and is shown when a test fails.  Exit status 77
+# means skipped.  Prints one line per test and then "N passed, N failed,
+# N skipped"; exits non-zero if a test failed or if no test ran.
+#
+# Environment:
+#   TESTS=GLOB      run only tests whose name (e.g. test-server-cli,
+#                   unit-proto) matches GLOB
+#   TEST_TIMEOUT=S  per-test limit in seconds (default 300)
+
+set -u -o pipefail
+
+usage () {
+  echo "usage: $0 BUILDDIR [unit|e2e|all]" >&2
+  exit 2
+}
+
+[ $# -ge 1 ] && [ $# -le 2 ] || usage
+mode=${2:-all}
+case "$mode" in unit|e2e|all) ;; *) usage ;; esac
+
+srcdir=$(cd "$(dirname "$0")" && pwd)
+builddir=$(cd "$1" 2>/dev/null && pwd) || {
+  echo "$0: build directory '$1' does not exist (run make first)" >&2
+  exit 2
+}
+export XNBD_BUILD=$builddir
+logdir=$builddir/test-logs
+mkdir -p "$logdir"
+# Tests run from the source tests/ directory.
+cd "$srcdir" || exit 2
+timeout_s=${TEST_TIMEOUT:-300}
+filter=${TESTS:-*}
+
+passed=0 failed=0 skipped=0
+failed_names=()
+
+selected () {
+  # shellcheck disable=SC2053  # the filter is a glob on purpose
+  [[ $1 == $filter || $1.sh == $filter ]]
+}
+
+run_one () {
+  local name=$1; shift
+  local log=$logdir/$name.log start end st=0 secs
+  start=$(date +%s.%N)
+  timeout --kill-after=10 "$timeout_s" "$@" >"$log" 2>&1 </dev/null || st=$?
+  end=$(date +%s.%N)
+  secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+  case $st in
+    0)
+      passed=$((passed + 1))
+      printf 'PASS  %-40s %6ss\n' "$name" "$secs" ;;
+    77)
+      skipped=$((skipped + 1))
+      printf 'SKIP  %-40s %6ss  %s\n' "$name" "$secs" \
+        "$(grep -m1 '^SKIP' "$log" | cut -c7- || true)" ;;
+    *)
+      failed=$((failed + 1))
+      failed_names+=("$name")
+      local why="exit status $st"
+      [ "$st" -eq 124 ] || [ "$st" -eq 137 ] && why="timed out after ${timeout_s}s"
+      printf 'FAIL  %-40s %6ss  (%s)\n' "$name" "$secs" "$why"
+      echo "----- $log (last 100 lines) -----"
+      tail -n 100 "$log"
+      echo "----- end of $name -----" ;;
+  esac
+}
+
+if [ "$mode" = unit ] || [ "$mode" = all ]; then
+  for bin in "$builddir"/tests/unit-*; do
+    [ -f "$bin" ] && [ -x "$bin" ] || continue
+    name=${bin##*/}
+    selected "$name" || continue
+    run_one "$name" "$bin" --full-stats
+  done
+fi
+
+if [ "$mode" = e2e ] || [ "$mode" = all ]; then
+  for script in "$srcdir"/test-*.sh; do
+    [ -f "$script" ] || continue
+    name=$(basename "$script" .sh)
+    selected "$name" || continue
+    run_one "$name" bash "$script"
+  done
+fi
+
+total=$((passed + failed + skipped))
+echo "$passed passed, $failed failed, $skipped skipped"
+if [ "$failed" -gt 0 ]; then
+  echo "failed: ${failed_names[*]} (logs in $logdir)"
+  exit 1
+fi
+if [ "$total" -eq 0 ]; then
+  echo "no tests ran (mode $mode, TESTS=${TESTS:-unset})" >&2
+  exit 1
+fi
+exit 0
