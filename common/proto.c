@@ -95,7 +95,8 @@ const char *nbd_opt_name(uint32_t opt)
 
 bool nbd_string_ok(const char *s, uint32_t len)
 {
-  return len <= NBD_MAX_STRING && memchr(s, '\0', len) == NULL;
+  /* An empty option payload may come as a NULL pointer. */
+  return len == 0 || (len <= NBD_MAX_STRING && memchr(s, '\0', len) == NULL);
 }
 
 uint32_t nbd_parse_info_request(const uint8_t *p, uint32_t len,

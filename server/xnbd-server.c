@@ -129,7 +129,8 @@ int main(int argc, char **argv)
     { "version", no_argument, 0, 'V' },
     { 0, 0, 0, 0 }
   };
-  const char *export_names[MAX_EXPORTS], *export_files[MAX_EXPORTS];
+  const char *export_files[MAX_EXPORTS];
+  char *export_names[MAX_EXPORTS];
   const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN], *wanl[MAX_LISTEN];
   unsigned nwan = 0;
   const char *wan_portfile = NULL, *tls_mode = "off";
@@ -205,7 +206,7 @@ int main(int argc, char **argv)
     if (optind + 1 < argc)
       fatal("only one FILE may be given as an argument (use --export NAME=FILE for more)");
     if (nexp >= MAX_EXPORTS) fatal("too many exports");
-    export_names[nexp] = default_name;
+    export_names[nexp] = strdup(default_name);
     export_files[nexp++] = argv[optind];
   }
   if (nexp == 0) {
@@ -278,8 +279,10 @@ int main(int argc, char **argv)
   xnbd_server_free(srv);
   /* Every request has completed; flush and close the images. */
   workq_free(wq);
-  for (unsigned i = 0; i < nexp; i++)
+  for (unsigned i = 0; i < nexp; i++) {
     file_backend_close(fbs[i]);
+    free(export_names[i]);
+  }
   event_free(sigs[0]);
   event_free(sigs[1]);
   event_base_free(base);
