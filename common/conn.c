@@ -218,12 +218,13 @@ int conn_start_tls(struct conn *c)
   if (!f) { SSL_free(ssl); return -1; }
   c->bev = f;
   c->tls = true;
+  c->tls_filter = true;
   setup_bev(c);
   bufferevent_enable(c->bev, EV_READ | EV_WRITE);
   return 0;
 }
 
-void conn_new(struct xnbd_server *srv, int fd, const char *peer)
+void conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secured)
 {
   struct conn *c = calloc(1, sizeof *c);
   struct timeval tv = { srv->cfg.handshake_timeout_s, 0 };
@@ -235,6 +236,7 @@ void conn_new(struct xnbd_server *srv, int fd, const char *peer)
   c->id = ++srv->next_conn_id;
   snprintf(c->peer, sizeof c->peer, "%s", peer);
   c->state = CONN_WAIT_CLIENT_FLAGS;
+  c->tls = secured;
   c->next = srv->conns;
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;

@@ -48,7 +48,9 @@ struct conn {
 
   /* Negotiated state. */
   bool fixed_newstyle, no_zeroes, structured, meta_base_alloc;
-  bool tls;                      /* STARTTLS done: bev is a TLS filter */
+  bool tls;                      /* STARTTLS done (bev is a TLS filter), or
+                                  * the transport in front secures it */
+  bool tls_filter;               /* bev is a TLS filter: no raw socket reads */
   char *meta_export;             /* export named by SET_META_CONTEXT */
   struct xnbd_export *exp;       /* chosen export (transmission) */
   uint16_t tflags;
@@ -107,7 +109,9 @@ struct xnbd_server {
 };
 
 /* conn.c */
-void conn_new(struct xnbd_server *srv, int fd, const char *peer);
+/* secured: the transport in front (the WAN transport) already applies the
+ * TLS policy, so NBD_OPT_STARTTLS is neither needed nor offered. */
+void conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secured);
 void conn_close(struct conn *c, const char *reason);
 void conn_process_input(struct conn *c);
 void conn_request_done(struct conn *c, struct xreq *r, int err);

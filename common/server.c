@@ -188,14 +188,16 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   }
+  bool secured = false;
   for (unsigned i = 0; i < srv->nlisteners; i++)
     if (srv->listeners[i] == l && srv->hooks[i]) {
       fd = srv->hooks[i](fd, srv->hook_args[i]);
       if (fd < 0) return;
       evutil_make_socket_nonblocking(fd);
+      secured = true;
       break;
     }
-  conn_new(srv, fd, peer);
+  conn_new(srv, fd, peer, secured);
 }
 
 static void accept_error_cb(struct evconnlistener *l, void *arg)

@@ -320,7 +320,7 @@ bool trans_step(struct conn *c)
     return true;
   }
   if (rq.type == NBD_CMD_WRITE && avail < NBD_REQUEST_SIZE + (size_t) rq.length &&
-      (rq.length < DIRECT_WRITE_MIN || c->tls))
+      (rq.length < DIRECT_WRITE_MIN || c->tls_filter))
     return false;                /* wait for the whole payload */
   evbuffer_drain(in, sizeof h);
 
