@@ -437,13 +437,15 @@ int engine_sync_data_hook(void *opaque)
   return file_backend_sync(e->fb);
 }
 
+/* FLUSH / FUA: the bits of every block that became present are persisted
+ * (the bitmap's data-sync hook syncs the cache first), then the cache is
+ * synced by this thread itself.  The second sync is not redundant: a sync
+ * another thread started earlier may still be running, and its completion
+ * is not ours to wait for (I2). */
 int engine_flush(struct engine *e)
 {
-  uint64_t before = atomic_load(&e->sync_count);
   if (bitmap_persist(e->bm) < 0) return -1;
-  if (atomic_load(&e->sync_count) == before)
-    return file_backend_sync(e->fb);
-  return 0;
+  return file_backend_sync(e->fb);
 }
 
 /* Writes / zeroes / trims a range some of whose blocks are not present,

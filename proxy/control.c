@@ -218,6 +218,11 @@ static int cmd_status(struct control_client *c, int argc, char **argv, FILE *f,
           st.bg_rate, st.bg_window);
   fprintf(f, ",\"connections\":{\"up\":%u,\"total\":%u}",
           st.connections_up, st.connections);
+  fprintf(f, ",\"rtt_us\":%" PRIu64, st.rtt_us);
+  /* WAN transport (xnbd://): bytes before and after zstd, both ways. */
+  fprintf(f, ",\"wire\":{\"tx_raw\":%" PRIu64 ",\"tx\":%" PRIu64
+          ",\"rx\":%" PRIu64 ",\"rx_raw\":%" PRIu64 "}",
+          st.wire_tx_raw, st.wire_tx, st.wire_rx, st.wire_rx_raw);
   put_member_str(f, "target", st.target);
   put_member_str(f, "source_id", st.source_id);
   put_member_str(f, "last_error", st.last_error);
@@ -590,6 +595,10 @@ static void client_process(struct control_client *c)
 
     if (evbuffer_get_length(out) > CLIENT_OUT_MAX) {
       /* Backpressure: read no more commands until it reads its replies. */
+      if (!c->out_blocked)
+        log_debug("control client %u: %zu reply bytes unread; reading no "
+                  "more commands until it catches up", c->id,
+                  evbuffer_get_length(out));
       c->out_blocked = true;
       bufferevent_disable(c->bev, EV_READ);
       return;
@@ -812,7 +821,7 @@ static int make_socket(struct control *ctl, const char *path, char *err, size_t 
   }
   if (chmod(path, 0600) < 0 || listen(fd, 16) < 0 || stat(path, &st) < 0) {
     snprintf(err, errlen, "cannot set up the control socket %s: %s",
-             path, strerror(errno));
+             sa.sun_path, strerror(errno));
     unlink(path);
     close(fd);
     return -1;
