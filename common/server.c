@@ -119,7 +119,7 @@ struct xnbd_export *server_find_export(struct xnbd_server *srv,
                                        const char *name, size_t len)
 {
   for (struct xnbd_export *e = srv->exports; e; e = e->next)
-    if (strlen(e->name) == len && memcmp(e->name, name, len) == 0)
+    if (strlen(e->name) == len && (len == 0 || memcmp(e->name, name, len) == 0))
       return e;
   return NULL;
 }
