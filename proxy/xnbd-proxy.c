@@ -6,6 +6,7 @@
 #include "workq.h"
 #include "control.h"
 #include "daemon.h"
+#include "cli.h"
 #include "log.h"
 #include "util.h"
 
@@ -71,45 +72,11 @@ static void usage(FILE *f)
 "  -v, --verbose / -q, --quiet / -h, --help / -V, --version\n");
 }
 
-static struct event_base *base;
-static struct xnbd_server *srv;
 
-static void shutdown_done(void *arg) { event_base_loopexit(base, NULL); }
 
-static void on_signal(evutil_socket_t sig, short what, void *arg)
-{
-  log_info("signal %d: shutting down (finishing requests in flight)", (int) sig);
-  xnbd_server_shutdown(srv, shutdown_done, NULL);
-}
 
-static unsigned parse_uint(const char *opt, const char *s, unsigned min, unsigned max)
-{
-  char *end;
-  unsigned long v;
-  errno = 0;
-  v = strtoul(s, &end, 10);
-  if (errno || *end || !*s || v < min || v > max)
-    fatal("%s: '%s' is not a number from %u to %u", opt, s, min, max);
-  return v;
-}
 
-static uint64_t parse_size_opt(const char *opt, const char *s)
-{
-  uint64_t v;
-  const char *why;
-  if (parse_size(s, &v, &why) < 0) fatal("%s '%s': %s", opt, s, why);
-  return v;
-}
 
-static int write_file(const char *path, long v)
-{
-  FILE *f = fopen(path, "w");
-  if (!f || fprintf(f, "%ld\n", v) < 0 || fclose(f) != 0) {
-    log_error("cannot write '%s': %s", path, strerror(errno));
-    return -1;
-  }
-  return 0;
-}
 
 int main(int argc, char **argv)
 {
@@ -160,7 +127,9 @@ int main(int argc, char **argv)
   unsigned ntcp = 0, nunix = 0, threads = 8;
   const char *export_name = "", *control_path = NULL, *pidfile = NULL, *portfile = NULL;
   bool daemonize = false;
-  struct event *sigs[2];
+  struct cli_signals *sigs;
+  struct event_base *base;
+  struct xnbd_server *srv;
   struct control *ctl = NULL;
   struct engine *eng;
   char err[4096];
@@ -175,33 +144,33 @@ int main(int argc, char **argv)
     case O_TEXPORT: ec.target_export = optarg; break;
     case O_COMPRESS:
       if (strcmp(optarg, "off") == 0) ec.compress_level = -1;
-      else ec.compress_level = parse_uint("--compress", optarg, 1, 19);
+      else ec.compress_level = cli_uint("--compress", optarg, 1, 19);
       break;
     case O_TLSPSK: ec.tls_psk = optarg; break;
     case O_TLSCERTS: ec.tls_certificates = optarg; break;
     case O_TLSUSER: ec.tls_username = optarg; break;
     case O_NOVERIFY: ec.tls_verify = false; break;
     case O_SRCID: ec.source_id = optarg; break;
-    case O_CONNS: ec.connections = parse_uint("--connections", optarg, 1, 16); break;
-    case O_SRCTMO: ec.source_timeout_s = parse_uint("--source-timeout", optarg, 1, 86400 * 7); break;
+    case O_CONNS: ec.connections = cli_uint("--connections", optarg, 1, 16); break;
+    case O_SRCTMO: ec.source_timeout_s = cli_uint("--source-timeout", optarg, 1, 86400 * 7); break;
     case 'c': ec.cache_path = optarg; break;
     case 'b': ec.bitmap_path = optarg; break;
     case O_BS: {
-      uint64_t v = parse_size_opt("--block-size", optarg);
+      uint64_t v = cli_size("--block-size", optarg);
       if (v < 4096 || v > (1u << 30) || !is_power_of_2(v))
         fatal("--block-size %s: must be a power of two from 4096 to 1G", optarg);
       ec.block_size = v;
       break;
     }
     case O_CLEAR: ec.clear_bitmap = true; break;
-    case O_PERSIST: ec.persist_interval_ms = parse_uint("--persist-interval", optarg, 10, 3600000); break;
+    case O_PERSIST: ec.persist_interval_ms = cli_uint("--persist-interval", optarg, 10, 3600000); break;
     case O_CACHEALL: ec.cache_all = true; break;
     case O_BGRATE:
       if (parse_rate(optarg, &ec.bg_rate, &why) < 0) fatal("--bg-rate '%s': %s", optarg, why);
       break;
-    case O_BGWIN: ec.bg_window = parse_size_opt("--bg-window", optarg); break;
+    case O_BGWIN: ec.bg_window = cli_size("--bg-window", optarg); break;
     case O_MAXFETCH: {
-      uint64_t v = parse_size_opt("--max-fetch", optarg);
+      uint64_t v = cli_size("--max-fetch", optarg);
       if (v < 4096 || v > (32u << 20)) fatal("--max-fetch %s: must be from 4K to 32M", optarg);
       ec.max_fetch = v;
       break;
@@ -221,8 +190,8 @@ int main(int argc, char **argv)
     case O_PORTFILE: portfile = optarg; break;
     case 'p': pidfile = optarg; break;
     case 'd': daemonize = true; break;
-    case O_THREADS: threads = parse_uint("--threads", optarg, 1, 256); break;
-    case O_HSTMO: sc.handshake_timeout_s = parse_uint("--handshake-timeout", optarg, 1, 86400); break;
+    case O_THREADS: threads = cli_uint("--threads", optarg, 1, 256); break;
+    case O_HSTMO: sc.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400); break;
     case 'v': log_set_level(LOG_LVL_DEBUG); break;
     case 'q': log_set_level(LOG_LVL_ERROR); break;
     case 'h': usage(stdout); return 0;
@@ -266,14 +235,11 @@ int main(int argc, char **argv)
   if (!ctl) fatal("%s", err);
 
   /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
-  sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
-  sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
-  evsignal_add(sigs[0], NULL);
-  evsignal_add(sigs[1], NULL);
+  sigs = cli_signals_install(base, srv);
   if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
-      write_file(portfile, xnbd_server_tcp_port(srv)) < 0)
+      cli_write_number(portfile, xnbd_server_tcp_port(srv)) < 0)
     return 1;
-  if (pidfile && write_file(pidfile, (long) getpid()) < 0)
+  if (pidfile && cli_write_number(pidfile, (long) getpid()) < 0)
     return 1;
   if (daemonize) daemon_ready();
 
@@ -284,8 +250,7 @@ int main(int argc, char **argv)
   xnbd_server_free(srv);
   engine_close(eng);        /* stops the fetcher, persists the bitmap */
   workq_free(ec.wq);
-  event_free(sigs[0]);
-  event_free(sigs[1]);
+  cli_signals_free(sigs);
   event_base_free(base);
   if (pidfile) unlink(pidfile);
   log_info("stopped");

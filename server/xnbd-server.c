@@ -5,6 +5,7 @@
 #include "wan.h"
 #include "workq.h"
 #include "daemon.h"
+#include "cli.h"
 #include "log.h"
 #include "util.h"
 
@@ -59,7 +60,6 @@ static void usage(FILE *f)
 "  xnbd-server -r -u /run/xnbd.sock base.img\n");
 }
 
-static struct event_base *base;
 static struct wan_tls *wan_tls;
 static bool wan_allow_zstd = true, wan_require_tls;
 static unsigned wan_hs_timeout = 30;
@@ -68,37 +68,10 @@ static int wan_hook(int fd, void *arg)
 {
   return wan_serve(fd, wan_tls, wan_require_tls, wan_allow_zstd, wan_hs_timeout);
 }
-static struct xnbd_server *srv;
-static int exit_code;
 
-static void shutdown_done(void *arg) { event_base_loopexit(base, NULL); }
 
-static void on_signal(evutil_socket_t sig, short what, void *arg)
-{
-  log_info("signal %d: shutting down (finishing requests in flight)", (int) sig);
-  xnbd_server_shutdown(srv, shutdown_done, NULL);
-}
 
-static int write_file(const char *path, const char *fmt, long v)
-{
-  FILE *f = fopen(path, "w");
-  if (!f || fprintf(f, fmt, v) < 0 || fclose(f) != 0) {
-    log_error("cannot write '%s': %s", path, strerror(errno));
-    return -1;
-  }
-  return 0;
-}
 
-static unsigned parse_uint(const char *opt, const char *s, unsigned min, unsigned max)
-{
-  char *end;
-  unsigned long v;
-  errno = 0;
-  v = strtoul(s, &end, 10);
-  if (errno || *end || !*s || v < min || v > max)
-    fatal("%s: '%s' is not a number from %u to %u", opt, s, min, max);
-  return v;
-}
 
 int main(int argc, char **argv)
 {
@@ -141,7 +114,9 @@ int main(int argc, char **argv)
   bool readonly = false, daemonize = false;
   struct xnbd_server_config cfg = { 0 };
   struct workq *wq;
-  struct event *sigs[3];
+  struct cli_signals *sigs;
+  struct event_base *base;
+  struct xnbd_server *srv;
   int c;
 
   log_init(argv[0], LOG_LVL_INFO);
@@ -186,12 +161,12 @@ int main(int argc, char **argv)
     case OPT_TLS_PSK: tlscfg.psk_file = optarg; break;
     case 'p': pidfile = optarg; break;
     case 'd': daemonize = true; break;
-    case 't': threads = parse_uint("--threads", optarg, 1, 256); break;
+    case 't': threads = cli_uint("--threads", optarg, 1, 256); break;
     case OPT_HS_TIMEOUT:
-      cfg.handshake_timeout_s = parse_uint("--handshake-timeout", optarg, 1, 86400);
+      cfg.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400);
       break;
     case OPT_MAX_CONN:
-      cfg.max_connections = parse_uint("--max-connections", optarg, 1, 1000000);
+      cfg.max_connections = cli_uint("--max-connections", optarg, 1, 1000000);
       break;
     case 'v': log_set_level(LOG_LVL_DEBUG); break;
     case 'q': log_set_level(LOG_LVL_ERROR); break;
@@ -258,18 +233,15 @@ int main(int argc, char **argv)
   for (unsigned i = 0; i < nwan; i++) {
     int port = xnbd_server_listen_tcp_hook(srv, wanl[i], wan_hook, NULL);
     if (port < 0) return 1;
-    if (i == 0 && wan_portfile && write_file(wan_portfile, "%ld\n", port) < 0) return 1;
+    if (i == 0 && wan_portfile && cli_write_number(wan_portfile, port) < 0) return 1;
   }
 
   /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
-  sigs[0] = evsignal_new(base, SIGTERM, on_signal, NULL);
-  sigs[1] = evsignal_new(base, SIGINT, on_signal, NULL);
-  evsignal_add(sigs[0], NULL);
-  evsignal_add(sigs[1], NULL);
+  sigs = cli_signals_install(base, srv);
   if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
-      write_file(portfile, "%ld\n", xnbd_server_tcp_port(srv)) < 0)
+      cli_write_number(portfile, xnbd_server_tcp_port(srv)) < 0)
     return 1;
-  if (pidfile && write_file(pidfile, "%ld\n", (long) getpid()) < 0)
+  if (pidfile && cli_write_number(pidfile, (long) getpid()) < 0)
     return 1;
   if (daemonize) daemon_ready();
 
@@ -283,11 +255,10 @@ int main(int argc, char **argv)
     file_backend_close(fbs[i]);
     free(export_names[i]);
   }
-  event_free(sigs[0]);
-  event_free(sigs[1]);
+  cli_signals_free(sigs);
   event_base_free(base);
   wan_tls_free(wan_tls);
   if (pidfile) unlink(pidfile);
   log_info("stopped");
-  return exit_code;
+  return 0;
 }
