@@ -210,11 +210,11 @@ void engine_close(struct engine *e)
     pthread_mutex_unlock(&e->lock);
     pthread_join(e->persister, NULL);
   }
-  if (e->bm) {
+  if (e->bm && e->fb) {
     if (engine_flush(e) < 0)
       log_error("final flush of %s failed: %s", e->cache_path, strerror(errno));
-    bitmap_close(e->bm);
   }
+  bitmap_close(e->bm);
   file_backend_close(e->fb);
   if (e->wake_fd >= 0) close(e->wake_fd);
   wan_tls_free(e->wan_tls);
@@ -365,6 +365,8 @@ int engine_reconnect(struct engine *e, const char *target, char *err, size_t err
   }
   free(e->new_target);
   e->new_target = t;
+  free(e->target);               /* what status shows from now on */
+  e->target = strdup(target);
   pthread_mutex_unlock(&e->lock);
   log_info("reconnecting to %s", target);
   fetcher_wake(e);

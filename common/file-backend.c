@@ -82,6 +82,7 @@ int file_backend_fd(struct file_backend *fb) { return fb->fd; }
 
 int file_backend_sync(struct file_backend *fb)
 {
+  if (!fb) { errno = EBADF; return -1; }
   while (fdatasync(fb->fd) < 0)
     if (errno != EINTR) return -1;
   return 0;

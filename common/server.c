@@ -235,7 +235,8 @@ static int add_listener(struct xnbd_server *srv, int fd, const char *what)
   return 0;
 }
 
-int xnbd_server_listen_tcp(struct xnbd_server *srv, const char *addr)
+static int listen_tcp(struct xnbd_server *srv, const char *addr,
+                      const char *default_port)
 {
   CLEANUP_FREE char *host = NULL;
   CLEANUP_FREE char *port = NULL;
@@ -243,7 +244,7 @@ int xnbd_server_listen_tcp(struct xnbd_server *srv, const char *addr)
   struct addrinfo hints = { 0 }, *res, *ai;
   int e, bound = 0, want_port = -1, this_port = -1;
 
-  if (parse_host_port(addr, "10809", &host, &port, &why) < 0) {
+  if (parse_host_port(addr, default_port, &host, &port, &why) < 0) {
     log_error("bad listen address '%s': %s (expected HOST:PORT, [IPV6]:PORT or :PORT)", addr, why);
     return -1;
   }
@@ -312,6 +313,11 @@ int xnbd_server_listen_tcp(struct xnbd_server *srv, const char *addr)
   return 0;
 }
 
+int xnbd_server_listen_tcp(struct xnbd_server *srv, const char *addr)
+{
+  return listen_tcp(srv, addr, "10809");
+}
+
 int xnbd_server_listen_unix(struct xnbd_server *srv, const char *path)
 {
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
@@ -353,11 +359,12 @@ int xnbd_server_listen_unix(struct xnbd_server *srv, const char *path)
 }
 
 int xnbd_server_listen_tcp_hook(struct xnbd_server *srv, const char *addr,
+                                const char *default_port,
                                 int (*hook)(int fd, void *arg), void *arg)
 {
   unsigned first = srv->nlisteners;
   int port = srv->first_tcp_port;
-  if (xnbd_server_listen_tcp(srv, addr) < 0) return -1;
+  if (listen_tcp(srv, addr, default_port) < 0) return -1;
   for (unsigned i = first; i < srv->nlisteners; i++) {
     srv->hooks[i] = hook;
     srv->hook_args[i] = arg;

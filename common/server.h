@@ -49,6 +49,7 @@ int xnbd_server_listen_unix(struct xnbd_server *srv, const char *path);
  * socketpair) or -1 to drop the connection (hook owns fd either way).
  * Returns the bound port, or -1. */
 int xnbd_server_listen_tcp_hook(struct xnbd_server *srv, const char *addr,
+                                const char *default_port,
                                 int (*hook)(int fd, void *arg), void *arg);
 int xnbd_server_tcp_port(struct xnbd_server *srv); /* first TCP listener */
 

@@ -231,7 +231,7 @@ int main(int argc, char **argv)
     if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
   if (cfg.handshake_timeout_s) wan_hs_timeout = cfg.handshake_timeout_s;
   for (unsigned i = 0; i < nwan; i++) {
-    int port = xnbd_server_listen_tcp_hook(srv, wanl[i], wan_hook, NULL);
+    int port = xnbd_server_listen_tcp_hook(srv, wanl[i], WAN_DEFAULT_PORT, wan_hook, NULL);
     if (port < 0) return 1;
     if (i == 0 && wan_portfile && cli_write_number(wan_portfile, port) < 0) return 1;
   }
