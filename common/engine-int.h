@@ -26,6 +26,7 @@ struct pend {
   int err;                      /* first failure */
   uint64_t deadline_ns;         /* EIO after this if the source is gone */
   bool expired;                 /* already answered EIO; free when released */
+  bool passthrough;             /* standby read: complete with the job data */
 };
 
 struct waiter {
@@ -38,6 +39,7 @@ struct fetch_job {
   uint64_t off, len;            /* bytes (len shorter for the last block) */
   bool ondemand;
   bool submitted;
+  bool passthrough;             /* standby: not kept, not in the in-flight table */
   void *buf;
   struct waiter *waiters;
   unsigned attempts;
@@ -74,6 +76,7 @@ struct engine {
   struct fetch_job *od_head, *od_tail;   /* on-demand jobs to submit */
   struct fetch_job *retry_head;          /* failed jobs to resubmit */
   enum engine_state state;
+  bool standby;
   bool bg_running, bg_paused;
   uint64_t bg_rate;
   uint64_t bg_cursor;           /* next block the background copy looks at */

@@ -177,7 +177,11 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
     log_info("--clear-bitmap: starting over; every block will be fetched again");
   }
   e->state = complete ? ENGINE_DETACHED : ENGINE_CONNECTING;
-  e->bg_running = cfg->cache_all;
+  e->standby = cfg->standby && !complete;
+  e->bg_running = cfg->cache_all && !e->standby;
+  if (e->standby)
+    log_info("standby: reads of missing blocks pass through from the source "
+             "and are not kept, until 'xnbd-ctl activate' or the first write");
   log_info("cache %s, bitmap %s: %" PRIu64 " of %" PRIu64 " blocks of %u "
            "bytes present%s", e->cache_path, e->bitmap_path,
            bitmap_count(e->bm), e->nblocks, e->bs,
@@ -252,6 +256,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->fetch_rate = e->fetch_rate;
   st->ondemand_waiting = e->ondemand_waiting;
   st->bg_running = e->bg_running;
+  st->standby = e->standby;
   st->bg_paused = e->bg_paused;
   st->bg_rate = e->bg_rate;
   st->bg_window = e->bg_window;
@@ -279,9 +284,28 @@ static bool attached(struct engine *e, char *err, size_t errlen)
   return true;
 }
 
+void engine_activate(struct engine *e, const char *why)
+{
+  pthread_mutex_lock(&e->lock);
+  bool was = e->standby;
+  e->standby = false;
+  pthread_mutex_unlock(&e->lock);
+  if (was) {
+    log_info("activated (%s): blocks read from now on are kept", why);
+    fetcher_wake(e);
+  }
+}
+
 int engine_bg_start(struct engine *e, char *err, size_t errlen)
 {
   pthread_mutex_lock(&e->lock);
+  if (e->standby) {
+    pthread_mutex_unlock(&e->lock);
+    snprintf(err, errlen, "the proxy is in standby: the VM may still write at "
+             "the source, so copying now could keep stale blocks. After the "
+             "switch-over run 'activate' (or let the VM write here), then cache-all");
+    return -1;
+  }
   if (e->state == ENGINE_COMPLETE || e->state == ENGINE_DETACHED) {
     pthread_mutex_unlock(&e->lock);
     return 0;               /* already done: success, nothing to do */

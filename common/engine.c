@@ -112,6 +112,7 @@ void job_free(struct fetch_job *j)
 
 static void job_unmark_locked(struct engine *e, struct fetch_job *j)
 {
+  if (j->passthrough) return;
   for (uint64_t b = j->first; b < j->first + j->count; b++)
     inflight_del(e, b);
   e->blocks_inflight -= j->count;
@@ -161,8 +162,9 @@ static void pend_resume(struct pend *p)
   struct engine *e = p->e;
   struct xreq *r = p->r;
   int err = p->err;
+  bool passthrough = p->passthrough;
   free(p);
-  if (err) xreq_complete(r, err);
+  if (err || passthrough) xreq_complete(r, err);
   else dispatch(e, r);
 }
 
@@ -247,6 +249,19 @@ void engine_job_finished(struct engine *e, struct fetch_job *j)
   int err = 0;
 
   pthread_mutex_lock(&e->lock);
+  if (j->passthrough) {
+    /* Standby: hand the bytes to the waiting read, keep nothing. */
+    for (struct waiter *w = j->waiters; w; w = w->next)
+      if (!w->p->expired)
+        memcpy((char *) w->p->r->buf + (j->off - w->p->r->offset), j->buf, j->len);
+    e->bytes_fetched += j->len;
+    e->fetches_ondemand++;
+    ready = release_waiters_locked(e, j, 0);
+    pthread_mutex_unlock(&e->lock);
+    job_free(j);
+    resume_list(ready);
+    return;
+  }
   for (uint64_t b = j->first; b < j->first + j->count && !err; ) {
     /* A run of missing blocks that are all zero, or all not zero: zero
      * runs become holes (the cache stays sparse), others one pwrite. */
@@ -413,7 +428,33 @@ static int need_blocks(struct engine *e, struct xreq *r, uint64_t b0, uint64_t b
     errno = EIO;        /* forced detach left blocks missing (I7) */
     return -1;
   }
-  n = wait_for_blocks_locked(e, p, b0, b1);
+  if (e->standby && r->type == XREQ_READ) {
+    /* Fetch exactly the request's bytes, in pieces of at most max_fetch. */
+    p->passthrough = true;
+    n = 0;
+    for (uint64_t off = r->offset; off < r->offset + r->length; ) {
+      uint64_t len = MIN((uint64_t) e->cfg.max_fetch, r->offset + r->length - off);
+      struct fetch_job *j = calloc(1, sizeof *j);
+      struct waiter *w = malloc(sizeof *w);
+      if (!j || !w) { free(j); free(w); n = -1; break; }
+      j->off = off;
+      j->len = len;
+      j->first = off / e->bs;
+      j->count = (off + len - 1) / e->bs - j->first + 1;
+      j->ondemand = j->passthrough = true;
+      j->conn = -1;
+      w->p = p;
+      w->next = NULL;
+      j->waiters = w;
+      p->pending++;
+      n++;
+      if (e->od_tail) e->od_tail->next = j;
+      else e->od_head = j;
+      e->od_tail = j;
+      off += len;
+    }
+  } else
+    n = wait_for_blocks_locked(e, p, b0, b1);
   if (n > 0) {
     p->deadline_ns = now_ns() + (uint64_t) e->cfg.source_timeout_s * 1000000000u;
     waiting_add_locked(e, p);
@@ -561,6 +602,7 @@ static void dispatch(struct engine *e, struct xreq *r)
   switch (r->type) {
   case XREQ_READ:
   case XREQ_CACHE:
+    if (r->type == XREQ_CACHE && e->standby) { xreq_complete(r, 0); return; }
     rc = need_blocks(e, r, b0, b1);
     if (rc < 0) { xreq_complete(r, errno); return; }
     if (rc > 0) return;               /* resumed when fetched */
@@ -574,6 +616,8 @@ static void dispatch(struct engine *e, struct xreq *r)
   case XREQ_WRITE:
   case XREQ_ZERO:
   case XREQ_TRIM: {
+    if (e->standby)     /* a write here means the VM runs here now */
+      engine_activate(e, "first client write at the destination");
     bool head_partial = r->offset % e->bs != 0;
     uint64_t end = r->offset + r->length;
     bool tail_partial = end % e->bs != 0 && end != e->size;

@@ -51,6 +51,10 @@ struct engine_config {
   const char *tls_psk;           /* TLS: USER:HEXKEY file */
   const char *tls_username;      /* TLS: PSK identity / certificate user */
   bool tls_verify;               /* verify the server certificate (default on) */
+  /* Live migration: the VM still runs (and writes) at the source.  Reads
+   * of missing blocks pass through without being kept, and no background
+   * copy runs, until engine_activate() or the first client write. */
+  bool standby;
 };
 
 enum engine_state {
@@ -81,6 +85,7 @@ struct engine_stats {
   char source_id[1025];
   char last_error[512];
   uint64_t forced_missing;       /* blocks missing at a forced detach */
+  bool standby;                  /* waiting for the switch-over */
   /* WAN transport (xnbd://) bytes, both directions, before and after zstd. */
   uint64_t wire_tx_raw, wire_tx, wire_rx, wire_rx_raw;
 };
@@ -110,6 +115,10 @@ int engine_detach(struct engine *e, bool force, char *err, size_t errlen);
 
 /* Switch to another address of the same source (identity is checked). */
 int engine_reconnect(struct engine *e, const char *target, char *err, size_t errlen);
+
+/* Switch-over done (the VM now runs here): blocks read from now on are
+ * kept, and the background copy may run.  Idempotent. */
+void engine_activate(struct engine *e, const char *why);
 
 /* Make everything written so far durable (data, then bitmap). */
 int engine_flush(struct engine *e);

@@ -145,7 +145,7 @@ struct command {
 };
 
 static cmd_fn cmd_status, cmd_cache_all, cmd_pause, cmd_resume, cmd_rate,
-  cmd_detach, cmd_reconnect, cmd_flush, cmd_help;
+  cmd_detach, cmd_reconnect, cmd_flush, cmd_help, cmd_activate;
 
 static const struct command commands[] = {
   { "status", "query", 0, 0, "status",
@@ -153,6 +153,8 @@ static const struct command commands[] = {
   { "cache-all", NULL, 0, 0, "cache-all",
     "start copying every missing block from the source in the background",
     cmd_cache_all },
+  { "activate", NULL, 0, 0, "activate",
+    "switch-over done: keep blocks from now on (leaves --standby)", cmd_activate },
   { "pause", NULL, 0, 0, "pause", "pause the background copy", cmd_pause },
   { "resume", NULL, 0, 0, "resume", "resume the background copy", cmd_resume },
   { "rate", NULL, 1, 1, "rate LIMIT",
@@ -169,7 +171,7 @@ static const struct command commands[] = {
   { "help", NULL, 0, 0, "help", "list the commands", cmd_help },
 };
 
-#define COMMAND_LIST "status, cache-all, pause, resume, rate LIMIT, " \
+#define COMMAND_LIST "status, cache-all, activate, pause, resume, rate LIMIT, " \
   "detach [--force], reconnect URI, flush, help"
 
 /* present/total rounded down to 4 decimals, so 1.0000 means complete. */
@@ -218,7 +220,8 @@ static int cmd_status(struct control_client *c, int argc, char **argv, FILE *f,
           st.bg_rate, st.bg_window);
   fprintf(f, ",\"connections\":{\"up\":%u,\"total\":%u}",
           st.connections_up, st.connections);
-  fprintf(f, ",\"rtt_us\":%" PRIu64, st.rtt_us);
+  fprintf(f, ",\"rtt_us\":%" PRIu64 ",\"standby\":%s", st.rtt_us,
+          st.standby ? "true" : "false");
   /* WAN transport (xnbd://): bytes before and after zstd, both ways. */
   fprintf(f, ",\"wire\":{\"tx_raw\":%" PRIu64 ",\"tx\":%" PRIu64
           ",\"rx\":%" PRIu64 ",\"rx_raw\":%" PRIu64 "}",
@@ -246,6 +249,14 @@ static int cmd_cache_all(struct control_client *c, int argc, char **argv, FILE *
   log_info("control client %u: cache-all", c->id);
   if (engine_bg_start(c->ctl->e, err, errlen) < 0)
     return engine_failed("cache-all", err, errlen);
+  return 0;
+}
+
+static int cmd_activate(struct control_client *c, int argc, char **argv, FILE *f,
+                        char *err, size_t errlen)
+{
+  log_info("control client %u: activate", c->id);
+  engine_activate(c->ctl->e, "xnbd-ctl activate");
   return 0;
 }
 

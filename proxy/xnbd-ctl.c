@@ -83,6 +83,7 @@ static void usage(void)
 "                             start copying every missing block in the\n"
 "                             background; --wait returns when every block is\n"
 "                             present, --progress shows progress (and waits)\n"
+"  activate                   switch-over done: leave --standby, keep blocks\n"
 "  pause                      pause the background copy\n"
 "  resume                     resume the background copy\n"
 "  rate LIMIT                 limit the background copy: 100mbit, 12M (bytes/s),\n"
@@ -514,12 +515,13 @@ static int cache_all_wait(struct conn *c, bool progress)
 
 /* ---- commands -------------------------------------------------------------- */
 
-enum cmd { CMD_NONE, CMD_STATUS, CMD_CACHE_ALL, CMD_PAUSE, CMD_RESUME, CMD_RATE,
+enum cmd { CMD_NONE, CMD_STATUS, CMD_CACHE_ALL, CMD_ACTIVATE, CMD_PAUSE, CMD_RESUME, CMD_RATE,
            CMD_DETACH, CMD_RECONNECT, CMD_FLUSH };
 
 static const struct { const char *name; enum cmd cmd; int nargs; } cmd_names[] = {
   { "status", CMD_STATUS, 0 }, { "query", CMD_STATUS, 0 },
   { "cache-all", CMD_CACHE_ALL, 0 },
+  { "activate", CMD_ACTIVATE, 0 },
   { "pause", CMD_PAUSE, 0 }, { "resume", CMD_RESUME, 0 },
   { "rate", CMD_RATE, 1 },
   { "detach", CMD_DETACH, 0 }, { "switch", CMD_DETACH, 0 },
@@ -660,6 +662,7 @@ int main(int argc, char **argv)
   switch (cmd) {
   case CMD_STATUS: word = "status"; break;
   case CMD_CACHE_ALL: word = "cache-all"; break;
+  case CMD_ACTIVATE: word = "activate"; break;
   case CMD_PAUSE: word = "pause"; break;
   case CMD_RESUME: word = "resume"; break;
   case CMD_RATE: word = "rate"; break;
@@ -705,6 +708,7 @@ int main(int argc, char **argv)
       printf("background copy started; follow it with: %s -c %s status\n",
              progname, sock_path);
     break;
+  case CMD_ACTIVATE: printf("activated: blocks are kept from now on\n"); break;
   case CMD_PAUSE: printf("background copy paused\n"); break;
   case CMD_RESUME: printf("background copy resumed\n"); break;
   case CMD_RATE:

@@ -59,6 +59,9 @@ static void usage(FILE *f)
 "                            measured RTT x throughput, 1M to 256M)\n"
 "      --max-fetch SIZE      largest single fetch (default 4M)\n"
 "      --detach-when-complete  detach from the source once every block is here\n"
+"      --standby             live migration: until 'xnbd-ctl activate' or the\n"
+"                            first write here, reads of missing blocks pass\n"
+"                            through from the source and are not kept\n"
 "Serving:\n"
 "  -l, --listen ADDR:PORT    NBD listener (repeatable; default 127.0.0.1:10809)\n"
 "  -u, --unix PATH           NBD unix socket (repeatable)\n"
@@ -84,7 +87,7 @@ int main(int argc, char **argv)
   enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
          O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_PORTFILE,
          O_THREADS, O_HSTMO, O_COMPRESS, O_TLSPSK, O_TLSCERTS, O_TLSUSER,
-         O_NOVERIFY };
+         O_NOVERIFY, O_STANDBY };
   static const struct option longopts[] = {
     { "target", required_argument, 0, 't' },
     { "target-export", required_argument, 0, O_TEXPORT },
@@ -106,6 +109,7 @@ int main(int argc, char **argv)
     { "bg-window", required_argument, 0, O_BGWIN },
     { "max-fetch", required_argument, 0, O_MAXFETCH },
     { "detach-when-complete", no_argument, 0, O_DETACH },
+    { "standby", no_argument, 0, O_STANDBY },
     { "listen", required_argument, 0, 'l' },
     { "unix", required_argument, 0, 'u' },
     { "export", required_argument, 0, 'e' },
@@ -177,6 +181,7 @@ int main(int argc, char **argv)
       break;
     }
     case O_DETACH: ec.detach_when_complete = true; break;
+    case O_STANDBY: ec.standby = true; break;
     case 'l':
       if (ntcp >= MAX_LISTEN) fatal("too many --listen addresses");
       tcp[ntcp++] = optarg;
