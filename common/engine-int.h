@@ -106,6 +106,8 @@ struct engine {
   atomic_bool stopping;
   int wake_fd;                  /* eventfd: wakes the fetcher */
   struct fetcher *f;            /* fetcher-private state */
+  void *probe_handle;           /* the start-up connection (struct nbd_handle),
+                                 * adopted by the fetcher as connection 0 */
 
   /* Persister thread. */
   pthread_t persister;
@@ -134,6 +136,7 @@ int engine_sync_data_hook(void *opaque);   /* bitmap data-sync hook */
 
 /* fetcher.c */
 unsigned fetcher_connections_up(struct engine *e);
+void fetcher_close_handle(void *h);   /* an nbd_handle never adopted */
 int fetcher_start(struct engine *e, char *err, size_t errlen);
 void fetcher_stop(struct engine *e);
 void fetcher_wake(struct engine *e);

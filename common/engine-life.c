@@ -102,7 +102,7 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   e->bs = cfg->block_size ? cfg->block_size : 4096;
   if (!e->cfg.connections) e->cfg.connections = 2;
   e->bg_window_auto = !e->cfg.bg_window;
-  e->bg_window = e->cfg.bg_window ? e->cfg.bg_window : 4 << 20;
+  e->bg_window = e->cfg.bg_window ? e->cfg.bg_window : 8 << 20;
   if (!e->cfg.max_fetch) e->cfg.max_fetch = 4 << 20;
   if (!e->cfg.source_timeout_s) e->cfg.source_timeout_s = 60;
   if (!e->cfg.persist_interval_ms) e->cfg.persist_interval_ms = 1000;
@@ -221,6 +221,9 @@ void engine_close(struct engine *e)
   bitmap_close(e->bm);
   file_backend_close(e->fb);
   if (e->wake_fd >= 0) close(e->wake_fd);
+  if (e->probe_handle) {
+    fetcher_close_handle(e->probe_handle);
+  }
   wan_tls_free(e->wan_tls);
   for (size_t i = 0; i < e->inflight.nbuckets; i++)
     for (struct hnode *n = e->inflight.b[i], *next; n; n = next) {

@@ -19,7 +19,8 @@
 #define MAX_CONNS 16
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
-#define STATUS_CHUNK (UINT64_C(1) << 30)   /* block status asked per query */
+#define STATUS_CHUNK (UINT64_C(64) << 20)  /* block status asked per query */
+#define STATUS_QUERIES 8                     /* block status queries in flight */
 
 enum sc_state { SC_DOWN, SC_CONNECTING, SC_UP };
 
@@ -40,8 +41,13 @@ struct fetcher {
   atomic_uint up;
   atomic_bool quit;
   struct fetch_job *done;          /* completed by libnbd callbacks */
-  bool status_inflight;
-  uint64_t status_off;
+  /* Block status, asked per STATUS_CHUNK with several queries in flight:
+   * status_known[c] is how far chunk c is known (absolute offset). */
+  uint64_t *status_known;
+  bool *status_asking;
+  unsigned char *status_conn;      /* connection a chunk's query is on */
+  uint64_t nchunks;
+  unsigned status_outstanding;
   int64_t tokens;
   uint64_t tokens_at;
   uint64_t rate_at, rate_bytes;
@@ -54,6 +60,8 @@ struct fetcher {
   bool probe_inflight;
   uint64_t rtt_min, rtt_epoch;     /* min over the current 10 s epoch */
   uint64_t win_at, win_bytes;
+  uint64_t rates[40];              /* delivery rate samples (max filter) */
+  unsigned nrate;
   char probe_buf[512];           /* source's base:allocation support known */
 };
 
@@ -155,6 +163,8 @@ static void identity(struct nbd_handle *h, uint64_t size, char *id, size_t idlen
   free(name);
 }
 
+void fetcher_close_handle(void *h) { nbd_close(h); }
+
 int source_probe(struct engine *e, const char *target, uint64_t *size,
                  char *id, size_t idlen, uint32_t *max_req,
                  char *err, size_t errlen)
@@ -181,8 +191,9 @@ int source_probe(struct engine *e, const char *target, uint64_t *size,
   identity(h, *size, id, idlen);
   int64_t m = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
   *max_req = m > 0 ? (uint32_t) MIN(m, (int64_t) (32 << 20)) : 0;
-  nbd_shutdown(h, 0);
-  nbd_close(h);
+  /* Kept: the fetcher starts with it instead of connecting again (a WAN
+   * connection costs several round trips). */
+  e->probe_handle = h;
   return 0;
 }
 
@@ -271,24 +282,32 @@ static void maybe_probe(struct engine *e, struct fetcher *f, uint64_t now)
   if (r < 0) f->probe_inflight = false;
 }
 
-/* Every half second: a window of about 1.5 x bandwidth x RTT keeps the
- * link busy without filling the bottleneck queue (which would delay the
- * on-demand reads behind it).  While the window itself is what limits the
- * rate, it grows by half to find out whether the link can do more. */
+/* Window sizing, every quarter second.  The bottleneck bandwidth is the
+ * best delivery rate seen over the last ~10 s (a max filter), the path's
+ * delay the smallest round trip.  While the copy delivers at (close to)
+ * its best rate, the window grows by a quarter to find out whether the
+ * link can carry more; it never exceeds 4 x bandwidth x RTT.  A window
+ * sized from the *current* rate instead would limit itself: when the
+ * window is what limits the rate, rate x RTT is smaller than the window. */
+#define RATE_SAMPLES 40
 static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
 {
-  if (now - f->win_at < 500000000u) return;
+  if (now - f->win_at < 250000000u) return;
   pthread_mutex_lock(&e->lock);
   uint64_t bytes = e->bytes_fetched, dt = now - f->win_at;
   uint64_t rate = f->win_at ? (bytes - f->win_bytes) * 1000000000u / dt : 0;
   f->win_at = now;
   f->win_bytes = bytes;
+  f->rates[f->nrate++ % RATE_SAMPLES] = rate;
+  uint64_t maxrate = 0;
+  for (unsigned i = 0; i < RATE_SAMPLES; i++) maxrate = MAX(maxrate, f->rates[i]);
   if (e->bg_window_auto && f->rtt_min && rate && e->bg_running && !e->bg_paused) {
-    uint64_t bdp = rate * f->rtt_min / 1000000000u;
     uint64_t w = e->bg_window;
-    if (w <= bdp * 5 / 4 + (1 << 20)) w = w * 3 / 2;      /* window-limited: probe up */
-    else w = bdp * 3 / 2;
-    e->bg_window = MIN(MAX(w, (uint64_t) 1 << 20), (uint64_t) 256 << 20);
+    uint64_t cap = 4 * (maxrate * f->rtt_min / 1000000000u);
+    if (rate >= maxrate * 85 / 100 && e->bg_inflight_bytes >= w * 3 / 4)
+      w = w * 5 / 4;                          /* at its best and using it: probe */
+    w = MIN(w, MAX(cap, (uint64_t) 8 << 20));   /* no cap from a ramp-up rate */
+    e->bg_window = MIN(MAX(w, (uint64_t) 4 << 20), (uint64_t) 256 << 20);
   }
   pthread_mutex_unlock(&e->lock);
 }
@@ -306,6 +325,13 @@ static void conn_close(struct engine *e, struct fetcher *f, unsigned i, bool ret
   c->submitted = NULL;
   c->inflight = 0;
   if (i == 0) f->probe_inflight = false;
+  /* Status queries on this connection are asked again on another. */
+  for (uint64_t k = 0; k < f->nchunks; k++)
+    if (f->status_asking[k] && f->status_conn[k] == i) {
+      f->status_asking[k] = false;
+      f->status_outstanding--;
+    }
+
   nbd_close(c->h);
   c->h = NULL;
   if (c->st == SC_UP) atomic_fetch_sub(&f->up, 1);
@@ -374,11 +400,32 @@ static void submit_queued(struct engine *e, struct fetcher *f)
 
 /* ---------- background copy ---------- */
 
+struct status_query {
+  struct engine *e;
+  uint64_t chunk;
+  unsigned conn, gen;
+};
+
+static bool status_query_live(struct status_query *q)
+{
+  return q->e->f->c[q->conn].gen == q->gen;   /* else its connection closed */
+}
+
+/* Under e->lock: the contiguous known prefix, for bg_fill. */
+static void status_advance_locked(struct engine *e, struct fetcher *f)
+{
+  uint64_t c = e->bs_known_until / STATUS_CHUNK;
+  while (c < f->nchunks && f->status_known[c] >= MIN((c + 1) * STATUS_CHUNK, e->size))
+    c++;
+  e->bs_known_until = c < f->nchunks ? f->status_known[c] : e->size;
+}
+
 static int status_extent_cb(void *user_data, const char *ctx, uint64_t off,
                             uint32_t *entries, size_t n, int *error)
 {
-  struct engine *e = user_data;
-  if (strcmp(ctx, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+  struct status_query *q = user_data;
+  struct engine *e = q->e;
+  if (strcmp(ctx, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 || !status_query_live(q)) return 0;
   for (size_t i = 0; i + 1 < n; i += 2) {
     uint64_t len = entries[i], end = off + len;
     if (entries[i + 1] & LIBNBD_STATE_ZERO) {
@@ -388,48 +435,74 @@ static int status_extent_cb(void *user_data, const char *ctx, uint64_t off,
     }
     off = end;
   }
+  struct fetcher *f = e->f;
   pthread_mutex_lock(&e->lock);
-  if (off > e->bs_known_until) e->bs_known_until = MIN(off, e->size);
+  uint64_t cend = MIN((q->chunk + 1) * STATUS_CHUNK, e->size);
+  /* The zero runs are marked: the rest of what the reply covers is data. */
+  f->status_known[q->chunk] = MAX(f->status_known[q->chunk], MIN(off, cend));
+  status_advance_locked(e, f);
   pthread_mutex_unlock(&e->lock);
   return 0;
 }
 
 static int status_done_cb(void *user_data, int *error)
 {
-  struct engine *e = user_data;
-  e->f->status_inflight = false;
-  if (*error) {
+  struct status_query *q = user_data;
+  struct engine *e = q->e;
+  struct fetcher *f = e->f;
+  if (!status_query_live(q)) return 1;
+  f->status_asking[q->chunk] = false;
+  f->status_outstanding--;
+  if (*error && *error != ENOTCONN && *error != ESHUTDOWN) {
     log_warn("block status from the source failed (%s); copying that range "
              "without skipping zeros", strerror(*error));
     pthread_mutex_lock(&e->lock);
-    e->bs_known_until = MIN(e->size, e->f->status_off + STATUS_CHUNK);
+    f->status_known[q->chunk] = MIN((q->chunk + 1) * STATUS_CHUNK, e->size);
+    status_advance_locked(e, f);
     pthread_mutex_unlock(&e->lock);
   }
   return 1;
 }
 
+static void status_query_free(void *user_data) { free(user_data); }
+
+/* Keeps up to STATUS_QUERIES block-status queries in flight for the chunks
+ * ahead of the background copy, so that learning where the zeros are is
+ * not one round trip per reply (servers may answer part of a range). */
 static void maybe_query_status(struct engine *e, struct fetcher *f, int i)
 {
-  uint64_t off, len;
   pthread_mutex_lock(&e->lock);
-  bool want = e->source_has_status && !f->status_inflight &&
-              e->bs_known_until < e->size && e->bg_running && !e->bg_paused &&
-              e->bs_known_until < e->bg_cursor * e->bs + 4 * STATUS_CHUNK;
-  off = e->bs_known_until;
+  bool want = e->source_has_status && e->bg_running && !e->bg_paused &&
+              e->bs_known_until < e->size;
+  uint64_t first = e->bs_known_until / STATUS_CHUNK;
+  uint64_t horizon = e->bg_cursor * e->bs + STATUS_QUERIES * STATUS_CHUNK;
   pthread_mutex_unlock(&e->lock);
   if (!want) return;
-  len = MIN(e->size - off, STATUS_CHUNK);
-  f->status_off = off;
-  f->status_inflight = true;
-  if (nbd_aio_block_status(f->c[i].h, len, off,
-        (nbd_extent_callback) { .callback = status_extent_cb, .user_data = e },
-        (nbd_completion_callback) { .callback = status_done_cb, .user_data = e },
-        0) < 0) {
-    f->status_inflight = false;
-    log_warn("cannot ask the source for block status: %s", nbd_get_error());
-    pthread_mutex_lock(&e->lock);
-    e->source_has_status = false;
-    pthread_mutex_unlock(&e->lock);
+  for (uint64_t c = first; c < f->nchunks && f->status_outstanding < STATUS_QUERIES &&
+                           c * STATUS_CHUNK < MAX(horizon, e->bs_known_until + STATUS_CHUNK); c++) {
+    uint64_t cend = MIN((c + 1) * STATUS_CHUNK, e->size);
+    uint64_t from = f->status_known[c];
+    if (f->status_asking[c] || from >= cend) continue;
+    struct status_query *q = malloc(sizeof *q);
+    if (!q) return;
+    *q = (struct status_query) { e, c, (unsigned) i, f->c[i].gen };
+    f->status_asking[c] = true;
+    f->status_conn[c] = i;
+    f->status_outstanding++;
+    if (nbd_aio_block_status(f->c[i].h, cend - from, from,
+          (nbd_extent_callback) { .callback = status_extent_cb, .user_data = q },
+          (nbd_completion_callback) { .callback = status_done_cb, .user_data = q,
+                                      .free = status_query_free },
+          0) < 0) {
+      f->status_asking[c] = false;
+      f->status_outstanding--;
+      log_warn("cannot ask the source for block status: %s", nbd_get_error());
+      pthread_mutex_lock(&e->lock);
+      e->source_has_status = false;
+      e->bs_known_until = e->size;
+      pthread_mutex_unlock(&e->lock);
+      return;
+    }
   }
 }
 
@@ -681,12 +754,30 @@ int fetcher_start(struct engine *e, char *err, size_t errlen)
   struct fetcher *f = calloc(1, sizeof *f);
   if (!f) { snprintf(err, errlen, "out of memory"); return -1; }
   f->n = MIN(MAX(e->cfg.connections, 1u), (unsigned) MAX_CONNS);
+  f->nchunks = (e->size + STATUS_CHUNK - 1) / STATUS_CHUNK;
+  f->status_known = calloc(f->nchunks + 1, sizeof *f->status_known);
+  f->status_asking = calloc(f->nchunks + 1, sizeof *f->status_asking);
+  f->status_conn = calloc(f->nchunks + 1, sizeof *f->status_conn);
+  if (!f->status_known || !f->status_asking || !f->status_conn) {
+    snprintf(err, errlen, "out of memory");
+    free(f->status_known); free(f->status_asking); free(f->status_conn); free(f);
+    return -1;
+  }
+  for (uint64_t c = 0; c < f->nchunks; c++) f->status_known[c] = c * STATUS_CHUNK;
+  if (e->probe_handle) {          /* connected at start-up: use it */
+    f->c[0].h = e->probe_handle;
+    f->c[0].st = SC_CONNECTING;   /* drive_connections checks and adopts it */
+    e->probe_handle = NULL;
+  }
   f->target = strdup(e->target);
   f->rate_at = f->tokens_at = now_ns();
   e->f = f;
   if (pthread_create(&e->fetcher, NULL, fetcher_main, e) != 0) {
     snprintf(err, errlen, "cannot start the fetcher thread");
     free(f->target);
+    free(f->status_known);
+    free(f->status_asking);
+    free(f->status_conn);
     free(f);
     e->f = NULL;
     return -1;
@@ -707,6 +798,9 @@ void fetcher_stop(struct engine *e)
     pthread_join(e->fetcher, NULL);
     e->fetcher_started = false;
     free(f->target);
+    free(f->status_known);
+    free(f->status_asking);
+    free(f->status_conn);
     free(f);
     e->f = NULL;
   }

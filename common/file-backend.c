@@ -237,7 +237,7 @@ static void fb_work(struct xwork *w)
     break;
   case XREQ_BLOCK_STATUS: {
     uint64_t pos = r->offset, end = r->offset + r->length;
-    size_t n = 0, max = (r->flags & XREQ_F_REQ_ONE) ? 1 : 256;
+    size_t n = 0, max = (r->flags & XREQ_F_REQ_ONE) ? 1 : 8192;
     r->extents = calloc(max, sizeof *r->extents);
     if (!r->extents) { rc = -1; errno = ENOMEM; break; }
     while (pos < end && n < max) {
