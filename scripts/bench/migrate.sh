@@ -1,0 +1,606 @@
+#!/usr/bin/env bash
+# WAN migration benchmark (DESIGN.md §7): xnbd against the peers a user would
+# pick instead, over an emulated WAN (scripts/wan-emu/wan-emu), side by side.
+#
+#   scripts/bench/migrate.sh BUILDDIR          (as root)
+#
+# For each setting (RTT, rate), on a generated image (gen-image.py: 40%
+# random, 30% zero holes, 30% text blocks) served in the "src" namespace,
+# with every copy made in the "dst" namespace:
+#   xnbd-zstd   xnbd-proxy --cache-all from xnbd-server's WAN transport
+#               (xnbd://, zstd level 3), time until status says complete
+#   xnbd-plain  the same from xnbd-server's plain NBD port (nbd://)
+#   nbdcopy     nbdcopy from `nbdkit file` in src to a file in dst
+#   nbdkit      nbdkit --filter=scan --filter=cow nbd uri=... cow-on-read=true
+#               cow-on-cache=true in dst, with one idle client connected (the
+#               scan runs only while a client is); time until its debug log
+#               says "scan: finished scanning the plugin"; capped
+# and the on-demand latency of single 4 KiB reads of missing (non-zero)
+# blocks through a fresh xnbd-proxy (xnbd://), one connection, one read at a
+# time: idle (no background copy), then while --cache-all runs (reads in the
+# last 40% of the image, which the ascending background copy reaches last).
+# Bytes over the link: rx+tx bytes of the veth in dst (ip -s link), i.e.
+# frames with their headers.  Physical limit = bytes that must cross / rate
+# + 2 x RTT, where bytes that must cross = the non-zero 4 KiB blocks (plain
+# runs), or those blocks concatenated and compressed by `zstd -3` (xnbd://).
+#
+# Environment:
+#   BENCH_QUICK=1       one setting (RTT 50 ms, 200 Mbit/s) and a 256 MiB image
+#   BENCH_SETTINGS      settings, e.g. "20ms:200mbit 100ms:200mbit 50ms:1gbit"
+#                       (the default)
+#   BENCH_SIZE_MIB      image size (default 1024; 256 with BENCH_QUICK)
+#   BENCH_RUNS          which runs (default "xnbd-zstd xnbd-plain nbdcopy nbdkit lat")
+#   BENCH_PEER_CAP      seconds after which a copy is stopped (default 600)
+#   BENCH_LAT_N         reads per latency measurement (default 100)
+#   BENCH_SEED          gen-image.py seed (default 1)
+#   BENCH_TMPDIR        where images and caches go (default $TMPDIR or /tmp)
+#
+# Saves the tables to BUILDDIR/bench-migrate.txt and the proxy's status over
+# time (for diagnosis) to BUILDDIR/migrate-trace.txt.  A benchmark, not a
+# test: it fails only when it cannot run.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=proxy.sh
+. "$BENCH_DIR/proxy.sh"
+ME=migrate.sh
+
+usage() { echo "usage: $0 BUILDDIR" >&2; exit 1; }
+[[ $# -eq 1 ]] || usage
+cd "$BENCH_DIR/../.."
+BUILDDIR=$(cd "$1" && pwd) || { echo "$ME: no such build directory: $1" >&2; exit 1; }
+XNBD=$BUILDDIR/xnbd-server
+PROXY=$BUILDDIR/xnbd-proxy
+LAT=$BUILDDIR/tests/lat
+WAN=$PWD/scripts/wan-emu/wan-emu
+OUT=$BUILDDIR/bench-migrate.txt
+TRACE=$BUILDDIR/migrate-trace.txt
+
+QUICK=${BENCH_QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    SETTINGS=${BENCH_SETTINGS:-50ms:200mbit}
+    SIZE_MIB=${BENCH_SIZE_MIB:-256}
+else
+    SETTINGS=${BENCH_SETTINGS:-20ms:200mbit 100ms:200mbit 50ms:1gbit}
+    SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+fi
+RUNS=${BENCH_RUNS:-xnbd-zstd xnbd-plain nbdcopy nbdkit lat}
+CAP=${BENCH_PEER_CAP:-600}
+LAT_N=${BENCH_LAT_N:-100}
+SEED=${BENCH_SEED:-1}
+ZSTD_LEVEL=3                      # xnbd-proxy's default --compress level
+
+die() { echo "$ME: $*" >&2; exit 1; }
+for v in SIZE_MIB CAP LAT_N; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
+done
+[[ $SEED =~ ^[0-9]+$ ]] || die "BENCH_SEED must be a non-negative integer, not '$SEED'"
+(( EUID == 0 )) || die "must run as root (network namespaces and tc, via scripts/wan-emu/wan-emu)"
+for f in "$XNBD" "$PROXY" "$BUILDDIR/wan-relay" "$LAT"; do
+    [[ -x $f ]] || die "$f not found; run 'make' first"
+done
+[[ -x $WAN ]] || die "$WAN not found"
+for tool in nbdcopy nbdkit zstd ip python3; do
+    command -v "$tool" >/dev/null || die "$tool not found; run scripts/install-deps.sh"
+done
+for s in $SETTINGS; do
+    [[ $s =~ ^[0-9.]+(ms|us|s)?:[0-9.]+[kmg]?bit$ ]] ||
+        die "bad setting '$s' in BENCH_SETTINGS (use RTT:RATE, e.g. 50ms:200mbit)"
+done
+want() { [[ " $RUNS " == *" $1 "* ]]; }
+
+export XNBD_BUILD=$BUILDDIR       # wan-emu takes wan-relay from here
+WNAME=xbench$$
+wan_up=0
+PIDS=()                           # every process started, stopped at exit
+tmp=
+
+# start_bg VAR CMD...: starts CMD in the background, records its PID in
+# PIDS and in VAR.
+start_bg() {
+    local var=$1
+    shift
+    "$@" &
+    printf -v "$var" '%s' "$!"
+    PIDS+=("$!")
+}
+
+# stop_pid PID NAME: stops a process start_bg started and forgets it (so
+# that a later stop_all cannot hit a recycled PID).
+stop_pid() {
+    local p keep=()
+    kill_pid "$1" "$2"
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+stop_all() {
+    local p
+    for p in "${PIDS[@]}"; do kill_pid "$p" "pid $p"; done
+    PIDS=()
+}
+
+wan() { "$WAN" --name "$WNAME" "$@"; }
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_all
+    if (( wan_up )); then wan down >/dev/null 2>&1 || echo "$ME: 'wan-emu --name $WNAME down' failed" >&2; fi
+    [[ -n $tmp && -d $tmp ]] && rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+tmp=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/xnbd-bench-migrate.XXXXXX")
+chmod 755 "$tmp"
+img=$tmp/source.img
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+: > "$TRACE"
+
+echo "migrate: generating a ${SIZE_MIB} MiB image (seed $SEED) in $tmp"
+python3 "$BENCH_DIR/gen-image.py" "$SIZE_MIB" "$img" "$SEED"
+sync "$img"
+
+# Non-zero bytes, their zstd size, and two offset lists of non-zero blocks
+# for the latency runs (whole image; last 40%), spread evenly, shuffled.
+read -r NONZERO ZSTD_BYTES < <(python3 - "$img" "$ZSTD_LEVEL" "$LAT_N" "$tmp" "$SEED" <<'PY'
+import random, subprocess, sys
+path, level, n, tmp, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+z = bytes(4096)
+nonzero = []
+zst = subprocess.Popen(["zstd", "-q", "-%s" % level, "-c"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE)
+import threading
+out = []
+t = threading.Thread(target=lambda: out.append(len(zst.stdout.read())))
+t.start()
+blk = 0
+with open(path, "rb", buffering=0) as f:
+    while True:
+        b = f.read(1 << 22)
+        if not b:
+            break
+        keep = []
+        for i in range(0, len(b), 4096):
+            x = b[i:i + 4096]
+            if x != z[:len(x)]:
+                keep.append(x)
+                nonzero.append(blk)
+            blk += 1
+        zst.stdin.write(b"".join(keep))
+zst.stdin.close()
+zst.wait()
+t.join()
+total = blk
+def pick(lo, hi, name):
+    cand = [b for b in nonzero if lo <= b < hi]
+    rng = random.Random("%s-lat-%s" % (seed, name))
+    sel = []
+    for i in range(n):                       # one per slot of the range
+        s = cand[len(cand) * i // n:len(cand) * (i + 1) // n] or cand
+        sel.append(rng.choice(s))
+    rng.shuffle(sel)
+    with open("%s/lat-%s.off" % (tmp, name), "w") as f:
+        f.write("".join("%d\n" % (b * 4096) for b in sel))
+pick(0, total, "idle")
+pick(total * 6 // 10, total, "copy")
+print(len(nonzero) * 4096, out[0])
+PY
+)
+echo "migrate: non-zero bytes $NONZERO, zstd -$ZSTD_LEVEL of them $ZSTD_BYTES"
+
+# Seconds from "date +%s%N" stamps.
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b - a) / 1e9 }'; }
+
+# link_bytes: rx+tx bytes of wan0 in dst.
+link_bytes() {
+    wan exec dst ip -s -j link show dev wan0 | python3 -c '
+import json, sys
+s = json.load(sys.stdin)[0]["stats64"]
+print(s["rx"]["bytes"] + s["tx"]["bytes"])'
+}
+
+# wait_file_ready FILE PID SECONDS: until FILE is non-empty (or PID dies).
+wait_file_ready() {
+    local i
+    for (( i = 0; i < $3 * 20; i++ )); do
+        [[ -s $1 ]] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+# Results of one run: R_TIME (seconds, or "> CAP", or FAIL), R_LINK bytes.
+R_TIME= R_LINK= R_NOTE=
+
+# run_xnbd NAME URI [PROXY OPTIONS...]: proxy --cache-all in dst, timed.
+run_xnbd() {
+    local name=$1 uri=$2 t0 l0 l1 pid
+    shift 2
+    rm -f "$tmp/$name".{img,bm,ctl,sock,pid,status,samples}
+    l0=$(link_bytes)
+    t0=$(date +%s%N)
+    start_bg pid "$WAN" --name "$WNAME" exec dst "$PROXY" --target "$uri" --cache "$tmp/$name.img" \
+        --bitmap "$tmp/$name.bm" --control "$tmp/$name.ctl" -u "$tmp/$name.sock" \
+        -p "$tmp/$name.pid" --cache-all "$@" 2>"$tmp/$name.log"
+    if R_TIME=$(proxy_wait_complete "$tmp/$name.ctl" "$t0" "$CAP" "$tmp/$name.status" "$tmp/$name.samples"); then
+        :
+    else
+        [[ $R_TIME == TIMEOUT ]] && R_TIME="> $CAP" || R_TIME=FAIL
+        echo "$ME: $name did not complete; the end of its log:" >&2
+        tail -5 "$tmp/$name.log" | sed 's/^/    /' >&2
+    fi
+    l1=$(link_bytes)
+    R_LINK=$((l1 - l0))
+    R_NOTE="$(status_summary "$tmp/$name.status"); $(trace_summary "$tmp/$name.samples")"
+    stop_pid "$pid" "$name proxy"
+    {
+        echo "# $SETTING_LABEL $name: t_s fetched_bytes fetch_rate_Bps window_bytes rtt_us inflight_blocks"
+        cat "$tmp/$name.samples" 2>/dev/null || true
+        echo "# final: $R_NOTE"
+        echo "# log:"
+        sed 's/^/#   /' "$tmp/$name.log"
+    } >> "$TRACE"
+}
+
+# trace_summary SAMPLES: the proxy's fetch rate and window in the middle
+# 80% of a run (from proxy_wait_complete's samples, every 0.5 s).
+trace_summary() {
+    python3 - "$1" <<'PY'
+import sys
+try:
+    rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+except OSError:
+    rows = []
+if len(rows) < 3:
+    print("too short for a rate trace"); sys.exit(0)
+mid = rows[len(rows) // 10: len(rows) - len(rows) // 10] or rows
+def med(v):
+    v = sorted(v); return v[len(v) // 2]
+rate = [int(r[2]) for r in mid]
+win = [int(r[3]) for r in mid]
+rtt = [int(r[4]) for r in mid if r[4].isdigit()]
+print("mid-run fetch_rate median %.1f MB/s (min %.1f, max %.1f), window median %.2f MB"
+      " (min %.2f, max %.2f), rtt_us median %s" % (
+    med(rate) / 1e6, min(rate) / 1e6, max(rate) / 1e6, med(win) / 1e6,
+    min(win) / 1e6, max(win) / 1e6, med(rtt) if rtt else "-"))
+PY
+}
+
+run_nbdcopy() {
+    local t0 t1 l0 rc=0
+    rm -f "$tmp/nbdcopy.img"
+    l0=$(link_bytes)
+    t0=$(date +%s%N)
+    wan exec dst timeout "$CAP" nbdcopy "nbd://$1/" "$tmp/nbdcopy.img" >"$tmp/nbdcopy.log" 2>&1 || rc=$?
+    t1=$(date +%s%N)
+    R_LINK=$(( $(link_bytes) - l0 ))
+    R_NOTE="nbdcopy $(nbdcopy --version 2>/dev/null | awk 'NR == 1 { print $2 }') defaults"
+    if (( rc == 124 )); then R_TIME="> $CAP"
+    elif (( rc )); then
+        R_TIME=FAIL
+        echo "$ME: nbdcopy failed (status $rc):" >&2
+        sed 's/^/    /' "$tmp/nbdcopy.log" >&2
+    else R_TIME=$(secs "$t0" "$t1")
+    fi
+    rm -f "$tmp/nbdcopy.img"
+}
+
+run_nbdkit() {
+    local t0 l0 kpid hpid i done=0 now
+    rm -f "$tmp/nbdkit.sock" "$tmp/nbdkit.pid"
+    mkdir -p "$tmp/cow"
+    l0=$(link_bytes)
+    t0=$(date +%s%N)
+    start_bg kpid "$WAN" --name "$WNAME" exec dst env TMPDIR="$tmp/cow" nbdkit -f -v -U "$tmp/nbdkit.sock" \
+        --pidfile "$tmp/nbdkit.pid" --filter=scan --filter=cow \
+        nbd uri="nbd://$1/" cow-on-read=true cow-on-cache=true 2>"$tmp/nbdkit.log"
+    if ! wait_file_ready "$tmp/nbdkit.pid" "$kpid" 30; then
+        R_TIME=FAIL R_LINK=0 R_NOTE="nbdkit did not start"
+        { grep -v 'debug' "$tmp/nbdkit.log" || true; } | tail -5 | sed 's/^/    /' >&2
+        stop_pid "$kpid" nbdkit
+        return 0
+    fi
+    start_bg hpid "$LAT" -H -t $((CAP + 60)) "nbd+unix:///?socket=$tmp/nbdkit.sock" \
+        >"$tmp/hold.log" 2>&1
+    R_TIME="> $CAP"
+    for (( i = 0; i < CAP * 20; i++ )); do
+        if grep -q 'scan: finished scanning' "$tmp/nbdkit.log"; then done=1; break; fi
+        kill -0 "$kpid" 2>/dev/null || break
+        kill -0 "$hpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    now=$(date +%s%N)
+    if (( done )); then R_TIME=$(secs "$t0" "$now")
+    elif ! kill -0 "$kpid" 2>/dev/null || ! kill -0 "$hpid" 2>/dev/null; then
+        R_TIME=FAIL
+        echo "$ME: nbdkit or its client died; the end of their logs:" >&2
+        { grep -v 'debug' "$tmp/nbdkit.log" || true; } | tail -5 | sed 's/^/    /' >&2
+        sed 's/^/    /' "$tmp/hold.log" >&2
+    fi
+    R_LINK=$(( $(link_bytes) - l0 ))
+    R_NOTE="nbdkit $(nbdkit --version 2>/dev/null | awk '{ print $2 }'), scan-size 2M and cow-block-size 64K (defaults)"
+    stop_pid "$hpid" "lat -H"
+    stop_pid "$kpid" nbdkit
+    rm -rf "$tmp/cow"
+}
+
+# run_lat NAME OFFSETS URI [PROXY OPTIONS...]: a fresh proxy in dst; with
+# --cache-all, waits until the background copy has moved 1/12 of the data
+# (its window has opened up); then times LAT_N single reads (lat).  Sets
+# L_RESULT ("n=.. p50_us=.. p90_us=.. p99_us=.. max_us=.."), L_MISSES
+# (on-demand fetches the proxy counted meanwhile) and L_STATE.  With
+# --cache-all, only reads that started before the copy completed count.
+L_RESULT= L_MISSES= L_STATE=
+run_lat() {
+    local name=$1 offs=$2 uri=$3 pid i before after fetched wpid= done_at=
+    shift 3
+    rm -f "$tmp/$name".{img,bm,ctl,sock,pid,done,status}
+    start_bg pid "$WAN" --name "$WNAME" exec dst "$PROXY" --target "$uri" --cache "$tmp/$name.img" \
+        --bitmap "$tmp/$name.bm" --control "$tmp/$name.ctl" -u "$tmp/$name.sock" \
+        -p "$tmp/$name.pid" "$@" 2>"$tmp/$name.log"
+    L_RESULT=FAIL L_MISSES=- L_STATE=-
+    if ! wait_file_ready "$tmp/$name.pid" "$pid" 60; then
+        echo "$ME: $name proxy did not start:" >&2
+        tail -5 "$tmp/$name.log" | sed 's/^/    /' >&2
+        stop_pid "$pid" "$name proxy"
+        return 0
+    fi
+    if [[ " $* " == *" --cache-all "* ]]; then
+        for (( i = 0; i < CAP * 10; i++ )); do
+            fetched=$(sockcmd_status "$tmp/$name.ctl" bytes.fetched)
+            [[ $fetched =~ ^[0-9]+$ ]] && (( fetched >= NONZERO / 12 )) && break
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        # Notes when the copy completes (seconds since the epoch).
+        start_bg wpid proxy_wait_complete "$tmp/$name.ctl" 0 "$CAP" "$tmp/$name.status" \
+            >"$tmp/$name.done" 2>/dev/null
+    fi
+    before=$(sockcmd_status "$tmp/$name.ctl" fetches.ondemand)
+    L_RESULT=$("$LAT" -n "$LAT_N" -f "$offs" -o "$tmp/$name.samples" \
+               "nbd+unix:///?socket=$tmp/$name.sock" 2>&1) ||
+        { echo "$ME: lat against $name failed: $L_RESULT" >&2; L_RESULT=FAIL; }
+    after=$(sockcmd_status "$tmp/$name.ctl" fetches.ondemand)
+    L_STATE="$(sockcmd_status "$tmp/$name.ctl" state) at progress $(sockcmd_status "$tmp/$name.ctl" progress)"
+    [[ $before =~ ^[0-9]+$ && $after =~ ^[0-9]+$ ]] && L_MISSES=$((after - before))
+    stop_pid "$pid" "$name proxy"
+    if [[ -n $wpid ]]; then
+        # The poller ends by itself once the proxy is gone.
+        for (( i = 0; i < 100; i++ )); do kill -0 "$wpid" 2>/dev/null || break; sleep 0.1; done
+        stop_pid "$wpid" "status poller"
+        done_at=$(cat "$tmp/$name.done" 2>/dev/null || true)
+        [[ $done_at =~ ^[0-9.]+$ ]] || done_at=
+        [[ -z $done_at ]] || L_STATE="$L_STATE, completed during the reads"
+    fi
+    # Statistics over the misses: reads that started before the copy
+    # completed and took at least half an RTT (a read answered faster
+    # cannot have crossed the WAN: the copy had already brought its block).
+    if [[ $L_RESULT != FAIL ]]; then
+        L_RESULT=$(python3 - "$tmp/$name.samples" "$rtt_s" "$done_at" <<'PY'
+import sys
+rtt = float(sys.argv[2])
+done = float(sys.argv[3]) if sys.argv[3] else None
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+late = [r for r in rows if done is not None and float(r[2]) >= done]
+early = [r for r in rows if r not in late]
+us = sorted(int(r[1]) for r in early if int(r[1]) >= rtt * 1e6 / 2)
+hits = len(early) - len(us)
+n = len(us)
+if not n:
+    print("no misses measured (%d reads, %d after the copy completed)" % (len(rows), len(late)))
+    sys.exit(0)
+p = lambda q: us[max(1, (n * q + 99) // 100) - 1]
+extra = []
+if hits:
+    extra.append("%d hits under RTT/2 left out" % hits)
+if late:
+    extra.append("%d reads after the copy completed left out" % len(late))
+print("n=%d p50_us=%d p90_us=%d p99_us=%d max_us=%d%s" % (
+    n, p(50), p(90), p(99), us[-1], " (%s)" % "; ".join(extra) if extra else ""))
+PY
+)
+    fi
+    {
+        echo "# $SETTING_LABEL $name: offset us start_epoch_s (state after: $L_STATE; done at ${done_at:-never})"
+        cat "$tmp/$name.samples" 2>/dev/null || true
+    } >> "$TRACE"
+    rm -f "$tmp/$name.img" "$tmp/$name.bm"
+}
+
+# sockcmd_status CTL KEY.KEY: one member of a proxy's status now, or "-".
+sockcmd_status() {
+    python3 - "$1" "$2" <<'PY'
+import json, socket, sys
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    f = s.makefile("rwb")
+    f.write(b"status\n"); f.flush()
+    j = json.loads(f.readline())
+    for k in sys.argv[2].split("."):
+        j = j[k]
+    print(j)
+except Exception:
+    print("-")
+PY
+}
+
+# ---------------------------------------------------------------- Settings
+# One line per result, tab-separated:
+#   copy   SETTING RTT_S RATE_BPS MODE RUN TIME LINK_BYTES LIMIT_S NOTE
+#   lat    SETTING RTT_S RATE_BPS MODE RUN LAT_RESULT MISSES STATE
+results=$tmp/results.tsv
+: > "$results"
+record() { local IFS=$'\t'; echo "$*" >> "$results"; }
+
+for setting in $SETTINGS; do
+    rtt=${setting%%:*} rate=${setting#*:}
+    SETTING_LABEL="rtt $rtt rate $rate"
+    echo "migrate: setting RTT $rtt, rate $rate"
+    up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10809,10810,10811 2>&1) ||
+        { echo "$up_out" >&2; die "wan-emu up failed"; }
+    wan_up=1
+    mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
+    mode_line=${mode_line#wan-emu: }
+    echo "  $mode_line"
+    read -r rtt_s rate_bps < <(python3 - "$rtt" "$rate" <<'PY'
+import re, sys
+m = re.fullmatch(r"([0-9.]+)(ms|us|s)?", sys.argv[1])
+rtt = float(m.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1e-3}[m.group(2)]
+m = re.fullmatch(r"([0-9.]+)([kmg]?)bit", sys.argv[2])
+rate = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
+print(rtt, int(rate))
+PY
+)
+    lim_z=$(awk -v b="$ZSTD_BYTES" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", b * 8 / r + 2 * t }')
+    lim_p=$(awk -v b="$NONZERO" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", b * 8 / r + 2 * t }')
+
+    # Sources in src: xnbd-server (WAN transport and plain NBD), nbdkit file.
+    start_bg spid "$WAN" --name "$WNAME" exec src "$XNBD" -r -W 10.254.0.1:10810 -l 10.254.0.1:10809 \
+        -p "$tmp/src-xnbd.pid" "$img" 2>"$tmp/src-xnbd.log"
+    start_bg kpid "$WAN" --name "$WNAME" exec src nbdkit -f -r -i 10.254.0.1 -p 10811 \
+        --pidfile "$tmp/src-nbdkit.pid" file "$img" 2>"$tmp/src-nbdkit.log"
+    wait_file_ready "$tmp/src-xnbd.pid" "$spid" 10 || die "xnbd-server in src did not start: $(cat "$tmp/src-xnbd.log")"
+    wait_file_ready "$tmp/src-nbdkit.pid" "$kpid" 10 || die "nbdkit in src did not start: $(cat "$tmp/src-nbdkit.log")"
+    a_wan=$(wan relay-addr 10810) a_nbd=$(wan relay-addr 10809) a_kit=$(wan relay-addr 10811)
+    common=("$setting" "$rtt_s" "$rate_bps" "$mode_line")
+
+    if want xnbd-zstd; then
+        echo "  xnbd-zstd: xnbd-proxy --cache-all, xnbd://$a_wan/"
+        run_xnbd xnbd-zstd "xnbd://$a_wan/"
+        verify="not checked"
+        if [[ $R_TIME =~ ^[0-9.]+$ ]]; then
+            cmp -s "$img" "$tmp/xnbd-zstd.img" && verify="identical to the image" || verify="DIFFERS from the image"
+        fi
+        rm -f "$tmp/xnbd-zstd.img" "$tmp/xnbd-zstd.bm"
+        record copy "${common[@]}" xnbd-zstd "$R_TIME" "$R_LINK" "$lim_z" "cache $verify; $R_NOTE"
+        echo "    $R_TIME s, link $R_LINK B"
+    fi
+    if want xnbd-plain; then
+        echo "  xnbd-plain: xnbd-proxy --cache-all, nbd://$a_nbd/"
+        run_xnbd xnbd-plain "nbd://$a_nbd/"
+        rm -f "$tmp/xnbd-plain.img" "$tmp/xnbd-plain.bm"
+        record copy "${common[@]}" xnbd-plain "$R_TIME" "$R_LINK" "$lim_p" "$R_NOTE"
+        echo "    $R_TIME s, link $R_LINK B"
+    fi
+    if want nbdcopy; then
+        echo "  nbdcopy: nbd://$a_kit/ (nbdkit file) to a file"
+        run_nbdcopy "$a_kit"
+        record copy "${common[@]}" nbdcopy "$R_TIME" "$R_LINK" "$lim_p" "$R_NOTE"
+        echo "    $R_TIME s, link $R_LINK B"
+    fi
+    if want nbdkit; then
+        echo "  nbdkit: scan+cow filters over nbd://$a_kit/ (nbdkit file)"
+        run_nbdkit "$a_kit"
+        record copy "${common[@]}" nbdkit "$R_TIME" "$R_LINK" "$lim_p" "$R_NOTE"
+        echo "    $R_TIME s, link $R_LINK B"
+    fi
+    if want lat; then
+        echo "  on-demand latency, idle proxy"
+        run_lat lat-idle "$tmp/lat-idle.off" "xnbd://$a_wan/"
+        record lat "${common[@]}" idle "$L_RESULT" "$L_MISSES" "$L_STATE"
+        echo "    $L_RESULT (on-demand fetches $L_MISSES)"
+        echo "  on-demand latency, during the background copy"
+        run_lat lat-copy "$tmp/lat-copy.off" "xnbd://$a_wan/" --cache-all
+        record lat "${common[@]}" copy "$L_RESULT" "$L_MISSES" "$L_STATE"
+        echo "    $L_RESULT (on-demand fetches $L_MISSES, proxy $L_STATE)"
+    fi
+    stop_all
+    wan down >/dev/null || echo "$ME: wan-emu down failed" >&2
+    wan_up=0
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------- Tables
+python3 - "$results" "$SIZE_MIB" "$SEED" "$NONZERO" "$ZSTD_BYTES" "$ZSTD_LEVEL" \
+    "$LAT_N" "$CAP" "$load_before" "$load_after" "$(nproc)" "$QUICK" > "$tmp/table.txt" <<'PY'
+import re, sys, time
+(path, size_mib, seed, nonzero, zbytes, level, lat_n, cap, load0, load1, ncpu,
+ quick) = sys.argv[1:]
+nonzero, zbytes = int(nonzero), int(zbytes)
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+settings = []
+for r in rows:
+    if r[1] not in settings:
+        settings.append(r[1])
+NAMES = {
+    "xnbd-zstd": "xnbd-proxy, xnbd:// zstd %s" % level,
+    "xnbd-plain": "xnbd-proxy, nbd:// plain",
+    "nbdcopy": "nbdcopy from nbdkit file",
+    "nbdkit": "nbdkit scan+cow+nbd proxy",
+}
+def num(t):
+    return float(t) if re.fullmatch(r"[0-9.]+", t) else None
+print("WAN migration benchmark, %s, %s CPUs, load average before %s, after %s%s"
+      % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ncpu, load0, load1,
+         " (BENCH_QUICK)" if quick == "1" else ""))
+print("image: gen-image.py %s MiB seed %s (40%% random, 30%% zero holes, 30%% text);"
+      " non-zero blocks %d B; zstd -%s of them %d B (%.3f)"
+      % (size_mib, seed, nonzero, level, zbytes, zbytes / nonzero))
+print("limit = bytes that must cross / rate + 2 x RTT: the zstd size for xnbd://, the"
+      " non-zero bytes for the others")
+print("link = rx+tx bytes of the dst veth (ip -s link: frames, headers included);"
+      " tbf counts frames, so TCP payload")
+print("       gets at most ~95.6% of the rate: about 1.05 x limit is the floor for any copy")
+print("targets: xnbd-proxy xnbd:// <= 1.15 x its limit and faster than both peers;"
+      " on-demand p50 <= RTT + 2 ms idle, p99 <= 2 x RTT + 5 ms during the copy")
+for s in settings:
+    srows = [r for r in rows if r[1] == s]
+    rtt, rate, mode = float(srows[0][2]), int(srows[0][3]), srows[0][4]
+    print()
+    print("== RTT %g ms, %g Mbit/s  (wan-emu %s)" % (rtt * 1e3, rate / 1e6, mode))
+    print("%-28s | %9s | %9s | %8s | %10s | %s" % ("copy", "time s", "link MB", "limit s",
+                                                  "time/limit", "target"))
+    times = {}
+    notes = []
+    for r in srows:
+        if r[0] != "copy":
+            continue
+        run, t, link, lim, note = r[5], r[6], int(r[7]), float(r[8]), r[9]
+        v = num(t)
+        times[run] = v if v is not None else (float(cap) if t.startswith(">") else None)
+        ratio = "%.2f" % (v / lim) if v else ("> %.2f" % (float(cap) / lim) if t.startswith(">") else "-")
+        target = ""
+        if run == "xnbd-zstd" and v:
+            target = "<= 1.15: %s" % ("met" if v / lim <= 1.15 else "MISSED")
+        print("%-28s | %9s | %9.1f | %8.2f | %10s | %s" % (NAMES.get(run, run), t, link / 1e6, lim,
+                                                          ratio, target))
+        notes.append("  %s: %s" % (run, note))
+    x = times.get("xnbd-zstd")
+    peers = {k: v for k, v in times.items() if k in ("nbdcopy", "nbdkit")}
+    if x and peers:
+        beat = all(v is not None and x < v for v in peers.values())
+        print("xnbd-zstd faster than %s: %s" % (" and ".join(sorted(peers)),
+                                                "yes" if beat else "NO"))
+    for r in srows:
+        if r[0] != "lat":
+            continue
+        kind, res, misses, state = r[5], r[6], r[7], r[8]
+        m = dict(re.findall(r"(\w+)=(\d+)", res))
+        if "p50_us" in m:
+            p50, p99 = int(m["p50_us"]) / 1e3, int(m["p99_us"]) / 1e3
+            if kind == "idle":
+                tgt = rtt * 1e3 + 2
+                verdict = "p50 target <= %.0f ms: %s" % (tgt, "met" if p50 <= tgt else "MISSED")
+            else:
+                tgt = 2 * rtt * 1e3 + 5
+                verdict = "p99 target <= %.0f ms: %s" % (tgt, "met" if p99 <= tgt else "MISSED")
+            left = re.search(r"\((.*)\)$", res)
+            print("on-demand 4 KiB miss, %-10s p50 %7.1f ms  p90 %7.1f ms  p99 %7.1f ms  max %7.1f ms"
+                  "  | %s  (%s misses timed%s; the proxy counted %s on-demand fetches; then %s)"
+                  % (kind + ":", p50, int(m["p90_us"]) / 1e3, p99, int(m["max_us"]) / 1e3,
+                     verdict, m.get("n"), ", " + left.group(1) if left else "", misses, state))
+        else:
+            print("on-demand 4 KiB miss, %-10s %s" % (kind + ":", res))
+    if notes:
+        print("details:")
+        print("\n".join(notes))
+PY
+tee "$OUT" < "$tmp/table.txt"
+echo "migrate: table saved to $OUT; proxy status traces in $TRACE"
