@@ -49,7 +49,7 @@ struct fetch_job {
   unsigned gen;                 /* that connection's generation then */
   struct engine *e;
   struct fetch_job *next;       /* queue / completed list link */
-  struct fetch_job *cnext;      /* connection's submitted list link */
+  struct fetch_job *cnext, *cprev;   /* connection's submitted list links */
 };
 
 /* block -> in-flight job (chained hash). */

@@ -211,8 +211,11 @@ static void requeue(struct engine *e, struct fetch_job *j)
 
 static void conn_unlink(struct sconn *c, struct fetch_job *j)
 {
-  for (struct fetch_job **pp = &c->submitted; *pp; pp = &(*pp)->cnext)
-    if (*pp == j) { *pp = j->cnext; c->inflight--; return; }
+  if (j->cprev) j->cprev->cnext = j->cnext;
+  else c->submitted = j->cnext;
+  if (j->cnext) j->cnext->cprev = j->cprev;
+  j->cnext = j->cprev = NULL;
+  c->inflight--;
 }
 
 static int job_cb(void *user_data, int *error)
@@ -351,7 +354,9 @@ static bool submit(struct engine *e, struct fetcher *f, struct fetch_job *j, uns
   j->submitted = true;
   j->attempts++;
   j->submit_ns = now_ns();
+  j->cprev = NULL;
   j->cnext = c->submitted;
+  if (c->submitted) c->submitted->cprev = j;
   c->submitted = j;
   c->inflight++;
   if (nbd_aio_pread(c->h, j->buf, j->len, j->off,
