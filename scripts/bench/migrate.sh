@@ -308,7 +308,10 @@ run_nbdkit() {
     start_bg hpid "$LAT" -H -t $((CAP + 60)) "nbd+unix:///?socket=$tmp/nbdkit.sock" \
         >"$tmp/hold.log" 2>&1
     R_TIME="> $CAP"
-    for (( i = 0; i < CAP * 20; i++ )); do
+    # Bounded by the clock (grep of a growing debug log is not free), and
+    # the client above holds on for a minute longer than this.
+    local deadline=$(( t0 + CAP * 1000000000 ))
+    while (( $(date +%s%N) < deadline )); do
         if grep -q 'scan: finished scanning' "$tmp/nbdkit.log"; then done=1; break; fi
         kill -0 "$kpid" 2>/dev/null || break
         kill -0 "$hpid" 2>/dev/null || break
