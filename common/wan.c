@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <zstd.h>
@@ -24,6 +25,7 @@
 #define HELLO_SIZE 20
 
 struct wan_counters wan_totals;
+static atomic_uint live_pumps;
 
 /* ---------- TLS ---------- */
 
@@ -515,7 +517,16 @@ static void *pump_main(void *arg)
   }
 out:
   pump_free(p);
+  OPENSSL_thread_stop();          /* this thread's OpenSSL state */
+  atomic_fetch_sub(&live_pumps, 1);
   return NULL;
+}
+
+unsigned wan_wait_idle(unsigned timeout_ms)
+{
+  for (unsigned waited = 0; atomic_load(&live_pumps) && waited < timeout_ms; waited += 10)
+    usleep(10000);
+  return atomic_load(&live_pumps);
 }
 
 static struct pump *pump_new(int wan, bool server)
@@ -545,7 +556,9 @@ static int pump_start(struct pump *p)
   p->local = sv[1];
   pthread_attr_init(&a);
   pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+  atomic_fetch_add(&live_pumps, 1);
   if (pthread_create(&t, &a, pump_main, p) != 0) {
+    atomic_fetch_sub(&live_pumps, 1);
     pthread_attr_destroy(&a);
     close(sv[0]);
     p->local = -1;

@@ -78,6 +78,11 @@ int wan_connect(const char *host, const char *port, unsigned flags,
                 int level, struct wan_tls *tls, unsigned timeout_s,
                 char *err, size_t errlen);
 
+/* Waits until every pump thread has finished (their peers see EOF once
+ * the local ends are closed), at most timeout_ms; returns how many are
+ * still running.  Called at exit so no TLS session is cut off. */
+unsigned wan_wait_idle(unsigned timeout_ms);
+
 /* Parses xnbd://HOST[:PORT]/[EXPORT] (and xnbds:// = with TLS).  Returns
  * 0 and malloc'd host, port, export; -1 if it is not such a URI. */
 int wan_parse_uri(const char *uri, char **host, char **port, char **exp,

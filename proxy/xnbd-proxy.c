@@ -4,6 +4,7 @@
 #include "server.h"
 #include "engine.h"
 #include "workq.h"
+#include "wan.h"
 #include "control.h"
 #include "daemon.h"
 #include "cli.h"
@@ -255,6 +256,7 @@ int main(int argc, char **argv)
   control_free(ctl);
   xnbd_server_free(srv);
   engine_close(eng);        /* stops the fetcher, persists the bitmap */
+  wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
   workq_free(ec.wq);
   cli_signals_free(sigs);
   event_base_free(base);

@@ -249,6 +249,7 @@ int main(int argc, char **argv)
   event_base_dispatch(base);
 
   xnbd_server_free(srv);
+  wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
   /* Every request has completed; flush and close the images. */
   workq_free(wq);
   for (unsigned i = 0; i < nexp; i++) {
