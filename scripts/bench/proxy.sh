@@ -153,6 +153,18 @@ else:
 print(", ".join(out))' "$1"
 }
 
+# warm FILE...: reads FILEs so that they are in the page cache.  This
+# machine's kernel pages out memory that has not been touched for a while
+# (DAMON proactive reclaim), so an image idle for a minute may have left
+# the page cache; the benchmarks measure servers and copies, not the disk.
+warm() {
+    local f
+    for f in "$@"; do
+        [[ -f $f ]] && dd if="$f" of=/dev/null bs=4M status=none
+    done
+    return 0
+}
+
 # kill_pid PID NAME: SIGTERM, wait up to 10 s, then SIGKILL; reaps it.
 kill_pid() {
     local pid=$1 name=$2
@@ -312,6 +324,7 @@ fi
 for r in $(seq "$REPEAT"); do
     for c in "${COPIES[@]}"; do
         read -r name tool uri <<< "$c"
+        warm "$pristine"
         copy_once "$name" "$tool" "$uri"
         TIMES[$name]="${TIMES[$name]-} $copy_t"
         printf 'proxy: copy run %d/%d %-13s %s s\n' "$r" "$REPEAT" "$name" "$copy_t"
@@ -377,8 +390,10 @@ for round in $(seq "$IO_REPEAT"); do
             r=FAIL
             if [[ -n ${IO_PID[$server]-} ]] && kill -0 "${IO_PID[$server]}" 2>/dev/null; then
                 sock=${IO_SOCK[$server]} server_name=$server
-                # Start each run without the previous run's dirty pages in flight.
+                # Start each run without the previous run's dirty pages in
+                # flight, and with the image in the page cache.
                 sync "${IO_IMG[$server]}"
+                warm "${IO_IMG[$server]}"
                 r=$(run_fio "$name" "$rw" "$bs" "$depth")
                 if ! kill -0 "${IO_PID[$server]}" 2>/dev/null; then
                     echo "$ME: $server died during $name; its log:" >&2
