@@ -221,6 +221,7 @@ R_TIME= R_LINK= R_NOTE=
 run_xnbd() {
     local name=$1 uri=$2 t0 l0 l1 pid
     shift 2
+    warm "$img"                   # the source reads from the page cache
     rm -f "$tmp/$name".{img,bm,ctl,sock,pid,status,samples}
     l0=$(link_bytes)
     t0=$(date +%s%N)
@@ -273,6 +274,7 @@ PY
 
 run_nbdcopy() {
     local t0 t1 l0 rc=0
+    warm "$img"                   # the source reads from the page cache
     rm -f "$tmp/nbdcopy.img"
     l0=$(link_bytes)
     t0=$(date +%s%N)
@@ -292,6 +294,7 @@ run_nbdcopy() {
 
 run_nbdkit() {
     local t0 l0 kpid hpid i done=0 now
+    warm "$img"                   # the source reads from the page cache
     rm -f "$tmp/nbdkit.sock" "$tmp/nbdkit.pid"
     mkdir -p "$tmp/cow"
     l0=$(link_bytes)
