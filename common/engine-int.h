@@ -37,6 +37,10 @@ struct waiter {
 struct fetch_job {
   uint64_t first, count;        /* blocks */
   uint64_t off, len;            /* bytes (len shorter for the last block) */
+  uint64_t owned;               /* blocks of the range in the in-flight table
+                                 * as this job's */
+  uint64_t shared;              /* blocks a background job was already
+                                 * fetching (an on-demand job overtaking it) */
   bool ondemand;
   bool submitted;
   bool passthrough;             /* standby: not kept, not in the in-flight table */
@@ -84,6 +88,7 @@ struct engine {
   uint64_t bg_window;           /* current window (auto-sized unless set) */
   bool bg_window_auto;
   uint64_t rtt_ns;              /* smallest recent round trip to the source */
+  uint64_t bg_latency_ns;       /* background job submit-to-done, averaged */
   uint64_t bs_known_until;      /* source block status known below (bytes) */
   bool source_has_status;
   uint64_t forced_missing;
@@ -97,6 +102,11 @@ struct engine {
 
   /* Counters (under lock). */
   uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written;
+  uint64_t bytes_bridged;       /* zero blocks read again inside larger jobs */
+  /* Blocks found zero at the source by block status this run (one bit
+   * each; NULL unless background jobs may bridge them, see bg_fill). */
+  uint64_t *zero_known;
+  bool bridge_zeros;            /* the current source compresses zeros away */
   uint64_t fetches_ondemand, fetches_background, fetch_errors;
   uint64_t fetch_rate;
 

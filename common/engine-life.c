@@ -231,6 +231,7 @@ void engine_close(struct engine *e)
       free(n);
     }
   free(e->inflight.b);
+  free(e->zero_known);
   free(e->waiting);
   free(e->target); free(e->target_export); free(e->cache_path);
   free(e->bitmap_path); free(e->new_target);
@@ -252,6 +253,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->blocks_missing = st->blocks_total - st->blocks_present;
   st->bytes_fetched = e->bytes_fetched;
   st->bytes_zero_skipped = e->bytes_zero_skipped;
+  st->bytes_bridged = e->bytes_bridged;
   st->bytes_local_written = e->bytes_local_written;
   st->fetches_ondemand = e->fetches_ondemand;
   st->fetches_background = e->fetches_background;

@@ -93,13 +93,22 @@ struct fetch_job *job_new_locked(struct engine *e, uint64_t first,
   j->len = MIN(count * e->bs, e->size - j->off);
   j->ondemand = ondemand;
   j->conn = -1;
-  for (uint64_t b = first; b < first + count; b++)
+  /* Present blocks inside the range (zeros a background job reads
+   * across) and blocks another job fetches (an on-demand job overtaking a
+   * background one) are not this job's: they stay out of the in-flight
+   * table, or stay the other job's there. */
+  for (uint64_t b = first; b < first + count; b++) {
+    if (bitmap_test(e->bm, b)) continue;
+    if (inflight_get(e, b)) { j->shared++; continue; }
     if (inflight_put(e, b, j) < 0) {
-      for (uint64_t c = first; c < b; c++) inflight_del(e, c);
+      for (uint64_t c = first; c < b; c++)
+        if (inflight_get(e, c) == j) inflight_del(e, c);
       free(j);
       return NULL;
     }
-  e->blocks_inflight += count;
+    j->owned++;
+  }
+  e->blocks_inflight += j->owned;
   return j;
 }
 
@@ -114,8 +123,8 @@ static void job_unmark_locked(struct engine *e, struct fetch_job *j)
 {
   if (j->passthrough) return;
   for (uint64_t b = j->first; b < j->first + j->count; b++)
-    inflight_del(e, b);
-  e->blocks_inflight -= j->count;
+    if (inflight_get(e, b) == j) inflight_del(e, b);
+  e->blocks_inflight -= j->owned;
 }
 
 void engine_set_error(struct engine *e, const char *fmt, ...)
@@ -288,9 +297,14 @@ void engine_job_finished(struct engine *e, struct fetch_job *j)
     log_error("writing fetched blocks %" PRIu64 "+%" PRIu64 " to the cache "
               "image failed: %s", j->first, j->count, strerror(err));
   job_unmark_locked(e, j);
-  e->bytes_fetched += j->len;
+  /* Bridged blocks are never the (short) last block. */
+  uint64_t bridged = (j->count - j->owned - j->shared) * e->bs;
+  e->bytes_fetched += j->len - bridged;
+  e->bytes_bridged += bridged;
   if (j->ondemand) e->fetches_ondemand++;
   else {
+    uint64_t lat = now_ns() - j->submit_ns;
+    e->bg_latency_ns = e->bg_latency_ns ? (e->bg_latency_ns * 7 + lat) / 8 : lat;
     e->fetches_background++;
     e->bg_inflight_bytes -= j->len;
   }
@@ -331,6 +345,8 @@ uint64_t engine_mark_zero(struct engine *e, uint64_t first, uint64_t count)
       break;
     }
     bitmap_set_range(e->bm, s, b - s);
+    if (e->zero_known)
+      for (uint64_t z = s; z < b; z++) e->zero_known[z / 64] |= UINT64_C(1) << (z % 64);
     e->bytes_zero_skipped += end - off;
     n += b - s;
   }
@@ -375,19 +391,38 @@ static bool range_present(struct engine *e, uint64_t b0, uint64_t b1)
  * joins jobs in flight, creates on-demand jobs (coalesced, at most
  * max_fetch each) for the rest.  Returns the number of jobs waited on,
  * 0 if all present, -1 on allocation failure. */
+/* Under lock: whether a client read waiting on background job j should
+ * fetch its blocks itself, on the on-demand path.  A background job waits
+ * behind the whole background window (several round trips at full
+ * speed); a fresh on-demand request takes one.  So a read overtakes a
+ * background job unless that job is expected within ~1.5 round trips:
+ * its expected remaining time is the average background job latency
+ * minus its age.  Only small reads do (at most OVERTAKE_MAX bytes). */
+#define OVERTAKE_MAX (UINT64_C(1) << 20)
+static bool overtake_locked(struct engine *e, const struct fetch_job *j,
+                            uint64_t need, uint64_t now)
+{
+  if (j->ondemand || j->passthrough || need > OVERTAKE_MAX) return false;
+  if (!j->submitted) return true;             /* queued for a retry */
+  uint64_t age = now - j->submit_ns;
+  return e->bg_latency_ns > age && e->bg_latency_ns - age > e->rtt_ns * 3 / 2;
+}
+
 static int wait_for_blocks_locked(struct engine *e, struct pend *p,
                                   uint64_t b0, uint64_t b1)
 {
   uint64_t per_job = MAX(1, e->cfg.max_fetch / e->bs);
+  uint64_t need = (b1 - b0 + 1) * e->bs, now = now_ns();
   struct fetch_job *last = NULL;
   for (uint64_t b = b0; b <= b1; ) {
     struct fetch_job *j;
     if (bitmap_test(e->bm, b)) { b++; continue; }
     j = inflight_get(e, b);
-    if (!j) {
+    if (!j || overtake_locked(e, j, need, now)) {
       uint64_t s = b;
+      struct fetch_job *o;
       while (b <= b1 && b - s < per_job && !bitmap_test(e->bm, b) &&
-             !inflight_get(e, b))
+             (!(o = inflight_get(e, b)) || overtake_locked(e, o, need, now)))
         b++;
       j = job_new_locked(e, s, b - s, true);
       if (!j) return -1;

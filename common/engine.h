@@ -72,6 +72,7 @@ struct engine_stats {
   uint64_t blocks_total, blocks_present, blocks_missing, blocks_inflight;
   uint64_t bytes_fetched;        /* payload bytes received from the source */
   uint64_t bytes_zero_skipped;   /* bytes made present as zero w/o transfer */
+  uint64_t bytes_bridged;        /* zero bytes re-read inside larger fetches */
   uint64_t bytes_local_written;  /* bytes written by clients */
   uint64_t fetches_ondemand, fetches_background, fetch_errors;
   uint64_t fetch_rate;           /* bytes/s over the last few seconds */

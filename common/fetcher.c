@@ -62,6 +62,8 @@ struct fetcher {
   uint64_t win_at, win_bytes;
   uint64_t rates[40];              /* delivery rate samples (max filter) */
   unsigned nrate;
+  uint64_t startup_best;           /* window start-up: best rate so far */
+  unsigned startup_flat;           /* samples since it grew by a quarter */
   char probe_buf[512];           /* source's base:allocation support known */
 };
 
@@ -201,9 +203,9 @@ int source_probe(struct engine *e, const char *target, uint64_t *size,
 
 static void requeue(struct engine *e, struct fetch_job *j)
 {
-  j->submitted = false;
   j->conn = -1;
   pthread_mutex_lock(&e->lock);
+  j->submitted = false;           /* read by overtake_locked */
   j->next = e->retry_head;
   e->retry_head = j;
   pthread_mutex_unlock(&e->lock);
@@ -307,8 +309,17 @@ static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
   if (e->bg_window_auto && f->rtt_min && rate && e->bg_running && !e->bg_paused) {
     uint64_t w = e->bg_window;
     uint64_t cap = 4 * (maxrate * f->rtt_min / 1000000000u);
+    /* Start-up doubles the window while the rate keeps growing with it
+     * (as TCP's slow start does), so that a fast long link is filled
+     * within a few round trips; after three samples without a quarter
+     * more rate, growth is by a quarter. */
+    if (rate > f->startup_best * 5 / 4) {
+      f->startup_best = rate;
+      f->startup_flat = 0;
+    } else if (f->startup_flat < 3)
+      f->startup_flat++;
     if (rate >= maxrate * 85 / 100 && e->bg_inflight_bytes >= w * 3 / 4)
-      w = w * 5 / 4;                          /* at its best and using it: probe */
+      w = f->startup_flat < 3 ? w * 2 : w * 5 / 4;   /* at its best and using it: probe */
     w = MIN(w, MAX(cap, (uint64_t) 8 << 20));   /* no cap from a ramp-up rate */
     e->bg_window = MIN(MAX(w, (uint64_t) 4 << 20), (uint64_t) 256 << 20);
   }
@@ -351,9 +362,11 @@ static bool submit(struct engine *e, struct fetcher *f, struct fetch_job *j, uns
   j->e = e;
   j->conn = i;
   j->gen = c->gen;
-  j->submitted = true;
   j->attempts++;
+  pthread_mutex_lock(&e->lock);   /* both read by overtake_locked */
+  j->submitted = true;
   j->submit_ns = now_ns();
+  pthread_mutex_unlock(&e->lock);
   j->cprev = NULL;
   j->cnext = c->submitted;
   if (c->submitted) c->submitted->cprev = j;
@@ -511,6 +524,28 @@ static void maybe_query_status(struct engine *e, struct fetcher *f, int i)
   }
 }
 
+/* Under e->lock.  Shuffled images alternate short runs of data and zero
+ * blocks; a job per run means a request (and its per-request costs at
+ * both ends) every few KiB.  When zeros cost next to nothing on the wire
+ * (zstd), a background job reads on across a gap of at most BRIDGE_MAX
+ * blocks that block status found zero, provided missing blocks follow
+ * before lim.  Returns where the run may continue (b if it may not).
+ * The bridged blocks stay present and untouched: engine_job_finished
+ * writes only blocks still missing (I1, I3). */
+#define BRIDGE_MAX 32
+static uint64_t bridge_gap(struct engine *e, uint64_t b, uint64_t lim)
+{
+  uint64_t g = b;
+  if (!e->zero_known || !e->bridge_zeros) return b;
+  while (g < lim && g - b < BRIDGE_MAX && bitmap_test(e->bm, g) &&
+         (e->zero_known[g / 64] >> (g % 64) & 1))
+    g++;
+  if (g == b || g >= lim || g - b >= BRIDGE_MAX || bitmap_test(e->bm, g) ||
+      inflight_get(e, g))
+    return b;
+  return g;
+}
+
 static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
 {
   struct fetch_job *list = NULL, **tail = &list, *j, *next;
@@ -550,9 +585,14 @@ static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
     if (e->source_has_status && b * e->bs >= e->bs_known_until) break;
     uint64_t s = b;
     uint64_t lim = e->source_has_status ? (e->bs_known_until + e->bs - 1) / e->bs : e->nblocks;
-    while (b < e->nblocks && b < lim && b - s < per_job &&
-           !bitmap_test(e->bm, b) && !inflight_get(e, b))
-      b++;
+    lim = MIN(lim, s + per_job);
+    for (;;) {
+      while (b < e->nblocks && b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b))
+        b++;
+      uint64_t g = bridge_gap(e, b, lim);
+      if (g == b) break;
+      b = g;                      /* read across the zeros: one request, not two */
+    }
     j = job_new_locked(e, s, b - s, false);
     if (!j) break;
     e->bg_inflight_bytes += j->len;
@@ -568,6 +608,18 @@ static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
     int i = pick_conn(f, false);
     if (i < 0 || !submit(e, f, j, i)) requeue(e, j);
   }
+}
+
+/* Whether zero blocks cost next to nothing on the wire to target: our
+ * WAN transport with zstd.  (Plain NBD servers may send zeros as data.) */
+static bool zeros_are_cheap(struct engine *e, const char *target)
+{
+  CLEANUP_FREE char *host = NULL;
+  CLEANUP_FREE char *port = NULL;
+  CLEANUP_FREE char *exp = NULL;
+  bool tls;
+  return e->cfg.compress_level >= 0 &&
+         wan_parse_uri(target, &host, &port, &exp, &tls) == 0;
 }
 
 /* ---------- the loop ---------- */
@@ -682,7 +734,9 @@ static void *fetcher_main(void *arg)
       for (unsigned i = 0; i < f->n; i++) f->c[i].retry_at = 0;
       free(f->target);
       f->target = nt;
+      bool cheap = zeros_are_cheap(e, nt);
       pthread_mutex_lock(&e->lock);
+      e->bridge_zeros = cheap;
       free(e->target);
       e->target = strdup(nt);
       pthread_mutex_unlock(&e->lock);
@@ -769,6 +823,10 @@ int fetcher_start(struct engine *e, char *err, size_t errlen)
     return -1;
   }
   for (uint64_t c = 0; c < f->nchunks; c++) f->status_known[c] = c * STATUS_CHUNK;
+  /* Bridging zero gaps (bg_fill) only where zeros cross compressed. */
+  e->bridge_zeros = zeros_are_cheap(e, e->target);
+  if (e->bridge_zeros && !e->zero_known)
+    e->zero_known = calloc(e->nblocks / 64 + 1, sizeof *e->zero_known);
   if (e->probe_handle) {          /* connected at start-up: use it */
     f->c[0].h = e->probe_handle;
     f->c[0].st = SC_CONNECTING;   /* drive_connections checks and adopts it */

@@ -228,6 +228,7 @@ struct pump {
   bool local_eof, wan_eof, wan_wr_shut, local_wr_shut;
   bool ssl_want_read, ssl_want_write;
   bool dpending;                  /* zstd may hold more output for us */
+  bool cpending;                  /* the compressor holds unflushed input */
 };
 
 static void pump_free(struct pump *p)
@@ -368,6 +369,29 @@ static ssize_t wan_io(struct pump *p, void *buf, size_t len, bool wr)
   }
 }
 
+/* Compresses len bytes into the empty wout; ZSTD_e_flush also emits all
+ * the compressor holds, ZSTD_e_continue may keep some (p->cpending). */
+static int compress(struct pump *p, const void *buf, size_t len, ZSTD_EndDirective mode)
+{
+  ZSTD_inBuffer in = { buf, len, 0 };
+  ZSTD_outBuffer out = { p->wout, p->wout_cap, 0 };
+  size_t r;
+  do {
+    r = ZSTD_compressStream2(p->cctx, &out, &in, mode);
+    if (ZSTD_isError(r)) {
+      log_error("zstd compression failed: %s", ZSTD_getErrorName(r));
+      return -1;
+    }
+  } while ((mode == ZSTD_e_flush ? r != 0 : in.pos < in.size) && out.pos < out.size);
+  if (mode == ZSTD_e_flush ? r != 0 : in.pos < in.size) {
+    log_error("zstd output larger than its bound");
+    return -1;
+  }
+  p->wout_len = out.pos;
+  p->cpending = mode != ZSTD_e_flush;
+  return 0;
+}
+
 /* One pass over both directions; returns 1 if anything moved, 0 if not,
  * -1 on error. */
 static int pump_step(struct pump *p)
@@ -375,34 +399,31 @@ static int pump_step(struct pump *p)
   int moved = 0;
   ssize_t n;
 
-  /* local -> (compress) -> wout */
+  /* local -> (compress) -> wout.  A full read means more is queued: the
+   * compressor keeps it (larger blocks, fewer flushes); whatever it holds
+   * is flushed as soon as the local side has nothing more to give, so a
+   * reply is never held back waiting for the next one. */
   if (p->wout_len == 0 && !p->local_eof) {
     n = read(p->local, p->lin, CHUNK);
     if (n > 0) {
       atomic_fetch_add(&wan_totals.tx_raw, n);
       if (p->zstd) {
-        ZSTD_inBuffer in = { p->lin, n, 0 };
-        ZSTD_outBuffer out = { p->wout, p->wout_cap, 0 };
-        size_t r;
-        do {
-          r = ZSTD_compressStream2(p->cctx, &out, &in, ZSTD_e_flush);
-          if (ZSTD_isError(r)) {
-            log_error("zstd compression failed: %s", ZSTD_getErrorName(r));
-            return -1;
-          }
-        } while (r != 0 && out.pos < out.size);
-        if (r != 0) { log_error("zstd output larger than its bound"); return -1; }
-        p->wout_len = out.pos;
+        if (compress(p, p->lin, n, n < CHUNK ? ZSTD_e_flush : ZSTD_e_continue) < 0)
+          return -1;
       } else {
         memcpy(p->wout, p->lin, n);
         p->wout_len = n;
       }
       p->wout_off = 0;
       moved = 1;
+    } else if (n < 0 && errno != EAGAIN && errno != EINTR)
+      return -1;
+    else if (p->cpending) {       /* drained (or EOF): flush what zstd holds */
+      if (compress(p, p->lin, 0, ZSTD_e_flush) < 0) return -1;
+      p->wout_off = 0;
+      moved = 1;
     } else if (n == 0)
       p->local_eof = true, moved = 1;
-    else if (errno != EAGAIN && errno != EINTR)
-      return -1;
   }
   /* wout -> WAN */
   if (p->wout_len) {
@@ -536,7 +557,7 @@ static struct pump *pump_new(int wan, bool server)
   p->wan = wan;
   p->local = -1;
   p->server = server;
-  p->wout_cap = ZSTD_compressBound(CHUNK) + 1024;
+  p->wout_cap = ZSTD_compressBound(2 * CHUNK) + 1024;   /* input held back + a chunk */
   p->lin = malloc(CHUNK);
   p->wout = malloc(p->wout_cap);
   p->win = malloc(CHUNK);

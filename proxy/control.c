@@ -207,8 +207,9 @@ static int cmd_status(struct control_client *c, int argc, char **argv, FILE *f,
           ",\"missing\":%" PRIu64 ",\"inflight\":%" PRIu64 "}",
           st.blocks_total, st.blocks_present, st.blocks_missing, st.blocks_inflight);
   fprintf(f, ",\"bytes\":{\"fetched\":%" PRIu64 ",\"zero_skipped\":%" PRIu64
-          ",\"local_written\":%" PRIu64 "}",
-          st.bytes_fetched, st.bytes_zero_skipped, st.bytes_local_written);
+          ",\"local_written\":%" PRIu64 ",\"bridged\":%" PRIu64 "}",
+          st.bytes_fetched, st.bytes_zero_skipped, st.bytes_local_written,
+          st.bytes_bridged);
   fprintf(f, ",\"fetches\":{\"ondemand\":%" PRIu64 ",\"background\":%" PRIu64
           ",\"errors\":%" PRIu64 "}",
           st.fetches_ondemand, st.fetches_background, st.fetch_errors);
