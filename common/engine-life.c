@@ -102,7 +102,7 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   e->bs = cfg->block_size ? cfg->block_size : 4096;
   if (!e->cfg.connections) e->cfg.connections = 2;
   e->bg_window_auto = !e->cfg.bg_window;
-  e->bg_window = e->cfg.bg_window ? e->cfg.bg_window : 8 << 20;
+  e->bg_window = e->cfg.bg_window ? e->cfg.bg_window : 16 << 20;
   if (!e->cfg.max_fetch) e->cfg.max_fetch = 4 << 20;
   if (!e->cfg.source_timeout_s) e->cfg.source_timeout_s = 60;
   if (!e->cfg.persist_interval_ms) e->cfg.persist_interval_ms = 1000;
