@@ -37,10 +37,8 @@ struct waiter {
 struct fetch_job {
   uint64_t first, count;        /* blocks */
   uint64_t off, len;            /* bytes (len shorter for the last block) */
-  uint64_t owned;               /* blocks of the range in the in-flight table
-                                 * as this job's */
-  uint64_t shared;              /* blocks a background job was already
-                                 * fetching (an on-demand job overtaking it) */
+  uint64_t owned;               /* blocks of the range this job fetches (the
+                                 * rest were present, zero, when it began) */
   bool ondemand;
   bool submitted;
   bool passthrough;             /* standby: not kept, not in the in-flight table */
@@ -88,7 +86,6 @@ struct engine {
   uint64_t bg_window;           /* current window (auto-sized unless set) */
   bool bg_window_auto;
   uint64_t rtt_ns;              /* smallest recent round trip to the source */
-  uint64_t bg_latency_ns;       /* background job submit-to-done, averaged */
   uint64_t bs_known_until;      /* source block status known below (bytes) */
   bool source_has_status;
   uint64_t forced_missing;

@@ -94,12 +94,9 @@ struct fetch_job *job_new_locked(struct engine *e, uint64_t first,
   j->ondemand = ondemand;
   j->conn = -1;
   /* Present blocks inside the range (zeros a background job reads
-   * across) and blocks another job fetches (an on-demand job overtaking a
-   * background one) are not this job's: they stay out of the in-flight
-   * table, or stay the other job's there. */
+   * across) are not this job's: they stay out of the in-flight table. */
   for (uint64_t b = first; b < first + count; b++) {
     if (bitmap_test(e->bm, b)) continue;
-    if (inflight_get(e, b)) { j->shared++; continue; }
     if (inflight_put(e, b, j) < 0) {
       for (uint64_t c = first; c < b; c++)
         if (inflight_get(e, c) == j) inflight_del(e, c);
@@ -298,13 +295,11 @@ void engine_job_finished(struct engine *e, struct fetch_job *j)
               "image failed: %s", j->first, j->count, strerror(err));
   job_unmark_locked(e, j);
   /* Bridged blocks are never the (short) last block. */
-  uint64_t bridged = (j->count - j->owned - j->shared) * e->bs;
+  uint64_t bridged = (j->count - j->owned) * e->bs;
   e->bytes_fetched += j->len - bridged;
   e->bytes_bridged += bridged;
   if (j->ondemand) e->fetches_ondemand++;
   else {
-    uint64_t lat = now_ns() - j->submit_ns;
-    e->bg_latency_ns = e->bg_latency_ns ? (e->bg_latency_ns * 7 + lat) / 8 : lat;
     e->fetches_background++;
     e->bg_inflight_bytes -= j->len;
   }
@@ -391,38 +386,19 @@ static bool range_present(struct engine *e, uint64_t b0, uint64_t b1)
  * joins jobs in flight, creates on-demand jobs (coalesced, at most
  * max_fetch each) for the rest.  Returns the number of jobs waited on,
  * 0 if all present, -1 on allocation failure. */
-/* Under lock: whether a client read waiting on background job j should
- * fetch its blocks itself, on the on-demand path.  A background job waits
- * behind the whole background window (several round trips at full
- * speed); a fresh on-demand request takes one.  So a read overtakes a
- * background job unless that job is expected within ~1.5 round trips:
- * its expected remaining time is the average background job latency
- * minus its age.  Only small reads do (at most OVERTAKE_MAX bytes). */
-#define OVERTAKE_MAX (UINT64_C(1) << 20)
-static bool overtake_locked(struct engine *e, const struct fetch_job *j,
-                            uint64_t need, uint64_t now)
-{
-  if (j->ondemand || j->passthrough || need > OVERTAKE_MAX) return false;
-  if (!j->submitted) return true;             /* queued for a retry */
-  uint64_t age = now - j->submit_ns;
-  return e->bg_latency_ns > age && e->bg_latency_ns - age > e->rtt_ns * 3 / 2;
-}
-
 static int wait_for_blocks_locked(struct engine *e, struct pend *p,
                                   uint64_t b0, uint64_t b1)
 {
   uint64_t per_job = MAX(1, e->cfg.max_fetch / e->bs);
-  uint64_t need = (b1 - b0 + 1) * e->bs, now = now_ns();
   struct fetch_job *last = NULL;
   for (uint64_t b = b0; b <= b1; ) {
     struct fetch_job *j;
     if (bitmap_test(e->bm, b)) { b++; continue; }
     j = inflight_get(e, b);
-    if (!j || overtake_locked(e, j, need, now)) {
+    if (!j) {
       uint64_t s = b;
-      struct fetch_job *o;
       while (b <= b1 && b - s < per_job && !bitmap_test(e->bm, b) &&
-             (!(o = inflight_get(e, b)) || overtake_locked(e, o, need, now)))
+             !inflight_get(e, b))
         b++;
       j = job_new_locked(e, s, b - s, true);
       if (!j) return -1;

@@ -203,9 +203,9 @@ int source_probe(struct engine *e, const char *target, uint64_t *size,
 
 static void requeue(struct engine *e, struct fetch_job *j)
 {
+  j->submitted = false;
   j->conn = -1;
   pthread_mutex_lock(&e->lock);
-  j->submitted = false;           /* read by overtake_locked */
   j->next = e->retry_head;
   e->retry_head = j;
   pthread_mutex_unlock(&e->lock);
@@ -291,7 +291,7 @@ static void maybe_probe(struct engine *e, struct fetcher *f, uint64_t now)
  * best delivery rate seen over the last ~10 s (a max filter), the path's
  * delay the smallest round trip.  While the copy delivers at (close to)
  * its best rate, the window grows by a quarter to find out whether the
- * link can carry more; it never exceeds 4 x bandwidth x RTT.  A window
+ * link can carry more; it never exceeds 2 x bandwidth x RTT.  A window
  * sized from the *current* rate instead would limit itself: when the
  * window is what limits the rate, rate x RTT is smaller than the window. */
 #define RATE_SAMPLES 40
@@ -308,7 +308,7 @@ static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
   for (unsigned i = 0; i < RATE_SAMPLES; i++) maxrate = MAX(maxrate, f->rates[i]);
   if (e->bg_window_auto && f->rtt_min && rate && e->bg_running && !e->bg_paused) {
     uint64_t w = e->bg_window;
-    uint64_t cap = 4 * (maxrate * f->rtt_min / 1000000000u);
+    uint64_t cap = 2 * (maxrate * f->rtt_min / 1000000000u);
     /* Start-up doubles the window while the rate keeps growing with it
      * (as TCP's slow start does), so that a fast long link is filled
      * within a few round trips; after three samples without a quarter
@@ -362,11 +362,9 @@ static bool submit(struct engine *e, struct fetcher *f, struct fetch_job *j, uns
   j->e = e;
   j->conn = i;
   j->gen = c->gen;
-  j->attempts++;
-  pthread_mutex_lock(&e->lock);   /* both read by overtake_locked */
   j->submitted = true;
+  j->attempts++;
   j->submit_ns = now_ns();
-  pthread_mutex_unlock(&e->lock);
   j->cprev = NULL;
   j->cnext = c->submitted;
   if (c->submitted) c->submitted->cprev = j;
@@ -834,6 +832,13 @@ int fetcher_start(struct engine *e, char *err, size_t errlen)
   }
   f->target = strdup(e->target);
   f->rate_at = f->tokens_at = now_ns();
+  /* The first round trip: from the WAN handshake, taken before any bulk
+   * data could queue on the path (a probe in the first second may wait
+   * behind the background copy's start on connection 0). */
+  if ((f->rtt_min = wan_handshake_rtt_ns())) {
+    f->rtt_epoch = f->rate_at;
+    e->rtt_ns = f->rtt_min;
+  }
   e->f = f;
   if (pthread_create(&e->fetcher, NULL, fetcher_main, e) != 0) {
     snprintf(err, errlen, "cannot start the fetcher thread");

@@ -25,6 +25,9 @@
 #define HELLO_SIZE 20
 
 struct wan_counters wan_totals;
+static atomic_uint_fast64_t hello_rtt_min;
+
+uint64_t wan_handshake_rtt_ns(void) { return atomic_load(&hello_rtt_min); }
 static atomic_uint live_pumps;
 
 /* ---------- TLS ---------- */
@@ -329,8 +332,13 @@ static int handshake(struct pump *p)
   put_be32(h + 8, WAN_VERSION);
   put_be32(h + 12, p->flags);
   put_be32(h + 16, p->level);
+  uint64_t sent = now_ns();
   if (io_exact(p->wan, h, sizeof h, true, p->deadline) < 0) return -1;
   if (io_exact(p->wan, h, sizeof h, false, p->deadline) < 0) return -1;
+  uint64_t rtt = now_ns() - sent, old = atomic_load(&hello_rtt_min);
+  while ((!old || rtt < old) &&
+         !atomic_compare_exchange_weak(&hello_rtt_min, &old, rtt))
+    ;
   if (memcmp(h, WAN_MAGIC, 8) != 0) {
     log_warn("WAN connection to %s: the peer is not an xnbd-server WAN port "
              "(use nbd:// for plain NBD servers)", p->host);

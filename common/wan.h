@@ -46,6 +46,11 @@ struct wan_counters {
 };
 extern struct wan_counters wan_totals;
 
+/* The smallest round trip a client handshake has seen (hello sent to
+ * reply received), in ns; 0 before any.  A clean sample of the path's
+ * delay, taken before any bulk data queues on it. */
+uint64_t wan_handshake_rtt_ns(void);
+
 struct wan_tls;                   /* OpenSSL context and settings */
 
 /* TLS settings.  Certificates: a directory with ca-cert.pem, and
