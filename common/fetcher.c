@@ -19,8 +19,8 @@
 #define MAX_CONNS 16
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
-#define STATUS_CHUNK (UINT64_C(64) << 20)  /* block status asked per query */
-#define STATUS_QUERIES 8                     /* block status queries in flight */
+#define STATUS_CHUNK (UINT64_C(16) << 20)  /* block status asked per query */
+#define STATUS_QUERIES 16                    /* block status queries in flight */
 
 enum sc_state { SC_DOWN, SC_CONNECTING, SC_UP };
 
@@ -299,7 +299,8 @@ static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
 {
   if (now - f->win_at < 250000000u) return;
   pthread_mutex_lock(&e->lock);
-  uint64_t bytes = e->bytes_fetched, dt = now - f->win_at;
+  /* Bytes as the window counts them: bridged zeros included. */
+  uint64_t bytes = e->bytes_fetched + e->bytes_bridged, dt = now - f->win_at;
   uint64_t rate = f->win_at ? (bytes - f->win_bytes) * 1000000000u / dt : 0;
   f->win_at = now;
   f->win_bytes = bytes;
@@ -320,7 +321,8 @@ static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
       f->startup_flat++;
     if (rate >= maxrate * 85 / 100 && e->bg_inflight_bytes >= w * 3 / 4)
       w = f->startup_flat < 3 ? w * 2 : w * 5 / 4;   /* at its best and using it: probe */
-    w = MIN(w, MAX(cap, (uint64_t) 8 << 20));   /* no cap from a ramp-up rate */
+    if (f->startup_flat >= 3)      /* no cap from a ramp-up rate */
+      w = MIN(w, MAX(cap, (uint64_t) 8 << 20));
     e->bg_window = MIN(MAX(w, (uint64_t) 4 << 20), (uint64_t) 256 << 20);
   }
   pthread_mutex_unlock(&e->lock);
@@ -548,7 +550,7 @@ static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
 {
   struct fetch_job *list = NULL, **tail = &list, *j, *next;
   /* Several jobs per window, so replies stream back to back. */
-  uint64_t job_bytes = MIN((uint64_t) e->cfg.max_fetch, MAX(e->bg_window / 8, (uint64_t) 256 << 10));
+  uint64_t job_bytes = MIN((uint64_t) e->cfg.max_fetch, MAX(e->bg_window / 16, (uint64_t) 256 << 10));
   uint64_t per_job = MAX(1, job_bytes / e->bs);
   int ci = pick_conn(f, false);
   bool wrapped = false;
