@@ -64,6 +64,7 @@ struct fetcher {
   unsigned nrate;
   uint64_t startup_best;           /* window start-up: best rate so far */
   unsigned startup_flat;           /* samples since it grew by a quarter */
+  bool startup_over;
   char probe_buf[512];           /* source's base:allocation support known */
 };
 
@@ -310,20 +311,28 @@ static void size_window(struct engine *e, struct fetcher *f, uint64_t now)
   if (e->bg_window_auto && f->rtt_min && rate && e->bg_running && !e->bg_paused) {
     uint64_t w = e->bg_window;
     uint64_t cap = 2 * (maxrate * f->rtt_min / 1000000000u);
-    /* Start-up doubles the window while the rate keeps growing with it
-     * (as TCP's slow start does), so that a fast long link is filled
-     * within a few round trips; after three samples without a quarter
-     * more rate, growth is by a quarter. */
-    if (rate > f->startup_best * 5 / 4) {
+    /* Start-up doubles the window each time the rate grew by a quarter
+     * since the last sample, as TCP's slow start does, so that a fast
+     * long link is filled within a few round trips -- but only while the
+     * window is at most 4 x bandwidth x RTT (beyond that the link, not the
+     * window, limits the rate: a thin link never sees a doubling).  It
+     * ends for good after three samples without such growth; from then on
+     * the window grows by a quarter, capped at 2 x bandwidth x RTT. */
+    bool grew = f->startup_best && rate > f->startup_best * 5 / 4;
+    if (!f->startup_best || grew) {
       f->startup_best = rate;
       f->startup_flat = 0;
-    } else if (f->startup_flat < 3)
-      f->startup_flat++;
+    } else if (f->startup_flat < 3 && ++f->startup_flat == 3)
+      f->startup_over = true;
+    bool doubling = grew && !f->startup_over && w <= 2 * cap;   /* <= 4 x BDP */
     if (rate >= maxrate * 85 / 100 && e->bg_inflight_bytes >= w * 3 / 4)
-      w = f->startup_flat < 3 ? w * 2 : w * 5 / 4;   /* at its best and using it: probe */
-    if (f->startup_flat >= 3)      /* no cap from a ramp-up rate */
-      w = MIN(w, MAX(cap, (uint64_t) 8 << 20));
-    e->bg_window = MIN(MAX(w, (uint64_t) 4 << 20), (uint64_t) 256 << 20);
+      w = doubling ? w * 2 : f->startup_over ? w * 5 / 4 : w;   /* at its best and using it */
+    if (f->startup_over)           /* no cap from a ramp-up rate */
+      w = MIN(w, cap);
+    /* At least 2 MiB: a few jobs in flight even on a thin link; the
+     * queue behind the pipe stays short there too (a read joining a
+     * background job waits for it). */
+    e->bg_window = MIN(MAX(w, (uint64_t) 2 << 20), (uint64_t) 256 << 20);
   }
   pthread_mutex_unlock(&e->lock);
 }
