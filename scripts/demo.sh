@@ -296,6 +296,9 @@ def report(status, image_size, wire_sent, wire_recv, veth_rx, veth_tx):
     print("  zero blocks, not sent    %s (holes at A, known from block status; zeros written" % mib(b["zero_skipped"]))
     print("                           at A are data to block status: fetched, compressed to almost nothing)")
     print("  fetched from the source  %s  (%d on-demand fetches, %d background)" % (mib(b["fetched"]), f["ondemand"], f["background"]))
+    if b.get("bridged"):
+        print("  zeros read across        %s  (known-zero blocks inside larger background reads:" % mib(b["bridged"]))
+        print("                           sent as holes, not written again, not in 'fetched')")
     print("  written by the client    %s  (stayed at site B)" % mib(b["local_written"]))
     if j.get("rtt_us"):
         print("  round trip to A          %.1f ms (measured by the proxy)" % (j["rtt_us"] / 1000.0))
