@@ -259,6 +259,14 @@ stop_server ()
   return "$st"
 }
 
+# stop_ok PID NAME: stops a server with SIGTERM; it must exit with status 0.
+stop_ok ()
+{
+  local st=0
+  stop_server "$1" || st=$?
+  [ "$st" -eq 0 ] || fail "$2 exited with status $st on SIGTERM"
+}
+
 # ---------------------------------------------------------------- images
 
 # Size in bytes from "64M", "16MiB", "4096".

@@ -25,8 +25,7 @@ start_proxy --target "$uriA" "${common[@]}"
 qio "$uri" "read 0 4M" "read $((40 * M)) 2M"
 presentA=$(proxy_status "$ctlsock" blocks.present)
 [ "$presentA" -ge $((6 * M / 4096)) ] || fail "only $presentA blocks present after reading 6 MiB"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 bitmap_sha=$(sha "$bitmap") cache_sha=$(sha "$cache")
 
 # refused WHAT REGEX... -- PROXY-ARGS...: the proxy must exit with status 1
@@ -77,8 +76,7 @@ start_proxy --target "$uriA" "${common[@]}"
 [ "$(proxy_status "$ctlsock" blocks.present)" -eq "$presentA" ] ||
   fail "after the refusals A resumed with $(proxy_status "$ctlsock" blocks.present) blocks present, expected $presentA"
 qemu-img compare -f raw -F raw "$imgA" "$uri" || fail "A served wrongly after the refusals"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 
 # --clear-bitmap with the same files: starts over and serves B.
 start_proxy --target "$uriB" "${common[@]}" --clear-bitmap
@@ -90,7 +88,6 @@ qemu-img compare -f raw -F raw "$imgB" "$uri" || fail "B served wrongly after --
 ctl_ok "$ctlsock" cache-all
 wait_state "$ctlsock" complete 60
 qemu-img compare -f raw -F raw "$imgB" "$uri" || fail "B differs after the copy completed"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 same_content "$cache" "$imgB"
 echo OK

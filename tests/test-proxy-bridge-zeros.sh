@@ -82,8 +82,7 @@ bridged=$(json_get "$s" bytes.bridged) bg=$(json_get "$s" fetches.background)
   fail "bytes.local_written is $(json_get "$s" bytes.local_written), expected $((3 * BS + 512))"
 nbdcopy "$puri" "$TESTDIR/out.img"
 same_content "$TESTDIR/out.img" "$model"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 same_content "$TESTDIR/cache.img" "$model"
 calloc=$(( $(stat -c %b "$TESTDIR/cache.img") * $(stat -c %B "$TESTDIR/cache.img") ))
 echo "cache image: $calloc bytes allocated; data $data bytes"
@@ -102,8 +101,7 @@ echo "nbd:// complete: $s"
   fail "$(json_get "$s" fetches.background) background fetches over plain NBD for $runs data runs"
 [ $(( $(json_get "$s" bytes.fetched) + $(json_get "$s" bytes.zero_skipped) )) -eq "$size" ] ||
   fail "plain NBD: fetched + zero-skipped is not the image size: $s"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 same_content "$TESTDIR/cache2.img" "$src"
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed (I6)"
 echo OK

@@ -25,8 +25,7 @@ qio "$uri" "${w1[@]}"
 qio "$model" "${w1[@]}"
 wait_state "$ctlsock" complete 60
 qemu-img compare -f raw -F raw "$model" "$uri" || fail "the disk differs from the model once complete"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 stop_server "$src_pid" || true
 rm -f "$ssock"
 
@@ -43,8 +42,7 @@ qio "$model" "${w2[@]}"
 qemu-img compare -f raw -F raw "$model" "$uri" || fail "served without a source, the disk differs from the model"
 [ "$(json_get "$(ctl_ok "$ctlsock" status)" bytes.fetched)" -eq 0 ] ||
   fail "a proxy without a source reports bytes fetched"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 
 # A --target that is down does not stop a complete proxy either.
 start_proxy --target "$(nbd_unix_uri "$ssock")" "${local_args[@]}"
@@ -52,8 +50,7 @@ w3=("write -P 0x64 $((20 * M - 5)) 10")
 qio "$uri" "${w3[@]}"
 qio "$model" "${w3[@]}"
 qemu-img compare -f raw -F raw "$model" "$uri" || fail "with a dead --target, the disk differs from the model"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 same_content "$TESTDIR/cache.img" "$model"
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed (I6)"
 echo OK

@@ -226,10 +226,8 @@ printf '\x77%.0s' $(seq 512) | dd of="$model" bs=1 seek=$(( C * BS + 1024 )) con
 # ------------------------------------------------------------ source reads
 expect_status "fetches.ondemand fetches.background fetches.errors blocks.present bytes.fetched" \
   "3 0 0 3 $(( 3 * BS ))" "after (a)-(c)"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
-st=0; stop_server "$SOURCE_PID" || st=$?
-[ "$st" -eq 0 ] || fail "nbdkit exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
+stop_ok "$SOURCE_PID" nbdkit
 [ -s "$stats" ] || fail "nbdkit's stats filter wrote no $stats"
 reads=$(awk '$1 == "read:" { print $2 }' "$stats")
 rbytes=$(awk '$1 == "read:" { print $6, $7 }' "$stats" | tr -d ,)
@@ -253,7 +251,6 @@ qemu-img compare -f raw -F raw "$model" "$puri" ||
   fail "the proxy's export differs from the model image"
 expect_status "fetches.errors blocks.inflight" "0 0" "after the full compare"
 assert_alive "$PROXY_PID"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 [ "$(sha "$img")" = "$img_sha" ] || fail "I6: the source image changed"
 echo OK

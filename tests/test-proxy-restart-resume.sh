@@ -35,8 +35,7 @@ echo "before the restart: $present1 of $total blocks present"
 least=$(((8 * M + 256 * 1024) / bs))
 [ "$present1" -ge "$least" ] && [ "$present1" -lt "$total" ] ||
   fail "$present1 blocks present after the reads and writes, expected at least $least and fewer than $total"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 
 start_proxy "${args[@]}"
 wait_state "$ctlsock" proxying 30
@@ -68,8 +67,7 @@ echo "missing at restart: $remaining bytes; fetched $fetched + zero-skipped $zer
 [ "$got" -eq "$remaining" ] ||
   fail "fetched + zero-skipped = $got bytes after the restart, expected exactly the $remaining bytes ($((total - present2)) blocks) missing at restart"
 qemu-img compare -f raw -F raw "$model" "$uri" || fail "the proxy's disk differs from the model"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 same_content "$TESTDIR/cache.img" "$model"
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed (I6)"
 echo OK

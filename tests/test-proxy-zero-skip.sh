@@ -46,8 +46,7 @@ fetched=$(json_get "$s" bytes.fetched) zero=$(json_get "$s" bytes.zero_skipped)
   fail "fetched $fetched + zero-skipped $zero = $((fetched + zero)), expected exactly $size"
 
 qemu-img compare -f raw -F raw "$src" "$uri" || fail "the proxy's disk differs from the source"
-st=0; stop_server "$PROXY_PID" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-proxy exited with status $st on SIGTERM"
+stop_ok "$PROXY_PID" xnbd-proxy
 same_content "$TESTDIR/cache.img" "$src"
 calloc=$(( $(stat -c %b "$TESTDIR/cache.img") * $(stat -c %B "$TESTDIR/cache.img") ))
 echo "cache image: $calloc bytes allocated"

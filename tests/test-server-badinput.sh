@@ -44,7 +44,6 @@ same_content "$model" "$TESTDIR/copy.img"
 
 [ "$st" -eq 0 ] || fail "nbd-badinput reported failing cases (see above)"
 assert_alive "$pid"
-st=0; stop_server "$pid" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-server exited with status $st"
+stop_ok "$pid" xnbd-server
 same_content "$img" "$model"
 echo OK

@@ -70,7 +70,6 @@ for i in 0 1 2 3; do
 done
 qemu-img compare -f raw -F raw "$model" "$uri" || fail "served image differs from the model"
 assert_alive "$pid"
-st=0; stop_server "$pid" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-server exited with status $st"
+stop_ok "$pid" xnbd-server
 same_content "$img" "$model"
 echo OK

@@ -34,8 +34,7 @@ nbdcopy -C 1 --request-size=4096 "$uri_b" "$TESTDIR/out3.img"
 same_content "$src" "$TESTDIR/out3.img"
 
 assert_alive "$pid"
-st=0; stop_server "$pid" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-server exited with status $st"
+stop_ok "$pid" xnbd-server
 same_content "$src" "$a"
 same_content "$src" "$b"
 echo OK

@@ -51,7 +51,6 @@ wait_for fuse_gone || fail "nbdfuse still running after unmount"
 wait "$fuse_pid" || fail "nbdfuse exited with status $?"
 
 assert_alive "$pid"
-st=0; stop_server "$pid" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-server exited with status $st"
+stop_ok "$pid" xnbd-server
 same_content "$img" "$model"
 echo OK

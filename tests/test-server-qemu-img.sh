@@ -37,7 +37,6 @@ size=$(qemu-img info --output=json -f raw "$dst_uri" | sed -n 's/.*"virtual-size
 [ "$size" = $((64 * 1024 * 1024)) ] || fail "qemu-img info virtual-size '$size'"
 
 assert_alive "$dst_pid"
-st=0; stop_server "$dst_pid" || st=$?
-[ "$st" -eq 0 ] || fail "xnbd-server exited with status $st"
+stop_ok "$dst_pid" xnbd-server
 same_content "$src" "$dst"
 echo OK
