@@ -43,14 +43,7 @@ set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=proxy.sh
 . "$BENCH_DIR/proxy.sh"
-ME=migrate.sh
-
-usage() { echo "usage: $0 BUILDDIR" >&2; exit 1; }
-[[ $# -eq 1 ]] || usage
-cd "$BENCH_DIR/../.."
-BUILDDIR=$(cd "$1" && pwd) || { echo "$ME: no such build directory: $1" >&2; exit 1; }
-XNBD=$BUILDDIR/xnbd-server
-PROXY=$BUILDDIR/xnbd-proxy
+bench_init migrate.sh "$@"
 LAT=$BUILDDIR/tests/lat
 WAN=$PWD/scripts/wan-emu/wan-emu
 OUT=$BUILDDIR/bench-migrate.txt
@@ -70,7 +63,6 @@ LAT_N=${BENCH_LAT_N:-100}
 SEED=${BENCH_SEED:-1}
 ZSTD_LEVEL=3                      # xnbd-proxy's default --compress level
 
-die() { echo "$ME: $*" >&2; exit 1; }
 for v in SIZE_MIB CAP LAT_N; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
@@ -93,7 +85,6 @@ export XNBD_BUILD=$BUILDDIR       # wan-emu takes wan-relay from here
 WNAME=xbench$$
 wan_up=0
 PIDS=()                           # every process started, stopped at exit
-tmp=
 
 # start_bg VAR CMD...: starts CMD in the background, records its PID in
 # PIDS and in VAR.
@@ -122,19 +113,11 @@ stop_all() {
 
 wan() { "$WAN" --name "$WNAME" "$@"; }
 
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
+bench_cleanup_extra() {
     stop_all
     if (( wan_up )); then wan down >/dev/null 2>&1 || echo "$ME: 'wan-emu --name $WNAME down' failed" >&2; fi
-    [[ -n $tmp && -d $tmp ]] && rm -rf "$tmp"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-tmp=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/xnbd-bench-migrate.XXXXXX")
+bench_tmpdir migrate
 chmod 755 "$tmp"
 img=$tmp/source.img
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -185,13 +185,7 @@ if [[ ${BASH_SOURCE[0]} != "$0" ]]; then
 fi
 
 # ---------------------------------------------------------------- Main
-ME=proxy.sh
-usage() { echo "usage: $0 BUILDDIR" >&2; exit 1; }
-[[ $# -eq 1 ]] || usage
-cd "$BENCH_DIR/../.."
-BUILDDIR=$(cd "$1" && pwd) || { echo "proxy.sh: no such build directory: $1" >&2; exit 1; }
-XNBD=$BUILDDIR/xnbd-server
-PROXY=$BUILDDIR/xnbd-proxy
+bench_init proxy.sh "$@"
 SECONDS_PER=${BENCH_SECONDS:-15}
 SIZE_MIB=${BENCH_SIZE_MIB:-1024}
 REPEAT=${BENCH_REPEAT:-3}
@@ -201,7 +195,6 @@ PARTS=${BENCH_PARTS:-a b}
 OUT=$BUILDDIR/bench-proxy.txt
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
-die() { echo "proxy.sh: $*" >&2; exit 1; }
 for v in SECONDS_PER SIZE_MIB REPEAT IO_REPEAT; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
@@ -214,24 +207,15 @@ done
 fio --enghelp=nbd >/dev/null 2>&1 ||
     die "this fio has no nbd engine (fio --enghelp=nbd failed); Debian's fio >= 3.20 has it"
 
-tmp=
 src_pid=
 copy_pid=
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
+bench_cleanup_extra() {
     stop_server
     declare -F stop_io_servers >/dev/null && stop_io_servers
     kill_pid "$copy_pid" "copy"
     kill_pid "$src_pid" "source xnbd-server"
-    [[ -n $tmp && -d $tmp ]] && rm -rf "$tmp"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-tmp=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/xnbd-bench-proxy.XXXXXX")
+bench_tmpdir proxy
 pristine=$tmp/source.img
 sock=$tmp/nbd.sock
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -282,7 +266,7 @@ COPIES=(
     "proxy-xnbd   proxy   xnbd://127.0.0.1:$wanport/"
 )
 COPY_TIMEOUT=$(( 120 + SIZE_MIB / 4 ))
-declare -A TIMES STATUSF
+declare -A TIMES
 
 # copy_once NAME TOOL URI: one timed copy; sets copy_t to the seconds it
 # took, or to FAIL/TIMEOUT.

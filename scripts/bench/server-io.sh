@@ -178,22 +178,49 @@ print_io_table() {
     done
 }
 
+# ------------------------------------------------- Shared by every bench script
+# bench_init ME ARGS...: the one argument is BUILDDIR; goes to the
+# repository root and sets ME, BUILDDIR, XNBD, PROXY.
+bench_init() {
+    ME=$1; shift
+    [[ $# -eq 1 ]] || { echo "usage: $ME BUILDDIR" >&2; exit 1; }
+    cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+    BUILDDIR=$(cd "$1" && pwd) || { echo "$ME: no such build directory: $1" >&2; exit 1; }
+    XNBD=$BUILDDIR/xnbd-server
+    # shellcheck disable=SC2034  # for proxy.sh and migrate.sh
+    PROXY=$BUILDDIR/xnbd-proxy
+}
+die() { echo "$ME: $*" >&2; exit 1; }
+
+# bench_tmpdir NAME: makes the scratch directory $tmp; on exit (also on
+# INT/TERM) runs the caller's bench_cleanup_extra, if defined, then
+# removes $tmp.
+tmp=
+bench_cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    declare -F bench_cleanup_extra >/dev/null && bench_cleanup_extra
+    [[ -n $tmp && -d $tmp ]] && rm -rf "$tmp"
+    exit "$rc"
+}
+bench_tmpdir() {
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    tmp=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/xnbd-bench-$1.XXXXXX")
+}
+
 # Sourced: the functions are all the caller wants.
 if [[ ${BASH_SOURCE[0]} != "$0" ]]; then
     return 0
 fi
 
 # ---------------------------------------------------------------- Main
-usage() { echo "usage: $0 BUILDDIR" >&2; exit 1; }
-[[ $# -eq 1 ]] || usage
-cd "$(dirname "$0")/../.."
-BUILDDIR=$(cd "$1" && pwd) || { echo "server-io.sh: no such build directory: $1" >&2; exit 1; }
-XNBD=$BUILDDIR/xnbd-server
+bench_init server-io.sh "$@"
 SECONDS_PER=${BENCH_SECONDS:-15}
 SIZE_MIB=${BENCH_SIZE_MIB:-1024}
 OUT=$BUILDDIR/bench-server-io.txt
 
-die() { echo "server-io.sh: $*" >&2; exit 1; }
 [[ $SECONDS_PER =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer, not '$SECONDS_PER'"
 [[ $SIZE_MIB =~ ^[1-9][0-9]*$ ]] || die "BENCH_SIZE_MIB must be a positive integer, not '$SIZE_MIB'"
 [[ -x $XNBD ]] || die "$XNBD not found; run 'make' first"
@@ -204,20 +231,8 @@ fio --enghelp=nbd >/dev/null 2>&1 ||
     die "this fio has no nbd engine (fio --enghelp=nbd failed); Debian's fio >= 3.20 has it"
 nbdkit file --version >/dev/null 2>&1 || die "nbdkit's file plugin is missing"
 
-tmp=
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_server
-    [[ -n $tmp && -d $tmp ]] && rm -rf "$tmp"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-tmp=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/xnbd-bench.XXXXXX")
+bench_cleanup_extra() { stop_server; }
+bench_tmpdir server-io
 img=$tmp/disk.img
 sock=$tmp/nbd.sock
 
