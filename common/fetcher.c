@@ -594,9 +594,9 @@ static void bg_fill(struct engine *e, struct fetcher *f, uint64_t now)
     if (e->source_has_status && b * e->bs >= e->bs_known_until) break;
     uint64_t s = b;
     uint64_t lim = e->source_has_status ? (e->bs_known_until + e->bs - 1) / e->bs : e->nblocks;
-    lim = MIN(lim, s + per_job);
+    lim = MIN(lim, s + per_job);      /* lim <= nblocks */
     for (;;) {
-      while (b < e->nblocks && b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b))
+      while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b))
         b++;
       uint64_t g = bridge_gap(e, b, lim);
       if (g == b) break;

@@ -26,9 +26,9 @@
 
 struct wan_counters wan_totals;
 static atomic_uint_fast64_t hello_rtt_min;
+static atomic_uint live_pumps;
 
 uint64_t wan_handshake_rtt_ns(void) { return atomic_load(&hello_rtt_min); }
-static atomic_uint live_pumps;
 
 /* ---------- TLS ---------- */
 
