@@ -10,19 +10,21 @@ DESTDIR   ?=
 BUILDDIR  ?= build
 SAN       ?=
 
+# One folder per layer (common/README); headers are included by name.
+COMMON_INC := $(patsubst %,-I%,$(sort $(dir $(wildcard common/*/*.h))))
 PKGS      := libevent libevent_pthreads libevent_openssl libnbd libzstd openssl
 CC        ?= cc
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter \
              -D_GNU_SOURCE -DXNBD_VERSION='"$(VERSION)"' -pthread \
-             -Icommon -Iproxy $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+             $(COMMON_INC) -Iproxy $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 ifneq ($(SAN),)
 CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS   += -fsanitize=address,undefined
 endif
 
-COMMON_SRC := $(wildcard common/*.c)
+COMMON_SRC := $(wildcard common/*/*.c)
 COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILDDIR)/%.o)
 LIBCOMMON  := $(BUILDDIR)/libxnbd-common.a
 
@@ -40,7 +42,7 @@ MANPAGES   := $(wildcard man/*.[18])
 .PHONY: all check check-build unit e2e bench install clean deps
 all: $(PROGRAMS) $(TOOLS)
 
-$(BUILDDIR)/%.o: %.c $(wildcard common/*.h)
+$(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -64,7 +66,7 @@ $(BUILDDIR)/tests/unit-%: $(BUILDDIR)/tests/unit/test-%.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcriterion
 
 # The control test compiles proxy/control.c into itself.
-$(BUILDDIR)/tests/unit/test-control.o: proxy/control.c proxy/control.h common/json.h
+$(BUILDDIR)/tests/unit/test-control.o: proxy/control.c proxy/control.h common/lib/json.h
 
 deps:
 	@scripts/install-deps.sh

@@ -1,4 +1,4 @@
-/* Unit tests for common/bitmap.c: the persistent cached-block bitmap. */
+/* Unit tests for common/store/bitmap.c: the persistent cached-block bitmap. */
 #include <criterion/criterion.h>
 
 #include <dirent.h>

@@ -1,8 +1,8 @@
-/* Unit tests for proxy/control.c (the control socket) and common/json.c.
+/* Unit tests for proxy/control.c (the control socket) and common/lib/json.c.
  *
  * The control code is compiled into this file together with a FAKE engine
  * (the engine.h functions below, with canned behaviour and call records),
- * so the test needs neither a source nor common/engine.c: nothing here
+ * so the test needs neither a source nor common/engine/engine.c: nothing here
  * refers to any other engine symbol, so the linker never pulls engine.o
  * out of libxnbd-common.a.  The server runs on an event loop thread; the
  * tests are its clients over the real unix socket. */

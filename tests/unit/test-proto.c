@@ -1,5 +1,5 @@
-/* Unit tests for common/proto.c (NBD message decoding and validation) and
- * the parsing helpers of common/util.c. */
+/* Unit tests for common/nbd/proto.c (NBD message decoding and validation) and
+ * the parsing helpers of common/lib/util.c. */
 #include <criterion/criterion.h>
 
 #include <errno.h>

@@ -346,6 +346,8 @@ uint64_t engine_mark_zero(struct engine *e, uint64_t first, uint64_t count)
     n += b - s;
   }
   pthread_mutex_unlock(&e->lock);
+  /* The last missing blocks may well be zeros (D4). */
+  if (n) engine_check_complete(e);
   return n;
 }
 
