@@ -1,11 +1,22 @@
-/* engine-int.h: internals shared by engine.c (block states, client
- * operations, lifecycle) and fetcher.c (the source side: libnbd
- * connections, fetch jobs, background copy).  Not for front ends.
+/* engine-int.h: the engine's internals, shared by its files and by nothing
+ * else (front ends see engine.h only).
  *
- * Lock order: engine.lock, then bitmap's internal locks.  engine.lock is
- * held while fetched data or a client write to a non-present block is
- * written to the cache, so "check not present, write, set present" is
- * atomic against the other side (I1). */
+ * Files, top to bottom (calls go down only):
+ *   life.c      open/close, statistics, the operator's controls
+ *   client.c    client requests (the backend table)
+ *   copy.c      background copy policy: block status ahead of the copy,
+ *               window and rate, on the source thread's tick
+ *   pipeline.c  jobs: one kind, named states, one producer, one order of
+ *               resolution (known zero -> present locally -> source), the
+ *               one "data landed" path (on the I/O work queue)
+ *   state.c     engine state changes and completion, in one place
+ * below them: store/cache.h (cache image), store/bitmap.h, source/source.h.
+ *
+ * Locks, in order: a job's store stripes (ascending), then engine.lock,
+ * then the bitmap's internal locks.  engine.lock guards metadata only and
+ * is never held across disk or network I/O.  The store stripes serialize
+ * "check missing, write, set present" of one block between a landing job
+ * and a client write to a missing block (I1). */
 #ifndef XNBD_ENGINE_INT_H
 #define XNBD_ENGINE_INT_H
 
@@ -14,51 +25,81 @@
 
 #include "engine.h"
 #include "bitmap.h"
-#include "file-backend.h"
+#include "cache.h"
+#include "source.h"
 
-struct fetch_job;
+#define STRIPES 64                        /* store stripes */
+#define STRIPE_SHIFT 8                    /* blocks per stripe region: 256 */
 
-/* A client request waiting for fetches; resumed when pending reaches 0. */
+enum job_kind {
+  JOB_ONDEMAND,     /* a client waits for these blocks */
+  JOB_BACKGROUND,   /* the background copy */
+  JOB_PASSTHROUGH,  /* standby: exact bytes for one read, not kept */
+  JOB_ZERO,         /* the source said these blocks read as zeros */
+};
+
+enum job_state {
+  JOB_NEW,          /* made, in the in-flight table */
+  JOB_FETCHING,     /* at the source */
+  JOB_LANDING,      /* data (or failure) on its way into the cache */
+};
+
+struct pend;
+struct waiter { struct pend *p; struct waiter *next; };
+
+struct job {
+  struct engine *e;
+  enum job_kind kind;
+  enum job_state state;
+  uint64_t first, count;        /* blocks */
+  uint64_t off, len;            /* bytes (exact request for passthrough) */
+  uint64_t owned;               /* blocks of the range in the in-flight table
+                                 * (the others were present: bridged zeros) */
+  void *buf;
+  int err;
+  struct waiter *waiters;
+  struct source_req sr;
+  struct xwork work;
+  struct job *znext, *zprev;    /* JOB_ZERO: engine.zero_jobs */
+};
+
+/* A client request waiting for jobs; resumed when pending reaches 0. */
 struct pend {
   struct engine *e;
   struct xreq *r;
-  unsigned pending;             /* jobs not yet finished */
-  int err;                      /* first failure */
-  uint64_t deadline_ns;         /* EIO after this if the source is gone */
-  bool expired;                 /* already answered EIO; free when released */
-  bool passthrough;             /* standby read: complete with the job data */
+  void (*resume)(struct engine *e, struct xreq *r);   /* run it again */
+  unsigned pending;
+  int err;
+  uint64_t deadline_ns;
+  bool expired;                 /* answered EIO already; freed when released */
+  bool passthrough;             /* completed with the job's bytes */
 };
 
-struct waiter {
-  struct pend *p;
-  struct waiter *next;
-};
+struct hnode { uint64_t block; struct job *job; struct hnode *next; };
+struct inflight_tab { struct hnode **b; size_t nbuckets, n; };
 
-struct fetch_job {
-  uint64_t first, count;        /* blocks */
-  uint64_t off, len;            /* bytes (len shorter for the last block) */
-  uint64_t owned;               /* blocks of the range this job fetches (the
-                                 * rest were present, zero, when it began) */
-  bool ondemand;
-  bool submitted;
-  bool passthrough;             /* standby: not kept, not in the in-flight table */
-  void *buf;
-  struct waiter *waiters;
-  unsigned attempts;
-  uint64_t submit_ns;
-  int err;                      /* set by the libnbd completion */
-  int conn;                     /* connection index while submitted */
-  unsigned gen;                 /* that connection's generation then */
-  struct engine *e;
-  struct fetch_job *next;       /* queue / completed list link */
-  struct fetch_job *cnext, *cprev;   /* connection's submitted list links */
-};
-
-/* block -> in-flight job (chained hash). */
-struct hnode { uint64_t block; struct fetch_job *job; struct hnode *next; };
-struct inflight_tab {
-  struct hnode **b;
-  size_t nbuckets, n;
+/* Background copy policy (copy.c), under engine.lock unless noted. */
+struct copy {
+  bool running, paused;
+  uint64_t rate;                /* cap, bytes/s (0: none) */
+  uint64_t cursor;              /* next block to look at */
+  uint64_t inflight_bytes;
+  uint64_t window;
+  bool window_auto;
+  /* Block status, asked per chunk with several queries in flight. */
+  uint64_t status_until;        /* known below this offset */
+  uint64_t *status_known;       /* per chunk: known up to (absolute) */
+  bool *status_asking;
+  uint64_t nchunks;
+  unsigned status_outstanding;
+  uint64_t *zero_known;         /* blocks found zero (for bridging), or NULL */
+  /* Source thread only. */
+  int64_t tokens;
+  uint64_t tokens_at, rate_at, rate_bytes, last_expire;
+  uint64_t win_at, win_bytes, rates[40];
+  unsigned nrate, startup_flat;
+  uint64_t startup_best;
+  bool startup_over;
 };
 
 struct engine {
@@ -67,89 +108,59 @@ struct engine {
   uint64_t size;
   uint32_t bs;
   uint64_t nblocks;
-  struct file_backend *fb;      /* the cache image */
-  int cache_fd;
+  struct cache *cache;
   struct bitmap *bm;
-  atomic_uint_fast64_t sync_count;
-  struct wan_tls *wan_tls;      /* client TLS context for xnbds:// */
+  struct source *src;           /* NULL once detached (or complete at start) */
+  bool has_status;              /* the source offers base:allocation */
+  pthread_mutex_t stripe[STRIPES];
 
   pthread_mutex_t lock;         /* protects everything below */
-  struct inflight_tab inflight;
-  struct fetch_job *od_head, *od_tail;   /* on-demand jobs to submit */
-  struct fetch_job *retry_head;          /* failed jobs to resubmit */
   enum engine_state state;
   bool standby;
-  bool bg_running, bg_paused;
-  uint64_t bg_rate;
-  uint64_t bg_cursor;           /* next block the background copy looks at */
-  uint64_t bg_inflight_bytes;
-  uint64_t bg_window;           /* current window (auto-sized unless set) */
-  bool bg_window_auto;
-  uint64_t rtt_ns;              /* smallest recent round trip to the source */
-  uint64_t bs_known_until;      /* source block status known below (bytes) */
-  bool source_has_status;
+  bool cache_all_at_activate;   /* --standby --cache-all */
+  struct copy copy;
+  struct inflight_tab inflight;
+  struct job *zero_jobs;        /* JOB_ZERO jobs (ranges, not in the table) */
+  uint64_t blocks_inflight;
+  struct pend **waiting;        /* every pend with a deadline */
+  size_t nwaiting, waiting_cap;
   uint64_t forced_missing;
   char last_error[512];
   char source_id[BITMAP_SOURCE_ID_MAX + 1];
-  uint64_t ondemand_waiting;
-  uint64_t blocks_inflight;
-  struct pend **waiting;        /* every pend with a deadline (for expiry) */
-  size_t nwaiting, waiting_cap;
-  char *new_target;             /* reconnect request */
+  uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written, bytes_bridged;
+  uint64_t fetches_ondemand, fetches_background, fetch_errors, fetch_rate;
+  uint64_t local_errors;        /* cache writes that failed (disk full...) */
 
-  /* Counters (under lock). */
-  uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written;
-  uint64_t bytes_bridged;       /* zero blocks read again inside larger jobs */
-  /* Blocks found zero at the source by block status this run (one bit
-   * each; NULL unless background jobs may bridge them, see bg_fill). */
-  uint64_t *zero_known;
-  bool bridge_zeros;            /* the current source compresses zeros away */
-  uint64_t fetches_ondemand, fetches_background, fetch_errors;
-  uint64_t fetch_rate;
-
-  /* Fetcher thread. */
-  pthread_t fetcher;
-  bool fetcher_started;
+  unsigned jobs_live;            /* made and not yet landed (close waits) */
+  pthread_cond_t jobs_cond;
   atomic_bool stopping;
-  int wake_fd;                  /* eventfd: wakes the fetcher */
-  struct fetcher *f;            /* fetcher-private state */
-  void *probe_handle;           /* the start-up connection (struct nbd_handle),
-                                 * adopted by the fetcher as connection 0 */
-
-  /* Persister thread. */
   pthread_t persister;
   bool persister_started;
   pthread_cond_t persist_cond;
 };
 
-/* engine.c, called by the fetcher (without engine.lock held). */
-void engine_job_finished(struct engine *e, struct fetch_job *j);
-void engine_job_failed_final(struct engine *e, struct fetch_job *j, int err);
-/* Marks [first, first+count) present as zeros where missing and not in
- * flight (source said they read as zero).  Returns blocks marked. */
-uint64_t engine_mark_zero(struct engine *e, uint64_t first, uint64_t count);
-void engine_check_complete(struct engine *e);
+/* pipeline.c */
+struct job *job_make_locked(struct engine *e, enum job_kind kind,
+                            uint64_t first, uint64_t count);
+void job_start(struct engine *e, struct job *j);
+struct job *inflight_get(struct engine *e, uint64_t block);
+int job_add_waiter_locked(struct job *j, struct pend *p);
+void pend_waiting_locked(struct engine *e, struct pend *p);
 void engine_expire_waiters(struct engine *e, uint64_t now);
+void stripes_lock(struct engine *e, uint64_t first, uint64_t count);
+void stripes_unlock(struct engine *e, uint64_t first, uint64_t count);
+void inflight_free_all(struct engine *e);
+
+/* state.c */
+void engine_set_state_locked(struct engine *e, enum engine_state st);
 void engine_set_error(struct engine *e, const char *fmt, ...)
   __attribute__((format(printf, 2, 3)));
+void engine_check_complete(struct engine *e);
+void engine_local_failure(struct engine *e, const char *what, uint64_t off, int err);
 
-/* Under engine.lock: */
-struct fetch_job *inflight_get(struct engine *e, uint64_t block);
-struct fetch_job *job_new_locked(struct engine *e, uint64_t first,
-                                 uint64_t count, bool ondemand);
-void job_free(struct fetch_job *j);
-
-int engine_sync_data_hook(void *opaque);   /* bitmap data-sync hook */
-
-/* fetcher.c */
-unsigned fetcher_connections_up(struct engine *e);
-void fetcher_close_handle(void *h);   /* an nbd_handle never adopted */
-int fetcher_start(struct engine *e, char *err, size_t errlen);
-void fetcher_stop(struct engine *e);
-void fetcher_wake(struct engine *e);
-/* Connects once, synchronously, to learn size and identity. */
-int source_probe(struct engine *e, const char *target, uint64_t *size,
-                 char *id, size_t idlen, uint32_t *max_req,
-                 char *err, size_t errlen);
+/* copy.c */
+int copy_init(struct engine *e);
+void copy_free(struct engine *e);
+void copy_tick(void *opaque, uint64_t now);
 
 #endif

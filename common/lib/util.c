@@ -200,3 +200,13 @@ uint32_t errno_to_nbd(int err)
   default: return NBD_EIO;
   }
 }
+
+int block_size_check(uint64_t bs, char *err, size_t errlen)
+{
+  if (bs < BLOCK_SIZE_MIN || bs > BLOCK_SIZE_MAX || !is_power_of_2(bs)) {
+    snprintf(err, errlen, "block size %" PRIu64 " is not a power of two from "
+             "%u (4K) to %u (32M)", bs, BLOCK_SIZE_MIN, BLOCK_SIZE_MAX);
+    return -1;
+  }
+  return 0;
+}

@@ -49,6 +49,12 @@ int pread_all(int fd, void *buf, size_t len, uint64_t off);
 int write_all(int fd, const void *buf, size_t len);
 int read_all(int fd, void *buf, size_t len); /* -1/ENODATA on early EOF */
 
+/* The cache block size rule, in one place: a power of two from 4 KiB to
+ * 32 MiB (the largest NBD request we serve).  0, or -1 with a message. */
+#define BLOCK_SIZE_MIN 4096u
+#define BLOCK_SIZE_MAX (32u << 20)
+int block_size_check(uint64_t bs, char *err, size_t errlen);
+
 /* Whether len bytes at buf are all zero. */
 bool is_zero(const void *buf, size_t len);
 

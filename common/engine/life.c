@@ -1,5 +1,5 @@
-/* engine-life.c: opening and closing the engine, statistics, and the
- * operator's controls (background copy, rate, detach, reconnect). */
+/* life.c: opening and closing the engine, statistics, and the operator's
+ * controls (background copy, rate, detach, reconnect, activate). */
 #include "engine-int.h"
 #include "workq.h"
 #include "wan.h"
@@ -7,25 +7,10 @@
 #include "util.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
-#include <sys/eventfd.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-
-const char *engine_state_name(enum engine_state s)
-{
-  switch (s) {
-  case ENGINE_CONNECTING: return "connecting";
-  case ENGINE_PROXYING: return "proxying";
-  case ENGINE_SOURCE_LOST: return "source-lost";
-  case ENGINE_COMPLETE: return "complete";
-  case ENGINE_DETACHED: return "detached";
-  }
-  return "?";
-}
 
 static void *persister_main(void *arg)
 {
@@ -49,38 +34,100 @@ static void *persister_main(void *arg)
   return NULL;
 }
 
-static int open_cache(struct engine *e, bool must_exist, char *err, size_t errlen)
+static int sync_data_hook(void *opaque)
 {
-  struct stat st;
-  int fd;
-  if (stat(e->cache_path, &st) < 0) {
-    if (errno != ENOENT || must_exist) {
-      snprintf(err, errlen, "cannot use cache image %s: %s", e->cache_path,
-               strerror(errno));
-      return -1;
-    }
-    fd = open(e->cache_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0 || ftruncate(fd, e->size) < 0) {
-      snprintf(err, errlen, "cannot create cache image %s: %s", e->cache_path,
-               strerror(errno));
-      if (fd >= 0) close(fd);
-      return -1;
-    }
-    close(fd);
-    log_info("created sparse cache image %s (%" PRIu64 " bytes)", e->cache_path, e->size);
-  } else if (S_ISREG(st.st_mode) && (uint64_t) st.st_size != e->size) {
-    /* With --clear-bitmap the old content is not used: any size will do. */
-    if (((uint64_t) st.st_size > e->size && !e->cfg.clear_bitmap) ||
-        truncate(e->cache_path, e->size) < 0) {
-      snprintf(err, errlen, "cache image %s is %" PRIu64 " bytes but the "
-               "source is %" PRIu64 " bytes: use a new --cache file for this "
-               "source", e->cache_path, (uint64_t) st.st_size, e->size);
+  struct engine *e = opaque;
+  return cache_sync(e->cache);
+}
+
+static void config_defaults(struct engine *e, const struct engine_config *cfg)
+{
+  e->cfg = *cfg;
+  e->target = cfg->target ? strdup(cfg->target) : NULL;
+  e->target_export = strdup(cfg->target_export ? cfg->target_export : "");
+  e->cache_path = strdup(cfg->cache_path);
+  e->bitmap_path = strdup(cfg->bitmap_path);
+  e->cfg.target = e->target;
+  e->cfg.target_export = e->target_export;
+  e->bs = cfg->block_size ? cfg->block_size : 4096;
+  if (!e->cfg.connections) e->cfg.connections = 2;
+  e->copy.window_auto = !e->cfg.bg_window;
+  e->copy.window = e->cfg.bg_window ? e->cfg.bg_window : 16 << 20;
+  if (!e->cfg.max_fetch) e->cfg.max_fetch = 4 << 20;
+  if (!e->cfg.source_timeout_s) e->cfg.source_timeout_s = 60;
+  if (!e->cfg.persist_interval_ms) e->cfg.persist_interval_ms = 1000;
+  e->copy.rate = e->cfg.bg_rate;
+  pthread_mutex_init(&e->lock, NULL);
+  for (unsigned i = 0; i < STRIPES; i++) pthread_mutex_init(&e->stripe[i], NULL);
+  pthread_cond_init(&e->persist_cond, NULL);
+  pthread_cond_init(&e->jobs_cond, NULL);
+}
+
+/* Connects to the source (unless the bitmap is complete): size, identity,
+ * limits. */
+static int open_source(struct engine *e, char *err, size_t errlen)
+{
+  struct source_info info;
+  struct source_config sc = {
+    .target = e->target, .export_name = e->target_export,
+    .connections = e->cfg.connections, .timeout_s = e->cfg.source_timeout_s,
+    .compress_level = e->cfg.compress_level,
+    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
+    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
+    .tick = copy_tick, .opaque = e,
+  };
+  if (!e->target) {
+    snprintf(err, errlen, "no --target given and bitmap %s is not complete: "
+             "the source is needed to fetch missing blocks", e->bitmap_path);
+    return -1;
+  }
+  e->src = source_open(&sc, &info, err, errlen);
+  if (!e->src) return -1;
+  e->size = info.size;
+  e->has_status = info.has_status;
+  snprintf(e->source_id, sizeof e->source_id, "%s",
+           e->cfg.source_id ? e->cfg.source_id : info.id);
+  if (info.max_request && e->cfg.max_fetch > info.max_request)
+    e->cfg.max_fetch = info.max_request;
+  if (e->cfg.max_fetch < e->bs) e->cfg.max_fetch = e->bs;
+  return 0;
+}
+
+/* The cache image, checked against the bitmap: a cache shorter than the
+ * blocks the bitmap calls present would serve zeros for them (D2). */
+static int open_store(struct engine *e, bool complete, bool have_bitmap,
+                      char *err, size_t errlen)
+{
+  char berr[BITMAP_ERR_MAX];
+  uint64_t old_size;
+  if (have_bitmap && access(e->cache_path, F_OK) < 0 && errno == ENOENT) {
+    snprintf(err, errlen, "bitmap %s exists but cache image %s does not: the "
+             "blocks the bitmap records as present would read as zeros. "
+             "Restore the cache image, or start over with --clear-bitmap",
+             e->bitmap_path, e->cache_path);
+    return -1;
+  }
+  e->bm = bitmap_open(e->bitmap_path, e->size, e->bs, e->source_id,
+                      e->cfg.clear_bitmap, berr, sizeof berr);
+  if (!e->bm) { snprintf(err, errlen, "%s", berr); return -1; }
+  /* The bitmap (I5) first: it names a wrong source better than the cache can. */
+  e->cache = cache_open(e->cache_path, e->size, complete, e->cfg.clear_bitmap,
+                        e->cfg.wq, &old_size, err, errlen);
+  if (!e->cache) return -1;
+  if (old_size < e->size && !e->cfg.clear_bitmap) {
+    uint64_t b = bitmap_next_set(e->bm, old_size / e->bs);
+    if (b < e->nblocks) {
+      snprintf(err, errlen, "cache image %s was %" PRIu64 " bytes, shorter than "
+               "the %" PRIu64 "-byte image, but bitmap %s records block %" PRIu64
+               " (offset %" PRIu64 ") and maybe others past its end as present: "
+               "the cache was truncated or replaced, and those blocks would read "
+               "as zeros. Restore the cache image, or start over with "
+               "--clear-bitmap", e->cache_path, old_size, e->size, e->bitmap_path,
+               b, b * e->bs);
       return -1;
     }
   }
-  e->fb = file_backend_open(e->cache_path, false, e->cfg.wq, err, errlen);
-  if (!e->fb) return -1;
-  e->cache_fd = file_backend_fd(e->fb);
+  bitmap_set_data_sync(e->bm, sync_data_hook, e);
   return 0;
 }
 
@@ -92,36 +139,13 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   char berr[BITMAP_ERR_MAX];
 
   if (!e) { snprintf(err, errlen, "out of memory"); return NULL; }
-  e->cfg = *cfg;
-  e->target = cfg->target ? strdup(cfg->target) : NULL;
-  e->target_export = strdup(cfg->target_export ? cfg->target_export : "");
-  e->cache_path = strdup(cfg->cache_path);
-  e->bitmap_path = strdup(cfg->bitmap_path);
-  e->cfg.target = e->target;
-  e->cfg.target_export = e->target_export;
-  e->bs = cfg->block_size ? cfg->block_size : 4096;
-  if (!e->cfg.connections) e->cfg.connections = 2;
-  e->bg_window_auto = !e->cfg.bg_window;
-  e->bg_window = e->cfg.bg_window ? e->cfg.bg_window : 16 << 20;
-  if (!e->cfg.max_fetch) e->cfg.max_fetch = 4 << 20;
-  if (!e->cfg.source_timeout_s) e->cfg.source_timeout_s = 60;
-  if (!e->cfg.persist_interval_ms) e->cfg.persist_interval_ms = 1000;
-  e->bg_rate = e->cfg.bg_rate;
-  e->cache_fd = -1;
-  e->wake_fd = -1;
-  pthread_mutex_init(&e->lock, NULL);
-  pthread_cond_init(&e->persist_cond, NULL);
-
-  if (e->target && strncmp(e->target, "xnbds://", 8) == 0) {
-    struct wan_tls_config tc = {
-      .cert_dir = cfg->tls_certificates, .psk_file = cfg->tls_psk,
-      .psk_username = cfg->tls_username, .verify_peer = cfg->tls_verify,
-    };
-    e->wan_tls = wan_tls_new(false, &tc, err, errlen);
-    if (!e->wan_tls) goto fail;
+  config_defaults(e, cfg);
+  if (!e->target_export || !e->cache_path || !e->bitmap_path) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
   }
-  if (e->bs < 4096 || !is_power_of_2(e->bs)) {
-    snprintf(err, errlen, "block size %u is not a power of two >= 4096", e->bs);
+  if (block_size_check(e->bs, berr, sizeof berr) < 0) {
+    snprintf(err, errlen, "%s", berr);
     goto fail;
   }
   /* A complete bitmap means the source is not needed at all. */
@@ -143,52 +167,27 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
                bi.block_size);
       goto fail;
     }
-  } else {
-    uint32_t max_req = 0;
-    char id[512];
-    if (!e->target) {
-      snprintf(err, errlen, "no --target given and bitmap %s is not complete: "
-               "the source is needed to fetch missing blocks", e->bitmap_path);
-      goto fail;
-    }
-    if (source_probe(e, e->target, &e->size, id, sizeof id, &max_req, err, errlen) < 0)
-      goto fail;
-    snprintf(e->source_id, sizeof e->source_id, "%s", cfg->source_id ? cfg->source_id : id);
-    if (max_req && e->cfg.max_fetch > max_req) e->cfg.max_fetch = max_req;
-    if (e->cfg.max_fetch < e->bs) e->cfg.max_fetch = e->bs;
-  }
-  e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
-  if (have_bitmap && access(e->cache_path, F_OK) < 0 && errno == ENOENT) {
-    /* A new, empty cache would turn every "present" block into zeros. */
-    snprintf(err, errlen, "bitmap %s exists but cache image %s does not: the "
-             "blocks the bitmap records as present would read as zeros. "
-             "Restore the cache image, or start over with --clear-bitmap",
-             e->bitmap_path, e->cache_path);
+  } else if (open_source(e, err, errlen) < 0)
     goto fail;
-  }
-  e->bm = bitmap_open(e->bitmap_path, e->size, e->bs, e->source_id,
-                      cfg->clear_bitmap, berr, sizeof berr);
-  if (!e->bm) { snprintf(err, errlen, "%s", berr); goto fail; }
-  /* The bitmap (I5) first: it names a wrong source better than the cache can. */
-  if (open_cache(e, complete, err, errlen) < 0) goto fail;
-  bitmap_set_data_sync(e->bm, engine_sync_data_hook, e);
-  if (cfg->clear_bitmap) {
-    /* Old cache content is not trusted: every block will be fetched. */
+  e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
+  if (open_store(e, complete, have_bitmap, err, errlen) < 0) goto fail;
+  if (cfg->clear_bitmap)
     log_info("--clear-bitmap: starting over; every block will be fetched again");
-  }
   e->state = complete ? ENGINE_DETACHED : ENGINE_CONNECTING;
   e->standby = cfg->standby && !complete;
-  e->bg_running = cfg->cache_all && !e->standby;
+  e->copy.running = cfg->cache_all && !e->standby;
+  e->cache_all_at_activate = cfg->cache_all && e->standby;
   if (e->standby)
     log_info("standby: reads of missing blocks pass through from the source "
-             "and are not kept, until 'xnbd-ctl activate' or the first write");
+             "and are not kept, until 'xnbd-ctl activate' or the first write%s",
+             e->cache_all_at_activate ? "; --cache-all starts the copy then" : "");
   log_info("cache %s, bitmap %s: %" PRIu64 " of %" PRIu64 " blocks of %u "
            "bytes present%s", e->cache_path, e->bitmap_path,
            bitmap_count(e->bm), e->nblocks, e->bs,
            complete ? " (complete: the source is not contacted)" : "");
   if (!complete) {
-    e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (e->wake_fd < 0 || fetcher_start(e, err, errlen) < 0) goto fail;
+    if (copy_init(e) < 0) { snprintf(err, errlen, "out of memory"); goto fail; }
+    if (source_start(e->src, err, errlen) < 0) goto fail;
   }
   if (pthread_create(&e->persister, NULL, persister_main, e) != 0) {
     snprintf(err, errlen, "cannot start the bitmap persister thread");
@@ -207,42 +206,39 @@ void engine_close(struct engine *e)
 {
   if (!e) return;
   atomic_store(&e->stopping, true);
-  if (e->fetcher_started) fetcher_stop(e);
+  source_stop(e->src);            /* jobs at the source land as failures */
+  pthread_mutex_lock(&e->lock);   /* ... and every landing has run */
+  while (e->jobs_live)
+    pthread_cond_wait(&e->jobs_cond, &e->lock);
+  pthread_mutex_unlock(&e->lock);
   if (e->persister_started) {
     pthread_mutex_lock(&e->lock);
     pthread_cond_broadcast(&e->persist_cond);
     pthread_mutex_unlock(&e->lock);
     pthread_join(e->persister, NULL);
   }
-  if (e->bm && e->fb) {
-    if (engine_flush(e) < 0)
-      log_error("final flush of %s failed: %s", e->cache_path, strerror(errno));
-  }
+  if (e->bm && e->cache && engine_flush(e) < 0)
+    log_error("final flush of %s failed: %s", e->cache_path, strerror(errno));
+  source_close(e->src);
   bitmap_close(e->bm);
-  file_backend_close(e->fb);
-  if (e->wake_fd >= 0) close(e->wake_fd);
-  if (e->probe_handle) {
-    fetcher_close_handle(e->probe_handle);
-  }
-  wan_tls_free(e->wan_tls);
-  for (size_t i = 0; i < e->inflight.nbuckets; i++)
-    for (struct hnode *n = e->inflight.b[i], *next; n; n = next) {
-      next = n->next;
-      free(n);
-    }
-  free(e->inflight.b);
-  free(e->zero_known);
+  cache_close(e->cache);
+  inflight_free_all(e);
+  copy_free(e);
   free(e->waiting);
   free(e->target); free(e->target_export); free(e->cache_path);
-  free(e->bitmap_path); free(e->new_target);
+  free(e->bitmap_path);
   pthread_mutex_destroy(&e->lock);
+  for (unsigned i = 0; i < STRIPES; i++) pthread_mutex_destroy(&e->stripe[i]);
   pthread_cond_destroy(&e->persist_cond);
+  pthread_cond_destroy(&e->jobs_cond);
   free(e);
 }
 
 void engine_get_stats(struct engine *e, struct engine_stats *st)
 {
+  struct source_stats ss = { 0 };
   memset(st, 0, sizeof *st);
+  if (e->src) source_get_stats(e->src, &ss);
   pthread_mutex_lock(&e->lock);
   st->state = e->state;
   st->image_size = e->size;
@@ -259,20 +255,22 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->fetches_background = e->fetches_background;
   st->fetch_errors = e->fetch_errors;
   st->fetch_rate = e->fetch_rate;
-  st->ondemand_waiting = e->ondemand_waiting;
-  st->bg_running = e->bg_running;
+  st->ondemand_waiting = e->nwaiting;
+  st->bg_running = e->copy.running;
   st->standby = e->standby;
-  st->bg_paused = e->bg_paused;
-  st->bg_rate = e->bg_rate;
-  st->bg_window = e->bg_window;
-  st->rtt_us = e->rtt_ns / 1000;
+  st->bg_paused = e->copy.paused;
+  st->bg_rate = e->copy.rate;
+  st->bg_window = e->copy.window;
+  st->rtt_us = ss.rtt_ns / 1000;
   st->connections = e->state == ENGINE_DETACHED ? 0 : e->cfg.connections;
+  st->connections_up = e->state == ENGINE_DETACHED ? 0 : ss.connections_up;
   st->forced_missing = e->forced_missing;
-  snprintf(st->target, sizeof st->target, "%s", e->target ? e->target : "");
+  snprintf(st->target, sizeof st->target, "%s", e->src ? ss.target : e->target ? e->target : "");
   snprintf(st->source_id, sizeof st->source_id, "%s", e->source_id);
-  snprintf(st->last_error, sizeof st->last_error, "%s", e->last_error);
+  /* The engine's own error (local disk, status) wins over the link's. */
+  snprintf(st->last_error, sizeof st->last_error, "%s",
+           e->last_error[0] ? e->last_error : ss.last_error);
   pthread_mutex_unlock(&e->lock);
-  st->connections_up = e->fetcher_started ? fetcher_connections_up(e) : 0;
   st->wire_tx_raw = atomic_load(&wan_totals.tx_raw);
   st->wire_tx = atomic_load(&wan_totals.tx_wire);
   st->wire_rx = atomic_load(&wan_totals.rx_wire);
@@ -294,10 +292,17 @@ void engine_activate(struct engine *e, const char *why)
   pthread_mutex_lock(&e->lock);
   bool was = e->standby;
   e->standby = false;
+  if (was && e->cache_all_at_activate) {
+    e->cache_all_at_activate = false;
+    if (e->state != ENGINE_COMPLETE && e->state != ENGINE_DETACHED)
+      e->copy.running = true;
+  }
+  bool run = e->copy.running;
   pthread_mutex_unlock(&e->lock);
   if (was) {
-    log_info("activated (%s): blocks read from now on are kept", why);
-    fetcher_wake(e);
+    log_info("activated (%s): blocks read from now on are kept%s", why,
+             run ? "; background copy started (--cache-all)" : "");
+    if (e->src) source_wake(e->src);
   }
 }
 
@@ -315,11 +320,11 @@ int engine_bg_start(struct engine *e, char *err, size_t errlen)
     pthread_mutex_unlock(&e->lock);
     return 0;               /* already done: success, nothing to do */
   }
-  e->bg_running = true;
-  e->bg_paused = false;
+  e->copy.running = true;
+  e->copy.paused = false;
   pthread_mutex_unlock(&e->lock);
   log_info("background copy started");
-  fetcher_wake(e);
+  source_wake(e->src);
   return 0;
 }
 
@@ -327,7 +332,7 @@ int engine_bg_pause(struct engine *e, char *err, size_t errlen)
 {
   pthread_mutex_lock(&e->lock);
   bool ok = attached(e, err, errlen);
-  if (ok) e->bg_paused = true;
+  if (ok) e->copy.paused = true;
   pthread_mutex_unlock(&e->lock);
   if (ok) log_info("background copy paused");
   return ok ? 0 : -1;
@@ -337,19 +342,22 @@ int engine_bg_resume(struct engine *e, char *err, size_t errlen)
 {
   pthread_mutex_lock(&e->lock);
   bool ok = attached(e, err, errlen);
-  if (ok) e->bg_paused = false;
+  if (ok) {
+    e->copy.paused = false;
+    e->last_error[0] = '\0';      /* a local failure (D7) is the operator's to clear */
+  }
   pthread_mutex_unlock(&e->lock);
-  if (ok) { log_info("background copy resumed"); fetcher_wake(e); }
+  if (ok) { log_info("background copy resumed"); source_wake(e->src); }
   return ok ? 0 : -1;
 }
 
 int engine_set_bg_rate(struct engine *e, uint64_t bps)
 {
   pthread_mutex_lock(&e->lock);
-  e->bg_rate = bps;
+  e->copy.rate = bps;
   pthread_mutex_unlock(&e->lock);
   log_info("background rate limit: %" PRIu64 " bytes/s%s", bps, bps ? "" : " (none)");
-  fetcher_wake(e);
+  if (e->src) source_wake(e->src);
   return 0;
 }
 
@@ -368,8 +376,8 @@ int engine_detach(struct engine *e, bool force, char *err, size_t errlen)
              "--force to serve them as I/O errors)", missing, e->nblocks);
     return -1;
   }
-  e->state = ENGINE_DETACHED;
-  e->bg_running = false;
+  engine_set_state_locked(e, ENGINE_DETACHED);
+  e->copy.running = false;
   e->forced_missing = missing;
   pthread_mutex_unlock(&e->lock);
   if (missing)
@@ -377,27 +385,20 @@ int engine_detach(struct engine *e, bool force, char *err, size_t errlen)
              "fail with EIO from now on", missing);
   else
     log_info("detached from the source: every block is local");
-  if (e->fetcher_started) fetcher_stop(e);
+  source_stop(e->src);            /* no request touches the source after this (I7) */
   return 0;
 }
 
 int engine_reconnect(struct engine *e, const char *target, char *err, size_t errlen)
 {
-  char *t = strdup(target);
-  if (!t) { snprintf(err, errlen, "out of memory"); return -1; }
   pthread_mutex_lock(&e->lock);
-  if (e->state == ENGINE_DETACHED) {
-    pthread_mutex_unlock(&e->lock);
-    free(t);
+  bool detached = e->state == ENGINE_DETACHED || !e->src;
+  pthread_mutex_unlock(&e->lock);
+  if (detached) {
     snprintf(err, errlen, "the proxy is detached: it no longer uses a source");
     return -1;
   }
-  free(e->new_target);
-  e->new_target = t;
-  free(e->target);               /* what status shows from now on */
-  e->target = strdup(target);
-  pthread_mutex_unlock(&e->lock);
+  if (source_retarget(e->src, target, err, errlen) < 0) return -1;
   log_info("reconnecting to %s", target);
-  fetcher_wake(e);
   return 0;
 }

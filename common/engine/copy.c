@@ -1,0 +1,304 @@
+/* copy.c: the background copy's policy, run on the source thread's tick:
+ * block status asked ahead of the copy (zero runs become JOB_ZERO jobs),
+ * background jobs made in ascending order within a window of bytes in
+ * flight (sized from the measured rate and round trip) and a token-bucket
+ * rate cap, zero gaps bridged where zeros are cheap on the wire. */
+#include "engine-int.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+
+#define STATUS_CHUNK (UINT64_C(16) << 20)  /* block status asked per query */
+#define STATUS_QUERIES 16                    /* block status queries in flight */
+#define RATE_SAMPLES 40
+#define BRIDGE_MAX 32
+
+struct status_query {
+  struct source_req sr;
+  struct engine *e;
+  uint64_t chunk;
+  uint64_t reached;             /* end of the last run the reply gave */
+};
+
+int copy_init(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  c->nchunks = (e->size + STATUS_CHUNK - 1) / STATUS_CHUNK;
+  c->status_known = calloc(c->nchunks + 1, sizeof *c->status_known);
+  c->status_asking = calloc(c->nchunks + 1, sizeof *c->status_asking);
+  if (!c->status_known || !c->status_asking) return -1;
+  for (uint64_t k = 0; k < c->nchunks; k++) c->status_known[k] = k * STATUS_CHUNK;
+  c->status_until = e->has_status ? 0 : e->size;
+  /* Bridging zero gaps only where zeros cross compressed. */
+  c->zero_known = calloc(e->nblocks / 64 + 1, sizeof *c->zero_known);
+  if (!c->zero_known) return -1;
+  c->rate_at = c->tokens_at = now_ns();
+  return 0;
+}
+
+void copy_free(struct engine *e)
+{
+  free(e->copy.status_known);
+  free(e->copy.status_asking);
+  free(e->copy.zero_known);
+}
+
+/* ---------- block status ---------- */
+
+/* Under lock: the contiguous known prefix. */
+static void status_advance_locked(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  uint64_t k = c->status_until / STATUS_CHUNK;
+  while (k < c->nchunks && c->status_known[k] >= MIN((k + 1) * STATUS_CHUNK, e->size))
+    k++;
+  c->status_until = k < c->nchunks ? c->status_known[k] : e->size;
+}
+
+/* One checked run of a reply (source.c clipped it to the request). */
+static void status_extent(struct source_req *r, const struct extent_run *run)
+{
+  struct status_query *q = r->opaque;
+  struct engine *e = q->e;
+  uint64_t end = run->off + run->len;
+  q->reached = end;
+  if (!run->zero) return;
+  uint64_t first = (run->off + e->bs - 1) / e->bs;
+  uint64_t last = end >= e->size ? e->nblocks : end / e->bs;   /* exclusive */
+  struct job *zl[64];
+  uint64_t b = first;
+  while (b < last) {
+    unsigned nz = 0;
+    pthread_mutex_lock(&e->lock);
+    while (b < last && nz < ARRAY_SIZE(zl)) {
+      if (bitmap_test(e->bm, b) || inflight_get(e, b)) { b++; continue; }
+      uint64_t s = b;
+      while (b < last && !bitmap_test(e->bm, b) && !inflight_get(e, b)) b++;
+      struct job *j = job_make_locked(e, JOB_ZERO, s, b - s);
+      if (j) zl[nz++] = j;
+    }
+    pthread_mutex_unlock(&e->lock);
+    for (unsigned i = 0; i < nz; i++) job_start(e, zl[i]);
+  }
+}
+
+static void status_done(struct source_req *r, int err)
+{
+  struct status_query *q = r->opaque;
+  struct engine *e = q->e;
+  struct copy *c = &e->copy;
+  pthread_mutex_lock(&e->lock);
+  c->status_asking[q->chunk] = false;
+  c->status_outstanding--;
+  uint64_t cend = MIN((q->chunk + 1) * STATUS_CHUNK, e->size);
+  if (err || q->reached <= c->status_known[q->chunk]) {
+    /* Failed, refused as broken (EPROTO: D1/D6), or no progress: that
+     * range is copied as data, never asked again. */
+    if (err && err != ESHUTDOWN)
+      snprintf(e->last_error, sizeof e->last_error, "block status for %"
+               PRIu64 "+%" PRIu64 " failed (%s): copying it without skipping zeros",
+               r->off, r->len, strerror(err));
+    if (err != ESHUTDOWN) c->status_known[q->chunk] = cend;
+  } else
+    c->status_known[q->chunk] = MIN(q->reached, cend);
+  status_advance_locked(e);
+  pthread_mutex_unlock(&e->lock);
+  free(q);
+}
+
+/* Keeps up to STATUS_QUERIES queries in flight for the chunks ahead of the
+ * copy, so learning where the zeros are is not one round trip per reply. */
+static void query_status(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  struct status_query *qs[STATUS_QUERIES];
+  unsigned nq = 0;
+  pthread_mutex_lock(&e->lock);
+  if (e->has_status && c->running && !c->paused && c->status_until < e->size) {
+    uint64_t horizon = c->cursor * e->bs + STATUS_QUERIES * STATUS_CHUNK;
+    horizon = MAX(horizon, c->status_until + STATUS_CHUNK);
+    for (uint64_t k = c->status_until / STATUS_CHUNK;
+         k < c->nchunks && c->status_outstanding < STATUS_QUERIES && k * STATUS_CHUNK < horizon;
+         k++) {
+      uint64_t cend = MIN((k + 1) * STATUS_CHUNK, e->size), from = c->status_known[k];
+      if (c->status_asking[k] || from >= cend) continue;
+      struct status_query *q = calloc(1, sizeof *q);
+      if (!q) break;
+      q->e = e;
+      q->chunk = k;
+      q->reached = from;
+      q->sr = (struct source_req) {
+        .kind = SOURCE_STATUS, .off = from, .len = cend - from,
+        .extent = status_extent, .done = status_done, .opaque = q,
+      };
+      c->status_asking[k] = true;
+      c->status_outstanding++;
+      qs[nq++] = q;
+    }
+  }
+  pthread_mutex_unlock(&e->lock);
+  for (unsigned i = 0; i < nq; i++) source_submit(e->src, &qs[i]->sr);
+}
+
+/* ---------- background jobs ---------- */
+
+/* Under lock.  Shuffled images alternate short runs of data and zero
+ * blocks; a job per run means a request every few KiB.  When zeros cost
+ * next to nothing on the wire (zstd), a background job reads on across a
+ * gap of at most BRIDGE_MAX blocks that block status found zero, provided
+ * missing blocks follow before lim.  Returns where the run may continue (b
+ * if it may not).  The bridged blocks stay present and untouched: landing
+ * writes only blocks still missing (I1, I3). */
+static uint64_t bridge_gap(struct engine *e, uint64_t b, uint64_t lim, bool cheap)
+{
+  uint64_t g = b;
+  uint64_t *zk = e->copy.zero_known;
+  if (!cheap) return b;
+  while (g < lim && g - b < BRIDGE_MAX && bitmap_test(e->bm, g) &&
+         (zk[g / 64] >> (g % 64) & 1))
+    g++;
+  if (g == b || g >= lim || g - b >= BRIDGE_MAX || bitmap_test(e->bm, g) ||
+      inflight_get(e, g))
+    return b;
+  return g;
+}
+
+static void fill(struct engine *e, uint64_t now, bool cheap)
+{
+  struct copy *c = &e->copy;
+  struct job *list[512];
+  unsigned n = 0;
+  bool wrapped = false;
+
+  pthread_mutex_lock(&e->lock);
+  if (!c->running || c->paused || e->standby ||
+      (e->state != ENGINE_PROXYING && e->state != ENGINE_SOURCE_LOST)) {
+    pthread_mutex_unlock(&e->lock);
+    return;
+  }
+  /* Several jobs per window, so replies stream back to back. */
+  uint64_t job_bytes = MIN((uint64_t) e->cfg.max_fetch, MAX(c->window / 16, (uint64_t) 256 << 10));
+  uint64_t per_job = MAX(1, job_bytes / e->bs);
+  if (c->rate) {
+    int64_t cap = MAX((int64_t) e->cfg.max_fetch, (int64_t) (c->rate / 10));
+    c->tokens += (int64_t) ((now - c->tokens_at) / 1000 * c->rate / 1000000);
+    if (c->tokens > cap) c->tokens = cap;
+  }
+  c->tokens_at = now;
+  while (n < ARRAY_SIZE(list)) {
+    if (c->inflight_bytes >= c->window) break;
+    if (c->rate && c->tokens <= 0) break;
+    uint64_t b = bitmap_next_clear(e->bm, c->cursor);
+    while (b < e->nblocks && inflight_get(e, b))
+      b = bitmap_next_clear(e->bm, b + 1);
+    if (b >= e->nblocks) {
+      if (wrapped || c->cursor == 0) break;
+      c->cursor = 0;              /* blocks left behind (failed, in flight) */
+      wrapped = true;
+      continue;
+    }
+    if (b * e->bs >= c->status_until) break;
+    uint64_t s = b;
+    uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, s + per_job);
+    for (;;) {
+      while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b))
+        b++;
+      uint64_t g = bridge_gap(e, b, lim, cheap);
+      if (g == b) break;
+      b = g;                      /* read across the zeros: one request, not two */
+    }
+    struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
+    if (!j) break;
+    c->inflight_bytes += j->len;
+    if (c->rate) c->tokens -= j->len;
+    c->cursor = b;
+    list[n++] = j;                /* ascending offsets: the source reads ahead */
+  }
+  pthread_mutex_unlock(&e->lock);
+  for (unsigned i = 0; i < n; i++) job_start(e, list[i]);
+}
+
+/* ---------- window ---------- */
+
+/* Every quarter second.  The bottleneck bandwidth is the best delivery
+ * rate seen over the last ~10 s (a max filter), the path's delay the
+ * smallest round trip.  Start-up doubles the window each time the rate
+ * grew by a quarter, as TCP's slow start does, while the window is at
+ * most 4 x bandwidth x RTT (a thin link never doubles); it ends after
+ * three samples without such growth; from then on the window grows by a
+ * quarter while the copy delivers at its best and uses the window, capped
+ * at 2 x bandwidth x RTT.  Floor 2 MiB, ceiling 256 MiB. */
+static void size_window(struct engine *e, uint64_t now, uint64_t rtt)
+{
+  struct copy *c = &e->copy;
+  if (now - c->win_at < 250000000u) return;
+  pthread_mutex_lock(&e->lock);
+  uint64_t bytes = e->bytes_fetched + e->bytes_bridged, dt = now - c->win_at;
+  uint64_t rate = c->win_at ? (bytes - c->win_bytes) * 1000000000u / dt : 0;
+  c->win_at = now;
+  c->win_bytes = bytes;
+  c->rates[c->nrate++ % RATE_SAMPLES] = rate;
+  uint64_t maxrate = 0;
+  for (unsigned i = 0; i < RATE_SAMPLES; i++) maxrate = MAX(maxrate, c->rates[i]);
+  if (c->window_auto && rtt && rate && c->running && !c->paused) {
+    uint64_t w = c->window;
+    uint64_t cap = 2 * (maxrate * rtt / 1000000000u);
+    bool grew = c->startup_best && rate > c->startup_best * 5 / 4;
+    if (!c->startup_best || grew) {
+      c->startup_best = rate;
+      c->startup_flat = 0;
+    } else if (c->startup_flat < 3 && ++c->startup_flat == 3)
+      c->startup_over = true;
+    bool doubling = grew && !c->startup_over && w <= 2 * cap;
+    if (rate >= maxrate * 85 / 100 && c->inflight_bytes >= w * 3 / 4)
+      w = doubling ? w * 2 : c->startup_over ? w * 5 / 4 : w;
+    if (c->startup_over) w = MIN(w, cap);
+    c->window = MIN(MAX(w, (uint64_t) 2 << 20), (uint64_t) 256 << 20);
+  }
+  pthread_mutex_unlock(&e->lock);
+}
+
+/* ---------- the tick ---------- */
+
+void copy_tick(void *opaque, uint64_t now)
+{
+  struct engine *e = opaque;
+  struct copy *c = &e->copy;
+  struct source_stats ss;
+  source_get_stats(e->src, &ss);
+
+  pthread_mutex_lock(&e->lock);
+  if (ss.connections_up && (e->state == ENGINE_CONNECTING || e->state == ENGINE_SOURCE_LOST)) {
+    log_info("source %s connected (%u connection%s)", ss.target, ss.connections_up,
+             ss.connections_up > 1 ? "s" : "");
+    engine_set_state_locked(e, ENGINE_PROXYING);
+  } else if (!ss.connections_up && e->state == ENGINE_PROXYING) {
+    log_warn("lost the source %s; reconnecting (client reads of missing blocks "
+             "wait up to %u s)", ss.target, e->cfg.source_timeout_s);
+    engine_set_state_locked(e, ENGINE_SOURCE_LOST);
+  }
+  bool probing = c->running && !c->paused && c->window_auto;
+  pthread_mutex_unlock(&e->lock);
+  source_set_probing(e->src, probing);
+
+  if (ss.connections_up) {
+    query_status(e);
+    fill(e, now, ss.zeros_cheap);
+    size_window(e, now, ss.rtt_ns);
+  }
+  if (now - c->last_expire > 100000000u) {
+    engine_expire_waiters(e, now);
+    c->last_expire = now;
+  }
+  if (now - c->rate_at >= 1000000000u) {
+    pthread_mutex_lock(&e->lock);
+    uint64_t b = e->bytes_fetched;
+    e->fetch_rate = (b - c->rate_bytes) * 1000000000u / (now - c->rate_at);
+    pthread_mutex_unlock(&e->lock);
+    c->rate_bytes = b;
+    c->rate_at = now;
+  }
+}

@@ -1,0 +1,410 @@
+/* pipeline.c: the block pipeline.  Every run of missing blocks -- a
+ * client's miss, the background copy, a standby pass-through, a run the
+ * source said is zero -- is a job made by job_make_locked() and resolved
+ * in one order by job_start(): known zero -> present locally (the
+ * deduplication step; none yet) -> fetched from the source.  Whichever way
+ * it resolves, it ends in land(), on the I/O work queue, which writes the
+ * blocks still missing, marks them present, wakes the waiting requests and
+ * checks for completion. */
+#include "engine-int.h"
+#include "workq.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <inttypes.h>
+
+/* ---------- in-flight table: block -> job ---------- */
+
+static size_t hslot(const struct inflight_tab *t, uint64_t b)
+{
+  return (b * UINT64_C(0x9E3779B97F4A7C15)) >> 32 & (t->nbuckets - 1);
+}
+
+static void inflight_grow(struct inflight_tab *t)
+{
+  size_t nb = t->nbuckets ? t->nbuckets * 2 : 1024;
+  struct hnode **b = calloc(nb, sizeof *b);
+  if (!b) return;               /* keep the old table: longer chains */
+  struct inflight_tab nt = { b, nb, t->n };
+  for (size_t i = 0; i < t->nbuckets; i++)
+    for (struct hnode *n = t->b[i], *next; n; n = next) {
+      next = n->next;
+      size_t s = hslot(&nt, n->block);
+      n->next = b[s];
+      b[s] = n;
+    }
+  free(t->b);
+  *t = nt;
+}
+
+/* Zero jobs can be huge (a 1 TiB hole): they are kept as ranges on a
+ * short list instead of a table entry per block. */
+struct job *inflight_get(struct engine *e, uint64_t block)
+{
+  struct inflight_tab *t = &e->inflight;
+  if (t->nbuckets)
+    for (struct hnode *n = t->b[hslot(t, block)]; n; n = n->next)
+      if (n->block == block) return n->job;
+  for (struct job *j = e->zero_jobs; j; j = j->znext)
+    if (block >= j->first && block < j->first + j->count) return j;
+  return NULL;
+}
+
+static int inflight_put(struct engine *e, uint64_t block, struct job *j)
+{
+  struct inflight_tab *t = &e->inflight;
+  if (t->n >= t->nbuckets) inflight_grow(t);
+  if (!t->nbuckets) return -1;
+  struct hnode *n = malloc(sizeof *n);
+  if (!n) return -1;
+  n->block = block;
+  n->job = j;
+  size_t s = hslot(t, block);
+  n->next = t->b[s];
+  t->b[s] = n;
+  t->n++;
+  return 0;
+}
+
+static void inflight_del(struct engine *e, uint64_t block)
+{
+  struct inflight_tab *t = &e->inflight;
+  if (!t->nbuckets) return;
+  for (struct hnode **pp = &t->b[hslot(t, block)]; *pp; pp = &(*pp)->next)
+    if ((*pp)->block == block) {
+      struct hnode *n = *pp;
+      *pp = n->next;
+      free(n);
+      t->n--;
+      return;
+    }
+}
+
+void inflight_free_all(struct engine *e)
+{
+  for (size_t i = 0; i < e->inflight.nbuckets; i++)
+    for (struct hnode *n = e->inflight.b[i], *next; n; n = next) {
+      next = n->next;
+      free(n);
+    }
+  free(e->inflight.b);
+  e->inflight.b = NULL;
+  e->inflight.nbuckets = e->inflight.n = 0;
+}
+
+/* ---------- store stripes (I1) ---------- */
+
+static uint64_t stripe_mask(uint64_t first, uint64_t count)
+{
+  uint64_t m = 0;
+  uint64_t r0 = first >> STRIPE_SHIFT, r1 = (first + count - 1) >> STRIPE_SHIFT;
+  if (r1 - r0 >= STRIPES) return ~UINT64_C(0);
+  for (uint64_t r = r0; r <= r1; r++) m |= UINT64_C(1) << (r % STRIPES);
+  return m;
+}
+
+void stripes_lock(struct engine *e, uint64_t first, uint64_t count)
+{
+  uint64_t m = stripe_mask(first, count);
+  for (unsigned i = 0; i < STRIPES; i++)       /* ascending: no deadlock */
+    if (m >> i & 1) pthread_mutex_lock(&e->stripe[i]);
+}
+
+void stripes_unlock(struct engine *e, uint64_t first, uint64_t count)
+{
+  uint64_t m = stripe_mask(first, count);
+  for (unsigned i = 0; i < STRIPES; i++)
+    if (m >> i & 1) pthread_mutex_unlock(&e->stripe[i]);
+}
+
+/* ---------- making jobs (the one producer) ---------- */
+
+struct job *job_make_locked(struct engine *e, enum job_kind kind,
+                            uint64_t first, uint64_t count)
+{
+  struct job *j = calloc(1, sizeof *j);
+  if (!j) return NULL;
+  e->jobs_live++;
+  j->e = e;
+  j->kind = kind;
+  j->state = JOB_NEW;
+  j->first = first;
+  j->count = count;
+  j->off = first * e->bs;
+  j->len = MIN(count * e->bs, e->size - j->off);
+  if (kind == JOB_PASSTHROUGH) return j;    /* not kept: not in the table */
+  if (kind == JOB_ZERO) {                   /* made of missing blocks only */
+    j->owned = count;
+    j->znext = e->zero_jobs;
+    if (e->zero_jobs) e->zero_jobs->zprev = j;
+    e->zero_jobs = j;
+    e->blocks_inflight += count;
+    return j;
+  }
+  /* Present blocks inside the range (zeros a background job reads across)
+   * are not this job's. */
+  for (uint64_t b = first; b < first + count; b++) {
+    if (bitmap_test(e->bm, b)) continue;
+    if (inflight_put(e, b, j) < 0) {
+      for (uint64_t c = first; c < b; c++)
+        if (inflight_get(e, c) == j) inflight_del(e, c);
+      free(j);
+      e->jobs_live--;
+      return NULL;
+    }
+    j->owned++;
+  }
+  e->blocks_inflight += j->owned;
+  return j;
+}
+
+/* ---------- waiting requests ---------- */
+
+int job_add_waiter_locked(struct job *j, struct pend *p)
+{
+  struct waiter *w = malloc(sizeof *w);
+  if (!w) return -1;
+  w->p = p;
+  w->next = j->waiters;
+  j->waiters = w;
+  p->pending++;
+  return 0;
+}
+
+void pend_waiting_locked(struct engine *e, struct pend *p)
+{
+  p->deadline_ns = now_ns() + (uint64_t) e->cfg.source_timeout_s * 1000000000u;
+  if (e->nwaiting == e->waiting_cap) {
+    size_t cap = e->waiting_cap ? e->waiting_cap * 2 : 64;
+    struct pend **w = realloc(e->waiting, cap * sizeof *w);
+    if (!w) return;           /* then it cannot expire early; it still completes */
+    e->waiting = w;
+    e->waiting_cap = cap;
+  }
+  e->waiting[e->nwaiting++] = p;
+}
+
+static void waiting_del_locked(struct engine *e, struct pend *p)
+{
+  for (size_t i = 0; i < e->nwaiting; i++)
+    if (e->waiting[i] == p) {
+      e->waiting[i] = e->waiting[--e->nwaiting];
+      return;
+    }
+}
+
+/* Under lock: one job ended for each of its waiters; returns the pends to
+ * resume, linked through their waiter nodes. */
+static struct waiter *release_waiters_locked(struct engine *e, struct job *j, int err)
+{
+  struct waiter *ready = NULL;
+  for (struct waiter *w = j->waiters, *next; w; w = next) {
+    next = w->next;
+    if (err && !w->p->err) w->p->err = err;
+    if (--w->p->pending == 0) {
+      if (w->p->expired) {        /* answered already */
+        free(w->p);
+        free(w);
+        continue;
+      }
+      waiting_del_locked(e, w->p);
+      w->next = ready;
+      ready = w;
+    } else
+      free(w);
+  }
+  j->waiters = NULL;
+  return ready;
+}
+
+static void resume_list(struct waiter *w)
+{
+  while (w) {
+    struct waiter *next = w->next;
+    struct pend *p = w->p;
+    free(w);
+    struct engine *e = p->e;
+    struct xreq *r = p->r;
+    int err = p->err;
+    bool done = err || p->passthrough;
+    void (*resume)(struct engine *, struct xreq *) = p->resume;
+    free(p);
+    if (done) xreq_complete(r, err);
+    else resume(e, r);
+    w = next;
+  }
+}
+
+/* Requests that waited longer than --source-timeout are answered EIO now;
+ * their waiter records stay on the jobs and are freed when those end. */
+void engine_expire_waiters(struct engine *e, uint64_t now)
+{
+  struct xreq *fail[64];
+  size_t n = 0;
+  pthread_mutex_lock(&e->lock);
+  for (size_t i = 0; i < e->nwaiting && n < ARRAY_SIZE(fail); ) {
+    struct pend *p = e->waiting[i];
+    if (p->deadline_ns && now >= p->deadline_ns) {
+      p->expired = true;
+      fail[n++] = p->r;
+      e->waiting[i] = e->waiting[--e->nwaiting];
+      continue;
+    }
+    i++;
+  }
+  pthread_mutex_unlock(&e->lock);
+  for (size_t i = 0; i < n; i++) {
+    log_warn("request at offset %" PRIu64 " failed: the source did not "
+             "deliver within %u s (--source-timeout)", fail[i]->offset,
+             e->cfg.source_timeout_s);
+    xreq_complete(fail[i], EIO);
+  }
+}
+
+/* ---------- landing (on the I/O work queue) ---------- */
+
+static bool block_is_zero(struct engine *e, struct job *j, uint64_t b)
+{
+  uint64_t off = b * e->bs;
+  return is_zero((const char *) j->buf + (off - j->off),
+                 MIN((uint64_t) e->bs, e->size - off));
+}
+
+/* Writes the job's blocks that are still missing (a client write may have
+ * made some present meanwhile: those stay as they are, I1), then marks
+ * them present.  Zero runs become holes, so the cache stays sparse.
+ * Returns 0 or an errno. */
+static int store_blocks(struct engine *e, struct job *j, uint64_t *stored)
+{
+  int err = 0;
+  *stored = 0;
+  stripes_lock(e, j->first, j->count);
+  for (uint64_t b = j->first; b < j->first + j->count && !err; ) {
+    if (bitmap_test(e->bm, b)) { b++; continue; }
+    uint64_t s = b;
+    bool zero = j->kind == JOB_ZERO || block_is_zero(e, j, b);
+    while (b < j->first + j->count && !bitmap_test(e->bm, b) &&
+           (j->kind == JOB_ZERO || block_is_zero(e, j, b) == zero))
+      b++;
+    uint64_t off = s * e->bs, end = MIN(b * e->bs, e->size);
+    int rc = zero ? cache_zero(e->cache, off, end - off, false)
+                  : cache_write(e->cache, (const char *) j->buf + (off - j->off),
+                                end - off, off);
+    if (rc < 0) err = errno;
+    else {
+      bitmap_set_range(e->bm, s, b - s);
+      *stored += end - off;
+    }
+  }
+  stripes_unlock(e, j->first, j->count);
+  return err;
+}
+
+static void land(struct xwork *w)
+{
+  struct job *j = (struct job *) ((char *) w - offsetof(struct job, work));
+  struct engine *e = j->e;
+  int err = j->err, local_err = 0;
+  uint64_t stored = 0;
+
+  if (!err && j->kind == JOB_PASSTHROUGH) {
+    /* Standby: hand the bytes to the waiting read, keep nothing. */
+    pthread_mutex_lock(&e->lock);
+    for (struct waiter *wt = j->waiters; wt; wt = wt->next)
+      if (!wt->p->expired)
+        memcpy((char *) wt->p->r->buf + (j->off - wt->p->r->offset), j->buf, j->len);
+    pthread_mutex_unlock(&e->lock);
+  } else if (!err) {
+    local_err = store_blocks(e, j, &stored);
+    if (local_err)
+      engine_local_failure(e, j->kind == JOB_ZERO ? "making blocks zero in"
+                           : "writing fetched blocks to", j->off, local_err);
+  }
+
+  pthread_mutex_lock(&e->lock);
+  if (j->kind == JOB_ZERO) {
+    if (j->zprev) j->zprev->znext = j->znext;
+    else e->zero_jobs = j->znext;
+    if (j->znext) j->znext->zprev = j->zprev;
+    e->blocks_inflight -= j->owned;
+  } else if (j->kind != JOB_PASSTHROUGH) {
+    for (uint64_t b = j->first; b < j->first + j->count; b++)
+      if (inflight_get(e, b) == j) inflight_del(e, b);
+    e->blocks_inflight -= j->owned;
+  }
+  if (j->kind == JOB_BACKGROUND) e->copy.inflight_bytes -= j->len;
+  if (err && err != ESHUTDOWN) e->fetch_errors++;
+  if (!err) {
+    /* Bridged blocks are never the (short) last block. */
+    uint64_t bridged = (j->count - j->owned) * e->bs;
+    switch (j->kind) {
+    case JOB_ZERO:
+      e->bytes_zero_skipped += stored;
+      if (e->copy.zero_known)
+        for (uint64_t b = j->first; b < j->first + j->count; b++)
+          e->copy.zero_known[b / 64] |= UINT64_C(1) << (b % 64);
+      break;
+    case JOB_PASSTHROUGH:
+      e->bytes_fetched += j->len;
+      e->fetches_ondemand++;
+      break;
+    default:
+      e->bytes_fetched += j->len - bridged;
+      e->bytes_bridged += bridged;
+      if (j->kind == JOB_ONDEMAND) e->fetches_ondemand++;
+      else e->fetches_background++;
+    }
+  }
+  struct waiter *ready = release_waiters_locked(e, j, err ? EIO : local_err);
+  pthread_mutex_unlock(&e->lock);
+
+  free(j->buf);
+  free(j);
+  resume_list(ready);
+  if (!err && !local_err) engine_check_complete(e);
+  pthread_mutex_lock(&e->lock);
+  if (--e->jobs_live == 0) pthread_cond_broadcast(&e->jobs_cond);
+  pthread_mutex_unlock(&e->lock);
+}
+
+static void to_land(struct engine *e, struct job *j)
+{
+  j->state = JOB_LANDING;
+  j->work.fn = land;
+  workq_submit(e->cfg.wq, &j->work);
+}
+
+static void fetched(struct source_req *r, int err)
+{
+  struct job *j = r->opaque;
+  j->err = err;
+  to_land(j->e, j);
+}
+
+/* ---------- resolving ---------- */
+
+/* Present locally: the deduplication step (a copy of the same bytes
+ * already at this site) fills this in.  Returns true if it resolved j. */
+static bool resolve_locally(struct engine *e, struct job *j)
+{
+  return false;
+}
+
+void job_start(struct engine *e, struct job *j)
+{
+  if (j->kind == JOB_ZERO) { to_land(e, j); return; }
+  if (resolve_locally(e, j)) return;
+  j->buf = malloc(j->len);
+  if (!j->buf || !e->src) {
+    j->err = j->buf ? EIO : ENOMEM;
+    to_land(e, j);
+    return;
+  }
+  j->state = JOB_FETCHING;
+  j->sr = (struct source_req) {
+    .kind = SOURCE_READ, .urgent = j->kind != JOB_BACKGROUND,
+    .off = j->off, .len = j->len, .buf = j->buf, .done = fetched, .opaque = j,
+  };
+  source_submit(e->src, &j->sr);
+}

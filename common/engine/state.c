@@ -1,0 +1,82 @@
+/* state.c: the engine's state changes, completion and local failures --
+ * every change of engine.state happens here. */
+#include "engine-int.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+
+const char *engine_state_name(enum engine_state s)
+{
+  switch (s) {
+  case ENGINE_CONNECTING: return "connecting";
+  case ENGINE_PROXYING: return "proxying";
+  case ENGINE_SOURCE_LOST: return "source-lost";
+  case ENGINE_COMPLETE: return "complete";
+  case ENGINE_DETACHED: return "detached";
+  }
+  return "?";
+}
+
+void engine_set_state_locked(struct engine *e, enum engine_state st)
+{
+  if (e->state == st) return;
+  log_debug("engine: %s -> %s", engine_state_name(e->state), engine_state_name(st));
+  e->state = st;
+}
+
+void engine_set_error(struct engine *e, const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  pthread_mutex_lock(&e->lock);
+  vsnprintf(e->last_error, sizeof e->last_error, fmt, ap);
+  pthread_mutex_unlock(&e->lock);
+  va_end(ap);
+}
+
+/* The one completion check, whichever way the last block arrived (a
+ * fetch, a zero run, a client write). */
+void engine_check_complete(struct engine *e)
+{
+  bool detach = false;
+  if (bitmap_count(e->bm) != e->nblocks) return;
+  pthread_mutex_lock(&e->lock);
+  if (e->state == ENGINE_PROXYING || e->state == ENGINE_SOURCE_LOST ||
+      e->state == ENGINE_CONNECTING) {
+    engine_set_state_locked(e, ENGINE_COMPLETE);
+    e->copy.running = false;
+    log_info("every block is present (%" PRIu64 " blocks): migration complete",
+             e->nblocks);
+    detach = e->cfg.detach_when_complete;
+  }
+  pthread_mutex_unlock(&e->lock);
+  if (bitmap_mark_complete(e->bm) < 0 && errno != EBUSY)
+    log_error("recording completion in bitmap %s failed: %s", e->bitmap_path,
+              strerror(errno));
+  if (detach) {
+    char err[256];
+    if (engine_detach(e, false, err, sizeof err) < 0)
+      log_error("detach after completion failed: %s", err);
+  }
+}
+
+/* The cache disk failed a write (full, I/O error): fetching more would
+ * only fail again (D7), so the background copy stops until the operator
+ * resumes it; the cause is in status. */
+void engine_local_failure(struct engine *e, const char *what, uint64_t off, int err)
+{
+  pthread_mutex_lock(&e->lock);
+  bool first = !e->copy.paused && e->copy.running;
+  e->local_errors++;
+  snprintf(e->last_error, sizeof e->last_error, "%s the cache image %s at %"
+           PRIu64 " failed: %s; background copy paused (free space or fix the "
+           "disk, then 'xnbd-ctl resume')", what, e->cache_path, off, strerror(err));
+  if (e->copy.running) e->copy.paused = true;
+  pthread_mutex_unlock(&e->lock);
+  if (first) log_error("%s", e->last_error);
+  else log_debug("%s", e->last_error);
+}

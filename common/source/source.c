@@ -1,0 +1,803 @@
+/* source.c: the source transport (see source.h).  Connections are a small
+ * state machine each (down -> connecting -> up -> down); requests wait in
+ * two queues (urgent, normal) until a connection takes them. */
+#include "source.h"
+#include "log.h"
+#include "util.h"
+#include "wan.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+
+#define MAX_CONNS 16
+#define BACKOFF_MIN_MS 250
+#define BACKOFF_MAX_MS 10000
+#define MAX_ATTEMPTS 8          /* a request whose connection died this often fails */
+#define MAX_SERVER_ERRORS 3     /* a request the source answered with an error */
+#define LOG_EVERY_NS 10000000000u
+
+enum conn_state { CONN_DOWN, CONN_CONNECTING, CONN_UP };
+
+struct sconn {
+  struct nbd_handle *h;
+  enum conn_state st;
+  unsigned gen;                 /* bumped when closed: stale callbacks see it */
+  unsigned inflight;
+  uint64_t progress_ns;         /* last reply (or first request after idle) */
+  bool proven;                  /* completed a request since it connected */
+  struct source_req *submitted;
+};
+
+struct source {
+  struct source_config cfg;
+  char *target, *export_name;
+  struct wan_tls *wan_tls;
+  uint64_t size;
+  bool zeros_cheap;
+
+  pthread_mutex_t lock;         /* protects the queues, target switch, stats */
+  struct source_req *urgent_head, *urgent_tail, *normal_head, *normal_tail;
+  char *new_target;
+  char last_error[512];
+  uint64_t reconnects, dead_stalled, protocol_errors;
+
+  /* Source thread only. */
+  struct sconn c[MAX_CONNS];
+  unsigned n;
+  struct source_req *done;      /* completed by libnbd callbacks */
+  unsigned backoff_ms;          /* shared: a bad source is not hammered n times */
+  uint64_t retry_at;
+  uint64_t last_log_ns;
+  unsigned log_suppressed;
+  bool probe_inflight;
+  uint64_t probe_at, probe_sent;
+  char probe_buf[512];
+  uint64_t rtt_epoch;
+
+  atomic_uint up;
+  atomic_bool probing, quit;
+  atomic_uint_fast64_t rtt_ns;
+  pthread_t thread;
+  bool started;
+  int wake_fd;
+};
+
+static bool is_uri(const char *t) { return strstr(t, "://") != NULL; }
+
+static void set_error(struct source *s, const char *fmt, ...)
+  __attribute__((format(printf, 2, 3)));
+static void set_error(struct source *s, const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  pthread_mutex_lock(&s->lock);
+  vsnprintf(s->last_error, sizeof s->last_error, fmt, ap);
+  pthread_mutex_unlock(&s->lock);
+  va_end(ap);
+}
+
+/* Connection trouble is logged at most every LOG_EVERY_NS, with a count
+ * of what was left out (a bad source must not fill the log). */
+static void trouble(struct source *s, const char *fmt, ...)
+  __attribute__((format(printf, 2, 3)));
+static void trouble(struct source *s, const char *fmt, ...)
+{
+  char msg[600];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  set_error(s, "%s", msg);
+  uint64_t now = now_ns();
+  if (s->last_log_ns && now - s->last_log_ns < LOG_EVERY_NS) {
+    s->log_suppressed++;
+    log_debug("%s", msg);
+    return;
+  }
+  if (s->log_suppressed)
+    log_warn("%s (%u similar messages in the last %u s not shown)", msg,
+             s->log_suppressed, (unsigned) (LOG_EVERY_NS / 1000000000u));
+  else
+    log_warn("%s", msg);
+  s->last_log_ns = now;
+  s->log_suppressed = 0;
+}
+
+void source_wake(struct source *s)
+{
+  uint64_t one = 1;
+  if (s->wake_fd >= 0 && write(s->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+    log_debug("waking the source thread failed: %s", strerror(errno));
+}
+
+/* ---------- connecting ---------- */
+
+static struct nbd_handle *make_handle(struct source *s, const char *target,
+                                      char *err, size_t errlen)
+{
+  struct nbd_handle *h = nbd_create();
+  if (!h) {
+    snprintf(err, errlen, "libnbd: %s", nbd_get_error());
+    return NULL;
+  }
+  nbd_set_handle_name(h, "source");
+  nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  nbd_set_full_info(h, true);
+  CLEANUP_FREE char *whost = NULL;
+  CLEANUP_FREE char *wport = NULL;
+  CLEANUP_FREE char *wexp = NULL;
+  bool wtls;
+  if (wan_parse_uri(target, &whost, &wport, &wexp, &wtls) == 0) {
+    /* Our WAN transport: NBD inside zstd (inside TLS for xnbds://). */
+    int level = s->cfg.compress_level;
+    unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (wtls ? WAN_F_TLS : 0);
+    if (wtls && !s->wan_tls) {
+      snprintf(err, errlen, "%s needs TLS settings (--tls-certificates or "
+               "--tls-psk)", target);
+      nbd_close(h);
+      return NULL;
+    }
+    int fd = wan_connect(whost, wport, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
+                         s->wan_tls, s->cfg.timeout_s, err, errlen);
+    if (fd < 0) { nbd_close(h); return NULL; }
+    if (nbd_set_export_name(h, wexp) < 0 || nbd_aio_connect_socket(h, fd) < 0)
+      goto fail;
+  } else if (is_uri(target)) {
+    if (s->cfg.tls_psk && nbd_set_tls_psk_file(h, s->cfg.tls_psk) < 0) goto fail;
+    if (s->cfg.tls_certificates &&
+        nbd_set_tls_certificates(h, s->cfg.tls_certificates) < 0) goto fail;
+    if (s->cfg.tls_username && nbd_set_tls_username(h, s->cfg.tls_username) < 0)
+      goto fail;
+    if (!s->cfg.tls_verify) nbd_set_tls_verify_peer(h, false);
+    if (nbd_aio_connect_uri(h, target) < 0) goto fail;
+  } else {
+    CLEANUP_FREE char *host = NULL;
+    CLEANUP_FREE char *port = NULL;
+    const char *why;
+    if (parse_host_port(target, "10809", &host, &port, &why) < 0 || !host ||
+        strcmp(port, "0") == 0) {
+      if (host && port && strcmp(port, "0") == 0) why = "port 0 is not a port to connect to";
+      snprintf(err, errlen, "bad --target '%s': %s (expected HOST:PORT or an "
+               "NBD URI such as nbd://HOST:PORT/EXPORT)", target,
+               host ? why : "missing host");
+      nbd_close(h);
+      return NULL;
+    }
+    if (nbd_set_export_name(h, s->export_name) < 0 ||
+        nbd_aio_connect_tcp(h, host, port) < 0)
+      goto fail;
+  }
+  return h;
+fail:
+  snprintf(err, errlen, "cannot connect to source %s: %s", target, nbd_get_error());
+  nbd_close(h);
+  return NULL;
+}
+
+/* Drives one handle's connection with poll until ready or the deadline. */
+static int wait_connected(struct nbd_handle *h, uint64_t deadline)
+{
+  while (nbd_aio_is_connecting(h)) {
+    struct pollfd p = { .fd = nbd_aio_get_fd(h) };
+    unsigned dir = nbd_aio_get_direction(h);
+    uint64_t now = now_ns();
+    if (now >= deadline) { errno = ETIMEDOUT; return -1; }
+    if (dir & LIBNBD_AIO_DIRECTION_READ) p.events |= POLLIN;
+    if (dir & LIBNBD_AIO_DIRECTION_WRITE) p.events |= POLLOUT;
+    int r = poll(&p, 1, MIN((deadline - now) / 1000000 + 1, 1000u));
+    if (r < 0 && errno != EINTR) return -1;
+    if (p.revents & (POLLIN | POLLHUP | POLLERR)) { if (nbd_aio_notify_read(h) < 0) return -1; }
+    else if (p.revents & POLLOUT) { if (nbd_aio_notify_write(h) < 0) return -1; }
+  }
+  return nbd_aio_is_ready(h) ? 0 : -1;
+}
+
+static void identity(struct nbd_handle *h, uint64_t size, char *id, size_t idlen)
+{
+  char *name = nbd_get_canonical_export_name(h);
+  if (!name) name = nbd_get_export_name(h);
+  snprintf(id, idlen, "export=%s size=%" PRIu64, name ? name : "", size);
+  free(name);
+}
+
+/* Whether zero blocks cost next to nothing on the wire: our WAN transport
+ * with zstd.  (Plain NBD servers may send zeros as data.) */
+static bool zeros_are_cheap(struct source *s, const char *target)
+{
+  CLEANUP_FREE char *host = NULL;
+  CLEANUP_FREE char *port = NULL;
+  CLEANUP_FREE char *exp = NULL;
+  bool tls;
+  return s->cfg.compress_level >= 0 &&
+         wan_parse_uri(target, &host, &port, &exp, &tls) == 0;
+}
+
+static void source_free(struct source *s)
+{
+  for (unsigned i = 0; i < MAX_CONNS; i++)
+    if (s->c[i].h) nbd_close(s->c[i].h);
+  wan_tls_free(s->wan_tls);
+  if (s->wake_fd >= 0) close(s->wake_fd);
+  free(s->target);
+  free(s->export_name);
+  free(s->new_target);
+  pthread_mutex_destroy(&s->lock);
+  free(s);
+}
+
+struct source *source_open(const struct source_config *cfg, struct source_info *info,
+                           char *err, size_t errlen)
+{
+  struct source *s = calloc(1, sizeof *s);
+  if (!s) { snprintf(err, errlen, "out of memory"); return NULL; }
+  s->cfg = *cfg;
+  s->wake_fd = -1;
+  pthread_mutex_init(&s->lock, NULL);
+  s->target = strdup(cfg->target);
+  s->export_name = strdup(cfg->export_name ? cfg->export_name : "");
+  s->n = MIN(MAX(cfg->connections, 1u), (unsigned) MAX_CONNS);
+  if (!s->cfg.timeout_s) s->cfg.timeout_s = 60;
+  if (!s->target || !s->export_name) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
+  s->cfg.target = s->target;
+  s->cfg.export_name = s->export_name;
+  if (strncmp(s->target, "xnbds://", 8) == 0) {
+    struct wan_tls_config tc = {
+      .cert_dir = cfg->tls_certificates, .psk_file = cfg->tls_psk,
+      .psk_username = cfg->tls_username, .verify_peer = cfg->tls_verify,
+    };
+    s->wan_tls = wan_tls_new(false, &tc, err, errlen);
+    if (!s->wan_tls) goto fail;
+  }
+  s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (s->wake_fd < 0) {
+    snprintf(err, errlen, "eventfd: %s", strerror(errno));
+    goto fail;
+  }
+
+  struct nbd_handle *h = make_handle(s, s->target, err, errlen);
+  uint64_t deadline = now_ns() + (uint64_t) s->cfg.timeout_s * 1000000000u;
+  if (!h) goto fail;
+  if (wait_connected(h, deadline) < 0) {
+    snprintf(err, errlen, "cannot connect to source %s: %s (is the source "
+             "server running and reachable? the proxy needs it at start-up "
+             "unless its bitmap is complete)", s->target,
+             errno == ETIMEDOUT ? "timed out (--source-timeout)" : nbd_get_error());
+    nbd_close(h);
+    goto fail;
+  }
+  int64_t sz = nbd_get_size(h);
+  if (sz < 0) {
+    snprintf(err, errlen, "source %s: cannot get the export size: %s", s->target,
+             nbd_get_error());
+    nbd_close(h);
+    goto fail;
+  }
+  memset(info, 0, sizeof *info);
+  s->size = info->size = sz;
+  identity(h, info->size, info->id, sizeof info->id);
+  int64_t m = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+  info->max_request = m > 0 ? (uint32_t) MIN(m, (int64_t) (32 << 20)) : 0;
+  info->has_status = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+  s->zeros_cheap = info->zeros_cheap = zeros_are_cheap(s, s->target);
+  /* Kept as connection 0: a WAN connection costs several round trips. */
+  s->c[0].h = h;
+  s->c[0].st = CONN_CONNECTING;   /* drive_connections checks and adopts it */
+  /* The first round trip: from the WAN handshake, taken before any bulk
+   * data could queue on the path. */
+  atomic_store(&s->rtt_ns, wan_handshake_rtt_ns());
+  s->rtt_epoch = now_ns();
+  return s;
+fail:
+  source_free(s);
+  return NULL;
+}
+
+/* ---------- requests ---------- */
+
+static void enqueue_locked(struct source *s, struct source_req *r, bool front)
+{
+  struct source_req **head = r->urgent ? &s->urgent_head : &s->normal_head;
+  struct source_req **tail = r->urgent ? &s->urgent_tail : &s->normal_tail;
+  r->conn = -1;
+  if (front) {                  /* re-issued: ahead of new requests */
+    r->next = *head;
+    *head = r;
+    if (!*tail) *tail = r;
+  } else {
+    r->next = NULL;
+    if (*tail) (*tail)->next = r;
+    else *head = r;
+    *tail = r;
+  }
+}
+
+void source_submit(struct source *s, struct source_req *r)
+{
+  r->attempts = 0;
+  pthread_mutex_lock(&s->lock);
+  enqueue_locked(s, r, false);
+  pthread_mutex_unlock(&s->lock);
+  source_wake(s);
+}
+
+static void conn_unlink(struct sconn *c, struct source_req *r)
+{
+  if (r->cprev) r->cprev->cnext = r->cnext;
+  else c->submitted = r->cnext;
+  if (r->cnext) r->cnext->cprev = r->cprev;
+  r->cnext = r->cprev = NULL;
+  c->inflight--;
+}
+
+/* libnbd completion (source thread): queued for process_done, which runs
+ * the caller's callback outside libnbd. */
+static int req_cb(void *user_data, int *error)
+{
+  struct source_req *r = user_data;
+  struct source *s = r->src;
+  if (r->conn < 0 || s->c[r->conn].gen != r->gen) return 1;  /* requeued */
+  struct sconn *c = &s->c[r->conn];
+  conn_unlink(c, r);
+  c->progress_ns = now_ns();
+  if (!*error && !r->err) c->proven = true;
+  if (!r->err) r->err = *error;
+  r->conn = -2;                   /* completed, waiting in s->done */
+  r->next = s->done;
+  s->done = r;
+  return 1;
+}
+
+static int status_cb(void *user_data, const char *ctx, uint64_t off,
+                     uint32_t *entries, size_t n, int *error)
+{
+  struct source_req *r = user_data;
+  struct source *s = r->src;
+  char why[256];
+  if (strcmp(ctx, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+  if (r->conn < 0 || s->c[r->conn].gen != r->gen || r->err) return 0;
+  struct extent_run *runs = malloc((n / 2 + 1) * sizeof *runs);
+  if (!runs) { r->err = ENOMEM; return 0; }
+  int k = extents_clip(r->off, r->len, s->size, off, entries, n, runs, why, sizeof why);
+  if (k < 0) {
+    r->err = EPROTO;
+    pthread_mutex_lock(&s->lock);
+    s->protocol_errors++;
+    pthread_mutex_unlock(&s->lock);
+    trouble(s, "source %s: bad block status reply for %" PRIu64 "+%" PRIu64
+            ": %s; copying that range without skipping zeros", s->target,
+            r->off, r->len, why);
+  } else
+    for (int i = 0; i < k; i++) r->extent(r, &runs[i]);
+  free(runs);
+  return 0;
+}
+
+/* Hands r to connection i.  Returns false if it could not be sent. */
+static bool send_req(struct source *s, struct source_req *r, unsigned i)
+{
+  struct sconn *c = &s->c[i];
+  int64_t rc;
+  r->src = s;
+  r->err = 0;
+  r->conn = i;
+  r->gen = c->gen;
+  r->attempts++;
+  if (!c->inflight) c->progress_ns = now_ns();
+  r->next = NULL;
+  r->cprev = NULL;
+  r->cnext = c->submitted;
+  if (c->submitted) c->submitted->cprev = r;
+  c->submitted = r;
+  c->inflight++;
+  nbd_completion_callback done = { .callback = req_cb, .user_data = r };
+  if (r->kind == SOURCE_READ)
+    rc = nbd_aio_pread(c->h, r->buf, r->len, r->off, done, 0);
+  else
+    rc = nbd_aio_block_status(c->h, r->len, r->off,
+                              (nbd_extent_callback) { .callback = status_cb, .user_data = r },
+                              done, 0);
+  if (rc < 0) {
+    log_warn("request %" PRIu64 "+%" PRIu64 " could not be sent to the source: %s",
+             r->off, r->len, nbd_get_error());
+    conn_unlink(c, r);
+    r->conn = -1;
+    r->attempts--;
+    return false;
+  }
+  return true;
+}
+
+static void finish(struct source *s, struct source_req *r, int err)
+{
+  r->conn = -1;
+  r->done(r, err);
+}
+
+/* A request whose connection died: again, on another connection, unless it
+ * has been through too many (a reply that kills every connection it is
+ * sent on must not be retried forever: D8). */
+static void reissue(struct source *s, struct source_req *r)
+{
+  if (r->attempts >= MAX_ATTEMPTS) {
+    set_error(s, "giving up on %" PRIu64 "+%" PRIu64 " after %u attempts: "
+              "every connection it was sent on died", r->off, r->len, r->attempts);
+    log_error("%s", s->last_error);
+    finish(s, r, EIO);
+    return;
+  }
+  pthread_mutex_lock(&s->lock);
+  enqueue_locked(s, r, true);
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void conn_close(struct source *s, unsigned i)
+{
+  struct sconn *c = &s->c[i];
+  struct source_req *r, *next, *list;
+  if (!c->h) return;
+  c->gen++;
+  list = c->submitted;
+  c->submitted = NULL;
+  c->inflight = 0;
+  if (i == 0) s->probe_inflight = false;
+  nbd_close(c->h);                /* stale callbacks see the new generation */
+  c->h = NULL;
+  if (c->st == CONN_UP) atomic_fetch_sub(&s->up, 1);
+  c->st = CONN_DOWN;
+  /* Backoff is shared by the connections: it grows on every failure and
+   * starts over only once a connection has delivered a reply. */
+  if (c->proven)
+    s->backoff_ms = 0;
+  else
+    s->backoff_ms = MIN(MAX(s->backoff_ms * 2, BACKOFF_MIN_MS), BACKOFF_MAX_MS);
+  c->proven = false;
+  s->retry_at = now_ns() + (uint64_t) s->backoff_ms * 1000000u;
+  for (r = list; r; r = next) {
+    next = r->cnext;
+    r->cnext = r->cprev = NULL;
+    reissue(s, r);
+  }
+}
+
+static void process_done(struct source *s)
+{
+  while (s->done) {
+    struct source_req *r = s->done;
+    s->done = r->next;
+    int err = r->err;
+    if (!err || err == EPROTO || r->kind == SOURCE_STATUS) {
+      /* A bad status reply is not asked again: the caller copies the
+       * range as data (D6).  Other status failures likewise. */
+      finish(s, r, err);
+      continue;
+    }
+    if (err == ENOTCONN || err == ESHUTDOWN) {   /* its connection went */
+      reissue(s, r);
+      continue;
+    }
+    log_warn("read of %" PRIu64 "+%" PRIu64 " from the source failed: %s "
+             "(attempt %u)", r->off, r->len, strerror(err), r->attempts);
+    if (r->attempts >= MAX_SERVER_ERRORS) {
+      set_error(s, "source refused to read %" PRIu64 "+%" PRIu64 ": %s",
+                r->off, r->len, strerror(err));
+      finish(s, r, EIO);
+    } else {
+      pthread_mutex_lock(&s->lock);
+      enqueue_locked(s, r, true);
+      pthread_mutex_unlock(&s->lock);
+    }
+  }
+}
+
+/* ---------- connections ---------- */
+
+static void drive_connections(struct source *s, uint64_t now)
+{
+  uint64_t stall_ns = (uint64_t) MAX(s->cfg.timeout_s / 3, 2u) * 1000000000u;
+  for (unsigned i = 0; i < s->n; i++) {
+    struct sconn *c = &s->c[i];
+    char err[512];
+    if (c->st == CONN_DOWN && now >= s->retry_at) {
+      c->h = make_handle(s, s->target, err, sizeof err);
+      if (!c->h) {
+        trouble(s, "%s", err);
+        s->backoff_ms = MIN(MAX(s->backoff_ms * 2, BACKOFF_MIN_MS), BACKOFF_MAX_MS);
+        s->retry_at = now + (uint64_t) s->backoff_ms * 1000000u;
+        continue;
+      }
+      c->st = CONN_CONNECTING;
+      pthread_mutex_lock(&s->lock);
+      s->reconnects++;
+      pthread_mutex_unlock(&s->lock);
+    }
+    if (c->st == CONN_CONNECTING) {
+      if (nbd_aio_is_ready(c->h)) {
+        int64_t sz = nbd_get_size(c->h);
+        if (sz != (int64_t) s->size) {
+          trouble(s, "source %s has size %" PRId64 " but this cache and bitmap "
+                  "are for size %" PRIu64 ": not using it (point --target/"
+                  "reconnect at the right export)", s->target, sz, s->size);
+          conn_close(s, i);
+          continue;
+        }
+        c->st = CONN_UP;
+        c->progress_ns = now;
+        atomic_fetch_add(&s->up, 1);
+      } else if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
+        trouble(s, "connecting to source %s failed: %s", s->target, nbd_get_error());
+        conn_close(s, i);
+      }
+    }
+    if (c->st == CONN_UP && (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h))) {
+      trouble(s, "connection to source %s lost: %s", s->target, nbd_get_error());
+      conn_close(s, i);
+    } else if (c->st == CONN_UP && c->inflight && now - c->progress_ns > stall_ns) {
+      /* D5: a source that stops answering (or stops mid-reply) with the
+       * socket still open.  Its requests go to a fresh connection. */
+      trouble(s, "source %s: connection %u made no progress for %" PRIu64
+              " s with %u requests out: declaring it dead and reconnecting",
+              s->target, i, (now - c->progress_ns) / 1000000000u, c->inflight);
+      pthread_mutex_lock(&s->lock);
+      s->dead_stalled++;
+      pthread_mutex_unlock(&s->lock);
+      conn_close(s, i);
+    }
+  }
+}
+
+/* Connection for a request: urgent ones on connection 0 (kept free of
+ * background traffic when there are several), others on the least busy
+ * of the rest. */
+static int pick_conn(struct source *s, bool urgent)
+{
+  int best = -1;
+  unsigned first = (!urgent && s->n > 1) ? 1 : 0;
+  if (urgent && s->c[0].st == CONN_UP) return 0;
+  for (unsigned i = first; i < s->n; i++) {
+    if (s->c[i].st != CONN_UP) continue;
+    if (best < 0 || s->c[i].inflight < s->c[best].inflight) best = i;
+  }
+  if (best < 0 && s->c[0].st == CONN_UP) best = 0;
+  return best;
+}
+
+static void submit_queued(struct source *s)
+{
+  for (int pass = 0; pass < 2; pass++) {
+    pthread_mutex_lock(&s->lock);
+    struct source_req *list = pass ? s->normal_head : s->urgent_head;
+    if (pass) s->normal_head = s->normal_tail = NULL;
+    else s->urgent_head = s->urgent_tail = NULL;
+    pthread_mutex_unlock(&s->lock);
+    struct source_req *r, *next, *keep = NULL, **kt = &keep;
+    for (r = list; r; r = next) {
+      next = r->next;
+      int i = pick_conn(s, r->urgent);
+      if (i >= 0 && send_req(s, r, i)) continue;
+      r->next = NULL;             /* no connection: keep its place */
+      *kt = r;
+      kt = &r->next;
+    }
+    if (keep) {
+      pthread_mutex_lock(&s->lock);
+      struct source_req **head = pass ? &s->normal_head : &s->urgent_head;
+      struct source_req **tail = pass ? &s->normal_tail : &s->urgent_tail;
+      *kt = *head;
+      if (!*head) *tail = (struct source_req *) ((char *) kt - offsetof(struct source_req, next));
+      *head = keep;
+      pthread_mutex_unlock(&s->lock);
+    }
+  }
+}
+
+/* ---------- round trip ---------- */
+
+static int probe_extent_cb(void *user_data, const char *ctx, uint64_t off,
+                           uint32_t *entries, size_t n, int *error)
+{
+  return 0;
+}
+
+static int probe_cb(void *user_data, int *error)
+{
+  struct source *s = user_data;
+  if (s->probe_inflight && !*error) {
+    uint64_t now = now_ns(), rtt = now - s->probe_sent;
+    uint64_t cur = atomic_load(&s->rtt_ns);
+    if (!cur || rtt < cur || now - s->rtt_epoch > 10000000000u) {
+      if (now - s->rtt_epoch > 10000000000u) s->rtt_epoch = now;
+      atomic_store(&s->rtt_ns, rtt);
+    }
+  }
+  s->probe_inflight = false;
+  return 1;
+}
+
+/* A tiny request on the urgent connection when it is idle: its time is one
+ * round trip (nothing queued ahead of it on that connection). */
+static void maybe_probe(struct source *s, uint64_t now)
+{
+  struct sconn *c = &s->c[0];
+  if (!atomic_load(&s->probing) || s->probe_inflight || c->st != CONN_UP ||
+      c->inflight || now - s->probe_at < 1000000000u)
+    return;
+  s->probe_at = s->probe_sent = now;
+  s->probe_inflight = true;
+  nbd_completion_callback done = { .callback = probe_cb, .user_data = s };
+  int64_t r = nbd_can_meta_context(c->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1
+    ? nbd_aio_block_status(c->h, MIN((uint64_t) 4096, s->size), 0,
+        (nbd_extent_callback) { .callback = probe_extent_cb }, done, 0)
+    : nbd_aio_pread(c->h, s->probe_buf, MIN((uint64_t) sizeof s->probe_buf, s->size),
+                    0, done, 0);
+  if (r < 0) s->probe_inflight = false;
+}
+
+void source_set_probing(struct source *s, bool on) { atomic_store(&s->probing, on); }
+
+/* ---------- the loop ---------- */
+
+static void switch_target(struct source *s)
+{
+  pthread_mutex_lock(&s->lock);
+  char *nt = s->new_target;
+  s->new_target = NULL;
+  pthread_mutex_unlock(&s->lock);
+  if (!nt) return;
+  for (unsigned i = 0; i < s->n; i++) {
+    s->c[i].proven = true;        /* a new address starts without backoff */
+    conn_close(s, i);
+  }
+  s->retry_at = 0;
+  bool cheap = zeros_are_cheap(s, nt);
+  pthread_mutex_lock(&s->lock);
+  free(s->target);
+  s->target = nt;
+  s->zeros_cheap = cheap;
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void *source_main(void *arg)
+{
+  struct source *s = arg;
+  while (!atomic_load(&s->quit)) {
+    struct pollfd p[MAX_CONNS + 1];
+    int idx[MAX_CONNS + 1], np = 0;
+    uint64_t now = now_ns();
+
+    switch_target(s);
+    drive_connections(s, now);
+    if (atomic_load(&s->up)) {
+      submit_queued(s);
+      maybe_probe(s, now);
+    }
+    if (s->cfg.tick) {
+      s->cfg.tick(s->cfg.opaque, now);
+      if (atomic_load(&s->up)) submit_queued(s);
+    }
+    if (atomic_load(&s->quit)) break;
+
+    p[np].fd = s->wake_fd; p[np].events = POLLIN; idx[np++] = -1;
+    for (unsigned i = 0; i < s->n; i++) {
+      struct sconn *c = &s->c[i];
+      if (c->st == CONN_DOWN) continue;
+      unsigned dir = nbd_aio_get_direction(c->h);
+      p[np].fd = nbd_aio_get_fd(c->h);
+      p[np].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                     ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+      if (p[np].fd < 0) continue;
+      idx[np++] = i;
+    }
+    if (poll(p, np, 100) < 0 && errno != EINTR) {
+      log_error("source: poll failed: %s", strerror(errno));
+      continue;
+    }
+    for (int k = 0; k < np; k++) {
+      if (!p[k].revents) continue;
+      if (idx[k] < 0) {
+        uint64_t v;
+        if (read(s->wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+          log_debug("source wake read: %s", strerror(errno));
+        continue;
+      }
+      struct sconn *c = &s->c[idx[k]];
+      if (!c->h) continue;
+      if (p[k].revents & (POLLIN | POLLHUP | POLLERR)) nbd_aio_notify_read(c->h);
+      else if (p[k].revents & POLLOUT) nbd_aio_notify_write(c->h);
+    }
+    process_done(s);
+  }
+
+  /* Stopping: nothing may touch the source any more (I7). */
+  for (unsigned i = 0; i < s->n; i++) {
+    struct source_req *list = s->c[i].submitted;
+    s->c[i].submitted = NULL;
+    s->c[i].proven = true;
+    conn_close(s, i);             /* (nothing left to reissue) */
+    for (struct source_req *r = list, *next; r; r = next) {
+      next = r->cnext;
+      r->cnext = r->cprev = NULL;
+      finish(s, r, ESHUTDOWN);
+    }
+  }
+  process_done(s);
+  pthread_mutex_lock(&s->lock);
+  struct source_req *lists[2] = { s->urgent_head, s->normal_head };
+  s->urgent_head = s->urgent_tail = s->normal_head = s->normal_tail = NULL;
+  pthread_mutex_unlock(&s->lock);
+  for (int l = 0; l < 2; l++)
+    for (struct source_req *r = lists[l], *next; r; r = next) {
+      next = r->next;
+      finish(s, r, ESHUTDOWN);
+    }
+  return NULL;
+}
+
+int source_start(struct source *s, char *err, size_t errlen)
+{
+  if (pthread_create(&s->thread, NULL, source_main, s) != 0) {
+    snprintf(err, errlen, "cannot start the source thread");
+    return -1;
+  }
+  s->started = true;
+  return 0;
+}
+
+void source_stop(struct source *s)
+{
+  if (!s) return;
+  atomic_store(&s->quit, true);
+  source_wake(s);
+  if (s->started && pthread_equal(pthread_self(), s->thread))
+    return;                       /* from a callback: the loop ends after it */
+  if (s->started) {
+    pthread_join(s->thread, NULL);
+    s->started = false;
+  }
+}
+
+void source_close(struct source *s)
+{
+  if (!s) return;
+  source_stop(s);
+  source_free(s);
+}
+
+int source_retarget(struct source *s, const char *target, char *err, size_t errlen)
+{
+  char *t = strdup(target);
+  if (!t) { snprintf(err, errlen, "out of memory"); return -1; }
+  pthread_mutex_lock(&s->lock);
+  free(s->new_target);
+  s->new_target = t;
+  pthread_mutex_unlock(&s->lock);
+  source_wake(s);
+  return 0;
+}
+
+void source_get_stats(struct source *s, struct source_stats *st)
+{
+  memset(st, 0, sizeof *st);
+  st->connections = s->n;
+  st->connections_up = atomic_load(&s->up);
+  st->rtt_ns = atomic_load(&s->rtt_ns);
+  pthread_mutex_lock(&s->lock);
+  st->reconnects = s->reconnects;
+  st->dead_stalled = s->dead_stalled;
+  st->protocol_errors = s->protocol_errors;
+  st->zeros_cheap = s->zeros_cheap;
+  snprintf(st->target, sizeof st->target, "%s", s->new_target ? s->new_target : s->target);
+  snprintf(st->last_error, sizeof st->last_error, "%s", s->last_error);
+  pthread_mutex_unlock(&s->lock);
+}
