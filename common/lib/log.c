@@ -13,6 +13,9 @@
 static const char *prog = "xnbd";
 static enum log_level cur_level = LOG_LVL_INFO;
 static bool use_syslog;
+static _Atomic(log_hook_fn) hook;
+
+void log_set_hook(log_hook_fn fn) { hook = fn; }
 
 void log_init(const char *progname, enum log_level level)
 {
@@ -38,7 +41,10 @@ static void vlog(enum log_level level, const char *fmt, va_list ap)
   char msg[2048];
 
   vsnprintf(msg, sizeof msg, fmt, ap);
-  if (use_syslog)
+  log_hook_fn h = hook;
+  if (h)
+    h(level, msg);
+  else if (use_syslog)
     syslog(prio[level], "%s", msg);
   else {
     struct timespec ts;

@@ -13,6 +13,11 @@ void log_to_syslog(void);
 void log_set_level(enum log_level level);
 bool log_enabled(enum log_level level);
 
+/* Another host's logger (nbdkit_error / nbdkit_debug): every message goes
+ * to hook instead of stderr/syslog.  NULL restores the default. */
+typedef void (*log_hook_fn)(enum log_level level, const char *msg);
+void log_set_hook(log_hook_fn hook);
+
 void log_msg(enum log_level level, const char *fmt, ...)
   __attribute__((format(printf, 2, 3)));
 /* For start-up failures and broken invariants only: logs and exits(1). */

@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "host.h"
+#include "log.h"
 #include "nbd-proto.h"
 #include "workq.h"
 #include "util.h"
@@ -79,9 +81,14 @@ static struct engine *open_engine(uint32_t max_fetch)
   return e;
 }
 
+static struct engine_host *host;
+
 static void teardown(void)
 {
   char cmd[128];
+  host_close(host);
+  host = NULL;
+  log_set_hook(NULL);
   engine_close(eng);
   eng = NULL;
   workq_free(wq);
@@ -314,4 +321,92 @@ Test(engine, detach_is_refused_while_blocks_are_missing)
   cr_assert_eq(stats().bytes_fetched + stats().bytes_zero_skipped, SIZE);
   cr_assert_eq(engine_detach(eng, false, err, sizeof err), 0, "%s", err);
   cr_assert_eq(stats().state, ENGINE_DETACHED);
+}
+
+/* ---------- the host adapter (a synchronous caller, as nbdkit is) ---------- */
+
+static struct engine_host *open_host(void)
+{
+  char target[256], cache[128], bm[128], err[4096];
+  snprintf(target, sizeof target, "nbd+unix:///?socket=%s/src.sock", dir);
+  snprintf(cache, sizeof cache, "%s/host-cache.img", dir);
+  snprintf(bm, sizeof bm, "%s/host-cache.bm", dir);
+  struct engine_config c = {
+    .target = target, .cache_path = cache, .bitmap_path = bm, .block_size = BS,
+    .connections = 2, .source_timeout_s = 30,
+  };
+  struct engine_host *h = host_open(&c, 2, err, sizeof err);
+  cr_assert(h, "host_open: %s", err);
+  eng = NULL;
+  return h;
+}
+
+static struct engine_stats host_stats(void)
+{
+  struct engine_stats st;
+  engine_get_stats(host_engine(host), &st);
+  return st;
+}
+
+static int seen_info;
+static void hook(enum log_level lvl, const char *msg)
+{
+  if (lvl == LOG_LVL_INFO && strstr(msg, "blocks of 4096 bytes present")) seen_info++;
+}
+
+Test(engine, host_serves_reads_writes_and_flush_synchronously)
+{
+  static uint8_t buf[8 * BS], w[100];
+  log_set_hook(hook);
+  host = open_host();
+  cr_assert_eq(seen_info, 1, "the engine's start-up line did not reach the log hook");
+  cr_assert_eq(host_size(host), SIZE);
+  cr_assert_eq(host_pread(host, buf, 8 * BS, 3 * BS), 0);
+  expect_source(buf, 3 * BS, 8 * BS);
+  /* A partial write of a missing block: fetched first, then applied (I1). */
+  memset(w, 0xAB, sizeof w);
+  cr_assert_eq(host_pwrite(host, w, sizeof w, 40 * BS + 10, true), 0);
+  cr_assert_eq(host_pread(host, buf, BS, 40 * BS), 0);
+  expect_source(buf, 40 * BS, 10);
+  cr_assert_eq(memcmp(buf + 10, w, sizeof w), 0);
+  expect_source(buf + 110, 40 * BS + 110, BS - 110);
+  cr_assert_eq(host_flush(host), 0);
+  cr_assert_eq(host_cache(host, 4 * BS, 60 * BS), 0);
+  cr_assert_eq(host_stats().blocks_present, 8 + 1 + 4);
+  errno = 0;
+  cr_assert_eq(host_pread(host, buf, BS, SIZE), -1);
+  cr_assert_eq(errno, EINVAL);
+}
+
+Test(engine, host_fast_zero_of_a_partial_missing_block_is_refused)
+{
+  static uint8_t buf[2 * BS];
+  host = open_host();
+  errno = 0;
+  cr_assert_eq(host_zero(host, BS, 100 * BS + 512, false, false, true), -1);
+  cr_assert_eq(errno, ENOTSUP, "a fast zero needing a fetch must fail fast");
+  cr_assert_eq(host_stats().bytes_fetched, 0);
+  /* Whole missing blocks: no source needed, fast is fine. */
+  cr_assert_eq(host_zero(host, 2 * BS, 100 * BS, true, false, true), 0);
+  cr_assert_eq(host_pread(host, buf, 2 * BS, 100 * BS), 0);
+  for (int i = 0; i < 2 * BS; i++) cr_assert_eq(buf[i], 0);
+  cr_assert_eq(host_stats().bytes_fetched, 0);
+}
+
+static int count_runs(void *opaque, uint64_t off, uint64_t len, uint32_t flags)
+{
+  uint64_t *covered = opaque;
+  cr_assert_eq(off, *covered, "runs must be consecutive");
+  *covered += len;
+  return 0;
+}
+
+Test(engine, host_extents_cover_the_range)
+{
+  uint8_t buf[BS];
+  host = open_host();
+  cr_assert_eq(host_pread(host, buf, BS, 2 * BS), 0);   /* one present block */
+  uint64_t covered = 0;
+  cr_assert_eq(host_extents(host, 8 * BS, 0, false, count_runs, &covered), 0);
+  cr_assert_eq(covered, 8 * BS);
 }
