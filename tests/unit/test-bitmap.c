@@ -129,6 +129,84 @@ static off_t file_size(const char *path)
   return st.st_size;
 }
 
+/* Bitwise CRC32C, written from the definition in bitmap.h (independent
+ * of the table-driven one in bitmap.c). */
+static uint32_t crc32c_ref(uint32_t crc, const void *buf, size_t len)
+{
+  const uint8_t *p = buf;
+  crc = ~crc;
+  while (len--) {
+    crc ^= *p++;
+    for (int k = 0; k < 8; k++)
+      crc = (crc >> 1) ^ (0x82F63B78u & -(crc & 1));
+  }
+  return ~crc;
+}
+
+#define CB BITMAP_CHUNK_BLOCKS
+#define SLOT_OFF(c, slot) (4096 + (uint64_t) (c) * 8192 + (slot) * 4096)
+
+/* Where the bit of block b lies in slot `slot` of its chunk. */
+static uint64_t bit_byte(uint64_t b, int slot)
+{
+  uint64_t j = (b % CB) / 8;
+  return SLOT_OFF(b / CB, slot) + (j / 496) * 512 + 16 + j % 496;
+}
+
+static bool bit_in_slot(const uint8_t *f, uint64_t b, int slot)
+{
+  return (f[bit_byte(b, slot)] >> (b % 8)) & 1;
+}
+
+/* Checks every sector of a slot as documented; returns its generation
+ * (0: never written). */
+static uint64_t slot_gen(const uint8_t *f, uint64_t c, int slot)
+{
+  static const uint8_t zeros[512];
+  uint64_t gen = 0;
+  for (int s = 0; s < 8; s++) {
+    uint64_t off = SLOT_OFF(c, slot) + s * 512;
+    const uint8_t *sec = f + off;
+    uint8_t ob[8];
+    uint32_t crc;
+    if (memcmp(sec, zeros, 512) == 0) {
+      cr_assert_eq(gen, 0, "chunk %" PRIu64 " slot %d: sector %d never "
+                   "written but others are", c, slot, s);
+      continue;
+    }
+    put_be64(ob, off);
+    crc = crc32c_ref(0, ob, 8);
+    crc = crc32c_ref(crc, sec, 8);
+    crc = crc32c_ref(crc, sec + 12, 500);
+    cr_assert_eq(get_be32(sec + 8), crc, "chunk %" PRIu64 " slot %d sector "
+                 "%d: CRC32C", c, slot, s);
+    cr_assert_eq(get_be32(sec + 12), 0);
+    cr_assert_gt(get_be64(sec), 0);
+    if (s > 0 && gen == 0)
+      cr_assert_fail("chunk %" PRIu64 " slot %d: sector %d written, "
+                     "sector 0 not", c, slot, s);
+    if (gen)
+      cr_assert_eq(get_be64(sec), gen, "one generation per slot");
+    gen = get_be64(sec);
+  }
+  return gen;
+}
+
+/* The slot holding the newest copy of chunk c (-1: none). */
+static int newest_slot(const uint8_t *f, uint64_t c)
+{
+  uint64_t a = slot_gen(f, c, 0), b = slot_gen(f, c, 1);
+  if (!a && !b)
+    return -1;
+  return b > a;
+}
+
+static bool bit_on_disk(const uint8_t *f, uint64_t b)
+{
+  int s = newest_slot(f, b / CB);
+  return s >= 0 && bit_in_slot(f, b, s);
+}
+
 /* ------------------------------------------------------------ geometry */
 
 Test(bitmap, creates_file_of_expected_size)
@@ -138,58 +216,91 @@ Test(bitmap, creates_file_of_expected_size)
   cr_assert_eq(bitmap_block_size(bm), BS);
   cr_assert_eq(bitmap_count(bm), 0);
   bitmap_close(bm);
-  /* 2561 bits = 321 bytes, rounded up to one page. */
-  cr_assert_eq(file_size(tpath("a")), 4096 + 4096);
+  /* 2561 blocks: one chunk of 31744, two 4096-byte slots. */
+  cr_assert_eq(file_size(tpath("a")), 4096 + 8192);
 
   bm = open_ok("b", 1024 * MiB, BS, SRC, false);
   cr_assert_eq(bitmap_nblocks(bm), 262144);
   bitmap_close(bm);
-  cr_assert_eq(file_size(tpath("b")), 4096 + 32768);
+  cr_assert_eq(file_size(tpath("b")), 4096 + 9 * 8192);   /* 8.26 chunks */
 
-  /* 64 KiB blocks, 8 pages + 1 bit of bit array. */
-  bm = open_ok("c", (UINT64_C(8) * 4096 * 8 + 1) * 65536 - 100, 65536, SRC,
+  /* 64 KiB blocks, exactly 8 chunks + 1 block. */
+  bm = open_ok("c", (UINT64_C(8) * CB + 1) * 65536 - 100, 65536, SRC,
                false);
-  cr_assert_eq(bitmap_nblocks(bm), UINT64_C(8) * 4096 * 8 + 1);
+  cr_assert_eq(bitmap_nblocks(bm), UINT64_C(8) * CB + 1);
   bitmap_close(bm);
-  cr_assert_eq(file_size(tpath("c")), 4096 + 9 * 4096);
+  cr_assert_eq(file_size(tpath("c")), 4096 + 9 * 8192);
+  bm = open_ok("d", UINT64_C(8) * CB * BS, BS, SRC, false);
+  bitmap_close(bm);
+  cr_assert_eq(file_size(tpath("d")), 4096 + 8 * 8192);
 }
 
 Test(bitmap, on_disk_layout_matches_documentation)
 {
-  struct bitmap *bm = open_ok("a", 100 * BS, BS, SRC, false);
+  const uint64_t n = CB + 100;         /* two chunks */
+  struct bitmap *bm = open_ok("a", n * BS, BS, SRC, false);
+  static const uint64_t bits1[] = { 9, 64, 99, CB - 1, CB + 3 };
   uint8_t sum[SHA256_DIGEST_LENGTH];
+  uint64_t g1;
   size_t len;
-  uint8_t *f;
+  uint8_t *f, *f1;
 
-  bitmap_set(bm, 9);
-  bitmap_set(bm, 64);
-  bitmap_set(bm, 99);
+  for (size_t i = 0; i < ARRAY_SIZE(bits1); i++)
+    bitmap_set(bm, bits1[i]);
   cr_assert_eq(bitmap_persist(bm), 0);
-  f = read_file(tpath("a"), &len);
-  cr_assert_eq(len, 8192);
+  f1 = f = read_file(tpath("a"), &len);
+  cr_assert_eq(len, 4096 + 2 * 8192);
   for (int slot = 0; slot < 2; slot++) {
     const uint8_t *s = f + slot * BITMAP_SLOT_SIZE;
     cr_assert_eq(memcmp(s, "XNBDBMAP", 8), 0);
-    cr_assert_eq(get_be32(s + 8), 1);
+    cr_assert_eq(get_be32(s + 8), 2);
     cr_assert_eq(get_be32(s + 12), 0);
     cr_assert_eq(get_be64(s + 24), BS);
-    cr_assert_eq(get_be64(s + 32), 100 * BS);
-    cr_assert_eq(get_be64(s + 40), 100);
+    cr_assert_eq(get_be64(s + 32), n * BS);
+    cr_assert_eq(get_be64(s + 40), n);
     cr_assert_eq(get_be64(s + 48), 4096);
-    cr_assert_eq(get_be64(s + 56), 13);
+    cr_assert_eq(get_be64(s + 56), (n + 7) / 8);
     cr_assert_eq(get_be32(s + 64), strlen(SRC));
     cr_assert_eq(memcmp(s + 68, SRC, strlen(SRC)), 0);
+    cr_assert_eq(get_be32(s + 1092), 31744);
     SHA256(s, 2016, sum);
     cr_assert_eq(memcmp(s + 2016, sum, sizeof sum), 0);
   }
-  /* Bit i in byte i / 8, LSB first. */
-  cr_assert_eq(f[4096 + 1], 0x02);
-  cr_assert_eq(f[4096 + 8], 0x01);
-  cr_assert_eq(f[4096 + 12], 0x08);
-  for (size_t i = 4096; i < len; i++)
-    if (i != 4096 + 1 && i != 4096 + 8 && i != 4096 + 12)
+  /* The first write of each chunk goes to slot A, one generation. */
+  g1 = slot_gen(f, 0, 0);
+  cr_assert_gt(g1, 0);
+  cr_assert_eq(slot_gen(f, 1, 0), g1);
+  cr_assert_eq(slot_gen(f, 0, 1), 0);
+  cr_assert_eq(slot_gen(f, 1, 1), 0);
+  /* Chunk byte j in sector j / 496 at 16 + j % 496, LSB first. */
+  cr_assert_eq(f[SLOT_OFF(0, 0) + 16 + 1], 0x02);               /* 9 */
+  cr_assert_eq(f[SLOT_OFF(0, 0) + 16 + 8], 0x01);               /* 64 */
+  cr_assert_eq(f[SLOT_OFF(0, 0) + 16 + 12], 0x08);              /* 99 */
+  cr_assert_eq(f[SLOT_OFF(0, 0) + 7 * 512 + 16 + 495], 0x80);   /* CB-1 */
+  cr_assert_eq(f[SLOT_OFF(1, 0) + 16], 0x08);                   /* CB+3 */
+  for (size_t i = 4096; i < len; i++) {
+    uint64_t in = (i - 4096) % 512;
+    bool known = false;
+    for (size_t k = 0; k < ARRAY_SIZE(bits1); k++)
+      known |= i == bit_byte(bits1[k], 0);
+    if (in >= 16 && !known)
       cr_assert_eq(f[i], 0, "stray byte at %zu", i);
+  }
+
+  /* The next write of chunk 0 goes to slot B with a newer generation;
+   * slot A and chunk 1 (not dirty) are left alone. */
+  bitmap_set(bm, 4000);
+  cr_assert_eq(bitmap_persist(bm), 0);
+  f = read_file(tpath("a"), &len);
+  cr_assert_gt(slot_gen(f, 0, 1), g1);
+  cr_assert_eq(memcmp(f, f1, 4096 + 4096), 0, "slot A of chunk 0 rewritten");
+  cr_assert_eq(memcmp(f + SLOT_OFF(1, 0), f1 + SLOT_OFF(1, 0), 8192), 0);
+  cr_assert_eq(f[SLOT_OFF(0, 1) + 512 + 16 + 4], 0x01);         /* 4000 */
+  for (size_t k = 0; k < ARRAY_SIZE(bits1); k++)
+    if (bits1[k] < CB)
+      cr_assert(bit_in_slot(f, bits1[k], 1));
   free(f);
+  free(f1);
   bitmap_close(bm);
 }
 
@@ -250,9 +361,9 @@ Test(bitmap, huge_image_size_bitmap_geometry)
                (UINT64_C(3) << 30) + 1000);
   bitmap_close(bm);
 
-  /* 2^32 bits = 512 MiB, sparse on disk. */
+  /* 2^32 bits = 135301 chunks of 8 KiB, sparse on disk. */
   cr_assert(stat(tpath("a"), &st) == 0);
-  cr_assert_eq(st.st_size, 4096 + (UINT64_C(1) << 29));
+  cr_assert_eq(st.st_size, 4096 + UINT64_C(135301) * 8192);
   cr_assert_lt((uint64_t) st.st_blocks * 512, 16 * MiB);
 
   bm = open_ok("a", 16 * TiB, BS, SRC, false);
@@ -268,7 +379,7 @@ Test(bitmap, huge_image_size_bitmap_geometry)
   bitmap_set(bm, UINT64_C(1) << 32);
   cr_assert_eq(bitmap_next_set(bm, 0), UINT64_C(1) << 32);
   bitmap_close(bm);
-  cr_assert_eq(file_size(tpath("b")), 4096 + (UINT64_C(1) << 29) + 4096);
+  cr_assert_eq(file_size(tpath("b")), 4096 + UINT64_C(135301) * 8192);
 
   /* An image near the top of the 64-bit range with the largest blocks. */
   bm = open_ok("c", UINT64_MAX, 1u << 31, SRC, false);
@@ -351,7 +462,7 @@ static int hook(void *opaque)
   size_t len;
   uint8_t *f = read_file(s->path, &len);
   s->calls++;
-  if ((f[4096 + s->block / 8] >> (s->block % 8)) & 1)
+  if (bit_on_disk(f, s->block))
     s->bit_on_disk_at_sync = true;
   free(f);
   if (s->fail) {
@@ -377,7 +488,7 @@ Test(bitmap, persist_syncs_data_before_writing_bits)
   cr_assert_eq(s.calls, 1);
   cr_assert_not(s.bit_on_disk_at_sync, "bit written before the data sync");
   f = read_file(tpath("a"), &len);
-  cr_assert((f[4096 + s.block / 8] >> (s.block % 8)) & 1);
+  cr_assert(bit_on_disk(f, s.block));
   free(f);
   bitmap_close(bm);
 }
@@ -607,13 +718,13 @@ Test(bitmap, refuses_other_format_version)
   f = read_file(tpath("a"), &len);
   for (int i = 0; i < 2; i++) {
     uint8_t *s = f + i * BITMAP_SLOT_SIZE;
-    put_be32(s + 8, 2);
+    put_be32(s + 8, 3);
     SHA256(s, 2016, s + 2016);
   }
   write_file(tpath("a"), f, len);
   free(f);
   open_fails("a", MiB, BS, SRC);
-  assert_err_has("format version 2");
+  assert_err_has("format version 3");
   assert_err_has("--clear-bitmap");
 }
 
@@ -732,7 +843,7 @@ Test(bitmap, empty_file_is_created_and_long_identity_refused)
   bm = open_ok("a", MiB, BS, NULL, false);
   cr_assert_str_eq(bitmap_source_id(bm), "");
   bitmap_close(bm);
-  cr_assert_eq(file_size(tpath("a")), 8192);
+  cr_assert_eq(file_size(tpath("a")), 4096 + 8192);
 
   memset(longid, 'i', sizeof longid - 1);
   longid[sizeof longid - 1] = '\0';
