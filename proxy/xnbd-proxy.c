@@ -5,7 +5,7 @@
 #include "engine.h"
 #include "workq.h"
 #include "wan.h"
-#include "control.h"
+#include "ctl-server.h"
 #include "daemon.h"
 #include "cli.h"
 #include "log.h"
@@ -136,7 +136,7 @@ int main(int argc, char **argv)
   struct cli_signals *sigs;
   struct event_base *base;
   struct xnbd_server *srv;
-  struct control *ctl = NULL;
+  struct ctl_server *ctl = NULL;
   struct engine *eng;
   char err[4096];
   int c;
@@ -238,7 +238,7 @@ int main(int argc, char **argv)
     if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
   for (unsigned i = 0; i < nunix; i++)
     if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
-  ctl = control_new(base, control_path, eng, err, sizeof err);
+  ctl = ctl_server_start(control_path, eng, "xnbd-proxy", err, sizeof err);
   if (!ctl) fatal("%s", err);
 
   /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
@@ -253,7 +253,7 @@ int main(int argc, char **argv)
 
   event_base_dispatch(base);
 
-  control_free(ctl);
+  ctl_server_stop(ctl);     /* waits for engine calls it runs */
   xnbd_server_free(srv);
   engine_close(eng);        /* stops the fetcher, persists the bitmap */
   wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */

@@ -1,11 +1,12 @@
-/* Unit tests for proxy/control.c (the control socket) and common/lib/json.c.
+/* Unit tests for common/ctl (the control protocol and its socket server)
+ * and common/lib/json.c.
  *
- * The control code is compiled into this file together with a FAKE engine
- * (the engine.h functions below, with canned behaviour and call records),
- * so the test needs neither a source nor common/engine/engine.c: nothing here
- * refers to any other engine symbol, so the linker never pulls engine.o
- * out of libxnbd-common.a.  The server runs on an event loop thread; the
- * tests are its clients over the real unix socket. */
+ * A FAKE engine (the engine.h functions below, with canned behaviour and
+ * call records) stands in for the real one, so the test needs neither a
+ * source nor common/engine/engine.c: nothing here or in common/ctl refers
+ * to any other engine symbol, so the linker never pulls engine.o out of
+ * libxnbd-common.a.  The server runs on its own threads; the tests are its
+ * clients over the real unix socket. */
 #include <criterion/criterion.h>
 
 #include <dirent.h>
@@ -23,10 +24,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <event2/event.h>
-#include <event2/thread.h>
-
-#include "../../proxy/control.c"
+#include "ctl-proto.h"
+#include "ctl-server.h"
+#include "engine.h"
+#include "json.h"
+#include "util.h"
 
 /* ---- the fake engine -------------------------------------------------- */
 
@@ -195,22 +197,7 @@ static int fake_get(int *field)
 
 static char dir[64];
 static char sock_path[128];
-static struct event_base *base;
-static struct control *ctl;
-static pthread_t loop_thread;
-
-static sem_t loop_running;
-
-static void loop_started_cb(evutil_socket_t fd, short what, void *arg)
-{
-  sem_post(&loop_running);
-}
-
-static void *loop_main(void *arg)
-{
-  event_base_loop(base, EVLOOP_NO_EXIT_ON_EMPTY);
-  return NULL;
-}
+static struct ctl_server *ctl;
 
 static void make_dir(void)
 {
@@ -240,30 +227,14 @@ static void start_server(void)
 {
   char err[512] = "";
   make_dir();
-  cr_assert_eq(evthread_use_pthreads(), 0);
-  base = event_base_new();
-  cr_assert_not_null(base);
-  ctl = control_new(base, sock_path, &fake, err, sizeof err);
-  cr_assert_not_null(ctl, "control_new: %s", err);
-  /* event_base_loopbreak() before the loop runs would be forgotten:
-   * return only once the loop is running. */
-  sem_init(&loop_running, 0, 0);
-  cr_assert_eq(event_base_once(base, -1, EV_TIMEOUT, loop_started_cb, NULL, NULL), 0);
-  cr_assert_eq(pthread_create(&loop_thread, NULL, loop_main, NULL), 0);
-  while (sem_wait(&loop_running) < 0 && errno == EINTR)
-    ;
+  ctl = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
+  cr_assert_not_null(ctl, "ctl_server_start: %s", err);
 }
 
 static void stop_server(void)
 {
-  if (base) {
-    event_base_loopbreak(base);
-    pthread_join(loop_thread, NULL);
-    control_free(ctl);
-    event_base_free(base);
-    base = NULL;
-    ctl = NULL;
-  }
+  ctl_server_stop(ctl);
+  ctl = NULL;
   remove_dir();
 }
 
@@ -394,7 +365,7 @@ static const char *get_str(const struct json *j, const char *path)
 
 static unsigned nclients_now(void)
 {
-  return __atomic_load_n(&ctl->nclients, __ATOMIC_SEQ_CST);
+  return ctl_server_clients(ctl);
 }
 
 static void wait_nclients(unsigned n)
@@ -652,7 +623,7 @@ Test(control, help_lists_every_command)
   cr_assert(reply_ok(j));
   const struct json *cmds = json_get(j, "commands");
   cr_assert_eq(json_type(cmds), JSON_ARRAY);
-  cr_assert_eq(json_length(cmds), ARRAY_SIZE(commands));
+  cr_assert_eq(json_length(cmds), CTL_NCOMMANDS);
   static const char *want[] = { "status", "cache-all", "activate", "pause", "resume", "rate",
                                 "detach", "reconnect", "flush", "help" };
   for (size_t i = 0; i < ARRAY_SIZE(want); i++) {
@@ -735,12 +706,12 @@ Test(control, overlong_line_gets_an_error_and_the_connection_goes_on)
 Test(control, line_of_exactly_the_limit_is_accepted)
 {
   struct client *c = cl_open();
-  char line[CONTROL_MAX_LINE + 3];
+  char line[CTL_MAX_LINE + 3];
   /* "status" padded with spaces to 4096 bytes, then CR LF. */
   memset(line, ' ', sizeof line);
   memcpy(line, "status", 6);
-  memcpy(line + CONTROL_MAX_LINE, "\r\n", 2);
-  cl_send(c, line, CONTROL_MAX_LINE + 2);
+  memcpy(line + CTL_MAX_LINE, "\r\n", 2);
+  cl_send(c, line, CTL_MAX_LINE + 2);
   char *r = cl_line(c);
   struct json *j = parse_reply(r);
   cr_assert(reply_ok(j), "%s", r);
@@ -749,8 +720,8 @@ Test(control, line_of_exactly_the_limit_is_accepted)
   /* One byte more is too long. */
   memset(line, ' ', sizeof line);
   memcpy(line, "status", 6);
-  line[CONTROL_MAX_LINE + 1] = '\n';
-  cl_send(c, line, CONTROL_MAX_LINE + 2);
+  line[CTL_MAX_LINE + 1] = '\n';
+  cl_send(c, line, CTL_MAX_LINE + 2);
   j = parse_reply(r = cl_line(c));
   cr_assert_not_null(strstr(reply_error(j), "too long"));
   json_free(j);
@@ -940,8 +911,8 @@ Test(control, client_leaving_during_an_engine_call_is_cleaned_up)
 
 Test(control, at_most_64_clients_at_once)
 {
-  struct client *cs[CONTROL_MAX_CLIENTS];
-  for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
+  struct client *cs[CTL_MAX_CLIENTS];
+  for (int i = 0; i < CTL_MAX_CLIENTS; i++) {
     cs[i] = cl_open();
     struct json *j = cl_cmd(cs[i], "pause");
     cr_assert(reply_ok(j));
@@ -957,12 +928,12 @@ Test(control, at_most_64_clients_at_once)
   cl_close(extra);
 
   cl_close(cs[0]);
-  wait_nclients(CONTROL_MAX_CLIENTS - 1);
+  wait_nclients(CTL_MAX_CLIENTS - 1);
   cs[0] = cl_open();
   j = cl_cmd(cs[0], "status");
   cr_assert(reply_ok(j));
   json_free(j);
-  for (int i = 0; i < CONTROL_MAX_CLIENTS; i++)
+  for (int i = 0; i < CTL_MAX_CLIENTS; i++)
     cl_close(cs[i]);
   wait_nclients(0);
 }
@@ -986,28 +957,24 @@ Test(control_socket, stale_socket_is_replaced_and_removed_on_free)
   cr_assert_eq(bind(fd, (struct sockaddr *) &sa, sizeof sa), 0);
   close(fd);                        /* left behind: nobody listens */
 
-  struct event_base *b = event_base_new();
-  struct control *c = control_new(b, sock_path, &fake, err, sizeof err);
+  struct ctl_server *c = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
   cr_assert_not_null(c, "%s", err);
   struct stat st;
   cr_assert_eq(lstat(sock_path, &st), 0);
   cr_assert_eq(st.st_mode & 07777, 0600);
-  control_free(c);
-  cr_assert_eq(lstat(sock_path, &st), -1, "socket left behind by control_free");
-  event_base_free(b);
+  ctl_server_stop(c);
+  cr_assert_eq(lstat(sock_path, &st), -1, "socket left behind by ctl_server_stop");
 }
 
 Test(control_socket, live_socket_is_not_taken_over)
 {
   char err[512] = "";
-  struct event_base *b = event_base_new();
-  struct control *first = control_new(b, sock_path, &fake, err, sizeof err);
+  struct ctl_server *first = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
   cr_assert_not_null(first, "%s", err);
-  struct control *second = control_new(b, sock_path, &fake, err, sizeof err);
+  struct ctl_server *second = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
   cr_assert_null(second);
   cr_assert_not_null(strstr(err, "in use by a running process"), "%s", err);
-  control_free(first);
-  event_base_free(b);
+  ctl_server_stop(first);
 }
 
 Test(control_socket, regular_file_is_not_replaced)
@@ -1017,13 +984,11 @@ Test(control_socket, regular_file_is_not_replaced)
   cr_assert_not_null(f);
   fputs("precious\n", f);
   fclose(f);
-  struct event_base *b = event_base_new();
-  cr_assert_null(control_new(b, sock_path, &fake, err, sizeof err));
+  cr_assert_null(ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "is not a socket"), "%s", err);
   struct stat st;
   cr_assert_eq(stat(sock_path, &st), 0);
   cr_assert_eq(st.st_size, 9);
-  event_base_free(b);
 }
 
 Test(control_socket, too_long_path_is_refused)
@@ -1031,20 +996,16 @@ Test(control_socket, too_long_path_is_refused)
   char err[512] = "", path[300];
   memset(path, 'a', sizeof path - 1);
   path[sizeof path - 1] = '\0';
-  struct event_base *b = event_base_new();
-  cr_assert_null(control_new(b, path, &fake, err, sizeof err));
+  cr_assert_null(ctl_server_start(path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "too long"), "%s", err);
-  event_base_free(b);
 }
 
 Test(control_socket, missing_directory_is_reported)
 {
   char err[512] = "", path[200];
   snprintf(path, sizeof path, "%s/no/such/dir/ctl.sock", dir);
-  struct event_base *b = event_base_new();
-  cr_assert_null(control_new(b, path, &fake, err, sizeof err));
+  cr_assert_null(ctl_server_start(path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "No such file or directory"), "%s", err);
-  event_base_free(b);
 }
 
 /* ---- json --------------------------------------------------------------- */
