@@ -241,6 +241,7 @@ static void stop_server(void)
 TestSuite(control, .init = start_server, .fini = stop_server, .timeout = 60);
 TestSuite(control_socket, .init = make_dir, .fini = remove_dir, .timeout = 60);
 TestSuite(json, .timeout = 30);
+TestSuite(ctl_proto, .init = fake_reset, .timeout = 30);
 TestSuite(xnbd_ctl, .init = start_server, .fini = stop_server, .timeout = 60);
 
 /* ---- a small client ----------------------------------------------------- */
@@ -1006,6 +1007,205 @@ Test(control_socket, missing_directory_is_reported)
   snprintf(path, sizeof path, "%s/no/such/dir/ctl.sock", dir);
   cr_assert_null(ctl_server_start(path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "No such file or directory"), "%s", err);
+}
+
+/* ---- the protocol without a socket -------------------------------------- */
+
+/* Runs one request line through ctl_parse + ctl_run; returns the reply
+ * line (malloc'd, with its LF). */
+static char *run_line(const char *text)
+{
+  char line[CTL_MAX_LINE + 8];
+  bool empty = false;
+  size_t n = strlen(text);
+  cr_assert_lt(n, sizeof line);
+  memcpy(line, text, n + 1);
+  char *r = ctl_handle_line(&fake, line, n, "xnbd-proxy", "test", &empty);
+  cr_assert_not(empty, "no reply to \"%s\"", text);
+  cr_assert_not_null(r, "out of memory answering \"%s\"", text);
+  cr_assert_eq(r[strlen(r) - 1], '\n', "reply without LF: %s", r);
+  return r;
+}
+
+/* The doc comment at the top of common/ctl/ctl-proto.h (malloc'd). */
+static char *protocol_text(void)
+{
+  static const char *tries[] = { "../common/ctl/ctl-proto.h", "common/ctl/ctl-proto.h" };
+  for (size_t i = 0; i < ARRAY_SIZE(tries); i++) {
+    FILE *f = fopen(tries[i], "r");
+    if (!f) continue;
+    char *buf = calloc(1, 65536);
+    cr_assert_not_null(buf);
+    size_t n = fread(buf, 1, 65535, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *end = strstr(buf, "*/");
+    cr_assert_not_null(end, "%s: no doc comment", tries[i]);
+    *end = '\0';
+    return buf;
+  }
+  cr_assert_fail("common/ctl/ctl-proto.h not found from %s: run the test from "
+                 "tests/ (tests/run-tests.sh) or the source root", getcwd(NULL, 0));
+  return NULL;
+}
+
+Test(ctl_proto, every_command_has_help_text_and_is_in_the_help_reply)
+{
+  char *r = run_line("help");
+  struct json *j = parse_reply(r);
+  cr_assert(reply_ok(j));
+  const struct json *cmds = json_get(j, "commands");
+  cr_assert_eq(json_length(cmds), CTL_NCOMMANDS);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const struct ctl_command *c = &ctl_commands[i];
+    cr_assert_eq((size_t) c->id, i, "ctl_commands[%zu] has id %d", i, (int) c->id);
+    cr_assert(c->name && c->name[0], "command %zu has no name", i);
+    cr_assert(c->description && strlen(c->description) > 10, "%s: no help text", c->name);
+    cr_assert(c->usage && strncmp(c->usage, c->name, strlen(c->name)) == 0,
+              "%s: usage \"%s\" does not start with the name", c->name, c->usage);
+    if (c->arg)
+      cr_assert_not_null(strstr(c->usage, c->arg), "%s: usage omits %s", c->name, c->arg);
+    if (c->flag)
+      cr_assert_not_null(strstr(c->usage, c->flag), "%s: usage omits %s", c->name, c->flag);
+    cr_assert_eq(ctl_command_find(c->name), c);
+    if (c->alias)
+      cr_assert_eq(ctl_command_find(c->alias), c);
+    const struct json *e = json_index(cmds, i);
+    cr_assert_str_eq(get_str(e, "command"), c->name);
+    cr_assert_str_eq(get_str(e, "usage"), c->usage);
+    cr_assert_str_eq(get_str(e, "description"), c->description);
+    const struct json *aliases = json_get(e, "aliases");
+    cr_assert_eq(json_length(aliases), c->alias ? 1 : 0, "%s: aliases", c->name);
+    if (c->alias)
+      cr_assert_str_eq(json_str(json_index(aliases, 0)), c->alias);
+  }
+  cr_assert_null(ctl_command_find("frobnicate"));
+  json_free(j);
+  free(r);
+}
+
+Test(ctl_proto, every_command_is_documented_in_the_protocol_text)
+{
+  char *doc = protocol_text();
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const struct ctl_command *c = &ctl_commands[i];
+    char want[128];
+    /* Each command has its own paragraph: " *   USAGE  ...". */
+    snprintf(want, sizeof want, "\n *   %s ", c->usage);
+    cr_assert_not_null(strstr(doc, want), "ctl-proto.h does not document \"%s\"", c->usage);
+    if (c->alias) {
+      snprintf(want, sizeof want, "(alias: %s)", c->alias);
+      cr_assert_not_null(strstr(doc, want), "ctl-proto.h does not document %s's alias %s",
+                         c->name, c->alias);
+    }
+  }
+  free(doc);
+}
+
+/* Member names of a JSON object text at nesting depth 1 (top level) and 2
+ * (inside a member object), appended to keys as "\"name\":". */
+static size_t object_keys(const char *t, char keys[][64], size_t max)
+{
+  size_t n = 0;
+  int depth = 0;
+  for (const char *p = t; *p; p++) {
+    if (*p == '{' || *p == '[') depth++;
+    else if (*p == '}' || *p == ']') depth--;
+    else if (*p == '"') {
+      const char *q = p + 1;
+      while (*q && *q != '"') q += (*q == '\\' && q[1]) ? 2 : 1;
+      cr_assert_eq(*q, '"', "unterminated string in %s", t);
+      if (q[1] == ':' && depth <= 2) {
+        cr_assert_lt(n, max);
+        snprintf(keys[n++], 64, "\"%.*s\":", (int) (q - p - 1), p + 1);
+      }
+      p = q;
+    }
+  }
+  return n;
+}
+
+Test(ctl_proto, every_status_member_is_documented)
+{
+  char keys[128][64];
+  char *r = run_line("status");
+  char *doc = protocol_text();
+  size_t n = object_keys(r, keys, ARRAY_SIZE(keys));
+  cr_assert_gt(n, 30, "only %zu members in %s", n, r);
+  for (size_t i = 0; i < n; i++)
+    cr_assert_not_null(strstr(doc, keys[i]), "status member %s is not documented in "
+                       "ctl-proto.h; reply: %s", keys[i], r);
+  /* The scanner does see members the engine added lately. */
+  for (const char *k = "\"rtt_us\":\0\"standby\":\0\"wire\":\0\"bridged\":\0"; *k; k += strlen(k) + 1) {
+    bool seen = false;
+    for (size_t i = 0; i < n; i++) seen |= strcmp(keys[i], k) == 0;
+    cr_assert(seen, "%s missing from the status reply %s", k, r);
+  }
+  free(doc);
+  free(r);
+}
+
+Test(ctl_proto, parse_sets_flag_and_argument_and_refuses_the_rest)
+{
+  char line[64];
+  struct ctl_request req;
+  char *reply;
+
+  strcpy(line, "detach -f\r");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_OK);
+  cr_assert_eq(req.cmd->id, CTL_DETACH);
+  cr_assert(req.flag);
+  cr_assert_null(req.arg);
+
+  strcpy(line, "switch");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_OK);
+  cr_assert_eq(req.cmd->id, CTL_DETACH);
+  cr_assert_not(req.flag);
+
+  strcpy(line, "\t rate \t 5M ");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_OK);
+  cr_assert_eq(req.cmd->id, CTL_RATE);
+  cr_assert_str_eq(req.arg, "5M");
+
+  strcpy(line, " \t\r");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_EMPTY);
+  cr_assert_null(reply);
+
+  static const char *bad[] = { "detach --force --force", "detach --now", "rate",
+                               "rate 1 2", "help me", "Status", "a b c d e f g h i j" };
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+    strcpy(line, bad[i]);
+    cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_BAD, "%s", bad[i]);
+    struct json *j = parse_reply(reply);
+    reply_error(j);
+    json_free(j);
+    free(reply);
+  }
+}
+
+Test(ctl_proto, unknown_command_error_lists_every_command)
+{
+  char *r = run_line("xyzzy");
+  struct json *j = parse_reply(r);
+  const char *e = reply_error(j);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++)
+    cr_assert_not_null(strstr(e, ctl_commands[i].usage), "%s missing from: %s",
+                       ctl_commands[i].usage, e);
+  json_free(j);
+  free(r);
+}
+
+Test(ctl_proto, fixed_replies_are_valid_json_errors)
+{
+  const char *fixed[] = { ctl_reply_too_long, ctl_reply_busy, ctl_reply_oom };
+  for (size_t i = 0; i < ARRAY_SIZE(fixed); i++) {
+    size_t n = strlen(fixed[i]);
+    cr_assert_eq(fixed[i][n - 1], '\n');
+    struct json *j = json_parse(fixed[i], n - 1, NULL, 0);
+    cr_assert_not_null(j, "%s", fixed[i]);
+    reply_error(j);
+    json_free(j);
+  }
 }
 
 /* ---- json --------------------------------------------------------------- */
