@@ -8,6 +8,7 @@
  * Exit status: 0 ok, 1 the proxy said no (or could not be reached), 2 usage. */
 #include "ctl-proto.h"
 #include "json.h"
+#include "target.h"
 #include "util.h"
 
 #include <errno.h>
@@ -747,6 +748,13 @@ int main(int argc, char **argv)
       if (parse_rate(args[0], &bps, &why) < 0)
         usage_error("rate: cannot parse \"%s\": %s (use e.g. 100mbit, 12M, 0 "
                     "for unlimited)", args[0], why);
+    }
+    if (cmd->id == CTL_RECONNECT) {
+      struct target t;
+      char err[512];
+      if (target_parse(args[0], NULL, &t, err, sizeof err) < 0)
+        usage_error("reconnect: %s", err);
+      target_free(&t);
     }
   }
   if (snprintf(line, sizeof line, "%s%s%s%s%s", cmd->name,

@@ -5,6 +5,7 @@
 #include "engine.h"
 #include "json.h"
 #include "log.h"
+#include "target.h"
 #include "util.h"
 
 #include <errno.h>
@@ -94,6 +95,7 @@ static int run(struct engine *e, const struct ctl_request *req,
   const char *name = req->cmd->name;
   char err[1024] = "";
   struct engine_stats st;
+  struct target target;
   uint64_t bps;
   const char *why = "not a rate";
   int rc;
@@ -157,6 +159,11 @@ static int run(struct engine *e, const struct ctl_request *req,
     fprintf(f, ",\"forced_missing\":%" PRIu64, st.forced_missing);
     return 0;
   case CTL_RECONNECT:
+    if (target_parse(req->arg, NULL, &target, err, sizeof err) < 0) {
+      *error = ctl_reply_error("reconnect: %s", err);
+      return -1;
+    }
+    target_free(&target);
     log_info("%s: reconnect %s", who, req->arg);
     if (engine_reconnect(e, req->arg, err, sizeof err) < 0) {
       *error = engine_failed(name, err, program);

@@ -111,6 +111,26 @@ int parse_host_port(const char *s, const char *default_port,
   return 0;
 }
 
+bool util_block_size_ok(uint64_t v, const char **why)
+{
+  if (v < XNBD_BLOCK_SIZE_MIN || v > XNBD_BLOCK_SIZE_MAX || !is_power_of_2(v)) {
+    *why = "the block size must be " XNBD_BLOCK_SIZE_RANGE;
+    return false;
+  }
+  return true;
+}
+
+int util_parse_block_size(const char *s, uint32_t *out, const char **why)
+{
+  uint64_t v;
+  if (parse_size(s, &v, why) < 0)
+    return -1;
+  if (!util_block_size_ok(v, why))
+    return -1;
+  *out = (uint32_t) v;
+  return 0;
+}
+
 int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
   const char *p = buf;

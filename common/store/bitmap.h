@@ -98,7 +98,6 @@
 #define BITMAP_HEADER_SIZE     4096
 #define BITMAP_SLOT_SIZE       2048
 #define BITMAP_SOURCE_ID_MAX   1024
-#define BITMAP_MIN_BLOCK_SIZE  4096
 #define BITMAP_FLAG_COMPLETE   UINT32_C(1)
 /* A buffer this large holds any error message of bitmap_open in full. */
 #define BITMAP_ERR_MAX         4096
@@ -106,7 +105,7 @@
 struct bitmap;
 
 /* Opens the bitmap file at path for an image of image_size bytes cut into
- * block_size blocks (a power of two >= 4096), belonging to the source
+ * block_size blocks (XNBD_BLOCK_SIZE_RANGE, util.h), belonging to the source
  * named by source_id (NULL means "", at most BITMAP_SOURCE_ID_MAX bytes).
  *
  * If the file does not exist, is empty, or clear is true, it is (re)made
