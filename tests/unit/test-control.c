@@ -1102,10 +1102,11 @@ Test(ctl_proto, every_command_is_documented_in_the_protocol_text)
   free(doc);
 }
 
-/* Member names of a JSON object text at nesting depth 1 (top level) and 2
- * (inside a member object), appended to keys as "\"name\":". */
+/* Member paths of a JSON object text at nesting depth 1 ("state") and 2
+ * ("blocks.total"). */
 static size_t object_keys(const char *t, char keys[][64], size_t max)
 {
+  char parent[64] = "";
   size_t n = 0;
   int depth = 0;
   for (const char *p = t; *p; p++) {
@@ -1116,8 +1117,14 @@ static size_t object_keys(const char *t, char keys[][64], size_t max)
       while (*q && *q != '"') q += (*q == '\\' && q[1]) ? 2 : 1;
       cr_assert_eq(*q, '"', "unterminated string in %s", t);
       if (q[1] == ':' && depth <= 2) {
+        int len = (int) (q - p - 1);
         cr_assert_lt(n, max);
-        snprintf(keys[n++], 64, "\"%.*s\":", (int) (q - p - 1), p + 1);
+        if (depth == 1) {
+          snprintf(parent, sizeof parent, "%.*s", len, p + 1);
+          snprintf(keys[n++], 64, "%s", parent);
+        } else {
+          snprintf(keys[n++], 64, "%s.%.*s", parent, len, p + 1);
+        }
       }
       p = q;
     }
@@ -1125,24 +1132,69 @@ static size_t object_keys(const char *t, char keys[][64], size_t max)
   return n;
 }
 
+/* The contents of a file of the source tree (malloc'd). */
+static char *source_file(const char *path)
+{
+  char p[512];
+  const char *dirs[] = { "..", "." };
+  for (size_t i = 0; i < ARRAY_SIZE(dirs); i++) {
+    snprintf(p, sizeof p, "%s/%s", dirs[i], path);
+    FILE *f = fopen(p, "r");
+    if (!f) continue;
+    char *buf = calloc(1, 1 << 20);
+    cr_assert_not_null(buf);
+    size_t n = fread(buf, 1, (1 << 20) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return buf;
+  }
+  cr_assert_fail("%s not found: run the test from tests/ or the source root", path);
+  return NULL;
+}
+
 Test(ctl_proto, every_status_member_is_documented)
 {
   char keys[128][64];
   char *r = run_line("status");
   char *doc = protocol_text();
+  char *man = source_file("man/xnbd-ctl.1");
   size_t n = object_keys(r, keys, ARRAY_SIZE(keys));
   cr_assert_gt(n, 30, "only %zu members in %s", n, r);
-  for (size_t i = 0; i < n; i++)
-    cr_assert_not_null(strstr(doc, keys[i]), "status member %s is not documented in "
+  for (size_t i = 0; i < n; i++) {
+    /* ctl-proto.h shows the reply's shape: "name":... */
+    char quoted[80];
+    const char *dot = strchr(keys[i], '.');
+    snprintf(quoted, sizeof quoted, "\"%s\":", dot ? dot + 1 : keys[i]);
+    cr_assert_not_null(strstr(doc, quoted), "status member %s is not documented in "
                        "ctl-proto.h; reply: %s", keys[i], r);
+    /* xnbd-ctl(1) names each one by its path (blocks.total). */
+    cr_assert_not_null(strstr(man, keys[i]), "status member %s is not documented in "
+                       "man/xnbd-ctl.1", keys[i]);
+  }
   /* The scanner does see members the engine added lately. */
-  for (const char *k = "\"rtt_us\":\0\"standby\":\0\"wire\":\0\"bridged\":\0"; *k; k += strlen(k) + 1) {
+  for (const char *k = "rtt_us\0standby\0wire.rx_raw\0bytes.bridged\0"; *k; k += strlen(k) + 1) {
     bool seen = false;
     for (size_t i = 0; i < n; i++) seen |= strcmp(keys[i], k) == 0;
     cr_assert(seen, "%s missing from the status reply %s", k, r);
   }
+  free(man);
   free(doc);
   free(r);
+}
+
+Test(ctl_proto, every_command_is_in_the_xnbd_ctl_man_page)
+{
+  char *man = source_file("man/xnbd-ctl.1");
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const char *name = ctl_commands[i].name;
+    char a[64], b[64], c[64];
+    snprintf(a, sizeof a, "\n.B %s\n", name);
+    snprintf(b, sizeof b, "\n.BR %s ", name);
+    snprintf(c, sizeof c, "\n.BI %s ", name);
+    cr_assert(strstr(man, a) || strstr(man, b) || strstr(man, c),
+              "man/xnbd-ctl.1 has no paragraph for the command %s", name);
+  }
+  free(man);
 }
 
 Test(ctl_proto, parse_sets_flag_and_argument_and_refuses_the_rest)
