@@ -1437,6 +1437,18 @@ Test(xnbd_ctl, commands_reach_the_engine)
                fake.bg_start_calls + fake.detach_calls, 5);
 }
 
+Test(xnbd_ctl, help_prints_the_proxys_command_list)
+{
+  char out[8192];
+  cr_assert_eq(run_ctl(out, sizeof out, "-c SOCK help"), 0, "%s", out);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    char want[128];
+    snprintf(want, sizeof want, "  %s ", ctl_commands[i].usage);
+    cr_assert_not_null(strstr(out, want), "help lacks %s:\n%s", ctl_commands[i].usage, out);
+  }
+  cr_assert_not_null(strstr(out, "also called query"), "%s", out);
+}
+
 Test(xnbd_ctl, refusal_exits_1_with_the_proxys_reason)
 {
   char out[4096];
@@ -1464,15 +1476,23 @@ Test(xnbd_ctl, usage_errors_exit_2)
     "-c SOCK rate fast", "-c SOCK pause --json", "-c SOCK status --force",
     "-c SOCK detach --wait", "-c SOCK --bogus status", "-c SOCK -t x status",
     "--query", "--query SOCK extra", "--query --switch SOCK",
-    "-c SOCK reconnect 'a b'",
+    "-c SOCK reconnect 'a b'", "-c SOCK reconnect http://siteA/vm1",
+    "-c SOCK reconnect xnbd:///vm1",
   };
   char out[4096];
   for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
     cr_assert_eq(run_ctl(out, sizeof out, bad[i]), 2, "xnbd-ctl %s: %s", bad[i], out);
     cr_assert_not_null(strstr(out, "--help"), "xnbd-ctl %s: %s", bad[i], out);
   }
-  cr_assert_eq(fake.bg_pause_calls + fake.detach_calls + fake.rate_calls, 0);
+  cr_assert_eq(fake.bg_pause_calls + fake.detach_calls + fake.rate_calls +
+               fake.reconnect_calls, 0);
   cr_assert_eq(run_ctl(out, sizeof out, "--help"), 0);
+  /* --help comes from the protocol's command table. */
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    char want[128];
+    snprintf(want, sizeof want, "\n  %s", ctl_commands[i].usage);
+    cr_assert_not_null(strstr(out, want), "--help lacks %s:\n%s", ctl_commands[i].usage, out);
+  }
   cr_assert_eq(run_ctl(out, sizeof out, "--version"), 0);
   cr_assert_not_null(strstr(out, "xnbd-ctl "));
 }
