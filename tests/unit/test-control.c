@@ -37,6 +37,7 @@ struct engine {
   struct engine_stats st;
   int bg_start_calls, bg_pause_calls, bg_resume_calls, rate_calls;
   int detach_calls, reconnect_calls, flush_calls;
+  int stats_calls;
   uint64_t last_rate;
   bool last_force;
   char last_target[512];
@@ -86,6 +87,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
 {
   pthread_mutex_lock(&e->lock);
   *st = e->st;
+  e->stats_calls++;
   pthread_mutex_unlock(&e->lock);
 }
 
@@ -1518,6 +1520,12 @@ Test(xnbd_ctl, xnbd_bgctl_forms_work)
 static void *finish_copy(void *arg)
 {
   bool forced = *(bool *) arg;
+  /* Start once xnbd-ctl has started the copy and seen the first status,
+   * so its first progress line is the starting point however slow it is
+   * to start (bounded: 10 s). */
+  for (int i = 0; i < 1000 && !(fake_get(&fake.bg_start_calls) > 0 &&
+                                fake_get(&fake.stats_calls) > 0); i++)
+    usleep(10000);
   for (int i = 0; i < 10; i++) {
     usleep(120000);
     pthread_mutex_lock(&fake.lock);
