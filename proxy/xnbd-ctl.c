@@ -162,12 +162,25 @@ static void usage(void)
     }
     putchar('\n');
   }
+  /* The commands that wait for the source or the disk get longer. */
+  char slow[128];
+  size_t n = 0;
+  slow[0] = '\0';
+  for (size_t i = 0; i < CTL_NCOMMANDS && n < sizeof slow; i++)
+    if (ctl_commands[i].may_block)
+      n += snprintf(slow + n, sizeof slow - n, "%s%s", n ? ", " : "", ctl_commands[i].name);
+  int at = 29;
+  printf("\n"
+         "Options:\n"
+         "  -c, --control SOCKET       the proxy's control socket (xnbd-proxy --control)\n"
+         "  -t, --timeout SECONDS      ");
+  put_wrapped("how long to wait for a reply (default 30, and 600 for", &at, 29);
+  put_wrapped(slow, &at, 29);
+  printf(";");
+  at++;
+  put_wrapped("0: forever)", &at, 29);
+  printf("\n");
   printf(
-"\n"
-"Options:\n"
-"  -c, --control SOCKET       the proxy's control socket (xnbd-proxy --control)\n"
-"  -t, --timeout SECONDS      how long to wait for a reply (default 30, and\n"
-"                             600 for detach, reconnect and flush; 0: forever)\n"
 "  -h, --help                 show this help\n"
 "  -V, --version              show the version\n"
 "\n"
