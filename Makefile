@@ -65,9 +65,6 @@ $(BUILDDIR)/tests/unit-%: $(BUILDDIR)/tests/unit/test-%.o $(LIBCOMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcriterion
 
-# The control test compiles proxy/control.c into itself.
-$(BUILDDIR)/tests/unit/test-control.o: proxy/control.c proxy/control.h common/lib/json.h
-
 deps:
 	@scripts/install-deps.sh
 

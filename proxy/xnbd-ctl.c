@@ -2,11 +2,13 @@
  *
  *   xnbd-ctl --control SOCK COMMAND [ARGS]
  *
- * Sends one protocol line per command (proxy/control.h) and reads the JSON
- * reply.  `cache-all --wait` keeps the connection and polls `status`.
+ * Sends one protocol line per command (common/ctl/ctl-proto.h, whose command
+ * table also gives this program its command names, usage and help) and
+ * reads the JSON reply.  `cache-all --wait` keeps the connection and polls `status`.
  * Exit status: 0 ok, 1 the proxy said no (or could not be reached), 2 usage. */
-#include "control.h"
+#include "ctl-proto.h"
 #include "json.h"
+#include "target.h"
 #include "util.h"
 
 #include <errno.h>
@@ -71,34 +73,114 @@ static void fail(const char *fmt, ...)
   exit(EXIT_NO);
 }
 
+/* xnbd-ctl's own options of some commands; names, usage and descriptions
+ * come from the protocol's command table (ctl_commands). */
+static const struct {
+  enum ctl_cmd_id id;
+  const char *opts;               /* appended to the usage */
+  const char *help;               /* appended to the description */
+} cli_extras[] = {
+  { CTL_STATUS, "[--json]", "--json prints the proxy's JSON reply" },
+  { CTL_CACHE_ALL, "[--wait] [--progress]", "--wait returns when every block is "
+    "present, --progress shows the progress (and waits)" },
+  { CTL_HELP, NULL, "as the running proxy knows them" },
+};
+
+static const char *extra_opts(enum ctl_cmd_id id)
+{
+  for (size_t i = 0; i < ARRAY_SIZE(cli_extras); i++)
+    if (cli_extras[i].id == id) return cli_extras[i].opts;
+  return NULL;
+}
+
+static const char *extra_help(enum ctl_cmd_id id)
+{
+  for (size_t i = 0; i < ARRAY_SIZE(cli_extras); i++)
+    if (cli_extras[i].id == id) return cli_extras[i].help;
+  return NULL;
+}
+
+/* Prints text word-wrapped between column col and column 79; *at is the
+ * current column, and the text follows what is there after a space. */
+static void put_wrapped(const char *text, int *at, int col)
+{
+  while (*text) {
+    size_t w = strcspn(text, " ");
+    if (*at > col && *at + 1 + (int) w > 79) {
+      printf("\n%*s", col, "");
+      *at = col;
+    } else if (*at > col) {
+      putchar(' ');
+      (*at)++;
+    }
+    printf("%.*s", (int) w, text);
+    *at += w;
+    text += w;
+    while (*text == ' ') text++;
+  }
+}
+
+/* "status, cache-all, ..." */
+static const char *command_names(void)
+{
+  static char buf[256];
+  size_t n = 0;
+  for (size_t i = 0; i < CTL_NCOMMANDS && n < sizeof buf; i++)
+    n += snprintf(buf + n, sizeof buf - n, "%s%s", i ? ", " : "", ctl_commands[i].name);
+  return buf;
+}
+
 static void usage(void)
 {
+  printf("Usage: %s --control SOCKET COMMAND [ARGS]\n"
+         "Control a running xnbd-proxy through its control socket.\n"
+         "\n"
+         "Commands:\n", progname);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const struct ctl_command *cmd = &ctl_commands[i];
+    const char *opts = extra_opts(cmd->id), *help = extra_help(cmd->id);
+    char head[64];
+    int n = snprintf(head, sizeof head, "  %s%s%s", cmd->usage, opts ? " " : "",
+                     opts ? opts : "");
+    int at = 29;
+    printf("%s", head);
+    if (n > 28)
+      printf("\n%29s", "");
+    else
+      printf("%*s", 29 - n, "");
+    put_wrapped(cmd->description, &at, 29);
+    if (cmd->alias) {
+      printf(";");
+      at++;
+      put_wrapped("also called", &at, 29);
+      put_wrapped(cmd->alias, &at, 29);
+    }
+    if (help) {
+      printf(";");
+      at++;
+      put_wrapped(help, &at, 29);
+    }
+    putchar('\n');
+  }
+  /* The commands that wait for the source or the disk get longer. */
+  char slow[128];
+  size_t n = 0;
+  slow[0] = '\0';
+  for (size_t i = 0; i < CTL_NCOMMANDS && n < sizeof slow; i++)
+    if (ctl_commands[i].may_block)
+      n += snprintf(slow + n, sizeof slow - n, "%s%s", n ? ", " : "", ctl_commands[i].name);
+  int at = 29;
+  printf("\n"
+         "Options:\n"
+         "  -c, --control SOCKET       the proxy's control socket (xnbd-proxy --control)\n"
+         "  -t, --timeout SECONDS      ");
+  put_wrapped("how long to wait for a reply (default 30, and 600 for", &at, 29);
+  put_wrapped(slow, &at, 29);
+  printf(";");
+  at++;
+  put_wrapped("0: forever)", &at, 29);
+  printf("\n");
   printf(
-"Usage: %s --control SOCKET COMMAND [ARGS]\n"
-"Control a running xnbd-proxy through its control socket.\n"
-"\n"
-"Commands:\n"
-"  status [--json]            migration state and statistics (JSON with --json)\n"
-"  cache-all [--wait] [--progress]\n"
-"                             start copying every missing block in the\n"
-"                             background; --wait returns when every block is\n"
-"                             present, --progress shows progress (and waits)\n"
-"  activate                   switch-over done: leave --standby, keep blocks\n"
-"  pause                      pause the background copy\n"
-"  resume                     resume the background copy\n"
-"  rate LIMIT                 limit the background copy: 100mbit, 12M (bytes/s),\n"
-"                             0 for unlimited\n"
-"  detach [--force]           stop using the source (refused while blocks are\n"
-"                             missing unless --force: they then read as errors)\n"
-"  reconnect URI              use another address of the same source\n"
-"                             (nbd://HOST:PORT/EXPORT, nbds://, nbd+unix://,\n"
-"                             HOST:PORT)\n"
-"  flush                      make everything written so far durable\n"
-"\n"
-"Options:\n"
-"  -c, --control SOCKET       the proxy's control socket (xnbd-proxy --control)\n"
-"  -t, --timeout SECONDS      how long to wait for a reply (default 30, and\n"
-"                             600 for detach, reconnect and flush; 0: forever)\n"
 "  -h, --help                 show this help\n"
 "  -V, --version              show the version\n"
 "\n"
@@ -110,18 +192,18 @@ static void usage(void)
 "\n"
 "Exit status: 0 done, 1 refused or failed (the reason is printed), 2 usage.\n"
 "See xnbd-ctl(1) for the line protocol, usable with socat or nc -U.\n",
-         progname, progname, progname, progname, progname);
+         progname, progname, progname, progname);
 }
 
 /* ---- talking to the proxy ------------------------------------------------ */
 
-struct conn {
+struct ctl_client {
   int fd;
   char *buf;                      /* bytes received after the last line */
   size_t len, cap;
 };
 
-static void conn_open(struct conn *c)
+static void ctl_client_open(struct ctl_client *c)
 {
   struct sockaddr_un sa;
   struct stat st;
@@ -161,7 +243,7 @@ static void conn_open(struct conn *c)
 static uint64_t now_ms(void) { return now_ns() / 1000000; }
 
 /* Sends one command line and returns its reply line (malloc'd, no LF). */
-static char *conn_request(struct conn *c, const char *line, int limit_ms)
+static char *ctl_client_request(struct ctl_client *c, const char *line, int limit_ms)
 {
   size_t n = strlen(line);
   uint64_t deadline = limit_ms > 0 ? now_ms() + limit_ms : 0;
@@ -233,10 +315,10 @@ static char *conn_request(struct conn *c, const char *line, int limit_ms)
 
 /* Sends a command and parses the reply; exits with the proxy's error when
  * it says ok:false.  *raw (if given) gets the reply line. */
-static struct json *conn_command(struct conn *c, const char *line, int limit_ms,
+static struct json *ctl_client_command(struct ctl_client *c, const char *line, int limit_ms,
                                  char **raw)
 {
-  char *reply = conn_request(c, line, limit_ms);
+  char *reply = ctl_client_request(c, line, limit_ms);
   char err[128];
   struct json *j = json_parse(reply, strlen(reply), err, sizeof err);
   bool ok = false;
@@ -254,7 +336,7 @@ static struct json *conn_command(struct conn *c, const char *line, int limit_ms,
   return j;
 }
 
-static void conn_close(struct conn *c)
+static void ctl_client_close(struct ctl_client *c)
 {
   close(c->fd);
   free(c->buf);
@@ -370,6 +452,34 @@ static void print_status(const struct json *j)
            "(they read as I/O errors)\n", forced);
 }
 
+/* The proxy's help reply: its commands, as it knows them. */
+static void print_help(const struct json *j)
+{
+  const struct json *cmds = json_get(j, "commands");
+  for (size_t i = 0; i < json_length(cmds); i++) {
+    const struct json *c = json_index(cmds, i);
+    const struct json *aliases = json_get(c, "aliases");
+    int at = 29;
+    printf("  ");
+    put_clean(stdout, str_of(c, "usage"));
+    int n = 2 + (int) strlen(str_of(c, "usage"));
+    if (n > 28) printf("\n%29s", "");
+    else printf("%*s", 29 - n, "");
+    /* put_wrapped prints as is: clean the text first. */
+    char *d = strdup(str_of(c, "description"));
+    if (!d) fail("out of memory");
+    for (char *p = d; *p; p++)
+      if ((unsigned char) *p < 0x20 || *p == 0x7f) *p = ' ';
+    put_wrapped(d, &at, 29);
+    free(d);
+    for (size_t k = 0; k < json_length(aliases); k++) {
+      printf("%s", k ? ", " : "; also called ");
+      put_clean(stdout, json_str(json_index(aliases, k)) ? json_str(json_index(aliases, k)) : "");
+    }
+    putchar('\n');
+  }
+}
+
 /* ---- cache-all --wait / --progress ---------------------------------------- */
 
 static void on_signal(int sig) { interrupted = 1; }
@@ -408,7 +518,7 @@ static double sample_rate(struct samples *s, uint64_t t, uint64_t bytes)
   return (bytes - s->bytes[oldest]) * 1000.0 / (t - s->t_ms[oldest]);
 }
 
-static int cache_all_wait(struct conn *c, bool progress)
+static int cache_all_wait(struct ctl_client *c, bool progress)
 {
   bool tty = progress && isatty(STDERR_FILENO);
   int poll_ms = tty ? 250 : 500;
@@ -420,7 +530,7 @@ static int cache_all_wait(struct conn *c, bool progress)
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
   for (;;) {
-    struct json *j = conn_command(c, "status", 30000, NULL);
+    struct json *j = ctl_client_command(c, "status", 30000, NULL);
     const char *state = str_of(j, "state");
     uint64_t done, total, t = now_ms();
     bool complete = strcmp(state, "complete") == 0;
@@ -515,20 +625,6 @@ static int cache_all_wait(struct conn *c, bool progress)
 
 /* ---- commands -------------------------------------------------------------- */
 
-enum cmd { CMD_NONE, CMD_STATUS, CMD_CACHE_ALL, CMD_ACTIVATE, CMD_PAUSE, CMD_RESUME, CMD_RATE,
-           CMD_DETACH, CMD_RECONNECT, CMD_FLUSH };
-
-static const struct { const char *name; enum cmd cmd; int nargs; } cmd_names[] = {
-  { "status", CMD_STATUS, 0 }, { "query", CMD_STATUS, 0 },
-  { "cache-all", CMD_CACHE_ALL, 0 },
-  { "activate", CMD_ACTIVATE, 0 },
-  { "pause", CMD_PAUSE, 0 }, { "resume", CMD_RESUME, 0 },
-  { "rate", CMD_RATE, 1 },
-  { "detach", CMD_DETACH, 0 }, { "switch", CMD_DETACH, 0 },
-  { "reconnect", CMD_RECONNECT, 1 },
-  { "flush", CMD_FLUSH, 0 },
-};
-
 enum { OPT_JSON = 256, OPT_WAIT, OPT_PROGRESS, OPT_QUERY, OPT_CACHE_ALL,
        OPT_SWITCH, OPT_RECONNECT };
 
@@ -550,14 +646,14 @@ int main(int argc, char **argv)
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
-  enum cmd cmd = CMD_NONE;
+  const struct ctl_command *cmd = NULL;
   const char *flag_name = NULL;   /* the xnbd-bgctl form used, if any */
   bool force = false, json_out = false, wait = false, progress = false;
   char **args;
   int nargs, opt, longindex, rc = 0;
-  char line[CONTROL_MAX_LINE + 1];
+  char line[CTL_MAX_LINE + 1];
   char uri[1024];
-  struct conn c;
+  struct ctl_client c;
   struct json *j;
 
   if (argv[0] && strrchr(argv[0], '/')) progname = strrchr(argv[0], '/') + 1;
@@ -582,13 +678,13 @@ int main(int argc, char **argv)
     case OPT_WAIT: wait = true; break;
     case OPT_PROGRESS: progress = true; break;
     case OPT_QUERY: case OPT_CACHE_ALL: case OPT_SWITCH: case OPT_RECONNECT: {
-      enum cmd want = opt == OPT_QUERY ? CMD_STATUS : opt == OPT_CACHE_ALL ?
-        CMD_CACHE_ALL : opt == OPT_SWITCH ? CMD_DETACH : CMD_RECONNECT;
+      enum ctl_cmd_id want = opt == OPT_QUERY ? CTL_STATUS : opt == OPT_CACHE_ALL ?
+        CTL_CACHE_ALL : opt == OPT_SWITCH ? CTL_DETACH : CTL_RECONNECT;
       if (flag_name)
         usage_error("%s and --%s: give one command", flag_name, opts[longindex].name);
       flag_name = opt == OPT_QUERY ? "--query" : opt == OPT_CACHE_ALL ? "--cache-all" :
                   opt == OPT_SWITCH ? "--switch" : "--reconnect";
-      cmd = want;
+      cmd = &ctl_commands[want];
       break;
     }
     case 'h': usage(); return 0;
@@ -610,9 +706,9 @@ int main(int argc, char **argv)
       sock_path = args[0];
       args++, nargs--;
     }
-    if (cmd == CMD_CACHE_ALL)
+    if (cmd->id == CTL_CACHE_ALL)
       wait = true;              /* xnbd-bgctl --cache-all waits for the end */
-    if (cmd == CMD_RECONNECT) {
+    if (cmd->id == CTL_RECONNECT) {
       if (nargs == 2) {
         bool v6 = strchr(args[0], ':') != NULL;
         snprintf(uri, sizeof uri, "%s%s%s:%s", v6 ? "[" : "", args[0],
@@ -626,14 +722,10 @@ int main(int argc, char **argv)
     }
   } else {
     if (nargs < 1)
-      usage_error("no command given (status, cache-all, pause, resume, rate, "
-                  "detach, reconnect, flush)");
-    for (size_t i = 0; i < ARRAY_SIZE(cmd_names); i++)
-      if (strcmp(args[0], cmd_names[i].name) == 0)
-        cmd = cmd_names[i].cmd;
-    if (cmd == CMD_NONE)
-      usage_error("unknown command \"%s\" (commands: status, cache-all, pause, "
-                  "resume, rate, detach, reconnect, flush)", args[0]);
+      usage_error("no command given (%s)", command_names());
+    cmd = ctl_command_find(args[0]);
+    if (!cmd)
+      usage_error("unknown command \"%s\" (commands: %s)", args[0], command_names());
     flag_name = args[0];
     args++, nargs--;
   }
@@ -641,99 +733,97 @@ int main(int argc, char **argv)
     usage_error("which proxy? give its control socket with --control SOCKET "
                 "(the path given to xnbd-proxy --control)");
 
-  /* Arguments and options per command. */
-  int want_args = cmd == CMD_RATE || cmd == CMD_RECONNECT ? 1 : 0;
+  /* Arguments and options per command (the flag, if any, is an option). */
+  int want_args = cmd->arg ? 1 : 0;
   if (nargs != want_args) {
     if (nargs < want_args)
-      usage_error("%s: missing %s", flag_name, cmd == CMD_RATE ? "LIMIT (e.g. "
-                  "100mbit, 12M, 0 for unlimited)" : "URI (e.g. nbd://HOST:PORT/EXPORT)");
-    usage_error("%s: unexpected argument \"%s\"", flag_name, args[want_args]);
+      usage_error("%s: missing %s; usage: %s -c SOCKET %s (%s)", flag_name,
+                  cmd->arg, progname, cmd->usage, cmd->description);
+    usage_error("%s: unexpected argument \"%s\"; usage: %s -c SOCKET %s", flag_name,
+                args[want_args], progname, cmd->usage);
   }
-  if (json_out && cmd != CMD_STATUS)
+  if (json_out && cmd->id != CTL_STATUS)
     usage_error("--json goes with status only");
-  if ((wait || progress) && cmd != CMD_CACHE_ALL)
+  if ((wait || progress) && cmd->id != CTL_CACHE_ALL)
     usage_error("--wait and --progress go with cache-all only");
-  if (force && cmd != CMD_DETACH)
-    usage_error("--force goes with detach only");
+  if (force && !cmd->flag)
+    usage_error("--force does not go with %s (usage: %s)", flag_name, cmd->usage);
   if (progress)
     wait = true;
 
-  const char *word = NULL;
-  switch (cmd) {
-  case CMD_STATUS: word = "status"; break;
-  case CMD_CACHE_ALL: word = "cache-all"; break;
-  case CMD_ACTIVATE: word = "activate"; break;
-  case CMD_PAUSE: word = "pause"; break;
-  case CMD_RESUME: word = "resume"; break;
-  case CMD_RATE: word = "rate"; break;
-  case CMD_DETACH: word = force ? "detach --force" : "detach"; break;
-  case CMD_RECONNECT: word = "reconnect"; break;
-  case CMD_FLUSH: word = "flush"; break;
-  case CMD_NONE: abort();
-  }
   if (want_args) {
     /* One line, words split by spaces: an argument cannot hold either. */
     if (strpbrk(args[0], " \t\r\n") || !args[0][0])
       usage_error("%s: \"%s\" must be one word without spaces", flag_name, args[0]);
-    if (cmd == CMD_RATE) {
+    if (cmd->id == CTL_RATE) {
       uint64_t bps;
       const char *why;
       if (parse_rate(args[0], &bps, &why) < 0)
         usage_error("rate: cannot parse \"%s\": %s (use e.g. 100mbit, 12M, 0 "
                     "for unlimited)", args[0], why);
     }
-    if (snprintf(line, sizeof line, "%s %s", word, args[0]) >= (int) sizeof line)
-      usage_error("%s: argument too long", flag_name);
-  } else {
-    snprintf(line, sizeof line, "%s", word);
+    if (cmd->id == CTL_RECONNECT) {
+      struct target t;
+      char err[512];
+      if (target_parse(args[0], NULL, &t, err, sizeof err) < 0)
+        usage_error("reconnect: %s", err);
+      target_free(&t);
+    }
   }
+  if (snprintf(line, sizeof line, "%s%s%s%s%s", cmd->name,
+               force ? " " : "", force ? cmd->flag : "",
+               want_args ? " " : "", want_args ? args[0] : "") >= (int) sizeof line)
+    usage_error("%s: argument too long", flag_name);
 
   int limit = timeout_ms >= 0 ? timeout_ms :
-    cmd == CMD_DETACH || cmd == CMD_RECONNECT || cmd == CMD_FLUSH ? 600000 : 30000;
+    cmd->may_block ? 600000 : 30000;
 
-  conn_open(&c);
+  ctl_client_open(&c);
   char *raw = NULL;
-  j = conn_command(&c, line, limit, &raw);
+  j = ctl_client_command(&c, line, limit, &raw);
   char h[32];
   uint64_t v;
-  switch (cmd) {
-  case CMD_STATUS:
+  switch (cmd->id) {
+  case CTL_STATUS:
     if (json_out) puts(raw);
     else print_status(j);
     break;
-  case CMD_CACHE_ALL:
+  case CTL_CACHE_ALL:
     if (wait)
       rc = cache_all_wait(&c, progress);
     else
       printf("background copy started; follow it with: %s -c %s status\n",
              progname, sock_path);
     break;
-  case CMD_ACTIVATE: printf("activated: blocks are kept from now on\n"); break;
-  case CMD_PAUSE: printf("background copy paused\n"); break;
-  case CMD_RESUME: printf("background copy resumed\n"); break;
-  case CMD_RATE:
+  case CTL_ACTIVATE: printf("activated: blocks are kept from now on\n"); break;
+  case CTL_PAUSE: printf("background copy paused\n"); break;
+  case CTL_RESUME: printf("background copy resumed\n"); break;
+  case CTL_RATE:
     v = u64_of(j, "rate", NULL);
     if (v) printf("background copy limited to %s (%" PRIu64 " bytes/s)\n",
                   rate_str(v, h, sizeof h), v);
     else printf("background copy rate unlimited\n");
     break;
-  case CMD_DETACH:
+  case CTL_DETACH:
     v = u64_of(j, "forced_missing", NULL);
     if (v) printf("detached from the source; %" PRIu64 " blocks were missing "
                   "and read as I/O errors\n", v);
     else printf("detached from the source; xnbd-proxy now serves the local copy\n");
     break;
-  case CMD_RECONNECT:
+  case CTL_RECONNECT:
     printf("now using the source at ");
     put_clean(stdout, *str_of(j, "target") ? str_of(j, "target") : args[0]);
     putchar('\n');
     break;
-  case CMD_FLUSH: break;
-  case CMD_NONE: break;
+  case CTL_FLUSH: break;
+  case CTL_HELP:
+    print_help(j);
+    break;
+  case CTL_NCOMMANDS: break;
   }
   free(raw);
   json_free(j);
-  conn_close(&c);
+  ctl_client_close(&c);
   if (fflush(stdout) == EOF || ferror(stdout))
     fail("cannot write to standard output: %s", strerror(errno));
   return rc;

@@ -5,9 +5,10 @@
 #include "engine.h"
 #include "workq.h"
 #include "wan.h"
-#include "control.h"
+#include "ctl-server.h"
 #include "daemon.h"
 #include "cli.h"
+#include "target.h"
 #include "log.h"
 #include "util.h"
 
@@ -50,14 +51,16 @@ static void usage(FILE *f)
 "Local state:\n"
 "  -c, --cache FILE          cache image (created sparse if absent)\n"
 "  -b, --bitmap FILE         persistent cached-block bitmap\n"
-"      --block-size N        cache block size, power of two >= 4096 (default 4096)\n"
+"      --block-size N        cache block size, a power of two from 4K to 32M\n"
+"                            (default 4096)\n"
 "      --clear-bitmap        start over: forget which blocks are cached\n"
 "      --persist-interval MS persist the bitmap this often (default 1000)\n"
 "Background copy:\n"
-"      --cache-all           start copying every block at once\n"
+"      --cache-all           start copying every block at once (with\n"
+"                            --standby: at the switch-over)\n"
 "      --bg-rate RATE        cap, e.g. 50mbit or 20M (bytes/s); 0 = none\n"
 "      --bg-window SIZE      background bytes in flight (default: sized from\n"
-"                            measured RTT x throughput, 1M to 256M)\n"
+"                            measured RTT x throughput, 2M to 256M)\n"
 "      --max-fetch SIZE      largest single fetch (default 4M)\n"
 "      --detach-when-complete  detach from the source once every block is here\n"
 "      --standby             live migration: until 'xnbd-ctl activate' or the\n"
@@ -136,7 +139,7 @@ int main(int argc, char **argv)
   struct cli_signals *sigs;
   struct event_base *base;
   struct xnbd_server *srv;
-  struct control *ctl = NULL;
+  struct ctl_server *ctl = NULL;
   struct engine *eng;
   char err[4096];
   int c;
@@ -161,13 +164,10 @@ int main(int argc, char **argv)
     case O_SRCTMO: ec.source_timeout_s = cli_uint("--source-timeout", optarg, 1, 86400 * 7); break;
     case 'c': ec.cache_path = optarg; break;
     case 'b': ec.bitmap_path = optarg; break;
-    case O_BS: {
-      uint64_t v = cli_size("--block-size", optarg);
-      if (v < 4096 || v > (1u << 30) || !is_power_of_2(v))
-        fatal("--block-size %s: must be a power of two from 4096 to 1G", optarg);
-      ec.block_size = v;
+    case O_BS:
+      if (util_parse_block_size(optarg, &ec.block_size, &why) < 0)
+        fatal("--block-size %s: %s", optarg, why);
       break;
-    }
     case O_CLEAR: ec.clear_bitmap = true; break;
     case O_PERSIST: ec.persist_interval_ms = cli_uint("--persist-interval", optarg, 10, 3600000); break;
     case O_CACHEALL: ec.cache_all = true; break;
@@ -213,6 +213,15 @@ int main(int argc, char **argv)
   if (!ec.cache_path || !ec.bitmap_path)
     fatal("--cache FILE and --bitmap FILE are required (the local copy and "
           "the record of which blocks it holds)");
+  if (ec.target) {
+    struct target t;
+    if (target_parse(ec.target, ec.target_export, &t, err, sizeof err) < 0)
+      fatal("--target: %s", err);
+    if (ec.target_export && t.kind != TARGET_HOST_PORT)
+      fatal("--target-export goes with a HOST:PORT target only; a URI names "
+            "its export itself (e.g. nbd://HOST/EXPORT)");
+    target_free(&t);
+  }
   if (!control_path)
     fatal("--control SOCK is required: it is how xnbd-ctl starts the "
           "background copy and detaches");
@@ -238,7 +247,7 @@ int main(int argc, char **argv)
     if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
   for (unsigned i = 0; i < nunix; i++)
     if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
-  ctl = control_new(base, control_path, eng, err, sizeof err);
+  ctl = ctl_server_start(control_path, eng, "xnbd-proxy", err, sizeof err);
   if (!ctl) fatal("%s", err);
 
   /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
@@ -253,7 +262,7 @@ int main(int argc, char **argv)
 
   event_base_dispatch(base);
 
-  control_free(ctl);
+  ctl_server_stop(ctl);     /* waits for engine calls it runs */
   xnbd_server_free(srv);
   engine_close(eng);        /* stops the fetcher, persists the bitmap */
   wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */

@@ -313,7 +313,7 @@ static void eng_block_size(void *h, uint32_t *min, uint32_t *pref, uint32_t *max
 {
   struct engine *e = h;
   *min = 1;
-  *max = 32 << 20;
+  *max = XNBD_BLOCK_SIZE_MAX;
   *pref = MIN(e->bs, *max);       /* never more than the maximum */
 }
 

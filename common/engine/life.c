@@ -144,8 +144,9 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
-  if (block_size_check(e->bs, berr, sizeof berr) < 0) {
-    snprintf(err, errlen, "%s", berr);
+  const char *why;
+  if (!util_block_size_ok(e->bs, &why)) {
+    snprintf(err, errlen, "block size %u: %s", e->bs, why);
     goto fail;
   }
   /* A complete bitmap means the source is not needed at all. */

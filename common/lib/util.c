@@ -111,6 +111,26 @@ int parse_host_port(const char *s, const char *default_port,
   return 0;
 }
 
+bool util_block_size_ok(uint64_t v, const char **why)
+{
+  if (v < XNBD_BLOCK_SIZE_MIN || v > XNBD_BLOCK_SIZE_MAX || !is_power_of_2(v)) {
+    *why = "the block size must be " XNBD_BLOCK_SIZE_RANGE;
+    return false;
+  }
+  return true;
+}
+
+int util_parse_block_size(const char *s, uint32_t *out, const char **why)
+{
+  uint64_t v;
+  if (parse_size(s, &v, why) < 0)
+    return -1;
+  if (!util_block_size_ok(v, why))
+    return -1;
+  *out = (uint32_t) v;
+  return 0;
+}
+
 int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
   const char *p = buf;
@@ -201,12 +221,3 @@ uint32_t errno_to_nbd(int err)
   }
 }
 
-int block_size_check(uint64_t bs, char *err, size_t errlen)
-{
-  if (bs < BLOCK_SIZE_MIN || bs > BLOCK_SIZE_MAX || !is_power_of_2(bs)) {
-    snprintf(err, errlen, "block size %" PRIu64 " is not a power of two from "
-             "%u (4K) to %u (32M)", bs, BLOCK_SIZE_MIN, BLOCK_SIZE_MAX);
-    return -1;
-  }
-  return 0;
-}

@@ -32,6 +32,20 @@ static inline bool is_power_of_2(uint64_t v) { return v && !(v & (v - 1)); }
  * -1 with a reason in *why (static string). */
 int parse_size(const char *s, uint64_t *out, const char **why);
 
+/* The cache block size: a power of two from 4 KiB (the bitmap's unit of
+ * I/O) to 32 MiB (the largest request the engine advertises).  The one
+ * range check, used by every front end, the bitmap and the engine. */
+#define XNBD_BLOCK_SIZE_MIN UINT32_C(4096)
+#define XNBD_BLOCK_SIZE_MAX (UINT32_C(32) << 20)
+#define XNBD_BLOCK_SIZE_RANGE "a power of two from 4096 (4K) to 33554432 (32M)"
+
+/* Whether v is such a block size; if not, *why (static) says so. */
+bool util_block_size_ok(uint64_t v, const char **why);
+
+/* Parses a block size ("4096", "64K", "1M") and checks it.  Returns 0, or
+ * -1 with a reason in *why (static string). */
+int util_parse_block_size(const char *s, uint32_t *out, const char **why);
+
 /* Parses a rate such as "100mbit", "12M" (bytes/s), "0" (unlimited)
  * into bytes per second. */
 int parse_rate(const char *s, uint64_t *bytes_per_sec, const char **why);
@@ -48,12 +62,6 @@ int pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 int pread_all(int fd, void *buf, size_t len, uint64_t off);
 int write_all(int fd, const void *buf, size_t len);
 int read_all(int fd, void *buf, size_t len); /* -1/ENODATA on early EOF */
-
-/* The cache block size rule, in one place: a power of two from 4 KiB to
- * 32 MiB (the largest NBD request we serve).  0, or -1 with a message. */
-#define BLOCK_SIZE_MIN 4096u
-#define BLOCK_SIZE_MAX (32u << 20)
-int block_size_check(uint64_t bs, char *err, size_t errlen);
 
 /* Whether len bytes at buf are all zero. */
 bool is_zero(const void *buf, size_t len);

@@ -17,15 +17,15 @@
 #define OUTPUT_HIGH (64u << 20)    /* stop reading requests above this */
 #define OUTPUT_LOW  (8u << 20)     /* resume at or below this */
 
-bool conn_is_open(const struct conn *c) { return c->bev != NULL; }
+bool nbd_conn_is_open(const struct nbd_conn *c) { return c->bev != NULL; }
 
-void conn_send(struct conn *c, const void *data, size_t len)
+void nbd_conn_send(struct nbd_conn *c, const void *data, size_t len)
 {
   if (c->bev)
     evbuffer_add(bufferevent_get_output(c->bev), data, len);
 }
 
-static void conn_free(struct conn *c)
+static void nbd_conn_free(struct nbd_conn *c)
 {
   struct xnbd_server *srv = c->srv;
   if (c->prev) c->prev->next = c->next;
@@ -37,13 +37,13 @@ static void conn_free(struct conn *c)
   server_conn_closed(srv);
 }
 
-void conn_maybe_free(struct conn *c)
+void nbd_conn_maybe_free(struct nbd_conn *c)
 {
   if (!c->bev && c->inflight == 0 && c->busy == 0)
-    conn_free(c);
+    nbd_conn_free(c);
 }
 
-static const char *state_name(enum conn_state s)
+static const char *state_name(enum nbd_conn_state s)
 {
   switch (s) {
   case CONN_WAIT_CLIENT_FLAGS: return "waiting for client flags";
@@ -54,7 +54,7 @@ static const char *state_name(enum conn_state s)
   return "?";
 }
 
-void conn_close(struct conn *c, const char *reason)
+void nbd_conn_close(struct nbd_conn *c, const char *reason)
 {
   if (!c->bev) return;
   if (c->state == CONN_DRAINING || c->state == CONN_TRANSMISSION)
@@ -69,11 +69,11 @@ void conn_close(struct conn *c, const char *reason)
   bufferevent_free(c->bev);
   c->bev = NULL;
   if (c->hs_timer) { event_free(c->hs_timer); c->hs_timer = NULL; }
-  conn_maybe_free(c);
+  nbd_conn_maybe_free(c);
 }
 
 /* Under budget again: read (and parse what is already buffered). */
-static void conn_maybe_resume(struct conn *c)
+static void nbd_conn_maybe_resume(struct nbd_conn *c)
 {
   if (!c->bev || !c->read_paused || c->state != CONN_TRANSMISSION)
     return;
@@ -83,11 +83,11 @@ static void conn_maybe_resume(struct conn *c)
   c->read_paused = false;
   if (!c->direct)
     bufferevent_enable(c->bev, EV_READ);
-  conn_process_input(c);
+  nbd_conn_process_input(c);
 }
 
 /* Over budget: stop reading the socket.  Returns true if paused. */
-static bool conn_check_budget(struct conn *c)
+static bool nbd_conn_check_budget(struct nbd_conn *c)
 {
   if (!c->bev) return true;
   if (c->inflight_bytes > c->srv->cfg.max_inflight_bytes ||
@@ -101,17 +101,17 @@ static bool conn_check_budget(struct conn *c)
   return false;
 }
 
-void conn_check_idle(struct conn *c)
+void nbd_conn_check_idle(struct nbd_conn *c)
 {
   if (!c->bev || c->state != CONN_DRAINING || c->inflight > 0)
     return;
   bufferevent_disable(c->bev, EV_READ);
   if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-    conn_close(c, c->srv->shutting_down ? "server shutting down"
+    nbd_conn_close(c, c->srv->shutting_down ? "server shutting down"
                                         : "client disconnected");
 }
 
-void conn_process_input(struct conn *c)
+void nbd_conn_process_input(struct nbd_conn *c)
 {
   if (c->in_input) return;
   c->in_input = true;
@@ -125,7 +125,7 @@ void conn_process_input(struct conn *c)
       break;
     case CONN_TRANSMISSION:
       more = trans_step(c);
-      if (more) conn_check_budget(c);
+      if (more) nbd_conn_check_budget(c);
       break;
     default:
       more = false;
@@ -133,12 +133,12 @@ void conn_process_input(struct conn *c)
     if (!more) break;
   }
   c->in_input = false;
-  conn_check_idle(c);
+  nbd_conn_check_idle(c);
   c->busy--;
-  conn_maybe_free(c);
+  nbd_conn_maybe_free(c);
 }
 
-void conn_request_done(struct conn *c, struct xreq *r, int err)
+void nbd_conn_request_done(struct nbd_conn *c, struct xreq *r, int err)
 {
   c->busy++;
   c->inflight--;
@@ -147,31 +147,31 @@ void conn_request_done(struct conn *c, struct xreq *r, int err)
   if (c->bev)
     trans_reply(c, r, err);
   trans_free_req(r);
-  conn_check_idle(c);
+  nbd_conn_check_idle(c);
   if (c->bev && !c->in_input)
-    conn_maybe_resume(c);
+    nbd_conn_maybe_resume(c);
   c->busy--;
-  conn_maybe_free(c);
+  nbd_conn_maybe_free(c);
 }
 
 static void read_cb(struct bufferevent *bev, void *arg)
 {
-  conn_process_input(arg);
+  nbd_conn_process_input(arg);
 }
 
 static void write_cb(struct bufferevent *bev, void *arg)
 {
-  struct conn *c = arg;
+  struct nbd_conn *c = arg;
   c->busy++;
-  conn_check_idle(c);
-  if (c->bev) conn_maybe_resume(c);
+  nbd_conn_check_idle(c);
+  if (c->bev) nbd_conn_maybe_resume(c);
   c->busy--;
-  conn_maybe_free(c);
+  nbd_conn_maybe_free(c);
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)
 {
-  struct conn *c = arg;
+  struct nbd_conn *c = arg;
   char why[128];
   if (what & BEV_EVENT_EOF)
     snprintf(why, sizeof why, "client hung up%s",
@@ -181,20 +181,20 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
              evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
   else
     return;
-  conn_close(c, why);
+  nbd_conn_close(c, why);
 }
 
 static void hs_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
-  struct conn *c = arg;
+  struct nbd_conn *c = arg;
   char why[96];
   if (c->state == CONN_TRANSMISSION) return;
   snprintf(why, sizeof why, "negotiation not finished within %u s "
            "(--handshake-timeout)", c->srv->cfg.handshake_timeout_s);
-  conn_close(c, why);
+  nbd_conn_close(c, why);
 }
 
-static void setup_bev(struct conn *c)
+static void setup_bev(struct nbd_conn *c)
 {
   bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
   /* Large single reads and writes: 1 MiB sequential I/O at GB/s. */
@@ -206,7 +206,7 @@ static void setup_bev(struct conn *c)
   bufferevent_setwatermark(c->bev, EV_WRITE, OUTPUT_LOW, 0);
 }
 
-int conn_start_tls(struct conn *c)
+int nbd_conn_start_tls(struct nbd_conn *c)
 {
   SSL *ssl = SSL_new(c->srv->cfg.ssl_ctx);
   struct bufferevent *f;
@@ -224,9 +224,9 @@ int conn_start_tls(struct conn *c)
   return 0;
 }
 
-void conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secured)
+void nbd_conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secured)
 {
-  struct conn *c = calloc(1, sizeof *c);
+  struct nbd_conn *c = calloc(1, sizeof *c);
   struct timeval tv = { srv->cfg.handshake_timeout_s, 0 };
 
   if (!c) { close(fd); return; }

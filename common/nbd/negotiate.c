@@ -15,16 +15,16 @@
 #define META_BASE_ALLOC "base:allocation"
 #define META_BASE_ALLOC_ID 1
 
-void nego_send_greeting(struct conn *c)
+void nego_send_greeting(struct nbd_conn *c)
 {
   uint8_t g[18];
   put_be64(g, NBD_MAGIC);
   put_be64(g + 8, NBD_IHAVEOPT);
   put_be16(g + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-  conn_send(c, g, sizeof g);
+  nbd_conn_send(c, g, sizeof g);
 }
 
-static void send_reply(struct conn *c, uint32_t opt, uint32_t type,
+static void send_reply(struct nbd_conn *c, uint32_t opt, uint32_t type,
                        const void *data, uint32_t len)
 {
   uint8_t h[20];
@@ -32,14 +32,14 @@ static void send_reply(struct conn *c, uint32_t opt, uint32_t type,
   put_be32(h + 8, opt);
   put_be32(h + 12, type);
   put_be32(h + 16, len);
-  conn_send(c, h, sizeof h);
-  if (len) conn_send(c, data, len);
+  nbd_conn_send(c, h, sizeof h);
+  if (len) nbd_conn_send(c, data, len);
 }
 
-static void send_error(struct conn *c, uint32_t opt, uint32_t type,
+static void send_error(struct nbd_conn *c, uint32_t opt, uint32_t type,
                        const char *fmt, ...)
   __attribute__((format(printf, 4, 5)));
-static void send_error(struct conn *c, uint32_t opt, uint32_t type,
+static void send_error(struct nbd_conn *c, uint32_t opt, uint32_t type,
                        const char *fmt, ...)
 {
   char msg[512];
@@ -53,7 +53,7 @@ static void send_error(struct conn *c, uint32_t opt, uint32_t type,
 }
 
 /* Transmission flags for an export on this connection. */
-static uint16_t export_tflags(struct conn *c, struct xnbd_export *e)
+static uint16_t export_tflags(struct nbd_conn *c, struct xnbd_export *e)
 {
   const struct xnbd_backend_ops *o = e->ops;
   uint16_t f = o->get_flags(e->handle);
@@ -86,7 +86,7 @@ static void export_block_size(struct xnbd_export *e, uint32_t max_request,
 }
 
 /* Common to EXPORT_NAME and GO: the connection starts transmission. */
-static void enter_transmission(struct conn *c, struct xnbd_export *e)
+static void enter_transmission(struct nbd_conn *c, struct xnbd_export *e)
 {
   c->exp = e;
   c->tflags = export_tflags(c, e);
@@ -104,7 +104,7 @@ static void enter_transmission(struct conn *c, struct xnbd_export *e)
             c->meta_base_alloc ? ", base:allocation" : "");
 }
 
-static void opt_export_name(struct conn *c, const uint8_t *p, uint32_t len)
+static void opt_export_name(struct nbd_conn *c, const uint8_t *p, uint32_t len)
 {
   struct xnbd_export *e;
   uint8_t r[10 + 124] = { 0 };
@@ -113,16 +113,16 @@ static void opt_export_name(struct conn *c, const uint8_t *p, uint32_t len)
     /* This option cannot be refused with a reply: close (protocol). */
     log_warn("connection %" PRIu64 " from %s asked for unknown export '%.*s'",
              c->id, c->peer, (int) MIN(len, 256u), (const char *) p);
-    conn_close(c, "unknown export requested with NBD_OPT_EXPORT_NAME");
+    nbd_conn_close(c, "unknown export requested with NBD_OPT_EXPORT_NAME");
     return;
   }
   enter_transmission(c, e);
   put_be64(r, c->size);
   put_be16(r + 8, c->tflags);
-  conn_send(c, r, c->no_zeroes ? 10 : sizeof r);
+  nbd_conn_send(c, r, c->no_zeroes ? 10 : sizeof r);
 }
 
-static void send_info(struct conn *c, uint32_t opt, uint16_t type,
+static void send_info(struct nbd_conn *c, uint32_t opt, uint16_t type,
                       const void *data, uint32_t len)
 {
   uint8_t buf[2 + NBD_MAX_STRING];
@@ -131,7 +131,7 @@ static void send_info(struct conn *c, uint32_t opt, uint16_t type,
   send_reply(c, opt, NBD_REP_INFO, buf, 2 + len);
 }
 
-static void opt_info_go(struct conn *c, uint32_t opt, const uint8_t *p, uint32_t len)
+static void opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *p, uint32_t len)
 {
   struct nbd_info_request ir;
   struct xnbd_export *e;
@@ -170,7 +170,7 @@ static void opt_info_go(struct conn *c, uint32_t opt, const uint8_t *p, uint32_t
     enter_transmission(c, e);
 }
 
-static void opt_list(struct conn *c, uint32_t len)
+static void opt_list(struct nbd_conn *c, uint32_t len)
 {
   if (len) {
     send_error(c, NBD_OPT_LIST, NBD_REP_ERR_INVALID,
@@ -191,7 +191,7 @@ static void opt_list(struct conn *c, uint32_t len)
   send_reply(c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
-static void send_meta(struct conn *c, uint32_t opt, uint32_t id)
+static void send_meta(struct nbd_conn *c, uint32_t opt, uint32_t id)
 {
   uint8_t b[4 + sizeof META_BASE_ALLOC];
   put_be32(b, id);
@@ -199,7 +199,7 @@ static void send_meta(struct conn *c, uint32_t opt, uint32_t id)
   send_reply(c, opt, NBD_REP_META_CONTEXT, b, sizeof b - 1);
 }
 
-static void opt_meta(struct conn *c, uint32_t opt, const uint8_t *p, uint32_t len)
+static void opt_meta(struct nbd_conn *c, uint32_t opt, const uint8_t *p, uint32_t len)
 {
   struct nbd_meta_request m;
   struct xnbd_export *e;
@@ -246,20 +246,20 @@ static void opt_meta(struct conn *c, uint32_t opt, const uint8_t *p, uint32_t le
   send_reply(c, opt, NBD_REP_ACK, NULL, 0);
 }
 
-static void handle_option(struct conn *c, uint32_t opt, const uint8_t *p,
+static void handle_option(struct nbd_conn *c, uint32_t opt, const uint8_t *p,
                           uint32_t len)
 {
   log_debug("connection %" PRIu64 ": option %s (%u), %u bytes", c->id,
             nbd_opt_name(opt), opt, len);
   if (c->srv->shutting_down && opt != NBD_OPT_ABORT) {
-    if (opt == NBD_OPT_EXPORT_NAME) { conn_close(c, "server shutting down"); return; }
+    if (opt == NBD_OPT_EXPORT_NAME) { nbd_conn_close(c, "server shutting down"); return; }
     send_error(c, opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
     return;
   }
   if (c->srv->cfg.tls_require && !c->tls && opt != NBD_OPT_STARTTLS &&
       opt != NBD_OPT_ABORT) {
     if (opt == NBD_OPT_EXPORT_NAME) {
-      conn_close(c, "NBD_OPT_EXPORT_NAME without TLS, and TLS is required");
+      nbd_conn_close(c, "NBD_OPT_EXPORT_NAME without TLS, and TLS is required");
       return;
     }
     send_error(c, opt, NBD_REP_ERR_TLS_REQD,
@@ -292,7 +292,7 @@ static void handle_option(struct conn *c, uint32_t opt, const uint8_t *p,
       c->meta_base_alloc = false;
       free(c->meta_export);
       c->meta_export = NULL;
-      if (conn_start_tls(c) < 0) conn_close(c, "cannot start TLS");
+      if (nbd_conn_start_tls(c) < 0) nbd_conn_close(c, "cannot start TLS");
     }
     break;
   case NBD_OPT_INFO:
@@ -317,7 +317,7 @@ static void handle_option(struct conn *c, uint32_t opt, const uint8_t *p,
   }
 }
 
-bool nego_step(struct conn *c)
+bool nego_step(struct nbd_conn *c)
 {
   struct evbuffer *in = bufferevent_get_input(c->bev);
   size_t avail = evbuffer_get_length(in);
@@ -341,7 +341,7 @@ bool nego_step(struct conn *c)
       snprintf(why, sizeof why, "client sent unknown client flags 0x%08x "
                "(not an NBD client, or an oldstyle one)", flags);
       log_warn("connection %" PRIu64 " from %s: %s", c->id, c->peer, why);
-      conn_close(c, why);
+      nbd_conn_close(c, why);
       return false;
     }
     c->fixed_newstyle = flags & NBD_FLAG_C_FIXED_NEWSTYLE;
@@ -354,7 +354,7 @@ bool nego_step(struct conn *c)
   if (get_be64(h) != NBD_IHAVEOPT) {
     log_warn("connection %" PRIu64 " from %s: bad option magic 0x%016" PRIx64,
              c->id, c->peer, get_be64(h));
-    conn_close(c, "bad option magic");
+    nbd_conn_close(c, "bad option magic");
     return false;
   }
   opt = get_be32(h + 8);
@@ -362,7 +362,7 @@ bool nego_step(struct conn *c)
   if (len > XNBD_MAX_OPTION_LEN) {
     evbuffer_drain(in, 16);
     if (opt == NBD_OPT_EXPORT_NAME) {
-      conn_close(c, "NBD_OPT_EXPORT_NAME with an oversized name");
+      nbd_conn_close(c, "NBD_OPT_EXPORT_NAME with an oversized name");
       return false;
     }
     log_warn("connection %" PRIu64 " from %s: option %s of %u bytes is over "
@@ -378,7 +378,7 @@ bool nego_step(struct conn *c)
   evbuffer_drain(in, 16);
   {
     uint8_t *p = len ? malloc(len) : NULL;
-    if (len && !p) { conn_close(c, "out of memory"); return false; }
+    if (len && !p) { nbd_conn_close(c, "out of memory"); return false; }
     evbuffer_remove(in, p, len);
     handle_option(c, opt, p, len);
     free(p);

@@ -31,18 +31,18 @@ struct xnbd_export {
 };
 
 /* Named connection states (logged on close). */
-enum conn_state {
+enum nbd_conn_state {
   CONN_WAIT_CLIENT_FLAGS,
   CONN_OPTIONS,
   CONN_TRANSMISSION,
   CONN_DRAINING,     /* DISC, ABORT or shutdown: no more input; close when idle */
 };
 
-struct conn {
+struct nbd_conn {
   struct xnbd_server *srv;
   struct bufferevent *bev;       /* NULL once the socket is closed */
   struct event *hs_timer;        /* negotiation deadline */
-  enum conn_state state;
+  enum nbd_conn_state state;
   uint64_t id;
   char peer[80];
 
@@ -65,7 +65,7 @@ struct conn {
   unsigned inflight;
   uint64_t inflight_bytes;
   bool read_paused;              /* over budget: not reading the socket */
-  bool in_input;                 /* inside conn_process_input */
+  bool in_input;                 /* inside nbd_conn_process_input */
   unsigned busy;                 /* callbacks on the stack using this conn:
                                   * it is freed only when this is 0 */
 
@@ -77,7 +77,7 @@ struct conn {
   struct event *direct_ev;
 
   uint64_t nreq, nerr;
-  struct conn *prev, *next;
+  struct nbd_conn *prev, *next;
 };
 
 struct xnbd_server {
@@ -92,7 +92,7 @@ struct xnbd_server {
   unsigned nlisteners;
   int first_tcp_port;
   int last_tcp_port;             /* of the latest listen_tcp call */
-  struct conn *conns;
+  struct nbd_conn *conns;
   unsigned nconns;
   uint64_t next_conn_id;
   bool accept_paused;
@@ -111,27 +111,27 @@ struct xnbd_server {
 /* conn.c */
 /* secured: the transport in front (the WAN transport) already applies the
  * TLS policy, so NBD_OPT_STARTTLS is neither needed nor offered. */
-void conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secured);
-void conn_close(struct conn *c, const char *reason);
-void conn_process_input(struct conn *c);
-void conn_request_done(struct conn *c, struct xreq *r, int err);
-void conn_check_idle(struct conn *c);
+void nbd_conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secured);
+void nbd_conn_close(struct nbd_conn *c, const char *reason);
+void nbd_conn_process_input(struct nbd_conn *c);
+void nbd_conn_request_done(struct nbd_conn *c, struct xreq *r, int err);
+void nbd_conn_check_idle(struct nbd_conn *c);
 /* Frees a closed connection once no request and no callback uses it. */
-void conn_maybe_free(struct conn *c);
-bool conn_is_open(const struct conn *c);
-void conn_send(struct conn *c, const void *data, size_t len);
+void nbd_conn_maybe_free(struct nbd_conn *c);
+bool nbd_conn_is_open(const struct nbd_conn *c);
+void nbd_conn_send(struct nbd_conn *c, const void *data, size_t len);
 /* Replaces the connection's bufferevent by a TLS filter over it. */
-int conn_start_tls(struct conn *c);
+int nbd_conn_start_tls(struct nbd_conn *c);
 
 /* negotiate.c: returns false when it needs more input or the conn closed. */
-void nego_send_greeting(struct conn *c);
-bool nego_step(struct conn *c);
+void nego_send_greeting(struct nbd_conn *c);
+bool nego_step(struct nbd_conn *c);
 
 /* transmit.c */
-bool trans_step(struct conn *c);
-void trans_reply(struct conn *c, struct xreq *r, int err);
+bool trans_step(struct nbd_conn *c);
+void trans_reply(struct nbd_conn *c, struct xreq *r, int err);
 void trans_free_req(struct xreq *r);
-void trans_direct_read(struct conn *c);
+void trans_direct_read(struct nbd_conn *c);
 
 /* server.c */
 struct xnbd_export *server_find_export(struct xnbd_server *srv,

@@ -42,18 +42,18 @@ static void done_cb(evutil_socket_t fd, short what, void *arg)
   while (list) {
     struct xreq *r = list;
     list = r->fe_next;
-    conn_request_done(r->fe_priv, r, (int) r->be_u64);
+    nbd_conn_request_done(r->fe_priv, r, (int) r->be_u64);
   }
 }
 
 /* The completion function given to every request (backend.h). */
 void server_req_done(struct xreq *r, int err)
 {
-  struct conn *c = r->fe_priv;
+  struct nbd_conn *c = r->fe_priv;
   struct xnbd_server *srv = c->srv;
 
   if (pthread_equal(pthread_self(), srv->loop_thread)) {
-    conn_request_done(c, r, err);
+    nbd_conn_request_done(c, r, err);
     return;
   }
   r->be_u64 = (uint64_t) err;
@@ -197,7 +197,7 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd,
       secured = true;
       break;
     }
-  conn_new(srv, fd, peer, secured);
+  nbd_conn_new(srv, fd, peer, secured);
 }
 
 static void accept_error_cb(struct evconnlistener *l, void *arg)
@@ -396,14 +396,14 @@ void xnbd_server_shutdown(struct xnbd_server *srv, void (*done)(void *), void *a
   for (unsigned i = 0; i < srv->nlisteners; i++)
     evconnlistener_disable(srv->listeners[i]);
   /* Every connection stops reading and closes once its replies are out. */
-  for (struct conn *c = srv->conns, *next; c; c = next) {
+  for (struct nbd_conn *c = srv->conns, *next; c; c = next) {
     next = c->next;
     if (c->state != CONN_TRANSMISSION) {
-      conn_close(c, "server shutting down");
+      nbd_conn_close(c, "server shutting down");
       continue;
     }
     c->state = CONN_DRAINING;
-    conn_check_idle(c);
+    nbd_conn_check_idle(c);
   }
   event_active(srv->shutdown_ev, EV_READ, 0);
 }
@@ -412,7 +412,7 @@ void xnbd_server_free(struct xnbd_server *srv)
 {
   if (!srv) return;
   while (srv->conns)
-    conn_close(srv->conns, "server stopped");
+    nbd_conn_close(srv->conns, "server stopped");
   for (unsigned i = 0; i < srv->nlisteners; i++) {
     evconnlistener_free(srv->listeners[i]);
     if (srv->unix_paths[i]) { unlink(srv->unix_paths[i]); free(srv->unix_paths[i]); }

@@ -33,16 +33,16 @@ void trans_free_req(struct xreq *r)
   free(r);
 }
 
-static void simple_reply(struct conn *c, uint64_t cookie, uint32_t err)
+static void simple_reply(struct nbd_conn *c, uint64_t cookie, uint32_t err)
 {
   uint8_t h[NBD_SIMPLE_REPLY_SIZE];
   put_be32(h, NBD_SIMPLE_REPLY_MAGIC);
   put_be32(h + 4, err);
   put_be64(h + 8, cookie);
-  conn_send(c, h, sizeof h);
+  nbd_conn_send(c, h, sizeof h);
 }
 
-static void chunk_header(struct conn *c, uint64_t cookie, uint16_t flags,
+static void chunk_header(struct nbd_conn *c, uint64_t cookie, uint16_t flags,
                          uint16_t type, uint32_t len)
 {
   uint8_t h[NBD_STRUCTURED_HDR_SIZE];
@@ -51,7 +51,7 @@ static void chunk_header(struct conn *c, uint64_t cookie, uint16_t flags,
   put_be16(h + 6, type);
   put_be64(h + 8, cookie);
   put_be32(h + 16, len);
-  conn_send(c, h, sizeof h);
+  nbd_conn_send(c, h, sizeof h);
 }
 
 static const char *nbd_err_text(uint32_t e)
@@ -71,7 +71,7 @@ static const char *nbd_err_text(uint32_t e)
 
 /* An error answer: a structured error chunk where negotiated (it carries a
  * message), else a simple reply. */
-static void error_reply(struct conn *c, uint64_t cookie, uint32_t nbd_err,
+static void error_reply(struct nbd_conn *c, uint64_t cookie, uint32_t nbd_err,
                         const char *msg)
 {
   c->nerr++;
@@ -85,8 +85,8 @@ static void error_reply(struct conn *c, uint64_t cookie, uint32_t nbd_err,
   chunk_header(c, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + ml);
   put_be32(p, nbd_err);
   put_be16(p + 4, ml);
-  conn_send(c, p, 6);
-  conn_send(c, msg, ml);
+  nbd_conn_send(c, p, 6);
+  nbd_conn_send(c, msg, ml);
 }
 
 static void free_cb(const void *data, size_t len, void *arg) { free(arg); }
@@ -102,7 +102,7 @@ static bool read_extents_valid(const struct xreq *r)
   return sum == r->length;
 }
 
-static void read_reply(struct conn *c, struct treq *t, int err)
+static void read_reply(struct nbd_conn *c, struct treq *t, int err)
 {
   struct xreq *r = &t->r;
   struct evbuffer *out = bufferevent_get_output(c->bev);
@@ -128,7 +128,7 @@ static void read_reply(struct conn *c, struct treq *t, int err)
     chunk_header(c, t->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
                  8 + r->length);
     put_be64(off, r->offset);
-    conn_send(c, off, 8);
+    nbd_conn_send(c, off, 8);
     evbuffer_add_reference(out, r->buf, r->length, free_cb, r->buf);
     r->buf = NULL;
     return;
@@ -147,10 +147,10 @@ static void read_reply(struct conn *c, struct treq *t, int err)
     if (x->flags & NBD_STATE_ZERO) {
       chunk_header(c, t->cookie, fl, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
       put_be32(p + 8, x->length);
-      conn_send(c, p, 12);
+      nbd_conn_send(c, p, 12);
     } else {
       chunk_header(c, t->cookie, fl, NBD_REPLY_TYPE_OFFSET_DATA, 8 + x->length);
-      conn_send(c, p, 8);
+      nbd_conn_send(c, p, 8);
       if (i == last_data) {
         evbuffer_add_reference(out, (char *) r->buf + pos, x->length, free_cb, r->buf);
         r->buf = NULL;
@@ -161,7 +161,7 @@ static void read_reply(struct conn *c, struct treq *t, int err)
   }
 }
 
-static void block_status_reply(struct conn *c, struct treq *t, int err)
+static void block_status_reply(struct nbd_conn *c, struct treq *t, int err)
 {
   struct xreq *r = &t->r;
   uint8_t *p;
@@ -198,11 +198,11 @@ static void block_status_reply(struct conn *c, struct treq *t, int err)
   }
   chunk_header(c, t->cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
                4 + 8 * n);
-  conn_send(c, p, 4 + 8 * n);
+  nbd_conn_send(c, p, 4 + 8 * n);
   free(p);
 }
 
-void trans_reply(struct conn *c, struct xreq *r, int err)
+void trans_reply(struct nbd_conn *c, struct xreq *r, int err)
 {
   struct treq *t = (struct treq *) r;
   if (err)
@@ -223,7 +223,7 @@ void trans_reply(struct conn *c, struct xreq *r, int err)
   }
 }
 
-static void dispatch(struct conn *c, struct treq *t)
+static void dispatch(struct nbd_conn *c, struct treq *t)
 {
   const struct xnbd_backend_ops *o = c->exp->ops;
   void *h = c->exp->handle;
@@ -266,14 +266,14 @@ static void dispatch(struct conn *c, struct treq *t)
 
 static void direct_cb(evutil_socket_t fd, short what, void *arg)
 {
-  struct conn *c = arg;
+  struct nbd_conn *c = arg;
   c->busy++;
   if (c->direct) trans_direct_read(c);
   c->busy--;
-  conn_maybe_free(c);
+  nbd_conn_maybe_free(c);
 }
 
-bool trans_step(struct conn *c)
+bool trans_step(struct nbd_conn *c)
 {
   struct evbuffer *in = bufferevent_get_input(c->bev);
   size_t avail = evbuffer_get_length(in);
@@ -295,7 +295,7 @@ bool trans_step(struct conn *c)
   if (!nbd_request_decode(h, &rq)) {
     log_warn("connection %" PRIu64 " from %s: bad request magic 0x%08x; "
              "closing", c->id, c->peer, get_be32(h));
-    conn_close(c, "bad request magic");
+    nbd_conn_close(c, "bad request magic");
     return false;
   }
   if (rq.type == NBD_CMD_DISC) {
@@ -361,7 +361,7 @@ bool trans_step(struct conn *c)
 
 /* Reads what the socket has of the pending direct payload; dispatches the
  * write once complete and goes back to buffered input. */
-void trans_direct_read(struct conn *c)
+void trans_direct_read(struct nbd_conn *c)
 {
   struct xreq *r = c->direct;
   while (c->direct_got < r->length) {
@@ -369,7 +369,7 @@ void trans_direct_read(struct conn *c)
                      r->length - c->direct_got, 0);
     if (n > 0) { c->direct_got += n; continue; }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-    conn_close(c, n == 0 ? "client hung up in the middle of a write payload"
+    nbd_conn_close(c, n == 0 ? "client hung up in the middle of a write payload"
                          : "socket error while reading a write payload");
     return;
   }
@@ -379,5 +379,5 @@ void trans_direct_read(struct conn *c)
   if (!c->bev) return;
   if (!c->read_paused)
     bufferevent_enable(c->bev, EV_READ);
-  conn_process_input(c);
+  nbd_conn_process_input(c);
 }

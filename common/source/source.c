@@ -4,6 +4,7 @@
 #include "source.h"
 #include "log.h"
 #include "util.h"
+#include "target.h"
 #include "wan.h"
 
 #include <errno.h>
@@ -71,8 +72,6 @@ struct source {
   int wake_fd;
 };
 
-static bool is_uri(const char *t) { return strstr(t, "://") != NULL; }
-
 static void set_error(struct source *s, const char *fmt, ...)
   __attribute__((format(printf, 2, 3)));
 static void set_error(struct source *s, const char *fmt, ...)
@@ -124,34 +123,31 @@ void source_wake(struct source *s)
 static struct nbd_handle *make_handle(struct source *s, const char *target,
                                       char *err, size_t errlen)
 {
-  struct nbd_handle *h = nbd_create();
+  struct target t;
+  struct nbd_handle *h;
+  if (target_parse(target, s->export_name, &t, err, errlen) < 0) return NULL;
+  h = nbd_create();
   if (!h) {
     snprintf(err, errlen, "libnbd: %s", nbd_get_error());
+    target_free(&t);
     return NULL;
   }
   nbd_set_handle_name(h, "source");
   nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
   nbd_set_full_info(h, true);
-  CLEANUP_FREE char *whost = NULL;
-  CLEANUP_FREE char *wport = NULL;
-  CLEANUP_FREE char *wexp = NULL;
-  bool wtls;
-  if (wan_parse_uri(target, &whost, &wport, &wexp, &wtls) == 0) {
+  switch (t.kind) {
+  case TARGET_XNBD: {
     /* Our WAN transport: NBD inside zstd (inside TLS for xnbds://). */
     int level = s->cfg.compress_level;
-    unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (wtls ? WAN_F_TLS : 0);
-    if (wtls && !s->wan_tls) {
-      snprintf(err, errlen, "%s needs TLS settings (--tls-certificates or "
-               "--tls-psk)", target);
-      nbd_close(h);
-      return NULL;
-    }
-    int fd = wan_connect(whost, wport, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
+    unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (t.tls ? WAN_F_TLS : 0);
+    int fd = wan_connect(t.host, t.port, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
                          s->wan_tls, s->cfg.timeout_s, err, errlen);
-    if (fd < 0) { nbd_close(h); return NULL; }
-    if (nbd_set_export_name(h, wexp) < 0 || nbd_aio_connect_socket(h, fd) < 0)
+    if (fd < 0) goto out_close;
+    if (nbd_set_export_name(h, t.export_name) < 0 || nbd_aio_connect_socket(h, fd) < 0)
       goto fail;
-  } else if (is_uri(target)) {
+    break;
+  }
+  case TARGET_NBD_URI:
     if (s->cfg.tls_psk && nbd_set_tls_psk_file(h, s->cfg.tls_psk) < 0) goto fail;
     if (s->cfg.tls_certificates &&
         nbd_set_tls_certificates(h, s->cfg.tls_certificates) < 0) goto fail;
@@ -159,27 +155,20 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
       goto fail;
     if (!s->cfg.tls_verify) nbd_set_tls_verify_peer(h, false);
     if (nbd_aio_connect_uri(h, target) < 0) goto fail;
-  } else {
-    CLEANUP_FREE char *host = NULL;
-    CLEANUP_FREE char *port = NULL;
-    const char *why;
-    if (parse_host_port(target, "10809", &host, &port, &why) < 0 || !host ||
-        strcmp(port, "0") == 0) {
-      if (host && port && strcmp(port, "0") == 0) why = "port 0 is not a port to connect to";
-      snprintf(err, errlen, "bad --target '%s': %s (expected HOST:PORT or an "
-               "NBD URI such as nbd://HOST:PORT/EXPORT)", target,
-               host ? why : "missing host");
-      nbd_close(h);
-      return NULL;
-    }
-    if (nbd_set_export_name(h, s->export_name) < 0 ||
-        nbd_aio_connect_tcp(h, host, port) < 0)
+    break;
+  case TARGET_HOST_PORT:
+    if (nbd_set_export_name(h, t.export_name) < 0 ||
+        nbd_aio_connect_tcp(h, t.host, t.port) < 0)
       goto fail;
+    break;
   }
+  target_free(&t);
   return h;
 fail:
   snprintf(err, errlen, "cannot connect to source %s: %s", target, nbd_get_error());
+out_close:
   nbd_close(h);
+  target_free(&t);
   return NULL;
 }
 
@@ -213,12 +202,12 @@ static void identity(struct nbd_handle *h, uint64_t size, char *id, size_t idlen
  * with zstd.  (Plain NBD servers may send zeros as data.) */
 static bool zeros_are_cheap(struct source *s, const char *target)
 {
-  CLEANUP_FREE char *host = NULL;
-  CLEANUP_FREE char *port = NULL;
-  CLEANUP_FREE char *exp = NULL;
-  bool tls;
-  return s->cfg.compress_level >= 0 &&
-         wan_parse_uri(target, &host, &port, &exp, &tls) == 0;
+  struct target t;
+  char err[256];
+  if (target_parse(target, NULL, &t, err, sizeof err) < 0) return false;
+  bool cheap = s->cfg.compress_level >= 0 && t.kind == TARGET_XNBD;
+  target_free(&t);
+  return cheap;
 }
 
 static void source_free(struct source *s)
@@ -252,7 +241,11 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   }
   s->cfg.target = s->target;
   s->cfg.export_name = s->export_name;
-  if (strncmp(s->target, "xnbds://", 8) == 0) {
+  struct target t;
+  if (target_parse(s->target, s->export_name, &t, err, errlen) < 0) goto fail;
+  bool wan_tls = t.kind == TARGET_XNBD && t.tls;
+  target_free(&t);
+  if (wan_tls) {
     struct wan_tls_config tc = {
       .cert_dir = cfg->tls_certificates, .psk_file = cfg->tls_psk,
       .psk_username = cfg->tls_username, .verify_peer = cfg->tls_verify,

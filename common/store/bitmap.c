@@ -423,6 +423,7 @@ static int read_header(struct bitmap *bm, struct hdr *h,
   struct hdr slot[2];
   enum slot_state st[2];
   int best = -1;
+  const char *why;
 
   if (pread_all(bm->fd, page, sizeof page, 0) < 0) {
     if (errno == ENODATA) {
@@ -484,8 +485,7 @@ static int read_header(struct bitmap *bm, struct hdr *h,
 
   /* The header must describe itself consistently.  Both copies are
    * written by the same xnbd, so they have the same version. */
-  if (h->block_size < BITMAP_MIN_BLOCK_SIZE || h->block_size > UINT32_MAX ||
-      !is_power_of_2(h->block_size) ||
+  if (!util_block_size_ok(h->block_size, &why) ||
       h->nblocks != h->image_size / h->block_size +
                     (h->image_size % h->block_size != 0) ||
       h->array_off != BITMAP_HEADER_SIZE ||
@@ -1053,15 +1053,15 @@ struct bitmap *bitmap_open(const char *path, uint64_t image_size,
   struct hdr h;
   size_t id_len;
   int saved;
+  const char *why;
 
   if (err && errlen)
     err[0] = '\0';
   if (!source_id)
     source_id = "";
-  if (block_size < BITMAP_MIN_BLOCK_SIZE || !is_power_of_2(block_size)) {
-    seterr(err, errlen, "bitmap %s: block size %" PRIu32 " is not a power "
-           "of two of at least %d bytes", path, block_size,
-           BITMAP_MIN_BLOCK_SIZE);
+  if (!util_block_size_ok(block_size, &why)) {
+    seterr(err, errlen, "bitmap %s: block size %" PRIu32 " refused: %s", path,
+           block_size, why);
     errno = EINVAL;
     return NULL;
   }

@@ -211,7 +211,7 @@
 struct bitmap;
 
 /* Opens the bitmap file at path for an image of image_size bytes cut into
- * block_size blocks (a power of two >= 4096), belonging to the source
+ * block_size blocks (XNBD_BLOCK_SIZE_RANGE, util.h), belonging to the source
  * named by source_id (NULL means "", at most BITMAP_SOURCE_ID_MAX bytes).
  *
  * If the file does not exist, is empty, or clear is true, it is (re)made

@@ -653,21 +653,3 @@ int wan_connect(const char *host, const char *port, unsigned flags, int level,
   return local;
 }
 
-int wan_parse_uri(const char *uri, char **host, char **port, char **exp, bool *tls)
-{
-  const char *rest, *slash;
-  const char *why;
-  char *hp;
-  if (strncmp(uri, "xnbd://", 7) == 0) { *tls = false; rest = uri + 7; }
-  else if (strncmp(uri, "xnbds://", 8) == 0) { *tls = true; rest = uri + 8; }
-  else return -1;
-  slash = strchr(rest, '/');
-  hp = slash ? strndup(rest, slash - rest) : strdup(rest);
-  if (!hp || parse_host_port(hp, WAN_DEFAULT_PORT, host, port, &why) < 0 || !*host) {
-    free(hp);
-    return -1;
-  }
-  free(hp);
-  *exp = strdup(slash ? slash + 1 : "");
-  return 0;
-}

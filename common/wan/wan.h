@@ -25,6 +25,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "target.h"
+
 #define WAN_MAGIC "XNBDWAN"          /* 8 bytes with the NUL */
 #define WAN_VERSION 1
 #define WAN_F_ZSTD (1u << 0)
@@ -32,7 +34,7 @@
 #define WAN_ST_OK 0
 #define WAN_ST_TLS_REQUIRED 1        /* server requires TLS, client did not ask */
 #define WAN_ST_TLS_UNAVAILABLE 2     /* client asked for TLS, server has none */
-#define WAN_DEFAULT_PORT "10810"
+#define WAN_DEFAULT_PORT TARGET_XNBD_PORT
 /* Measured with zstd -b on the benchmark's mix of random, zero and text
  * blocks (one core): level 1 x1.79 at 595 MB/s, 3 x1.98 at 418 MB/s,
  * 4 x2.00 at 317 MB/s, 6 x2.01 at 132 MB/s.  3 is within 1% of the best
@@ -88,9 +90,5 @@ int wan_connect(const char *host, const char *port, unsigned flags,
  * still running.  Called at exit so no TLS session is cut off. */
 unsigned wan_wait_idle(unsigned timeout_ms);
 
-/* Parses xnbd://HOST[:PORT]/[EXPORT] (and xnbds:// = with TLS).  Returns
- * 0 and malloc'd host, port, export; -1 if it is not such a URI. */
-int wan_parse_uri(const char *uri, char **host, char **port, char **exp,
-                  bool *tls);
 
 #endif

@@ -93,12 +93,12 @@ struct dir {
   int err;                             /* errno behind a queued CHUNK_RST */
 };
 
-enum conn_state { CONN_CONNECTING, CONN_OPEN, CONN_CLOSED };
+enum relay_conn_state { CONN_CONNECTING, CONN_OPEN, CONN_CLOSED };
 static const char *const state_names[] = { "connecting", "open", "closed" };
 
-struct conn;
+struct relay_conn;
 struct side {
-  struct conn *conn;
+  struct relay_conn *conn;
   int idx;                             /* 0: accepted client, 1: upstream */
   int fd;
   uint32_t events;                     /* registered; 0 = not in the epoll set */
@@ -106,10 +106,10 @@ struct side {
                                           while there is still data to read */
 };
 
-struct conn {
-  struct conn *next;
+struct relay_conn {
+  struct relay_conn *next;
   unsigned id;
-  enum conn_state state;
+  enum relay_conn_state state;
   struct side side[2];
   struct dir dir[2];                   /* dir[i]: side i -> side 1-i */
   uint64_t opened;
@@ -127,7 +127,7 @@ static struct {
   int epfd, lfd, tfd, sfd;
   bool listen_paused;
   uint64_t timer_armed;                 /* 0: disarmed */
-  struct conn *conns;
+  struct relay_conn *conns;
   unsigned next_id;
 } R;
 
@@ -244,7 +244,7 @@ static uint64_t release_time(struct dir *d, enum chunk_kind kind, size_t len, bo
 }
 
 /* Queues a chunk on d; returns -1 if out of memory. */
-static int enqueue(struct conn *c, int i, enum chunk_kind kind, const void *data, size_t len)
+static int enqueue(struct relay_conn *c, int i, enum chunk_kind kind, const void *data, size_t len)
 {
   struct dir *d = &c->dir[i];
   struct chunk *ch = malloc(sizeof *ch + len);
@@ -275,10 +275,10 @@ static int enqueue(struct conn *c, int i, enum chunk_kind kind, const void *data
 
 /* ------------------------------------------------------------- connections */
 
-static void conn_close(struct conn *c, bool reset, const char *fmt, ...)
+static void relay_conn_close(struct relay_conn *c, bool reset, const char *fmt, ...)
   __attribute__((format(printf, 3, 4)));
 
-static void conn_close(struct conn *c, bool reset, const char *fmt, ...)
+static void relay_conn_close(struct relay_conn *c, bool reset, const char *fmt, ...)
 {
   char why[256], up[32], down[32];
   va_list ap;
@@ -314,7 +314,7 @@ static void conn_close(struct conn *c, bool reset, const char *fmt, ...)
   }
 }
 
-static void conn_opened(struct conn *c)
+static void relay_conn_opened(struct relay_conn *c)
 {
   c->state = CONN_OPEN;
   log_info("connection %u from %s to %s open", c->id, c->peer, R.target_name);
@@ -323,7 +323,7 @@ static void conn_opened(struct conn *c)
 /* Registers the events each side needs now: EPOLLIN while its direction
  * may read, EPOLLOUT while the other direction is blocked writing to it
  * (or, upstream, while the connect is in progress). */
-static void conn_update_events(struct conn *c)
+static void relay_conn_update_events(struct relay_conn *c)
 {
   if (c->state == CONN_CLOSED)
     return;
@@ -357,7 +357,7 @@ static void conn_update_events(struct conn *c)
     e.data.ptr = s;
     if (epoll_ctl(R.epfd, !s->events ? EPOLL_CTL_ADD : ev ? EPOLL_CTL_MOD : EPOLL_CTL_DEL,
                   s->fd, &e) < 0) {
-      conn_close(c, true, "epoll_ctl: %s", strerror(errno));
+      relay_conn_close(c, true, "epoll_ctl: %s", strerror(errno));
       return;
     }
     s->events = ev;
@@ -367,7 +367,7 @@ static void conn_update_events(struct conn *c)
 /* Side x failed with err (reset, write error): it can take no more data,
  * so what was queued for it is dropped; what it sent before the failure is
  * still delivered, then a reset, both with the usual delay. */
-static void side_failed(struct conn *c, int x, int err)
+static void side_failed(struct relay_conn *c, int x, int err)
 {
   struct dir *from = &c->dir[x], *to = &c->dir[1 - x];
 
@@ -381,12 +381,12 @@ static void side_failed(struct conn *c, int x, int err)
     from->eof = true;
     from->err = err;
     if (enqueue(c, x, CHUNK_RST, NULL, 0) < 0)
-      conn_close(c, true, "out of memory");
+      relay_conn_close(c, true, "out of memory");
   }
 }
 
 /* Reads what side i has into dir[i]. */
-static void conn_read(struct conn *c, int i)
+static void relay_conn_read(struct relay_conn *c, int i)
 {
   struct dir *d = &c->dir[i];
   const char *name = i ? "upstream" : "client";
@@ -395,7 +395,7 @@ static void conn_read(struct conn *c, int i)
     ssize_t r = read(c->side[i].fd, readbuf, R.chunk_size);
     if (r > 0) {
       if (enqueue(c, i, CHUNK_DATA, readbuf, r) < 0) {
-        conn_close(c, true, "out of memory queueing %zd bytes", r);
+        relay_conn_close(c, true, "out of memory queueing %zd bytes", r);
         return;
       }
       if ((size_t) r < R.chunk_size)
@@ -413,13 +413,13 @@ static void conn_read(struct conn *c, int i)
     log_debug("connection %u: EOF from %s side", c->id, name);
     d->eof = true;
     if (enqueue(c, i, CHUNK_FIN, NULL, 0) < 0)
-      conn_close(c, true, "out of memory");
+      relay_conn_close(c, true, "out of memory");
     return;
   }
 }
 
 /* Writes every released chunk of dir[i] to side 1-i. */
-static void conn_flush(struct conn *c, int i)
+static void relay_conn_flush(struct relay_conn *c, int i)
 {
   struct dir *d = &c->dir[i];
   int to = c->side[1 - i].fd;
@@ -442,7 +442,7 @@ static void conn_flush(struct conn *c, int i)
         d->tail = NULL;
       free(ch);
       if (shutdown(to, SHUT_WR) < 0 && errno != ENOTCONN) {
-        conn_close(c, true, "shutdown of %s side: %s", name, strerror(errno));
+        relay_conn_close(c, true, "shutdown of %s side: %s", name, strerror(errno));
         return;
       }
       d->shut = true;
@@ -450,7 +450,7 @@ static void conn_flush(struct conn *c, int i)
       continue;
     }
     if (d->head->kind == CHUNK_RST) {
-      conn_close(c, true, "%s side: %s", i ? "upstream" : "client", strerror(d->err));
+      relay_conn_close(c, true, "%s side: %s", i ? "upstream" : "client", strerror(d->err));
       return;
     }
     for (ch = d->head; ch && cnt < MAX_IOV && ch->kind == CHUNK_DATA && ch->release <= now;
@@ -489,9 +489,9 @@ static void conn_flush(struct conn *c, int i)
   }
 }
 
-static void conn_event(struct side *s, uint32_t ev)
+static void relay_conn_event(struct side *s, uint32_t ev)
 {
-  struct conn *c = s->conn;
+  struct relay_conn *c = s->conn;
   int err = 0;
   socklen_t len = sizeof err;
 
@@ -502,10 +502,10 @@ static void conn_event(struct side *s, uint32_t ev)
       return;
     getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) {
-      conn_close(c, false, "connect to %s: %s", R.target_name, strerror(err));
+      relay_conn_close(c, false, "connect to %s: %s", R.target_name, strerror(err));
       return;
     }
-    conn_opened(c);
+    relay_conn_opened(c);
     return;
   }
   if (ev & EPOLLERR) {
@@ -518,7 +518,7 @@ static void conn_event(struct side *s, uint32_t ev)
   if (ev & EPOLLOUT)
     c->dir[1 - s->idx].blocked = false; /* flushed in the sweep */
   if (ev & (EPOLLIN | EPOLLHUP))
-    conn_read(c, s->idx);
+    relay_conn_read(c, s->idx);
 }
 
 static void do_accept(void)
@@ -526,7 +526,7 @@ static void do_accept(void)
   for (int n = 0; n < 64; n++) {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
-    struct conn *c;
+    struct relay_conn *c;
     int cfd, ufd;
 
     cfd = accept4(R.lfd, (struct sockaddr *) &ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -562,18 +562,18 @@ static void do_accept(void)
 
     ufd = socket(R.target->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (ufd < 0) {
-      conn_close(c, false, "socket: %s", strerror(errno));
+      relay_conn_close(c, false, "socket: %s", strerror(errno));
       continue;
     }
     c->side[1].fd = ufd;
     set_nodelay(ufd);
     if (connect(ufd, R.target->ai_addr, R.target->ai_addrlen) == 0)
-      conn_opened(c);
+      relay_conn_opened(c);
     else if (errno != EINPROGRESS) {
-      conn_close(c, false, "connect to %s: %s", R.target_name, strerror(errno));
+      relay_conn_close(c, false, "connect to %s: %s", R.target_name, strerror(errno));
       continue;
     }
-    conn_update_events(c);
+    relay_conn_update_events(c);
   }
 }
 
@@ -581,22 +581,22 @@ static void do_accept(void)
  * ones and arms the timer at the earliest pending release. */
 static void sweep(void)
 {
-  struct conn **pp = &R.conns, *c;
+  struct relay_conn **pp = &R.conns, *c;
   uint64_t earliest = UINT64_MAX;
 
   while ((c = *pp) != NULL) {
     if (c->state == CONN_OPEN) {
-      conn_flush(c, 0);
-      conn_flush(c, 1);
+      relay_conn_flush(c, 0);
+      relay_conn_flush(c, 1);
       if (c->state == CONN_OPEN && c->dir[0].shut && c->dir[1].shut)
-        conn_close(c, false, "both sides finished");
+        relay_conn_close(c, false, "both sides finished");
     }
     if (c->state == CONN_CLOSED) {
       *pp = c->next;
       free(c);
       continue;
     }
-    conn_update_events(c);
+    relay_conn_update_events(c);
     if (c->state == CONN_OPEN)
       for (int i = 0; i < 2; i++)
         if (c->dir[i].head && !c->dir[i].blocked)
@@ -869,13 +869,13 @@ int main(int argc, char **argv)
       } else if (p == &tag_signal)
         on_signal_fd(&quit);
       else
-        conn_event(p, evs[k].events);
+        relay_conn_event(p, evs[k].events);
     }
     sweep();
   }
 
-  for (struct conn *cn = R.conns; cn; cn = cn->next)
-    conn_close(cn, false, "relay shutting down");
+  for (struct relay_conn *cn = R.conns; cn; cn = cn->next)
+    relay_conn_close(cn, false, "relay shutting down");
   sweep();
   if (pidfile)
     unlink(pidfile);

@@ -327,11 +327,11 @@ Test(bitmap, last_partial_block_counted)
   bitmap_close(bm);
 }
 
-Test(bitmap, rejects_block_size_not_power_of_two_or_below_4096)
+Test(bitmap, rejects_block_size_not_power_of_two_from_4096_to_32M)
 {
   static const uint32_t bad[] = { 0, 1, 512, 2048, 4095, 4097, 6144, 12288,
-                                  0x80000001u };
-  static const uint32_t good[] = { 4096, 8192, 65536, 1u << 20, 1u << 31 };
+                                  64u << 20, 1u << 31, 0x80000001u };
+  static const uint32_t good[] = { 4096, 8192, 65536, 1u << 20, 32u << 20 };
   for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
     errno = 0;
     open_fails("a", 1024 * MiB, bad[i], SRC);
@@ -381,8 +381,8 @@ Test(bitmap, huge_image_size_bitmap_geometry)
   bitmap_close(bm);
   cr_assert_eq(file_size(tpath("b")), 4096 + UINT64_C(135301) * 8192);
 
-  /* An image near the top of the 64-bit range with the largest blocks. */
-  bm = open_ok("c", UINT64_MAX, 1u << 31, SRC, false);
+  /* A 256 PiB image with the largest blocks (32M). */
+  bm = open_ok("c", UINT64_C(1) << 58, 32u << 20, SRC, false);
   cr_assert_eq(bitmap_nblocks(bm), UINT64_C(1) << 33);
   bitmap_close(bm);
 }

@@ -1,11 +1,12 @@
-/* Unit tests for proxy/control.c (the control socket) and common/lib/json.c.
+/* Unit tests for common/ctl (the control protocol and its socket server)
+ * and common/lib/json.c.
  *
- * The control code is compiled into this file together with a FAKE engine
- * (the engine.h functions below, with canned behaviour and call records),
- * so the test needs neither a source nor common/engine/engine.c: nothing here
- * refers to any other engine symbol, so the linker never pulls engine.o
- * out of libxnbd-common.a.  The server runs on an event loop thread; the
- * tests are its clients over the real unix socket. */
+ * A FAKE engine (the engine.h functions below, with canned behaviour and
+ * call records) stands in for the real one, so the test needs neither a
+ * source nor common/engine/engine.c: nothing here or in common/ctl refers
+ * to any other engine symbol, so the linker never pulls engine.o out of
+ * libxnbd-common.a.  The server runs on its own threads; the tests are its
+ * clients over the real unix socket. */
 #include <criterion/criterion.h>
 
 #include <dirent.h>
@@ -23,10 +24,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <event2/event.h>
-#include <event2/thread.h>
-
-#include "../../proxy/control.c"
+#include "ctl-proto.h"
+#include "ctl-server.h"
+#include "engine.h"
+#include "json.h"
+#include "util.h"
 
 /* ---- the fake engine -------------------------------------------------- */
 
@@ -35,6 +37,7 @@ struct engine {
   struct engine_stats st;
   int bg_start_calls, bg_pause_calls, bg_resume_calls, rate_calls;
   int detach_calls, reconnect_calls, flush_calls;
+  int stats_calls;
   uint64_t last_rate;
   bool last_force;
   char last_target[512];
@@ -84,6 +87,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
 {
   pthread_mutex_lock(&e->lock);
   *st = e->st;
+  e->stats_calls++;
   pthread_mutex_unlock(&e->lock);
 }
 
@@ -195,22 +199,7 @@ static int fake_get(int *field)
 
 static char dir[64];
 static char sock_path[128];
-static struct event_base *base;
-static struct control *ctl;
-static pthread_t loop_thread;
-
-static sem_t loop_running;
-
-static void loop_started_cb(evutil_socket_t fd, short what, void *arg)
-{
-  sem_post(&loop_running);
-}
-
-static void *loop_main(void *arg)
-{
-  event_base_loop(base, EVLOOP_NO_EXIT_ON_EMPTY);
-  return NULL;
-}
+static struct ctl_server *ctl;
 
 static void make_dir(void)
 {
@@ -240,36 +229,21 @@ static void start_server(void)
 {
   char err[512] = "";
   make_dir();
-  cr_assert_eq(evthread_use_pthreads(), 0);
-  base = event_base_new();
-  cr_assert_not_null(base);
-  ctl = control_new(base, sock_path, &fake, err, sizeof err);
-  cr_assert_not_null(ctl, "control_new: %s", err);
-  /* event_base_loopbreak() before the loop runs would be forgotten:
-   * return only once the loop is running. */
-  sem_init(&loop_running, 0, 0);
-  cr_assert_eq(event_base_once(base, -1, EV_TIMEOUT, loop_started_cb, NULL, NULL), 0);
-  cr_assert_eq(pthread_create(&loop_thread, NULL, loop_main, NULL), 0);
-  while (sem_wait(&loop_running) < 0 && errno == EINTR)
-    ;
+  ctl = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
+  cr_assert_not_null(ctl, "ctl_server_start: %s", err);
 }
 
 static void stop_server(void)
 {
-  if (base) {
-    event_base_loopbreak(base);
-    pthread_join(loop_thread, NULL);
-    control_free(ctl);
-    event_base_free(base);
-    base = NULL;
-    ctl = NULL;
-  }
+  ctl_server_stop(ctl);
+  ctl = NULL;
   remove_dir();
 }
 
 TestSuite(control, .init = start_server, .fini = stop_server, .timeout = 60);
 TestSuite(control_socket, .init = make_dir, .fini = remove_dir, .timeout = 60);
 TestSuite(json, .timeout = 30);
+TestSuite(ctl_proto, .init = fake_reset, .timeout = 30);
 TestSuite(xnbd_ctl, .init = start_server, .fini = stop_server, .timeout = 60);
 
 /* ---- a small client ----------------------------------------------------- */
@@ -394,7 +368,7 @@ static const char *get_str(const struct json *j, const char *path)
 
 static unsigned nclients_now(void)
 {
-  return __atomic_load_n(&ctl->nclients, __ATOMIC_SEQ_CST);
+  return ctl_server_clients(ctl);
 }
 
 static void wait_nclients(unsigned n)
@@ -652,7 +626,7 @@ Test(control, help_lists_every_command)
   cr_assert(reply_ok(j));
   const struct json *cmds = json_get(j, "commands");
   cr_assert_eq(json_type(cmds), JSON_ARRAY);
-  cr_assert_eq(json_length(cmds), ARRAY_SIZE(commands));
+  cr_assert_eq(json_length(cmds), CTL_NCOMMANDS);
   static const char *want[] = { "status", "cache-all", "activate", "pause", "resume", "rate",
                                 "detach", "reconnect", "flush", "help" };
   for (size_t i = 0; i < ARRAY_SIZE(want); i++) {
@@ -735,12 +709,12 @@ Test(control, overlong_line_gets_an_error_and_the_connection_goes_on)
 Test(control, line_of_exactly_the_limit_is_accepted)
 {
   struct client *c = cl_open();
-  char line[CONTROL_MAX_LINE + 3];
+  char line[CTL_MAX_LINE + 3];
   /* "status" padded with spaces to 4096 bytes, then CR LF. */
   memset(line, ' ', sizeof line);
   memcpy(line, "status", 6);
-  memcpy(line + CONTROL_MAX_LINE, "\r\n", 2);
-  cl_send(c, line, CONTROL_MAX_LINE + 2);
+  memcpy(line + CTL_MAX_LINE, "\r\n", 2);
+  cl_send(c, line, CTL_MAX_LINE + 2);
   char *r = cl_line(c);
   struct json *j = parse_reply(r);
   cr_assert(reply_ok(j), "%s", r);
@@ -749,8 +723,8 @@ Test(control, line_of_exactly_the_limit_is_accepted)
   /* One byte more is too long. */
   memset(line, ' ', sizeof line);
   memcpy(line, "status", 6);
-  line[CONTROL_MAX_LINE + 1] = '\n';
-  cl_send(c, line, CONTROL_MAX_LINE + 2);
+  line[CTL_MAX_LINE + 1] = '\n';
+  cl_send(c, line, CTL_MAX_LINE + 2);
   j = parse_reply(r = cl_line(c));
   cr_assert_not_null(strstr(reply_error(j), "too long"));
   json_free(j);
@@ -940,8 +914,8 @@ Test(control, client_leaving_during_an_engine_call_is_cleaned_up)
 
 Test(control, at_most_64_clients_at_once)
 {
-  struct client *cs[CONTROL_MAX_CLIENTS];
-  for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
+  struct client *cs[CTL_MAX_CLIENTS];
+  for (int i = 0; i < CTL_MAX_CLIENTS; i++) {
     cs[i] = cl_open();
     struct json *j = cl_cmd(cs[i], "pause");
     cr_assert(reply_ok(j));
@@ -957,12 +931,12 @@ Test(control, at_most_64_clients_at_once)
   cl_close(extra);
 
   cl_close(cs[0]);
-  wait_nclients(CONTROL_MAX_CLIENTS - 1);
+  wait_nclients(CTL_MAX_CLIENTS - 1);
   cs[0] = cl_open();
   j = cl_cmd(cs[0], "status");
   cr_assert(reply_ok(j));
   json_free(j);
-  for (int i = 0; i < CONTROL_MAX_CLIENTS; i++)
+  for (int i = 0; i < CTL_MAX_CLIENTS; i++)
     cl_close(cs[i]);
   wait_nclients(0);
 }
@@ -986,28 +960,24 @@ Test(control_socket, stale_socket_is_replaced_and_removed_on_free)
   cr_assert_eq(bind(fd, (struct sockaddr *) &sa, sizeof sa), 0);
   close(fd);                        /* left behind: nobody listens */
 
-  struct event_base *b = event_base_new();
-  struct control *c = control_new(b, sock_path, &fake, err, sizeof err);
+  struct ctl_server *c = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
   cr_assert_not_null(c, "%s", err);
   struct stat st;
   cr_assert_eq(lstat(sock_path, &st), 0);
   cr_assert_eq(st.st_mode & 07777, 0600);
-  control_free(c);
-  cr_assert_eq(lstat(sock_path, &st), -1, "socket left behind by control_free");
-  event_base_free(b);
+  ctl_server_stop(c);
+  cr_assert_eq(lstat(sock_path, &st), -1, "socket left behind by ctl_server_stop");
 }
 
 Test(control_socket, live_socket_is_not_taken_over)
 {
   char err[512] = "";
-  struct event_base *b = event_base_new();
-  struct control *first = control_new(b, sock_path, &fake, err, sizeof err);
+  struct ctl_server *first = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
   cr_assert_not_null(first, "%s", err);
-  struct control *second = control_new(b, sock_path, &fake, err, sizeof err);
+  struct ctl_server *second = ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err);
   cr_assert_null(second);
   cr_assert_not_null(strstr(err, "in use by a running process"), "%s", err);
-  control_free(first);
-  event_base_free(b);
+  ctl_server_stop(first);
 }
 
 Test(control_socket, regular_file_is_not_replaced)
@@ -1017,13 +987,11 @@ Test(control_socket, regular_file_is_not_replaced)
   cr_assert_not_null(f);
   fputs("precious\n", f);
   fclose(f);
-  struct event_base *b = event_base_new();
-  cr_assert_null(control_new(b, sock_path, &fake, err, sizeof err));
+  cr_assert_null(ctl_server_start(sock_path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "is not a socket"), "%s", err);
   struct stat st;
   cr_assert_eq(stat(sock_path, &st), 0);
   cr_assert_eq(st.st_size, 9);
-  event_base_free(b);
 }
 
 Test(control_socket, too_long_path_is_refused)
@@ -1031,20 +999,267 @@ Test(control_socket, too_long_path_is_refused)
   char err[512] = "", path[300];
   memset(path, 'a', sizeof path - 1);
   path[sizeof path - 1] = '\0';
-  struct event_base *b = event_base_new();
-  cr_assert_null(control_new(b, path, &fake, err, sizeof err));
+  cr_assert_null(ctl_server_start(path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "too long"), "%s", err);
-  event_base_free(b);
 }
 
 Test(control_socket, missing_directory_is_reported)
 {
   char err[512] = "", path[200];
   snprintf(path, sizeof path, "%s/no/such/dir/ctl.sock", dir);
-  struct event_base *b = event_base_new();
-  cr_assert_null(control_new(b, path, &fake, err, sizeof err));
+  cr_assert_null(ctl_server_start(path, &fake, "xnbd-proxy", err, sizeof err));
   cr_assert_not_null(strstr(err, "No such file or directory"), "%s", err);
-  event_base_free(b);
+}
+
+/* ---- the protocol without a socket -------------------------------------- */
+
+/* Runs one request line through ctl_parse + ctl_run; returns the reply
+ * line (malloc'd, with its LF). */
+static char *run_line(const char *text)
+{
+  char line[CTL_MAX_LINE + 8];
+  bool empty = false;
+  size_t n = strlen(text);
+  cr_assert_lt(n, sizeof line);
+  memcpy(line, text, n + 1);
+  char *r = ctl_handle_line(&fake, line, n, "xnbd-proxy", "test", &empty);
+  cr_assert_not(empty, "no reply to \"%s\"", text);
+  cr_assert_not_null(r, "out of memory answering \"%s\"", text);
+  cr_assert_eq(r[strlen(r) - 1], '\n', "reply without LF: %s", r);
+  return r;
+}
+
+/* The doc comment at the top of common/ctl/ctl-proto.h (malloc'd). */
+static char *protocol_text(void)
+{
+  static const char *tries[] = { "../common/ctl/ctl-proto.h", "common/ctl/ctl-proto.h" };
+  for (size_t i = 0; i < ARRAY_SIZE(tries); i++) {
+    FILE *f = fopen(tries[i], "r");
+    if (!f) continue;
+    char *buf = calloc(1, 65536);
+    cr_assert_not_null(buf);
+    size_t n = fread(buf, 1, 65535, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *end = strstr(buf, "*/");
+    cr_assert_not_null(end, "%s: no doc comment", tries[i]);
+    *end = '\0';
+    return buf;
+  }
+  cr_assert_fail("common/ctl/ctl-proto.h not found from %s: run the test from "
+                 "tests/ (tests/run-tests.sh) or the source root", getcwd(NULL, 0));
+  return NULL;
+}
+
+Test(ctl_proto, every_command_has_help_text_and_is_in_the_help_reply)
+{
+  char *r = run_line("help");
+  struct json *j = parse_reply(r);
+  cr_assert(reply_ok(j));
+  const struct json *cmds = json_get(j, "commands");
+  cr_assert_eq(json_length(cmds), CTL_NCOMMANDS);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const struct ctl_command *c = &ctl_commands[i];
+    cr_assert_eq((size_t) c->id, i, "ctl_commands[%zu] has id %d", i, (int) c->id);
+    cr_assert(c->name && c->name[0], "command %zu has no name", i);
+    cr_assert(c->description && strlen(c->description) > 10, "%s: no help text", c->name);
+    cr_assert(c->usage && strncmp(c->usage, c->name, strlen(c->name)) == 0,
+              "%s: usage \"%s\" does not start with the name", c->name, c->usage);
+    if (c->arg)
+      cr_assert_not_null(strstr(c->usage, c->arg), "%s: usage omits %s", c->name, c->arg);
+    if (c->flag)
+      cr_assert_not_null(strstr(c->usage, c->flag), "%s: usage omits %s", c->name, c->flag);
+    cr_assert_eq(ctl_command_find(c->name), c);
+    if (c->alias)
+      cr_assert_eq(ctl_command_find(c->alias), c);
+    const struct json *e = json_index(cmds, i);
+    cr_assert_str_eq(get_str(e, "command"), c->name);
+    cr_assert_str_eq(get_str(e, "usage"), c->usage);
+    cr_assert_str_eq(get_str(e, "description"), c->description);
+    const struct json *aliases = json_get(e, "aliases");
+    cr_assert_eq(json_length(aliases), c->alias ? 1 : 0, "%s: aliases", c->name);
+    if (c->alias)
+      cr_assert_str_eq(json_str(json_index(aliases, 0)), c->alias);
+  }
+  cr_assert_null(ctl_command_find("frobnicate"));
+  json_free(j);
+  free(r);
+}
+
+Test(ctl_proto, every_command_is_documented_in_the_protocol_text)
+{
+  char *doc = protocol_text();
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const struct ctl_command *c = &ctl_commands[i];
+    char want[128];
+    /* Each command has its own paragraph: " *   USAGE  ...". */
+    snprintf(want, sizeof want, "\n *   %s ", c->usage);
+    cr_assert_not_null(strstr(doc, want), "ctl-proto.h does not document \"%s\"", c->usage);
+    if (c->alias) {
+      snprintf(want, sizeof want, "(alias: %s)", c->alias);
+      cr_assert_not_null(strstr(doc, want), "ctl-proto.h does not document %s's alias %s",
+                         c->name, c->alias);
+    }
+  }
+  free(doc);
+}
+
+/* Member paths of a JSON object text at nesting depth 1 ("state") and 2
+ * ("blocks.total"). */
+static size_t object_keys(const char *t, char keys[][64], size_t max)
+{
+  char parent[64] = "";
+  size_t n = 0;
+  int depth = 0;
+  for (const char *p = t; *p; p++) {
+    if (*p == '{' || *p == '[') depth++;
+    else if (*p == '}' || *p == ']') depth--;
+    else if (*p == '"') {
+      const char *q = p + 1;
+      while (*q && *q != '"') q += (*q == '\\' && q[1]) ? 2 : 1;
+      cr_assert_eq(*q, '"', "unterminated string in %s", t);
+      if (q[1] == ':' && depth <= 2) {
+        int len = (int) (q - p - 1);
+        cr_assert_lt(n, max);
+        if (depth == 1) {
+          snprintf(parent, sizeof parent, "%.*s", len, p + 1);
+          snprintf(keys[n++], 64, "%s", parent);
+        } else {
+          snprintf(keys[n++], 64, "%s.%.*s", parent, len, p + 1);
+        }
+      }
+      p = q;
+    }
+  }
+  return n;
+}
+
+/* The contents of a file of the source tree (malloc'd). */
+static char *source_file(const char *path)
+{
+  char p[512];
+  const char *dirs[] = { "..", "." };
+  for (size_t i = 0; i < ARRAY_SIZE(dirs); i++) {
+    snprintf(p, sizeof p, "%s/%s", dirs[i], path);
+    FILE *f = fopen(p, "r");
+    if (!f) continue;
+    char *buf = calloc(1, 1 << 20);
+    cr_assert_not_null(buf);
+    size_t n = fread(buf, 1, (1 << 20) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return buf;
+  }
+  cr_assert_fail("%s not found: run the test from tests/ or the source root", path);
+  return NULL;
+}
+
+Test(ctl_proto, every_status_member_is_documented)
+{
+  char keys[128][64];
+  char *r = run_line("status");
+  char *doc = protocol_text();
+  char *man = source_file("man/xnbd-ctl.1");
+  size_t n = object_keys(r, keys, ARRAY_SIZE(keys));
+  cr_assert_gt(n, 30, "only %zu members in %s", n, r);
+  for (size_t i = 0; i < n; i++) {
+    /* ctl-proto.h shows the reply's shape: "name":... */
+    char quoted[80];
+    const char *dot = strchr(keys[i], '.');
+    snprintf(quoted, sizeof quoted, "\"%s\":", dot ? dot + 1 : keys[i]);
+    cr_assert_not_null(strstr(doc, quoted), "status member %s is not documented in "
+                       "ctl-proto.h; reply: %s", keys[i], r);
+    /* xnbd-ctl(1) names each one by its path (blocks.total). */
+    cr_assert_not_null(strstr(man, keys[i]), "status member %s is not documented in "
+                       "man/xnbd-ctl.1", keys[i]);
+  }
+  /* The scanner does see members the engine added lately. */
+  for (const char *k = "rtt_us\0standby\0wire.rx_raw\0bytes.bridged\0"; *k; k += strlen(k) + 1) {
+    bool seen = false;
+    for (size_t i = 0; i < n; i++) seen |= strcmp(keys[i], k) == 0;
+    cr_assert(seen, "%s missing from the status reply %s", k, r);
+  }
+  free(man);
+  free(doc);
+  free(r);
+}
+
+Test(ctl_proto, every_command_is_in_the_xnbd_ctl_man_page)
+{
+  char *man = source_file("man/xnbd-ctl.1");
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    const char *name = ctl_commands[i].name;
+    char a[64], b[64], c[64];
+    snprintf(a, sizeof a, "\n.B %s\n", name);
+    snprintf(b, sizeof b, "\n.BR %s ", name);
+    snprintf(c, sizeof c, "\n.BI %s ", name);
+    cr_assert(strstr(man, a) || strstr(man, b) || strstr(man, c),
+              "man/xnbd-ctl.1 has no paragraph for the command %s", name);
+  }
+  free(man);
+}
+
+Test(ctl_proto, parse_sets_flag_and_argument_and_refuses_the_rest)
+{
+  char line[64];
+  struct ctl_request req;
+  char *reply;
+
+  strcpy(line, "detach -f\r");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_OK);
+  cr_assert_eq(req.cmd->id, CTL_DETACH);
+  cr_assert(req.flag);
+  cr_assert_null(req.arg);
+
+  strcpy(line, "switch");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_OK);
+  cr_assert_eq(req.cmd->id, CTL_DETACH);
+  cr_assert_not(req.flag);
+
+  strcpy(line, "\t rate \t 5M ");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_OK);
+  cr_assert_eq(req.cmd->id, CTL_RATE);
+  cr_assert_str_eq(req.arg, "5M");
+
+  strcpy(line, " \t\r");
+  cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_EMPTY);
+  cr_assert_null(reply);
+
+  static const char *bad[] = { "detach --force --force", "detach --now", "rate",
+                               "rate 1 2", "help me", "Status", "a b c d e f g h i j" };
+  for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+    strcpy(line, bad[i]);
+    cr_assert_eq(ctl_parse(line, strlen(line), &req, &reply), CTL_PARSE_BAD, "%s", bad[i]);
+    struct json *j = parse_reply(reply);
+    reply_error(j);
+    json_free(j);
+    free(reply);
+  }
+}
+
+Test(ctl_proto, unknown_command_error_lists_every_command)
+{
+  char *r = run_line("xyzzy");
+  struct json *j = parse_reply(r);
+  const char *e = reply_error(j);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++)
+    cr_assert_not_null(strstr(e, ctl_commands[i].usage), "%s missing from: %s",
+                       ctl_commands[i].usage, e);
+  json_free(j);
+  free(r);
+}
+
+Test(ctl_proto, fixed_replies_are_valid_json_errors)
+{
+  const char *fixed[] = { ctl_reply_too_long, ctl_reply_busy, ctl_reply_oom };
+  for (size_t i = 0; i < ARRAY_SIZE(fixed); i++) {
+    size_t n = strlen(fixed[i]);
+    cr_assert_eq(fixed[i][n - 1], '\n');
+    struct json *j = json_parse(fixed[i], n - 1, NULL, 0);
+    cr_assert_not_null(j, "%s", fixed[i]);
+    reply_error(j);
+    json_free(j);
+  }
 }
 
 /* ---- json --------------------------------------------------------------- */
@@ -1224,6 +1439,18 @@ Test(xnbd_ctl, commands_reach_the_engine)
                fake.bg_start_calls + fake.detach_calls, 5);
 }
 
+Test(xnbd_ctl, help_prints_the_proxys_command_list)
+{
+  char out[8192];
+  cr_assert_eq(run_ctl(out, sizeof out, "-c SOCK help"), 0, "%s", out);
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    char want[128];
+    snprintf(want, sizeof want, "  %s ", ctl_commands[i].usage);
+    cr_assert_not_null(strstr(out, want), "help lacks %s:\n%s", ctl_commands[i].usage, out);
+  }
+  cr_assert_not_null(strstr(out, "also called query"), "%s", out);
+}
+
 Test(xnbd_ctl, refusal_exits_1_with_the_proxys_reason)
 {
   char out[4096];
@@ -1251,15 +1478,23 @@ Test(xnbd_ctl, usage_errors_exit_2)
     "-c SOCK rate fast", "-c SOCK pause --json", "-c SOCK status --force",
     "-c SOCK detach --wait", "-c SOCK --bogus status", "-c SOCK -t x status",
     "--query", "--query SOCK extra", "--query --switch SOCK",
-    "-c SOCK reconnect 'a b'",
+    "-c SOCK reconnect 'a b'", "-c SOCK reconnect http://siteA/vm1",
+    "-c SOCK reconnect xnbd:///vm1",
   };
   char out[4096];
   for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
     cr_assert_eq(run_ctl(out, sizeof out, bad[i]), 2, "xnbd-ctl %s: %s", bad[i], out);
     cr_assert_not_null(strstr(out, "--help"), "xnbd-ctl %s: %s", bad[i], out);
   }
-  cr_assert_eq(fake.bg_pause_calls + fake.detach_calls + fake.rate_calls, 0);
+  cr_assert_eq(fake.bg_pause_calls + fake.detach_calls + fake.rate_calls +
+               fake.reconnect_calls, 0);
   cr_assert_eq(run_ctl(out, sizeof out, "--help"), 0);
+  /* --help comes from the protocol's command table. */
+  for (size_t i = 0; i < CTL_NCOMMANDS; i++) {
+    char want[128];
+    snprintf(want, sizeof want, "\n  %s", ctl_commands[i].usage);
+    cr_assert_not_null(strstr(out, want), "--help lacks %s:\n%s", ctl_commands[i].usage, out);
+  }
   cr_assert_eq(run_ctl(out, sizeof out, "--version"), 0);
   cr_assert_not_null(strstr(out, "xnbd-ctl "));
 }
@@ -1285,6 +1520,12 @@ Test(xnbd_ctl, xnbd_bgctl_forms_work)
 static void *finish_copy(void *arg)
 {
   bool forced = *(bool *) arg;
+  /* Start once xnbd-ctl has started the copy and seen the first status,
+   * so its first progress line is the starting point however slow it is
+   * to start (bounded: 10 s). */
+  for (int i = 0; i < 1000 && !(fake_get(&fake.bg_start_calls) > 0 &&
+                                fake_get(&fake.stats_calls) > 0); i++)
+    usleep(10000);
   for (int i = 0; i < 10; i++) {
     usleep(120000);
     pthread_mutex_lock(&fake.lock);
