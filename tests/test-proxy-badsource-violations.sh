@@ -36,7 +36,10 @@ hexdump_of () {
 read_right () {
   local out st=0
   out=$(timeout 60 qemu-io -f raw -c "read -v $2 $3" "$1" 2>&1) || st=$?
-  [ "$st" -eq 0 ] && ! grep -qi 'error\|fail' <<<"$out" || { echo "$out" >&2; fail "$4: read failed (exit $st)"; }
+  if [ "$st" -ne 0 ] || grep -qi 'error\|fail' <<<"$out"; then
+    echo "$out" >&2
+    fail "$4: read failed (exit $st)"
+  fi
   [ "$(grep -v '^read\|ops/sec' <<<"$out")" = "$(hexdump_of "$src" "$2" "$3")" ] ||
     fail "$4: read returned wrong data"
 }

@@ -446,7 +446,8 @@ class Conn:
             COUNTERS.bump("requests", kind)
             if kind == "other":
                 self.error(handle, errno.EINVAL, b"unsupported command")
-            elif off + length > self.size or (kind == "read" and length > MAX_REQUEST):
+            elif not length or off + length > self.size or \
+                    (kind == "read" and length > MAX_REQUEST):
                 self.error(handle, errno.EINVAL, b"request out of range")
             elif kind == "read":
                 self.read(handle, off, length)
@@ -475,7 +476,8 @@ def handle_conn(sock, img, export, fault):
 
 def main():
     global COUNTERS
-    ap = argparse.ArgumentParser(description="A misbehaving NBD source for tests.")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--unix", metavar="PATH")
     where.add_argument("--port-file", metavar="FILE")
