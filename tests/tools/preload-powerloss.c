@@ -270,6 +270,8 @@ static void init(void)
   const char *journal = getenv("XNBD_PL_JOURNAL");
   const char *fifo = getenv("XNBD_PL_CRASH");
   if (!files || !*files || !journal || !*journal) return;
+  /* Children (if any) must not truncate the journal or steal the FIFO. */
+  char *fifo_copy = fifo && *fifo ? strdup(fifo) : NULL;
   char *list = strdup(files);
   if (!list) die("strdup");
   for (char *save = NULL, *p = strtok_r(list, ":", &save); p;
@@ -288,12 +290,15 @@ static void init(void)
   for (unsigned i = 0; i < nfiles; i++)
     jrec('F', (int) i, 0, 0, strlen(paths[i]), paths[i]);
   active = true;
-  if (fifo && *fifo) {
+  unsetenv("XNBD_PL_FILES");
+  unsetenv("XNBD_PL_JOURNAL");
+  unsetenv("XNBD_PL_CRASH");
+  if (fifo_copy) {
     pthread_t t;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);   /* signals are the process's */
-    if ((errno = pthread_create(&t, NULL, crash_thread, (void *) fifo)))
+    if ((errno = pthread_create(&t, NULL, crash_thread, fifo_copy)))
       die("starting the crash thread");
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_detach(t);
