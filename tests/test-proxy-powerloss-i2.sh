@@ -16,9 +16,13 @@
 # (it creates its cache and bitmap) runs under the shim with --cache-all and
 # a background rate cap, so the copy is under way, while crashload (see
 # test-proxy-crash-i2.sh) writes stamped data, FLUSHes every few writes and
-# journals what was acknowledged.  Once crashload has seen N flushes
-# complete, the shim's crash thread takes the journal lock and kills the
-# proxy (so no change is half journalled).  Then:
+# journals what was acknowledged.  The crash comes at a point reached by
+# condition: "flush:N", once crashload has seen N flushes complete, the
+# test tells the shim's crash thread, which takes the journal lock and kills
+# the proxy (so no change is half journalled); "bitmap-sync:N", the thread
+# whose fdatasync of the bitmap file is the N-th to complete kills the
+# proxy at once (the instant bits just became durable: if their blocks' data
+# was not synced first, it is lost).  Then:
 #   1. the journal is complete: replaying every change gives exactly the
 #      files the killed proxy left (a change made through a path the shim
 #      does not wrap would show here);
@@ -43,8 +47,9 @@
 # libasan, the test preloads it ahead of the shim.
 #
 # Environment: PL_SEED=N reproduces (crashload seeds and replay seeds),
-# PL_FLUSHES="N..." the crash points (flushes seen, one run each, default
-# "8 60"), PL_SEEDS=N random rebuilds per run (default 4).
+# PL_POINTS="flush:N bitmap-sync:N ..." the crash points, one run each
+# (default "flush:8 flush:60 bitmap-sync:12 bitmap-sync:40"), PL_SEEDS=N
+# random rebuilds per run (default 4).
 source "$(dirname "$0")/functions.sh"
 requires qemu-img cmp python3 ldd
 
@@ -60,9 +65,9 @@ done
 WAIT_TRIES=300              # conditions get up to 30 s on a loaded machine
 
 seed=${PL_SEED:-$(( $(date +%s%N) / 1000 % 1000000 ))}
-flush_points=${PL_FLUSHES:-8 60}
+crash_points=${PL_POINTS:-flush:8 flush:60 bitmap-sync:12 bitmap-sync:40}
 nseeds=${PL_SEEDS:-4}
-echo "seed $seed, crash after $flush_points flushes, $nseeds random rebuilds each (reproduce with PL_SEED=$seed)"
+echo "seed $seed, crash points $crash_points, $nseeds random rebuilds each (reproduce with PL_SEED=$seed)"
 
 preload=$SHIM
 asan=$(ldd "$XNBD_BUILD/xnbd-proxy" | awk '/libasan\.so/ { print $3; exit }')
@@ -106,24 +111,35 @@ proxy_up () {   # PROGRAM CACHE BITMAP [ARGS...]
   PROXY_PID=$SERVER_PID
   wait_state "$ctl" proxying 30
 }
-# xnbd-proxy under the shim: the same PID (exec), the shim's environment.
+# xnbd-proxy under the shim: the same PID (exec), the shim's environment
+# (only the proxy's: the status polls must not load it).  $1: the value of
+# XNBD_PL_CRASH_AFTER, or empty.
 shimmed=$TESTDIR/xnbd-proxy-shimmed
-cat >"$shimmed" <<EOF
+write_shimmed () {
+  cat >"$shimmed" <<EOF
 #!/bin/sh
 exec env LD_PRELOAD='$preload' XNBD_PL_FILES='$cache:$bitmap' \\
-  XNBD_PL_JOURNAL='$pjournal' XNBD_PL_CRASH='$fifo' '$XNBD_BUILD/xnbd-proxy' "\$@"
+  XNBD_PL_JOURNAL='$pjournal' XNBD_PL_CRASH='$fifo' XNBD_PL_CRASH_AFTER='$1' \\
+  '$XNBD_BUILD/xnbd-proxy' "\$@"
 EOF
-chmod +x "$shimmed"
+  chmod +x "$shimmed"
+}
+shim_dead () { ! server_alive "$shim_pid"; }
 
 failures=0 name_defects=0
 run=0
-for nflush in $flush_points; do
+for point in $crash_points; do
   run=$(( run + 1 ))
   rm -f "$cache" "$bitmap" "$cjournal" "$pjournal" "$dump"
   lseed=$(( seed * 1000 + run ))
+  count=${point#*:}
+  case "$point" in
+    flush:[1-9]*) write_shimmed "" ;;
+    bitmap-sync:[1-9]*) write_shimmed "1:$count" ;;  # file 1: the bitmap
+    *) fail "PL_POINTS: '$point' is neither flush:N nor bitmap-sync:N" ;;
+  esac
 
-  # The proxy under the shim (only it: the status polls must not load it);
-  # --bg-rate keeps the copy going for seconds.
+  # --bg-rate keeps the background copy going for seconds.
   proxy_up "$shimmed" "$cache" "$bitmap" --cache-all --bg-rate 512K
   shim_pid=$PROXY_PID
   [ -s "$pjournal" ] || fail "run $run: the shim wrote no journal (was it preloaded?)"
@@ -131,16 +147,26 @@ for nflush in $flush_points; do
   timeout 60 "$CRASHLOAD" write --uri "$puri" --journal "$cjournal" \
     --seed "$lseed" --seconds 30 >"$TESTDIR/write.out" 2>&1 &
   load_pid=$!
-  wait_for flushes_seen "$nflush" || {
+  if [ "${point%%:*}" = flush ]; then
+    wait_for flushes_seen "$count" || {
+      cat "$TESTDIR/write.out" >&2
+      fail "run $run: crashload did not see $count flushes complete"
+    }
+    present=$(status blocks.present) total=$(status blocks.total)
+    what="$(grep -c '^F ' "$cjournal") flushes seen by the client, $present of $total blocks present"
+    [ "$present" -lt "$total" ] ||
+      what+=" (note: the background copy had already finished)"
+    # The shim's thread kills the proxy with its journal lock held.
+    timeout 10 sh -c 'echo x >"$1"' sh "$fifo" ||
+      fail "run $run: could not tell the shim to crash (FIFO $fifo)"
+  else
+    what="the bitmap's sync number $count completed"
+  fi
+  wait_for shim_dead || {
     cat "$TESTDIR/write.out" >&2
-    fail "run $run: crashload did not see $nflush flushes complete"
+    cp "$pjournal" "$XNBD_BUILD/test-logs/test-proxy-powerloss-i2.run$run.powerloss-journal" || true
+    fail "run $run: the proxy still runs: the crash point $point was not reached (its journal is in test-logs/)"
   }
-  present=$(status blocks.present) total=$(status blocks.total)
-  # The crash: the shim's thread kills the proxy with its journal lock held.
-  timeout 10 sh -c 'echo x >"$1"' sh "$fifo" ||
-    fail "run $run: could not tell the shim to crash (FIFO $fifo)"
-  wait_for eval '! server_alive $shim_pid' ||
-    fail "run $run: the proxy still runs after the shim's crash request"
   st=0; stop_server "$shim_pid" 2>/dev/null || st=$?  # no "Killed" job notice
   [ "$st" -eq 137 ] || fail "run $run: xnbd-proxy exit status $st at the crash (expected 137, SIGKILL)"
   st=0; wait "$load_pid" || st=$?
@@ -148,10 +174,7 @@ for nflush in $flush_points; do
     cat "$TESTDIR/write.out" >&2
     fail "run $run: crashload write failed (exit $st)"
   }
-  note=
-  [ "$present" -lt "$total" ] ||
-    note=" (note: the background copy had already finished)"
-  echo "run $run: crash after $(grep -c '^F ' "$cjournal") flushes seen, $present of $total blocks present$note"
+  echo "run $run: crash when $what; the client had $(grep -c '^F ' "$cjournal") flushes done"
 
   # 1. The journal holds every change: replaying all of it gives the files
   #    the killed proxy left behind.

@@ -17,6 +17,11 @@
  *       the kernel holds then are exactly "every journalled change applied",
  *       which the test checks, so a change the shim missed (an unwrapped
  *       syscall, io_uring, a writable shared mapping) is found.
+ *   XNBD_PL_CRASH_AFTER=I:K       optional: the thread whose sync makes the
+ *       K-th completed sync of watched file number I (0 = the first in
+ *       XNBD_PL_FILES) crashes the process the same way, right after
+ *       journalling that sync: the instant a sync just made something
+ *       durable (e.g. bitmap bits) is when a missing earlier sync shows.
  *   Without XNBD_PL_FILES and XNBD_PL_JOURNAL the shim does nothing.
  *
  * What is wrapped (glibc entry points; each 64 variant too):
@@ -105,6 +110,10 @@ static char *dirs[MAX_FILES];
 static uint8_t fdfile[MAX_FD];
 static uint8_t fdsync[MAX_FD];
 static uint32_t fddir[MAX_FD];
+/* XNBD_PL_CRASH_AFTER: crash after crash_after completed syncs of file
+ * crash_file (0: never). */
+static unsigned crash_file;
+static uint64_t crash_after, syncs_seen;
 
 /* ---- the real functions ---- */
 
@@ -239,6 +248,14 @@ static void jtext(uint8_t type, int file, const char *fmt, ...)
 
 /* ---- which fds are watched ---- */
 
+/* jlock held: the END record, then SIGKILL; nothing else changes. */
+static void crash_now(void)
+{
+  jrec('E', -1, 0, 0, 0, NULL);
+  syscall(SYS_kill, getpid(), SIGKILL);
+  for (;;) pause();
+}
+
 static void *crash_thread(void *arg)
 {
   const char *fifo = arg;
@@ -258,9 +275,7 @@ static void *crash_thread(void *arg)
     die("reading XNBD_PL_CRASH");
   }
   pthread_mutex_lock(&jlock);
-  jrec('E', -1, 0, 0, 0, NULL);
-  syscall(SYS_kill, getpid(), SIGKILL);
-  for (;;) pause();
+  crash_now();
   return NULL;
 }
 
@@ -272,6 +287,16 @@ static void init(void)
   if (!files || !*files || !journal || !*journal) return;
   /* Children (if any) must not truncate the journal or steal the FIFO. */
   char *fifo_copy = fifo && *fifo ? strdup(fifo) : NULL;
+  const char *after = getenv("XNBD_PL_CRASH_AFTER");
+  if (after && *after) {
+    unsigned long long k;
+    char junk;
+    if (sscanf(after, "%u:%llu%c", &crash_file, &k, &junk) != 2 || k == 0) {
+      errno = EINVAL;
+      die("XNBD_PL_CRASH_AFTER must be FILE-INDEX:COUNT, COUNT > 0");
+    }
+    crash_after = k;
+  }
   char *list = strdup(files);
   if (!list) die("strdup");
   for (char *save = NULL, *p = strtok_r(list, ":", &save); p;
@@ -293,6 +318,11 @@ static void init(void)
   unsetenv("XNBD_PL_FILES");
   unsetenv("XNBD_PL_JOURNAL");
   unsetenv("XNBD_PL_CRASH");
+  unsetenv("XNBD_PL_CRASH_AFTER");
+  if (crash_after && crash_file >= nfiles) {
+    errno = EINVAL;
+    die("XNBD_PL_CRASH_AFTER names a file index beyond XNBD_PL_FILES");
+  }
   if (fifo_copy) {
     pthread_t t;
     sigset_t all, old;
@@ -822,6 +852,9 @@ static int do_sync(uint8_t type, uint32_t mask, uint8_t type2, uint32_t mask2,
     pthread_mutex_lock(&jlock);
     if (mask) jrec(type, -1, mask, start, 0, NULL);
     if (mask2) jrec(type2, -1, mask2, start, 0, NULL);
+    if (crash_after && type == 'S' && (mask >> crash_file & 1) &&
+        ++syncs_seen == crash_after)
+      crash_now();
     pthread_mutex_unlock(&jlock);
   }
   errno = e;
