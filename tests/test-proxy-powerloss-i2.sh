@@ -157,6 +157,7 @@ for point in $crash_points; do
     [ "$present" -lt "$total" ] ||
       what+=" (note: the background copy had already finished)"
     # The shim's thread kills the proxy with its journal lock held.
+    # shellcheck disable=SC2016  # $1 is the inner shell's
     timeout 10 sh -c 'echo x >"$1"' sh "$fifo" ||
       fail "run $run: could not tell the shim to crash (FIFO $fifo)"
   else
@@ -236,9 +237,9 @@ for point in $crash_points; do
       }
       echo "run $run ($what) FAILED: I2 broken after a power cut; $rpresent blocks present after restart:"
       cat "$TESTDIR/replay.out" "$TESTDIR/verify.out"
-      keep=$XNBD_BUILD/test-logs/test-proxy-powerloss-i2.run$run.$rs
-      mkdir -p "$keep" && cp "$pjournal" "$cjournal" "$out"/* "$keep"/ &&
-        echo "journals and rebuilt files kept in $keep"
+      keepdir=$XNBD_BUILD/test-logs/test-proxy-powerloss-i2.run$run.$rs
+      mkdir -p "$keepdir" && cp "$pjournal" "$cjournal" "$out"/* "$keepdir"/ &&
+        echo "journals and rebuilt files kept in $keepdir"
       failures=$(( failures + 1 ))
       stop_server "$PROXY_PID" || true
       continue

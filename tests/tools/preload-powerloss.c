@@ -22,7 +22,11 @@
  *       XNBD_PL_FILES) crashes the process the same way, right after
  *       journalling that sync: the instant a sync just made something
  *       durable (e.g. bitmap bits) is when a missing earlier sync shows.
- *   Without XNBD_PL_FILES and XNBD_PL_JOURNAL the shim does nothing.
+ *   Without XNBD_PL_FILES and XNBD_PL_JOURNAL the shim does nothing.  The
+ *   shim acts in the FIRST process that loads it: it removes these variables
+ *   from the environment, so that programs it starts do not truncate the
+ *   journal.  Start the program itself under the shim (env VAR=... PROGRAM),
+ *   not a wrapper script (the shell would be that process).
  *
  * What is wrapped (glibc entry points; each 64 variant too):
  *   open, openat, creat, __open_2, __openat_2  -- watch the fd; CREATE when
@@ -110,6 +114,11 @@ static char *dirs[MAX_FILES];
 static uint8_t fdfile[MAX_FD];
 static uint8_t fdsync[MAX_FD];
 static uint32_t fddir[MAX_FD];
+/* The inode a watched fd had when tracked: an fd closed behind the shim's
+ * back (fclose, a raw syscall) and reused by a socket must not be taken
+ * for the file. */
+static dev_t fddev[MAX_FD];
+static ino_t fdino[MAX_FD];
 /* XNBD_PL_CRASH_AFTER: crash after crash_after completed syncs of file
  * crash_file (0: never). */
 static unsigned crash_file;
@@ -346,7 +355,10 @@ static bool on(void)
 /* The watched file FD refers to (index), or -1. */
 static int fd_file(int fd)
 {
-  if (fd < 0 || fd >= MAX_FD || !on()) return -1;
+  struct stat st;
+  if (fd < 0 || fd >= MAX_FD || !on() || !fdfile[fd]) return -1;
+  if (fstat(fd, &st) < 0 || st.st_dev != fddev[fd] || st.st_ino != fdino[fd])
+    return -1;
   return (int) fdfile[fd] - 1;
 }
 
@@ -377,6 +389,8 @@ static void track_open(int fd, int flags, bool existed)
         fddir[fd] |= 1u << i;
     } else if (stat(paths[i], &b) == 0 && st.st_dev == b.st_dev && st.st_ino == b.st_ino) {
       fdfile[fd] = (uint8_t) (i + 1);
+      fddev[fd] = st.st_dev;
+      fdino[fd] = st.st_ino;
       fdsync[fd] = (flags & (O_SYNC | O_DSYNC)) != 0;
       if ((flags & O_CREAT) && !existed)
         jrec('C', (int) i, 0, 0, 0, NULL);
@@ -392,6 +406,8 @@ static void track_dup(int from, int to)
   if (to < 0 || from < 0 || from >= MAX_FD) return;
   if (to >= MAX_FD) { errno = EMFILE; die("fd above the shim's table"); }
   fdfile[to] = fdfile[from];
+  fddev[to] = fddev[from];
+  fdino[to] = fdino[from];
   fdsync[to] = fdsync[from];  /* O_SYNC belongs to the open file description */
   fddir[to] = fddir[from];
 }
