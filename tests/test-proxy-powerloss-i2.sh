@@ -251,7 +251,10 @@ for point in $crash_points; do
     cmp "$dump" "$out/cache.img" ||
       fail "run $run ($what): the complete cache image differs from what the proxy served"
     v=$(sed -n 's/^verify: sectors: \(.*\); .*/\1/p' "$TESTDIR/verify.out")
-    echo "run $run ($what): $rpresent blocks present after restart; sectors: $v: OK"
+    # Pages of unsynced writes the rebuild kept/lost, per file.
+    pages=$(sed -n 's/^\([^:]*\): .*pages of unsynced writes applied \([0-9]*\), dropped \([0-9]*\)$/\1 \2 kept \3 lost/p' \
+      "$TESTDIR/replay.out" | paste -sd, -)
+    echo "run $run ($what): unsynced pages: $pages; $rpresent blocks present after restart; sectors: $v: OK"
   done
   assert_alive "$source_pid"
 done
@@ -260,5 +263,5 @@ done
 [ "$name_defects" -eq 0 ] || [ "$failures" -ne 0 ] ||
   fail "data checks passed, but $name_defects times a file xnbd-proxy created had no directory fsync after its creation (DEFECT lines above)"
 [ "$failures" -eq 0 ] ||
-  fail "$failures rebuilds broke I2 after a power cut (MISMATCH lines above; reproduce with PL_SEED=$seed)"
+  fail "$failures rebuilds broke I2 after a power cut (MISMATCH lines above; reproduce with PL_SEED=$seed); $name_defects lost file names (DEFECT lines)"
 echo OK
