@@ -33,8 +33,11 @@ PROGRAMS   := $(BUILDDIR)/xnbd-server
 PROGRAMS   += $(if $(wildcard proxy/xnbd-proxy.c),$(BUILDDIR)/xnbd-proxy)
 PROGRAMS   += $(if $(wildcard proxy/xnbd-ctl.c),$(BUILDDIR)/xnbd-ctl)
 PROGRAMS   += $(if $(wildcard scripts/wan-emu/wan-relay.c),$(BUILDDIR)/wan-relay)
-# Test helper programs: tests/tools/NAME.c -> build/tests/NAME
-TOOLS      := $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%,$(wildcard tests/tools/*.c))
+# Test helper programs: tests/tools/NAME.c -> build/tests/NAME, except
+# LD_PRELOAD shims: tests/tools/preload-NAME.c -> build/tests/preload-NAME.so
+PRELOAD_SRC := $(wildcard tests/tools/preload-*.c)
+TOOLS      := $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%,$(filter-out $(PRELOAD_SRC),$(wildcard tests/tools/*.c)))
+TOOLS      += $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%.so,$(PRELOAD_SRC))
 # Criterion unit tests: tests/unit/test-NAME.c -> build/tests/unit-NAME
 UNITS      := $(patsubst tests/unit/test-%.c,$(BUILDDIR)/tests/unit-%,$(wildcard tests/unit/test-*.c))
 MANPAGES   := $(wildcard man/*.[18])
@@ -61,6 +64,12 @@ $(BUILDDIR)/wan-relay: $(BUILDDIR)/scripts/wan-emu/wan-relay.o $(LIBCOMMON)
 $(BUILDDIR)/tests/%: $(BUILDDIR)/tests/tools/%.o $(LIBCOMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+# Shims go into programs that may be ASan-built: never instrumented
+# themselves (an ASan binary loads libasan first; see the shim's test).
+$(BUILDDIR)/tests/preload-%.so: tests/tools/preload-%.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -g -std=gnu11 -Wall -Wextra -Werror -D_GNU_SOURCE -pthread \
+	  -fPIC -shared -o $@ $< -ldl
 $(BUILDDIR)/tests/unit-%: $(BUILDDIR)/tests/unit/test-%.o $(LIBCOMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcriterion
