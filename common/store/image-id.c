@@ -158,8 +158,8 @@ static int read_record(const char *sidecar, struct record *r)
     return -1;
   }
   buf[n] = '\0';
+  if (strlen(buf) != (size_t) n) why = "it contains a NUL byte";
   if (strlen(buf) != (size_t) n || parse_record(buf, r, &why) < 0) {
-    if (strlen(buf) != (size_t) n) why = "it contains a NUL byte";
     log_warn("image identity: %s is damaged (%s): the image gets a new "
              "identity (delete the file to silence this)", sidecar, why);
     return 2;
@@ -312,14 +312,14 @@ struct image_id *image_id_open(const char *path, int fd, enum image_id_mode mode
       id->r.gen = old.gen;
       if (!same_stamp(&old, &now)) {
         char what[64] = "";
-        if (old.size != now.size) strcat(what, " size");
-        if (old.mtime_ns != now.mtime_ns) strcat(what, " mtime");
-        if (old.ctime_ns != now.ctime_ns) strcat(what, " ctime");
+        if (old.size != now.size) strcat(what, ", size");
+        if (old.mtime_ns != now.mtime_ns) strcat(what, ", mtime");
+        if (old.ctime_ns != now.ctime_ns) strcat(what, ", ctime");
         id->r.gen = old.gen + 1;
         log_warn("image identity: %s changed since it was last recorded (%s "
                  "differ%s): generation %" PRIu64 " -> %" PRIu64 "; a proxy "
                  "holding a cache of the old content will refuse it", path,
-                 what + 1, old.open ? "; the last server did not stop cleanly, "
+                 what + 2, old.open ? "; the last server did not stop cleanly, "
                  "so its own writes may be the change" : "", old.gen, id->r.gen);
       }
       id->r.open = true;
