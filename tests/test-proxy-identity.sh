@@ -29,7 +29,8 @@ common=(--target "$(nbd_unix_uri "$ssock")" --cache "$cache" --bitmap "$bitmap"
 
 # serve_xnbd IMAGE [OPTS] / serve_nbdkit IMAGE: the source on $ssock.
 serve_xnbd () { local i=$1; shift; start_server xnbd-server -u "$ssock" "$@" "$i"; SRC_PID=$SERVER_PID; }
-serve_nbdkit () { start_nbdkit -r -U "$ssock" file file="$1"; SRC_PID=$SERVER_PID; }
+# (nbdkit leaves its socket behind when it stops.)
+serve_nbdkit () { rm -f "$ssock"; start_nbdkit -r -U "$ssock" file file="$1"; SRC_PID=$SERVER_PID; }
 stop_source () { stop_ok "$SRC_PID" "the source server"; }
 # edit IMAGE BLOCK: new random bytes in 4 KiB block BLOCK (no server runs).
 edit () { dd if=/dev/urandom of="$1" bs=4096 seek="$2" count=1 conv=notrunc status=none; }
