@@ -379,34 +379,49 @@ out:
   return rc;
 }
 
-int source_identity(struct nbd_handle *h, uint64_t size, unsigned timeout_s,
-                    char *id, size_t idlen, char *err, size_t errlen)
+/* The export word and, when the description carries one, the xnbd image
+ * id part.  Returns 1 (id complete), 0 (no image id: exp filled), -1. */
+static int identity_from_description(struct nbd_handle *h, uint64_t size,
+                                     char *exp, size_t explen,
+                                     char *id, size_t idlen)
 {
-  char exp[SOURCE_ID_NAME_MAX + 80], hex[65];
+  char hex[33];
   uint64_t gen = 0;
-  bool derived;
+  bool derived, have;
   char *name = nbd_get_canonical_export_name(h);
   char *desc;
   int n;
 
   if (!name) name = nbd_get_export_name(h);
-  export_word(name ? name : "", name ? strlen(name) : 0, exp, sizeof exp);
+  export_word(name ? name : "", name ? strlen(name) : 0, exp, explen);
   free(name);
   desc = nbd_get_export_description(h);     /* NULL: the source sent none */
-  if (desc_image_id(desc, hex, &gen, &derived)) {
-    n = snprintf(id, idlen, "%s size=%" PRIu64 " xnbd-id=%s gen=%" PRIu64 "%s",
-                 exp, size, hex, gen, derived ? " id-from=stat" : "");
-  } else {
-    if (sample_digest(h, size, timeout_s, hex, err, errlen) < 0) {
-      free(desc);
-      return -1;
-    }
-    n = snprintf(id, idlen, "%s size=%" PRIu64 " sample=%s", exp, size, hex);
-  }
+  have = desc_image_id(desc, hex, &gen, &derived);
   free(desc);
-  if (n < 0 || (size_t) n >= idlen) {
-    snprintf(err, errlen, "the source identity needs %d bytes, the buffer has %zu", n, idlen);
-    return -1;
+  if (!have) return 0;
+  n = snprintf(id, idlen, "%s size=%" PRIu64 " xnbd-id=%s gen=%" PRIu64 "%s",
+               exp, size, hex, gen, derived ? " id-from=stat" : "");
+  return n < 0 || (size_t) n >= idlen ? -1 : 1;
+}
+
+int source_identity_quick(struct nbd_handle *h, uint64_t size, char *id, size_t idlen)
+{
+  char exp[SOURCE_ID_NAME_MAX + 80];
+  return identity_from_description(h, size, exp, sizeof exp, id, idlen);
+}
+
+int source_identity(struct nbd_handle *h, uint64_t size, unsigned timeout_s,
+                    char *id, size_t idlen, char *err, size_t errlen)
+{
+  char exp[SOURCE_ID_NAME_MAX + 80], hex[65];
+  int n = identity_from_description(h, size, exp, sizeof exp, id, idlen);
+
+  if (n == 1) return 0;
+  if (n == 0) {
+    if (sample_digest(h, size, timeout_s, hex, err, errlen) < 0) return -1;
+    n = snprintf(id, idlen, "%s size=%" PRIu64 " sample=%s", exp, size, hex);
+    if (n >= 0 && (size_t) n < idlen) return 0;
   }
-  return 0;
+  snprintf(err, errlen, "the source identity does not fit in %zu bytes", idlen);
+  return -1;
 }

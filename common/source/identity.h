@@ -92,6 +92,15 @@ struct nbd_handle;
 int source_identity(struct nbd_handle *h, uint64_t size, unsigned timeout_s,
                     char *id, size_t idlen, char *err, size_t errlen);
 
+/* Without any I/O (for reconnects, on the fetcher's event loop): the
+ * identity of the source on h when it publishes an xnbd image id.
+ * Returns 1 with it in id, 0 when the source publishes none (checking
+ * it needs source_identity's sample reads), -1 if idlen is too small.
+ * A reconnect to an xnbd-server should be matched against the identity
+ * recorded at start-up: a source server restarted on an edited image
+ * mid-migration then shows a new generation. */
+int source_identity_quick(struct nbd_handle *h, uint64_t size, char *id, size_t idlen);
+
 /* Whether recorded (from the bitmap) and current (from source_identity,
  * or --source-id) name the same source.  why receives, NUL-terminated:
  * on false, one sentence saying exactly what differs (size / export /
