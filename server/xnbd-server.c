@@ -2,6 +2,7 @@
  * migration, or any NBD use). */
 #include "server.h"
 #include "file-backend.h"
+#include "image-id.h"
 #include "wan.h"
 #include "workq.h"
 #include "daemon.h"
@@ -49,6 +50,10 @@ static void usage(FILE *f)
 "  -t, --threads N           I/O threads (default 8)\n"
 "      --handshake-timeout S seconds a client may take to negotiate (default 30)\n"
 "      --max-connections N   connections served at once (default 1024)\n"
+"      --image-id=sidecar|stat|off  the identity published as each export's\n"
+"                            description, which xnbd-proxy checks: kept in\n"
+"                            IMAGE.xnbd-id (default), derived from the file's\n"
+"                            metadata without writing anything, or none\n"
 "  -v, --verbose             log each connection and refused request\n"
 "  -q, --quiet               log errors only\n"
 "  -h, --help                show this help\n"
@@ -76,7 +81,7 @@ static int wan_hook(int fd, void *arg)
 int main(int argc, char **argv)
 {
   enum { OPT_PORT_FILE = 256, OPT_HS_TIMEOUT, OPT_MAX_CONN, OPT_WAN_PORT_FILE,
-         OPT_COMPRESS, OPT_TLS, OPT_TLS_CERTS, OPT_TLS_PSK };
+         OPT_COMPRESS, OPT_TLS, OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID };
   static const struct option longopts[] = {
     { "export", required_argument, 0, 'e' },
     { "name", required_argument, 0, 'n' },
@@ -96,6 +101,7 @@ int main(int argc, char **argv)
     { "threads", required_argument, 0, 't' },
     { "handshake-timeout", required_argument, 0, OPT_HS_TIMEOUT },
     { "max-connections", required_argument, 0, OPT_MAX_CONN },
+    { "image-id", required_argument, 0, OPT_IMAGE_ID },
     { "verbose", no_argument, 0, 'v' },
     { "quiet", no_argument, 0, 'q' },
     { "help", no_argument, 0, 'h' },
@@ -109,6 +115,8 @@ int main(int argc, char **argv)
   const char *wan_portfile = NULL, *tls_mode = "off";
   struct wan_tls_config tlscfg = { 0 };
   struct file_backend *fbs[MAX_EXPORTS];
+  struct image_id *ids[MAX_EXPORTS];
+  int id_mode = IMAGE_ID_SIDECAR;       /* -1: off */
   unsigned nexp = 0, ntcp = 0, nunix = 0, threads = 8;
   const char *default_name = "", *pidfile = NULL, *portfile = NULL;
   bool readonly = false, daemonize = false;
@@ -168,6 +176,12 @@ int main(int argc, char **argv)
     case OPT_MAX_CONN:
       cfg.max_connections = cli_uint("--max-connections", optarg, 1, 1000000);
       break;
+    case OPT_IMAGE_ID:
+      if (strcmp(optarg, "sidecar") == 0) id_mode = IMAGE_ID_SIDECAR;
+      else if (strcmp(optarg, "stat") == 0) id_mode = IMAGE_ID_STAT;
+      else if (strcmp(optarg, "off") == 0) id_mode = -1;
+      else fatal("--image-id=%s: use sidecar, stat or off", optarg);
+      break;
     case 'v': log_set_level(LOG_LVL_DEBUG); break;
     case 'q': log_set_level(LOG_LVL_ERROR); break;
     case 'h': usage(stdout); return 0;
@@ -220,7 +234,13 @@ int main(int argc, char **argv)
     char err[512];
     fbs[i] = file_backend_open(export_files[i], readonly, wq, err, sizeof err);
     if (!fbs[i]) fatal("%s", err);
-    if (xnbd_server_add_export(srv, export_names[i], NULL, &file_backend_ops, fbs[i]) < 0)
+    /* The identity xnbd-proxy records with its cache (I5), published as
+     * the export's description. */
+    ids[i] = id_mode < 0 ? NULL : image_id_open(export_files[i], file_backend_fd(fbs[i]),
+                                                (enum image_id_mode) id_mode);
+    if (xnbd_server_add_export(srv, export_names[i],
+                               ids[i] ? image_id_description(ids[i]) : NULL,
+                               &file_backend_ops, fbs[i]) < 0)
       return 1;
     log_info("export '%s': %s%s", export_names[i], export_files[i],
              readonly ? " (read-only)" : "");
@@ -253,6 +273,9 @@ int main(int argc, char **argv)
   /* Every request has completed; flush and close the images. */
   workq_free(wq);
   for (unsigned i = 0; i < nexp; i++) {
+    /* Data durable first, then the stamp that says "our own writes". */
+    bool synced = readonly || file_backend_sync(fbs[i]) == 0;
+    image_id_close(ids[i], synced ? file_backend_fd(fbs[i]) : -1);
     file_backend_close(fbs[i]);
     free(export_names[i]);
   }
