@@ -1,6 +1,7 @@
 /* life.c: opening and closing the engine, statistics, and the operator's
  * controls (background copy, rate, detach, reconnect, activate). */
 #include "engine-int.h"
+#include "identity.h"
 #include "workq.h"
 #include "wan.h"
 #include "log.h"
@@ -63,9 +64,63 @@ static void config_defaults(struct engine *e, const struct engine_config *cfg)
   pthread_cond_init(&e->jobs_cond, NULL);
 }
 
+/* Blocks present in the bitmap at path, opened with its own geometry and
+ * identity (so it opens whatever the source is); -1 with err on failure. */
+static int64_t bitmap_present(const char *path, const struct bitmap_info *bi,
+                              char *err, size_t errlen)
+{
+  struct bitmap *bm = bitmap_open(path, bi->image_size, bi->block_size,
+                                  bi->source_id, false, err, errlen);
+  int64_t n;
+  if (!bm) return -1;
+  n = (int64_t) bitmap_count(bm);
+  bitmap_close(bm);
+  return n;
+}
+
+/* I5: the identity recorded in the bitmap against the source's current
+ * one, by the rules in identity.h.  Returns 0 (e->source_id is then what
+ * bitmap_open must be given; e->cfg.clear_bitmap is set when an empty
+ * bitmap of another source starts over) or -1 with a message in err. */
+static int check_source(struct engine *e, const struct bitmap_info *bi,
+                        const char *current, char *err, size_t errlen)
+{
+  char why[1024] = "";
+  bool ok;
+  int64_t present;
+  if (e->cfg.standby && source_identity_kind(current) == SOURCE_ID_SAMPLED &&
+      source_identity_kind(bi->source_id) == SOURCE_ID_SAMPLED) {
+    /* The VM still writes the source: its samples move legitimately. */
+    log_info("standby: the source's sampled blocks are not compared with "
+             "those recorded in bitmap %s", e->bitmap_path);
+    ok = true;
+  } else
+    ok = source_identity_match(bi->source_id, current, why, sizeof why);
+  if (ok) {
+    if (why[0]) log_warn("bitmap %s: %s", e->bitmap_path, why);
+    snprintf(e->source_id, sizeof e->source_id, "%s", bi->source_id);
+    return 0;
+  }
+  present = bitmap_present(e->bitmap_path, bi, err, errlen);
+  if (present < 0) return -1;
+  if (present == 0) {
+    log_info("bitmap %s was made for another source (%s); it holds no "
+             "blocks, so it starts over for this source", e->bitmap_path, why);
+    e->cfg.clear_bitmap = true;
+    return 0;
+  }
+  snprintf(err, errlen, "bitmap %s (%" PRId64 " blocks present) was made for "
+           "another source; the source identity does not match: %s. Start "
+           "over with --clear-bitmap (every block is fetched again), or, if "
+           "you are sure this is the right source, keep the cache with "
+           "--source-id='%s'", e->bitmap_path, present, why, bi->source_id);
+  return -1;
+}
+
 /* Connects to the source (unless the bitmap is complete): size, identity,
- * limits. */
-static int open_source(struct engine *e, char *err, size_t errlen)
+ * limits; with a bitmap from before, checks it is for this source. */
+static int open_source(struct engine *e, const struct bitmap_info *bi,
+                       char *err, size_t errlen)
 {
   struct source_info info;
   struct source_config sc = {
@@ -85,8 +140,10 @@ static int open_source(struct engine *e, char *err, size_t errlen)
   if (!e->src) return -1;
   e->size = info.size;
   e->has_status = info.has_status;
-  snprintf(e->source_id, sizeof e->source_id, "%s",
-           e->cfg.source_id ? e->cfg.source_id : info.id);
+  const char *current = e->cfg.source_id ? e->cfg.source_id : info.id;
+  snprintf(e->source_id, sizeof e->source_id, "%s", current);
+  if (bi && !e->cfg.clear_bitmap && check_source(e, bi, current, err, errlen) < 0)
+    return -1;
   if (info.max_request && e->cfg.max_fetch > info.max_request)
     e->cfg.max_fetch = info.max_request;
   if (e->cfg.max_fetch < e->bs) e->cfg.max_fetch = e->bs;
@@ -168,7 +225,7 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
                bi.block_size);
       goto fail;
     }
-  } else if (open_source(e, err, errlen) < 0)
+  } else if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0)
     goto fail;
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
   if (open_store(e, complete, have_bitmap, err, errlen) < 0) goto fail;

@@ -4,6 +4,7 @@
 #include "source.h"
 #include "log.h"
 #include "util.h"
+#include "identity.h"
 #include "target.h"
 #include "wan.h"
 
@@ -44,6 +45,7 @@ struct source {
   struct wan_tls *wan_tls;
   uint64_t size;
   bool zeros_cheap;
+  char id[SOURCE_ID_MAX + 1];   /* identity at start-up */
 
   pthread_mutex_t lock;         /* protects the queues, target switch, stats */
   struct source_req *urgent_head, *urgent_tail, *normal_head, *normal_tail;
@@ -190,14 +192,6 @@ static int wait_connected(struct nbd_handle *h, uint64_t deadline)
   return nbd_aio_is_ready(h) ? 0 : -1;
 }
 
-static void identity(struct nbd_handle *h, uint64_t size, char *id, size_t idlen)
-{
-  char *name = nbd_get_canonical_export_name(h);
-  if (!name) name = nbd_get_export_name(h);
-  snprintf(id, idlen, "export=%s size=%" PRIu64, name ? name : "", size);
-  free(name);
-}
-
 /* Whether zero blocks cost next to nothing on the wire: our WAN transport
  * with zstd.  (Plain NBD servers may send zeros as data.) */
 static bool zeros_are_cheap(struct source *s, const char *target)
@@ -279,7 +273,16 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   }
   memset(info, 0, sizeof *info);
   s->size = info->size = sz;
-  identity(h, info->size, info->id, sizeof info->id);
+  /* I5: the image id the source publishes, or digests of sampled blocks. */
+  if (source_identity(h, info->size, s->cfg.timeout_s, info->id, sizeof info->id,
+                      err, errlen) < 0) {
+    char why[512];
+    snprintf(why, sizeof why, "%s", err);
+    snprintf(err, errlen, "source %s: cannot learn its identity: %s", s->target, why);
+    nbd_close(h);
+    goto fail;
+  }
+  snprintf(s->id, sizeof s->id, "%s", info->id);
   int64_t m = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
   info->max_request = m > 0 ? (uint32_t) MIN(m, (int64_t) (32 << 20)) : 0;
   info->has_status = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
@@ -522,6 +525,17 @@ static void drive_connections(struct source *s, uint64_t now)
           trouble(s, "source %s has size %" PRId64 " but this cache and bitmap "
                   "are for size %" PRIu64 ": not using it (point --target/"
                   "reconnect at the right export)", s->target, sz, s->size);
+          conn_close(s, i);
+          continue;
+        }
+        char id[SOURCE_ID_MAX + 1], why[512];
+        if (source_identity_quick(c->h, s->size, id, sizeof id) == 1 &&
+            !source_identity_match(s->id, id, why, sizeof why)) {
+          /* I5 on reconnect: a source server restarted on an edited image
+           * (or another image of the same size) is not used. */
+          trouble(s, "source %s is not the source this proxy started with: %s; "
+                  "not using it (restore the source image, or point reconnect "
+                  "at the right one)", s->target, why);
           conn_close(s, i);
           continue;
         }

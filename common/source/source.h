@@ -80,7 +80,8 @@ struct source_info {
   uint32_t max_request;        /* largest read the source takes (0: unknown) */
   bool has_status;             /* base:allocation offered */
   bool zeros_cheap;            /* zeros cost next to nothing on the wire */
-  char id[512];                /* identity of the export (recorded in the bitmap) */
+  char id[1025];               /* identity of the export (identity.h; recorded
+                                * in the bitmap) */
 };
 
 /* Connects once, synchronously (up to timeout_s), to learn the export's

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,6 +16,21 @@ struct cache {
   struct file_backend *fb;
   int fd;
 };
+
+/* fsync of the directory holding path. */
+static int sync_dir_of(const char *path)
+{
+  char *copy = strdup(path);
+  if (!copy) return -1;
+  int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  free(copy);
+  if (fd < 0) return -1;
+  int rc = fsync(fd);
+  int saved = errno;
+  close(fd);
+  errno = saved;
+  return rc;
+}
 
 struct cache *cache_open(const char *path, uint64_t size, bool must_exist,
                          bool discard_content, struct workq *wq,
@@ -29,7 +45,9 @@ struct cache *cache_open(const char *path, uint64_t size, bool must_exist,
       return NULL;
     }
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0 || ftruncate(fd, size) < 0) {
+    /* Its name must survive a power cut before any bit of it is persisted:
+     * sync the new file, then its directory (I2). */
+    if (fd < 0 || ftruncate(fd, size) < 0 || fsync(fd) < 0 || sync_dir_of(path) < 0) {
       snprintf(err, errlen, "cannot create cache image %s: %s", path, strerror(errno));
       if (fd >= 0) close(fd);
       return NULL;
