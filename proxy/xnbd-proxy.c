@@ -6,7 +6,7 @@
 #include "workq.h"
 #include "wan.h"
 #include "ctl-server.h"
-#include "daemon.h"
+#include "serve.h"
 #include "cli.h"
 #include "target.h"
 #include "log.h"
@@ -14,13 +14,10 @@
 
 #include <errno.h>
 #include <getopt.h>
-#include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
 
-#include <event2/event.h>
 
-#define MAX_LISTEN 16
 
 static void usage(FILE *f)
 {
@@ -86,121 +83,109 @@ static void usage(FILE *f)
 
 
 
-int main(int argc, char **argv)
+struct proxy_opts {
+  struct engine_config ec;
+  struct xnbd_server_config sc;
+  struct serve sv;
+  const char *export_name, *control_path;
+};
+
+enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
+       O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_HSTMO, O_COMPRESS,
+       O_TLSPSK, O_TLSCERTS, O_TLSUSER, O_NOVERIFY, O_STANDBY };
+
+static const struct option longopts[] = {
+  { "target", required_argument, 0, 't' },
+  { "target-export", required_argument, 0, O_TEXPORT },
+  { "compress", required_argument, 0, O_COMPRESS },
+  { "tls-psk", required_argument, 0, O_TLSPSK },
+  { "tls-certificates", required_argument, 0, O_TLSCERTS },
+  { "tls-username", required_argument, 0, O_TLSUSER },
+  { "no-tls-verify", no_argument, 0, O_NOVERIFY },
+  { "source-id", required_argument, 0, O_SRCID },
+  { "connections", required_argument, 0, O_CONNS },
+  { "source-timeout", required_argument, 0, O_SRCTMO },
+  { "cache", required_argument, 0, 'c' },
+  { "bitmap", required_argument, 0, 'b' },
+  { "block-size", required_argument, 0, O_BS },
+  { "clear-bitmap", no_argument, 0, O_CLEAR },
+  { "persist-interval", required_argument, 0, O_PERSIST },
+  { "cache-all", no_argument, 0, O_CACHEALL },
+  { "bg-rate", required_argument, 0, O_BGRATE },
+  { "bg-window", required_argument, 0, O_BGWIN },
+  { "max-fetch", required_argument, 0, O_MAXFETCH },
+  { "detach-when-complete", no_argument, 0, O_DETACH },
+  { "standby", no_argument, 0, O_STANDBY },
+  { "export", required_argument, 0, 'e' },
+  { "readonly", no_argument, 0, 'r' },
+  { "control", required_argument, 0, 'C' },
+  { "handshake-timeout", required_argument, 0, O_HSTMO },
+  SERVE_LONGOPTS,
+  { "help", no_argument, 0, 'h' },
+  { "version", no_argument, 0, 'V' },
+  { 0, 0, 0, 0 }
+};
+
+/* One option of the engine's; false if c is not one. */
+static bool engine_option(struct engine_config *ec, int c, const char *arg)
 {
-  enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
-         O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_PORTFILE,
-         O_THREADS, O_HSTMO, O_COMPRESS, O_TLSPSK, O_TLSCERTS, O_TLSUSER,
-         O_NOVERIFY, O_STANDBY };
-  static const struct option longopts[] = {
-    { "target", required_argument, 0, 't' },
-    { "target-export", required_argument, 0, O_TEXPORT },
-    { "compress", required_argument, 0, O_COMPRESS },
-    { "tls-psk", required_argument, 0, O_TLSPSK },
-    { "tls-certificates", required_argument, 0, O_TLSCERTS },
-    { "tls-username", required_argument, 0, O_TLSUSER },
-    { "no-tls-verify", no_argument, 0, O_NOVERIFY },
-    { "source-id", required_argument, 0, O_SRCID },
-    { "connections", required_argument, 0, O_CONNS },
-    { "source-timeout", required_argument, 0, O_SRCTMO },
-    { "cache", required_argument, 0, 'c' },
-    { "bitmap", required_argument, 0, 'b' },
-    { "block-size", required_argument, 0, O_BS },
-    { "clear-bitmap", no_argument, 0, O_CLEAR },
-    { "persist-interval", required_argument, 0, O_PERSIST },
-    { "cache-all", no_argument, 0, O_CACHEALL },
-    { "bg-rate", required_argument, 0, O_BGRATE },
-    { "bg-window", required_argument, 0, O_BGWIN },
-    { "max-fetch", required_argument, 0, O_MAXFETCH },
-    { "detach-when-complete", no_argument, 0, O_DETACH },
-    { "standby", no_argument, 0, O_STANDBY },
-    { "listen", required_argument, 0, 'l' },
-    { "unix", required_argument, 0, 'u' },
-    { "export", required_argument, 0, 'e' },
-    { "readonly", no_argument, 0, 'r' },
-    { "control", required_argument, 0, 'C' },
-    { "port-file", required_argument, 0, O_PORTFILE },
-    { "pidfile", required_argument, 0, 'p' },
-    { "daemon", no_argument, 0, 'd' },
-    { "threads", required_argument, 0, O_THREADS },
-    { "handshake-timeout", required_argument, 0, O_HSTMO },
-    { "verbose", no_argument, 0, 'v' },
-    { "quiet", no_argument, 0, 'q' },
-    { "help", no_argument, 0, 'h' },
-    { "version", no_argument, 0, 'V' },
-    { 0, 0, 0, 0 }
-  };
-  struct engine_config ec = { 0 };
-  struct xnbd_server_config sc = { 0 };
-  const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN];
-  unsigned ntcp = 0, nunix = 0, threads = 8;
-  const char *export_name = "", *control_path = NULL, *pidfile = NULL, *portfile = NULL;
-  bool daemonize = false;
-  struct cli_signals *sigs;
-  struct event_base *base;
-  struct xnbd_server *srv;
-  struct ctl_server *ctl = NULL;
-  struct engine *eng;
+  const char *why;
+  uint64_t v;
+  switch (c) {
+  case 't': ec->target = arg; return true;
+  case O_TEXPORT: ec->target_export = arg; return true;
+  case O_COMPRESS:
+    ec->compress_level = strcmp(arg, "off") == 0 ? -1 : (int) cli_uint("--compress", arg, 1, 19);
+    return true;
+  case O_TLSPSK: ec->tls_psk = arg; return true;
+  case O_TLSCERTS: ec->tls_certificates = arg; return true;
+  case O_TLSUSER: ec->tls_username = arg; return true;
+  case O_NOVERIFY: ec->tls_verify = false; return true;
+  case O_SRCID: ec->source_id = arg; return true;
+  case O_CONNS: ec->connections = cli_uint("--connections", arg, 1, 16); return true;
+  case O_SRCTMO: ec->source_timeout_s = cli_uint("--source-timeout", arg, 1, 86400 * 7); return true;
+  case 'c': ec->cache_path = arg; return true;
+  case 'b': ec->bitmap_path = arg; return true;
+  case O_BS:
+    if (util_parse_block_size(arg, &ec->block_size, &why) < 0)
+      fatal("--block-size %s: %s", arg, why);
+    return true;
+  case O_CLEAR: ec->clear_bitmap = true; return true;
+  case O_PERSIST: ec->persist_interval_ms = cli_uint("--persist-interval", arg, 10, 3600000); return true;
+  case O_CACHEALL: ec->cache_all = true; return true;
+  case O_BGRATE:
+    if (parse_rate(arg, &ec->bg_rate, &why) < 0) fatal("--bg-rate '%s': %s", arg, why);
+    return true;
+  case O_BGWIN:
+    v = cli_size("--bg-window", arg);
+    if (v < (2u << 20) || v > (256u << 20)) fatal("--bg-window %s: must be from 2M to 256M", arg);
+    ec->bg_window = v;
+    return true;
+  case O_MAXFETCH:
+    v = cli_size("--max-fetch", arg);
+    if (v < 4096 || v > (32u << 20)) fatal("--max-fetch %s: must be from 4K to 32M", arg);
+    ec->max_fetch = v;
+    return true;
+  case O_DETACH: ec->detach_when_complete = true; return true;
+  case O_STANDBY: ec->standby = true; return true;
+  case 'r': ec->readonly = true; return true;
+  }
+  return false;
+}
+
+/* Returns -1 to go on, or the exit status (--help, --version, errors). */
+static int parse_args(int argc, char **argv, struct proxy_opts *o)
+{
   char err[4096];
   int c;
-
-  log_init(argv[0], LOG_LVL_INFO);
-  ec.tls_verify = true;
+  o->ec.tls_verify = true;
+  o->export_name = "";
   while ((c = getopt_long(argc, argv, "t:c:b:l:u:e:rC:p:dvqhV", longopts, NULL)) != -1) {
-    const char *why;
+    if (engine_option(&o->ec, c, optarg) || serve_option(&o->sv, c, optarg)) continue;
     switch (c) {
-    case 't': ec.target = optarg; break;
-    case O_TEXPORT: ec.target_export = optarg; break;
-    case O_COMPRESS:
-      if (strcmp(optarg, "off") == 0) ec.compress_level = -1;
-      else ec.compress_level = cli_uint("--compress", optarg, 1, 19);
-      break;
-    case O_TLSPSK: ec.tls_psk = optarg; break;
-    case O_TLSCERTS: ec.tls_certificates = optarg; break;
-    case O_TLSUSER: ec.tls_username = optarg; break;
-    case O_NOVERIFY: ec.tls_verify = false; break;
-    case O_SRCID: ec.source_id = optarg; break;
-    case O_CONNS: ec.connections = cli_uint("--connections", optarg, 1, 16); break;
-    case O_SRCTMO: ec.source_timeout_s = cli_uint("--source-timeout", optarg, 1, 86400 * 7); break;
-    case 'c': ec.cache_path = optarg; break;
-    case 'b': ec.bitmap_path = optarg; break;
-    case O_BS:
-      if (util_parse_block_size(optarg, &ec.block_size, &why) < 0)
-        fatal("--block-size %s: %s", optarg, why);
-      break;
-    case O_CLEAR: ec.clear_bitmap = true; break;
-    case O_PERSIST: ec.persist_interval_ms = cli_uint("--persist-interval", optarg, 10, 3600000); break;
-    case O_CACHEALL: ec.cache_all = true; break;
-    case O_BGRATE:
-      if (parse_rate(optarg, &ec.bg_rate, &why) < 0) fatal("--bg-rate '%s': %s", optarg, why);
-      break;
-    case O_BGWIN: ec.bg_window = cli_size("--bg-window", optarg); break;
-    case O_MAXFETCH: {
-      uint64_t v = cli_size("--max-fetch", optarg);
-      if (v < 4096 || v > (32u << 20)) fatal("--max-fetch %s: must be from 4K to 32M", optarg);
-      ec.max_fetch = v;
-      break;
-    }
-    case O_DETACH: ec.detach_when_complete = true; break;
-    case O_STANDBY: ec.standby = true; break;
-    case 'l':
-      if (ntcp >= MAX_LISTEN) fatal("too many --listen addresses");
-      tcp[ntcp++] = optarg;
-      break;
-    case 'u':
-      if (nunix >= MAX_LISTEN) fatal("too many --unix sockets");
-      unixp[nunix++] = optarg;
-      break;
-    case 'e': export_name = optarg; break;
-    case 'r': ec.readonly = true; break;
-    case 'C': control_path = optarg; break;
-    case O_PORTFILE: portfile = optarg; break;
-    case 'p': pidfile = optarg; break;
-    case 'd': daemonize = true; break;
-    case O_THREADS: threads = cli_uint("--threads", optarg, 1, 256); break;
-    case O_HSTMO: sc.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400); break;
-    case 'v': log_set_level(LOG_LVL_DEBUG); break;
-    case 'q': log_set_level(LOG_LVL_ERROR); break;
+    case 'e': o->export_name = optarg; break;
+    case 'C': o->control_path = optarg; break;
+    case O_HSTMO: o->sc.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400); break;
     case 'h': usage(stdout); return 0;
     case 'V': printf("xnbd-proxy %s\n", XNBD_VERSION); return 0;
     default:
@@ -210,66 +195,50 @@ int main(int argc, char **argv)
   }
   if (optind < argc)
     fatal("unexpected argument '%s' (see --help)", argv[optind]);
-  if (!ec.cache_path || !ec.bitmap_path)
+  if (!o->ec.cache_path || !o->ec.bitmap_path)
     fatal("--cache FILE and --bitmap FILE are required (the local copy and "
           "the record of which blocks it holds)");
-  if (ec.target) {
+  if (o->ec.target) {
     struct target t;
-    if (target_parse(ec.target, ec.target_export, &t, err, sizeof err) < 0)
+    if (target_parse(o->ec.target, o->ec.target_export, &t, err, sizeof err) < 0)
       fatal("--target: %s", err);
-    if (ec.target_export && t.kind != TARGET_HOST_PORT)
+    if (o->ec.target_export && t.kind != TARGET_HOST_PORT)
       fatal("--target-export goes with a HOST:PORT target only; a URI names "
             "its export itself (e.g. nbd://HOST/EXPORT)");
     target_free(&t);
   }
-  if (!control_path)
+  if (!o->control_path)
     fatal("--control SOCK is required: it is how xnbd-ctl starts the "
           "background copy and detaches");
-  if (ntcp == 0 && nunix == 0) tcp[ntcp++] = "127.0.0.1:10809";
+  return -1;
+}
 
-  if (daemonize) {
-    /* Fork before any thread exists; the parent exits when we are ready. */
-    daemon_start();
-  }
-  signal(SIGPIPE, SIG_IGN);
-  signal(SIGHUP, SIG_IGN);
-  ec.wq = workq_new(threads, "io");
-  if (!ec.wq) fatal("cannot start I/O threads: %s", strerror(errno));
-  eng = engine_open(&ec, err, sizeof err);
+int main(int argc, char **argv)
+{
+  struct proxy_opts o = { .sv = SERVE_INIT };
+  struct xnbd_server *srv;
+  struct ctl_server *ctl;
+  struct engine *eng;
+  char err[4096];
+  int rc;
+
+  log_init(argv[0], LOG_LVL_INFO);
+  if ((rc = parse_args(argc, argv, &o)) >= 0) return rc;
+  serve_begin(&o.sv, "127.0.0.1:10809");
+  o.ec.wq = o.sv.wq;
+  eng = engine_open(&o.ec, err, sizeof err);
   if (!eng) fatal("%s", err);
-
-  base = xnbd_event_base_new();
-  if (!base) fatal("cannot create the event loop");
-  srv = xnbd_server_new(base, &sc);
-  if (!srv || xnbd_server_add_export(srv, export_name, NULL, &engine_backend_ops, eng) < 0)
+  srv = xnbd_server_new(o.sv.base, &o.sc);
+  if (!srv || xnbd_server_add_export(srv, o.export_name, NULL, &engine_backend_ops, eng) < 0)
     fatal("cannot set up the NBD server");
-  for (unsigned i = 0; i < ntcp; i++)
-    if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
-  for (unsigned i = 0; i < nunix; i++)
-    if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
-  ctl = ctl_server_start(control_path, eng, "xnbd-proxy", err, sizeof err);
+  ctl = ctl_server_start(o.control_path, eng, "xnbd-proxy", err, sizeof err);
   if (!ctl) fatal("%s", err);
 
-  /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
-  sigs = cli_signals_install(base, srv);
-  if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
-      cli_write_number(portfile, xnbd_server_tcp_port(srv)) < 0)
-    return 1;
-  if (pidfile && cli_write_number(pidfile, (long) getpid()) < 0)
-    return 1;
-  if (daemonize) daemon_ready();
-
-
-  event_base_dispatch(base);
+  rc = serve_run(&o.sv, srv);
 
   ctl_server_stop(ctl);     /* waits for engine calls it runs */
   xnbd_server_free(srv);
-  engine_close(eng);        /* stops the fetcher, persists the bitmap */
-  wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
-  workq_free(ec.wq);
-  cli_signals_free(sigs);
-  event_base_free(base);
-  if (pidfile) unlink(pidfile);
-  log_info("stopped");
-  return 0;
+  engine_close(eng);        /* stops the source, persists the bitmap */
+  serve_end(&o.sv);
+  return rc;
 }

@@ -5,7 +5,7 @@
 #include "image-id.h"
 #include "wan.h"
 #include "workq.h"
-#include "daemon.h"
+#include "serve.h"
 #include "cli.h"
 #include "log.h"
 #include "util.h"
@@ -13,15 +13,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <event2/event.h>
 
 #define MAX_EXPORTS 64
-#define MAX_LISTEN 16
 
 static void usage(FILE *f)
 {
@@ -78,112 +75,99 @@ static int wan_hook(int fd, void *arg)
 
 
 
-int main(int argc, char **argv)
-{
-  enum { OPT_PORT_FILE = 256, OPT_HS_TIMEOUT, OPT_MAX_CONN, OPT_WAN_PORT_FILE,
-         OPT_COMPRESS, OPT_TLS, OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID };
-  static const struct option longopts[] = {
-    { "export", required_argument, 0, 'e' },
-    { "name", required_argument, 0, 'n' },
-    { "readonly", no_argument, 0, 'r' },
-    { "read-only", no_argument, 0, 'r' },
-    { "listen", required_argument, 0, 'l' },
-    { "unix", required_argument, 0, 'u' },
-    { "port-file", required_argument, 0, OPT_PORT_FILE },
-    { "wan-listen", required_argument, 0, 'W' },
-    { "wan-port-file", required_argument, 0, OPT_WAN_PORT_FILE },
-    { "compress", required_argument, 0, OPT_COMPRESS },
-    { "tls", required_argument, 0, OPT_TLS },
-    { "tls-certificates", required_argument, 0, OPT_TLS_CERTS },
-    { "tls-psk", required_argument, 0, OPT_TLS_PSK },
-    { "pidfile", required_argument, 0, 'p' },
-    { "daemon", no_argument, 0, 'd' },
-    { "threads", required_argument, 0, 't' },
-    { "handshake-timeout", required_argument, 0, OPT_HS_TIMEOUT },
-    { "max-connections", required_argument, 0, OPT_MAX_CONN },
-    { "image-id", required_argument, 0, OPT_IMAGE_ID },
-    { "verbose", no_argument, 0, 'v' },
-    { "quiet", no_argument, 0, 'q' },
-    { "help", no_argument, 0, 'h' },
-    { "version", no_argument, 0, 'V' },
-    { 0, 0, 0, 0 }
-  };
+struct server_opts {
+  struct serve sv;
+  struct xnbd_server_config cfg;
   const char *export_files[MAX_EXPORTS];
   char *export_names[MAX_EXPORTS];
-  const char *tcp[MAX_LISTEN], *unixp[MAX_LISTEN], *wanl[MAX_LISTEN];
-  unsigned nwan = 0;
-  const char *wan_portfile = NULL, *tls_mode = "off";
-  struct wan_tls_config tlscfg = { 0 };
-  struct file_backend *fbs[MAX_EXPORTS];
-  struct image_id *ids[MAX_EXPORTS];
-  int id_mode = IMAGE_ID_SIDECAR;       /* -1: off */
-  unsigned nexp = 0, ntcp = 0, nunix = 0, threads = 8;
-  const char *default_name = "", *pidfile = NULL, *portfile = NULL;
-  bool readonly = false, daemonize = false;
-  struct xnbd_server_config cfg = { 0 };
-  struct workq *wq;
-  struct cli_signals *sigs;
-  struct event_base *base;
-  struct xnbd_server *srv;
-  int c;
+  unsigned nexp;
+  const char *wanl[SERVE_MAX_LISTEN];
+  unsigned nwan;
+  const char *wan_portfile, *tls_mode, *default_name;
+  struct wan_tls_config tlscfg;
+  int id_mode;                          /* enum image_id_mode, or -1: off */
+  bool readonly;
+};
 
-  log_init(argv[0], LOG_LVL_INFO);
+enum { OPT_HS_TIMEOUT = 256, OPT_MAX_CONN, OPT_WAN_PORT_FILE, OPT_COMPRESS, OPT_TLS,
+       OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID };
+
+static const struct option longopts[] = {
+  { "export", required_argument, 0, 'e' },
+  { "name", required_argument, 0, 'n' },
+  { "readonly", no_argument, 0, 'r' },
+  { "read-only", no_argument, 0, 'r' },
+  { "wan-listen", required_argument, 0, 'W' },
+  { "wan-port-file", required_argument, 0, OPT_WAN_PORT_FILE },
+  { "compress", required_argument, 0, OPT_COMPRESS },
+  { "tls", required_argument, 0, OPT_TLS },
+  { "tls-certificates", required_argument, 0, OPT_TLS_CERTS },
+  { "tls-psk", required_argument, 0, OPT_TLS_PSK },
+  { "handshake-timeout", required_argument, 0, OPT_HS_TIMEOUT },
+  { "max-connections", required_argument, 0, OPT_MAX_CONN },
+  { "image-id", required_argument, 0, OPT_IMAGE_ID },
+  SERVE_LONGOPTS,
+  { "help", no_argument, 0, 'h' },
+  { "version", no_argument, 0, 'V' },
+  { 0, 0, 0, 0 }
+};
+
+/* One of the server's own options; false if c is not one. */
+static bool server_option(struct server_opts *o, int c, const char *arg)
+{
+  switch (c) {
+  case 'e': {
+    const char *eq = strchr(arg, '=');
+    if (!eq || eq == arg || !eq[1])
+      fatal("--export '%s': expected NAME=FILE", arg);
+    if (o->nexp >= MAX_EXPORTS) fatal("too many exports (at most %d)", MAX_EXPORTS);
+    o->export_names[o->nexp] = strndup(arg, eq - arg);
+    o->export_files[o->nexp++] = eq + 1;
+    return true;
+  }
+  case 'n': o->default_name = arg; return true;
+  case 'r': o->readonly = true; return true;
+  case 't': serve_option(&o->sv, SERVE_OPT_THREADS, arg); return true;
+  case 'W':
+    if (o->nwan >= SERVE_MAX_LISTEN) fatal("too many --wan-listen addresses");
+    o->wanl[o->nwan++] = arg;
+    return true;
+  case OPT_WAN_PORT_FILE: o->wan_portfile = arg; return true;
+  case OPT_COMPRESS:
+    if (strcmp(arg, "off") == 0) wan_allow_zstd = false;
+    else if (strcmp(arg, "on") == 0) wan_allow_zstd = true;
+    else fatal("--compress=%s: use off or on (the proxy chooses the level)", arg);
+    return true;
+  case OPT_TLS:
+    if (strcmp(arg, "off") && strcmp(arg, "on") && strcmp(arg, "require"))
+      fatal("--tls=%s: use off, on or require", arg);
+    o->tls_mode = arg;
+    return true;
+  case OPT_TLS_CERTS: o->tlscfg.cert_dir = arg; return true;
+  case OPT_TLS_PSK: o->tlscfg.psk_file = arg; return true;
+  case OPT_HS_TIMEOUT:
+    o->cfg.handshake_timeout_s = cli_uint("--handshake-timeout", arg, 1, 86400);
+    return true;
+  case OPT_MAX_CONN:
+    o->cfg.max_connections = cli_uint("--max-connections", arg, 1, 1000000);
+    return true;
+  case OPT_IMAGE_ID:
+    if (strcmp(arg, "sidecar") == 0) o->id_mode = IMAGE_ID_SIDECAR;
+    else if (strcmp(arg, "stat") == 0) o->id_mode = IMAGE_ID_STAT;
+    else if (strcmp(arg, "off") == 0) o->id_mode = -1;
+    else fatal("--image-id=%s: use sidecar, stat or off", arg);
+    return true;
+  }
+  return false;
+}
+
+/* Returns -1 to go on, or the exit status (--help, --version, errors). */
+static int parse_args(int argc, char **argv, struct server_opts *o)
+{
+  int c;
   while ((c = getopt_long(argc, argv, "e:n:rl:u:W:p:dt:vqhV", longopts, NULL)) != -1) {
+    if (server_option(o, c, optarg) || serve_option(&o->sv, c, optarg)) continue;
     switch (c) {
-    case 'e': {
-      const char *eq = strchr(optarg, '=');
-      if (!eq || eq == optarg || !eq[1])
-        fatal("--export '%s': expected NAME=FILE", optarg);
-      if (nexp >= MAX_EXPORTS) fatal("too many exports (at most %d)", MAX_EXPORTS);
-      export_names[nexp] = strndup(optarg, eq - optarg);
-      export_files[nexp++] = eq + 1;
-      break;
-    }
-    case 'n': default_name = optarg; break;
-    case 'r': readonly = true; break;
-    case 'l':
-      if (ntcp >= MAX_LISTEN) fatal("too many --listen addresses (at most %d)", MAX_LISTEN);
-      tcp[ntcp++] = optarg;
-      break;
-    case 'u':
-      if (nunix >= MAX_LISTEN) fatal("too many --unix sockets (at most %d)", MAX_LISTEN);
-      unixp[nunix++] = optarg;
-      break;
-    case OPT_PORT_FILE: portfile = optarg; break;
-    case 'W':
-      if (nwan >= MAX_LISTEN) fatal("too many --wan-listen addresses");
-      wanl[nwan++] = optarg;
-      break;
-    case OPT_WAN_PORT_FILE: wan_portfile = optarg; break;
-    case OPT_COMPRESS:
-      if (strcmp(optarg, "off") == 0) wan_allow_zstd = false;
-      else if (strcmp(optarg, "on") == 0) wan_allow_zstd = true;
-      else fatal("--compress=%s: use off or on (the proxy chooses the level)", optarg);
-      break;
-    case OPT_TLS:
-      if (strcmp(optarg, "off") && strcmp(optarg, "on") && strcmp(optarg, "require"))
-        fatal("--tls=%s: use off, on or require", optarg);
-      tls_mode = optarg;
-      break;
-    case OPT_TLS_CERTS: tlscfg.cert_dir = optarg; break;
-    case OPT_TLS_PSK: tlscfg.psk_file = optarg; break;
-    case 'p': pidfile = optarg; break;
-    case 'd': daemonize = true; break;
-    case 't': threads = cli_uint("--threads", optarg, 1, 256); break;
-    case OPT_HS_TIMEOUT:
-      cfg.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400);
-      break;
-    case OPT_MAX_CONN:
-      cfg.max_connections = cli_uint("--max-connections", optarg, 1, 1000000);
-      break;
-    case OPT_IMAGE_ID:
-      if (strcmp(optarg, "sidecar") == 0) id_mode = IMAGE_ID_SIDECAR;
-      else if (strcmp(optarg, "stat") == 0) id_mode = IMAGE_ID_STAT;
-      else if (strcmp(optarg, "off") == 0) id_mode = -1;
-      else fatal("--image-id=%s: use sidecar, stat or off", optarg);
-      break;
-    case 'v': log_set_level(LOG_LVL_DEBUG); break;
-    case 'q': log_set_level(LOG_LVL_ERROR); break;
     case 'h': usage(stdout); return 0;
     case 'V': printf("xnbd-server %s\n", XNBD_VERSION); return 0;
     default:
@@ -194,95 +178,92 @@ int main(int argc, char **argv)
   if (optind < argc) {
     if (optind + 1 < argc)
       fatal("only one FILE may be given as an argument (use --export NAME=FILE for more)");
-    if (nexp >= MAX_EXPORTS) fatal("too many exports");
-    export_names[nexp] = strdup(default_name);
-    export_files[nexp++] = argv[optind];
+    if (o->nexp >= MAX_EXPORTS) fatal("too many exports");
+    o->export_names[o->nexp] = strdup(o->default_name);
+    o->export_files[o->nexp++] = argv[optind];
   }
-  if (nexp == 0) {
+  if (o->nexp == 0) {
     fprintf(stderr, "xnbd-server: nothing to serve: give an image FILE or "
             "--export NAME=FILE\nTry 'xnbd-server --help' for the options.\n");
     return 1;
   }
-  if (ntcp == 0 && nunix == 0 && nwan == 0) {
-    tcp[ntcp++] = ":10809";
-  }
+  return -1;
+}
 
-  if (daemonize) {
-    /* Fork before any thread exists; the parent exits when we are ready. */
-    daemon_start();
+/* TLS for both the WAN port and NBD_OPT_STARTTLS on the NBD listeners. */
+static void setup_tls(struct server_opts *o)
+{
+  char err[512];
+  if (strcmp(o->tls_mode, "off") == 0) {
+    if (o->tlscfg.cert_dir || o->tlscfg.psk_file)
+      fatal("--tls-certificates/--tls-psk given but --tls is off: add --tls=on or --tls=require");
+    return;
   }
-  signal(SIGPIPE, SIG_IGN);
-  signal(SIGHUP, SIG_IGN);
-  wq = workq_new(threads, "io");
-  if (!wq) fatal("cannot start I/O threads: %s", strerror(errno));
-  base = xnbd_event_base_new();
-  if (!base) fatal("cannot create the event loop");
-  if (strcmp(tls_mode, "off") != 0) {
-    /* Both the WAN port and NBD_OPT_STARTTLS on the NBD listeners. */
-    char err[512];
-    wan_tls = wan_tls_new(true, &tlscfg, err, sizeof err);
-    if (!wan_tls) fatal("%s", err);
-    wan_require_tls = strcmp(tls_mode, "require") == 0;
-    cfg.ssl_ctx = wan_tls_ssl_ctx(wan_tls);
-    cfg.tls_require = wan_require_tls;
-  } else if (tlscfg.cert_dir || tlscfg.psk_file)
-    fatal("--tls-certificates/--tls-psk given but --tls is off: add --tls=on or --tls=require");
-  srv = xnbd_server_new(base, &cfg);
-  if (!srv) fatal("out of memory");
+  wan_tls = wan_tls_new(true, &o->tlscfg, err, sizeof err);
+  if (!wan_tls) fatal("%s", err);
+  wan_require_tls = strcmp(o->tls_mode, "require") == 0;
+  o->cfg.ssl_ctx = wan_tls_ssl_ctx(wan_tls);
+  o->cfg.tls_require = wan_require_tls;
+}
 
-  for (unsigned i = 0; i < nexp; i++) {
+/* The exports, each with the identity xnbd-proxy records with its cache
+ * (I5), published as the export's description; then the WAN listeners. */
+static int setup_exports(struct server_opts *o, struct xnbd_server *srv,
+                         struct file_backend **fbs, struct image_id **ids)
+{
+  for (unsigned i = 0; i < o->nexp; i++) {
     char err[512];
-    fbs[i] = file_backend_open(export_files[i], readonly, wq, err, sizeof err);
+    fbs[i] = file_backend_open(o->export_files[i], o->readonly, o->sv.wq, err, sizeof err);
     if (!fbs[i]) fatal("%s", err);
-    /* The identity xnbd-proxy records with its cache (I5), published as
-     * the export's description. */
-    ids[i] = id_mode < 0 ? NULL : image_id_open(export_files[i], file_backend_fd(fbs[i]),
-                                                (enum image_id_mode) id_mode);
-    if (xnbd_server_add_export(srv, export_names[i],
+    ids[i] = o->id_mode < 0 ? NULL : image_id_open(o->export_files[i], file_backend_fd(fbs[i]),
+                                                   (enum image_id_mode) o->id_mode);
+    if (xnbd_server_add_export(srv, o->export_names[i],
                                ids[i] ? image_id_description(ids[i]) : NULL,
                                &file_backend_ops, fbs[i]) < 0)
-      return 1;
-    log_info("export '%s': %s%s", export_names[i], export_files[i],
-             readonly ? " (read-only)" : "");
+      return -1;
+    log_info("export '%s': %s%s", o->export_names[i], o->export_files[i],
+             o->readonly ? " (read-only)" : "");
   }
-  for (unsigned i = 0; i < ntcp; i++)
-    if (xnbd_server_listen_tcp(srv, tcp[i]) < 0) return 1;
-  for (unsigned i = 0; i < nunix; i++)
-    if (xnbd_server_listen_unix(srv, unixp[i]) < 0) return 1;
-  if (cfg.handshake_timeout_s) wan_hs_timeout = cfg.handshake_timeout_s;
-  for (unsigned i = 0; i < nwan; i++) {
-    int port = xnbd_server_listen_tcp_hook(srv, wanl[i], WAN_DEFAULT_PORT, wan_hook, NULL);
-    if (port < 0) return 1;
-    if (i == 0 && wan_portfile && cli_write_number(wan_portfile, port) < 0) return 1;
+  if (o->cfg.handshake_timeout_s) wan_hs_timeout = o->cfg.handshake_timeout_s;
+  for (unsigned i = 0; i < o->nwan; i++) {
+    int port = xnbd_server_listen_tcp_hook(srv, o->wanl[i], WAN_DEFAULT_PORT, wan_hook, NULL);
+    if (port < 0) return -1;
+    if (i == 0 && o->wan_portfile && cli_write_number(o->wan_portfile, port) < 0) return -1;
   }
+  return 0;
+}
 
-  /* Signals first: once the pidfile exists, SIGTERM must be graceful. */
-  sigs = cli_signals_install(base, srv);
-  if (portfile && xnbd_server_tcp_port(srv) >= 0 &&
-      cli_write_number(portfile, xnbd_server_tcp_port(srv)) < 0)
-    return 1;
-  if (pidfile && cli_write_number(pidfile, (long) getpid()) < 0)
-    return 1;
-  if (daemonize) daemon_ready();
+int main(int argc, char **argv)
+{
+  struct server_opts o = { .sv = SERVE_INIT, .tls_mode = "off", .default_name = "",
+                           .id_mode = IMAGE_ID_SIDECAR };
+  struct file_backend *fbs[MAX_EXPORTS] = { 0 };
+  struct image_id *ids[MAX_EXPORTS] = { 0 };
+  struct xnbd_server *srv;
+  int rc;
 
-
-  event_base_dispatch(base);
+  log_init(argv[0], LOG_LVL_INFO);
+  if ((rc = parse_args(argc, argv, &o)) >= 0) return rc;
+  serve_begin(&o.sv, o.nwan ? NULL : ":10809");
+  setup_tls(&o);
+  srv = xnbd_server_new(o.sv.base, &o.cfg);
+  if (!srv) fatal("out of memory");
+  rc = setup_exports(&o, srv, fbs, ids) < 0 ? 1 : serve_run(&o.sv, srv);
 
   xnbd_server_free(srv);
   wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
   /* Every request has completed; flush and close the images. */
-  workq_free(wq);
-  for (unsigned i = 0; i < nexp; i++) {
+  workq_free(o.sv.wq);
+  o.sv.wq = NULL;
+  for (unsigned i = 0; i < o.nexp; i++) {
+    if (!fbs[i]) continue;
     /* Data durable first, then the stamp that says "our own writes". */
-    bool synced = readonly || file_backend_sync(fbs[i]) == 0;
+    bool synced = o.readonly || file_backend_sync(fbs[i]) == 0;
     image_id_close(ids[i], synced ? file_backend_fd(fbs[i]) : -1);
     file_backend_close(fbs[i]);
-    free(export_names[i]);
   }
-  cli_signals_free(sigs);
-  event_base_free(base);
+  for (unsigned i = 0; i < o.nexp; i++) free(o.export_names[i]);
+  serve_end(&o.sv);
   wan_tls_free(wan_tls);
-  if (pidfile) unlink(pidfile);
-  log_info("stopped");
-  return 0;
+  return rc;
 }

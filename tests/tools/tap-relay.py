@@ -46,4 +46,13 @@ while True:
                     x.close()
             continue
         cap.write(data)
-        o.sendall(data)
+        try:
+            o.sendall(data)
+        except OSError:
+            # The other end went away (reset): end this pair, keep relaying
+            # the others (one broken connection must not stop the tap).
+            for x in (s, o):
+                if x in peer:
+                    sel.unregister(x)
+                    peer.pop(x, None)
+                    x.close()
