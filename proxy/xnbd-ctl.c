@@ -628,63 +628,64 @@ static int cache_all_wait(struct ctl_client *c, bool progress)
 enum { OPT_JSON = 256, OPT_WAIT, OPT_PROGRESS, OPT_QUERY, OPT_CACHE_ALL,
        OPT_SWITCH, OPT_RECONNECT };
 
-int main(int argc, char **argv)
-{
-  static const struct option opts[] = {
-    { "control", required_argument, NULL, 'c' },
-    { "timeout", required_argument, NULL, 't' },
-    { "force", no_argument, NULL, 'f' },
-    { "json", no_argument, NULL, OPT_JSON },
-    { "wait", no_argument, NULL, OPT_WAIT },
-    { "progress", no_argument, NULL, OPT_PROGRESS },
-    { "query", no_argument, NULL, OPT_QUERY },
-    { "cache-all", no_argument, NULL, OPT_CACHE_ALL },
-    { "cache-all2", no_argument, NULL, OPT_CACHE_ALL },
-    { "switch", no_argument, NULL, OPT_SWITCH },
-    { "reconnect", no_argument, NULL, OPT_RECONNECT },
-    { "help", no_argument, NULL, 'h' },
-    { "version", no_argument, NULL, 'V' },
-    { NULL, 0, NULL, 0 },
-  };
-  const struct ctl_command *cmd = NULL;
-  const char *flag_name = NULL;   /* the xnbd-bgctl form used, if any */
-  bool force = false, json_out = false, wait = false, progress = false;
+/* What the command line asked for. */
+struct invocation {
+  const struct ctl_command *cmd;
+  const char *flag_name;        /* the word or xnbd-bgctl flag used */
+  bool force, json_out, wait, progress;
   char **args;
-  int nargs, opt, longindex, rc = 0;
-  char line[CTL_MAX_LINE + 1];
+  int nargs;
   char uri[1024];
-  struct ctl_client c;
-  struct json *j;
+};
 
-  if (argv[0] && strrchr(argv[0], '/')) progname = strrchr(argv[0], '/') + 1;
-  else if (argv[0] && argv[0][0]) progname = argv[0];
+static const struct option opts[] = {
+  { "control", required_argument, NULL, 'c' },
+  { "timeout", required_argument, NULL, 't' },
+  { "force", no_argument, NULL, 'f' },
+  { "json", no_argument, NULL, OPT_JSON },
+  { "wait", no_argument, NULL, OPT_WAIT },
+  { "progress", no_argument, NULL, OPT_PROGRESS },
+  { "query", no_argument, NULL, OPT_QUERY },
+  { "cache-all", no_argument, NULL, OPT_CACHE_ALL },
+  { "cache-all2", no_argument, NULL, OPT_CACHE_ALL },
+  { "switch", no_argument, NULL, OPT_SWITCH },
+  { "reconnect", no_argument, NULL, OPT_RECONNECT },
+  { "help", no_argument, NULL, 'h' },
+  { "version", no_argument, NULL, 'V' },
+  { NULL, 0, NULL, 0 },
+};
 
+static int parse_timeout(const char *arg)
+{
+  char *end;
+  long v;
+  errno = 0;
+  v = strtol(arg, &end, 10);
+  if (errno || *end || end == arg || v < 0 || v > 86400 * 365)
+    usage_error("--timeout: \"%s\" is not a number of seconds", arg);
+  return v == 0 ? 0 : (int) MIN(v * 1000, (long) INT32_MAX);
+}
+
+/* Options.  Returns -1 to go on, or an exit status (--help, --version). */
+static int parse_options(int argc, char **argv, struct invocation *in)
+{
+  int opt, longindex;
   while ((opt = getopt_long(argc, argv, "c:t:fhV", opts, &longindex)) != -1) {
     switch (opt) {
     case 'c': sock_path = optarg; break;
-    case 't': {
-      char *end;
-      long v;
-      errno = 0;
-      v = strtol(optarg, &end, 10);
-      if (errno || *end || end == optarg || v < 0 || v > 86400 * 365)
-        usage_error("--timeout: \"%s\" is not a number of seconds", optarg);
-      timeout_ms = (int) MIN(v * 1000, (long) INT32_MAX);
-      if (v == 0) timeout_ms = 0;
-      break;
-    }
-    case 'f': force = true; break;
-    case OPT_JSON: json_out = true; break;
-    case OPT_WAIT: wait = true; break;
-    case OPT_PROGRESS: progress = true; break;
+    case 't': timeout_ms = parse_timeout(optarg); break;
+    case 'f': in->force = true; break;
+    case OPT_JSON: in->json_out = true; break;
+    case OPT_WAIT: in->wait = true; break;
+    case OPT_PROGRESS: in->progress = true; break;
     case OPT_QUERY: case OPT_CACHE_ALL: case OPT_SWITCH: case OPT_RECONNECT: {
       enum ctl_cmd_id want = opt == OPT_QUERY ? CTL_STATUS : opt == OPT_CACHE_ALL ?
         CTL_CACHE_ALL : opt == OPT_SWITCH ? CTL_DETACH : CTL_RECONNECT;
-      if (flag_name)
-        usage_error("%s and --%s: give one command", flag_name, opts[longindex].name);
-      flag_name = opt == OPT_QUERY ? "--query" : opt == OPT_CACHE_ALL ? "--cache-all" :
-                  opt == OPT_SWITCH ? "--switch" : "--reconnect";
-      cmd = &ctl_commands[want];
+      if (in->flag_name)
+        usage_error("%s and --%s: give one command", in->flag_name, opts[longindex].name);
+      in->flag_name = opt == OPT_QUERY ? "--query" : opt == OPT_CACHE_ALL ? "--cache-all" :
+                      opt == OPT_SWITCH ? "--switch" : "--reconnect";
+      in->cmd = &ctl_commands[want];
       break;
     }
     case 'h': usage(); return 0;
@@ -694,106 +695,113 @@ int main(int argc, char **argv)
       return EXIT_USAGE;
     }
   }
-  args = argv + optind;
-  nargs = argc - optind;
+  in->args = argv + optind;
+  in->nargs = argc - optind;
+  return -1;
+}
 
-  if (flag_name) {
-    /* xnbd-bgctl form: --query SOCKET, --reconnect SOCKET HOST PORT, ... */
-    if (!sock_path) {
-      if (nargs < 1)
-        usage_error("%s needs the control socket: %s %s SOCKET", flag_name,
-                    progname, flag_name);
-      sock_path = args[0];
-      args++, nargs--;
-    }
-    if (cmd->id == CTL_CACHE_ALL)
-      wait = true;              /* xnbd-bgctl --cache-all waits for the end */
-    if (cmd->id == CTL_RECONNECT) {
-      if (nargs == 2) {
-        bool v6 = strchr(args[0], ':') != NULL;
-        snprintf(uri, sizeof uri, "%s%s%s:%s", v6 ? "[" : "", args[0],
-                 v6 ? "]" : "", args[1]);
-        args[0] = uri;
-        nargs = 1;
-      } else if (nargs != 1) {
-        usage_error("usage: %s --reconnect SOCKET HOST PORT (or -c SOCKET "
-                    "--reconnect URI)", progname);
-      }
-    }
-  } else {
-    if (nargs < 1)
+/* The command: an xnbd-bgctl flag (--query SOCKET, --reconnect SOCKET HOST
+ * PORT, ...) or a word. */
+static void resolve_command(struct invocation *in)
+{
+  if (!in->flag_name) {
+    if (in->nargs < 1)
       usage_error("no command given (%s)", command_names());
-    cmd = ctl_command_find(args[0]);
-    if (!cmd)
-      usage_error("unknown command \"%s\" (commands: %s)", args[0], command_names());
-    flag_name = args[0];
-    args++, nargs--;
+    in->cmd = ctl_command_find(in->args[0]);
+    if (!in->cmd)
+      usage_error("unknown command \"%s\" (commands: %s)", in->args[0], command_names());
+    in->flag_name = in->args[0];
+    in->args++, in->nargs--;
+    return;
   }
+  if (!sock_path) {
+    if (in->nargs < 1)
+      usage_error("%s needs the control socket: %s %s SOCKET", in->flag_name,
+                  progname, in->flag_name);
+    sock_path = in->args[0];
+    in->args++, in->nargs--;
+  }
+  if (in->cmd->id == CTL_CACHE_ALL)
+    in->wait = true;              /* xnbd-bgctl --cache-all waits for the end */
+  if (in->cmd->id == CTL_RECONNECT) {
+    if (in->nargs == 2) {
+      bool v6 = strchr(in->args[0], ':') != NULL;
+      snprintf(in->uri, sizeof in->uri, "%s%s%s:%s", v6 ? "[" : "", in->args[0],
+               v6 ? "]" : "", in->args[1]);
+      in->args[0] = in->uri;
+      in->nargs = 1;
+    } else if (in->nargs != 1) {
+      usage_error("usage: %s --reconnect SOCKET HOST PORT (or -c SOCKET "
+                  "--reconnect URI)", progname);
+    }
+  }
+}
+
+/* Arguments and options per command; then the request line. */
+static void check_and_build(struct invocation *in, char *line, size_t linelen)
+{
+  const struct ctl_command *cmd = in->cmd;
+  int want_args = cmd->arg ? 1 : 0;
   if (!sock_path)
     usage_error("which proxy? give its control socket with --control SOCKET "
                 "(the path given to xnbd-proxy --control)");
-
-  /* Arguments and options per command (the flag, if any, is an option). */
-  int want_args = cmd->arg ? 1 : 0;
-  if (nargs != want_args) {
-    if (nargs < want_args)
-      usage_error("%s: missing %s; usage: %s -c SOCKET %s (%s)", flag_name,
+  if (in->nargs != want_args) {
+    if (in->nargs < want_args)
+      usage_error("%s: missing %s; usage: %s -c SOCKET %s (%s)", in->flag_name,
                   cmd->arg, progname, cmd->usage, cmd->description);
-    usage_error("%s: unexpected argument \"%s\"; usage: %s -c SOCKET %s", flag_name,
-                args[want_args], progname, cmd->usage);
+    usage_error("%s: unexpected argument \"%s\"; usage: %s -c SOCKET %s", in->flag_name,
+                in->args[want_args], progname, cmd->usage);
   }
-  if (json_out && cmd->id != CTL_STATUS)
+  if (in->json_out && cmd->id != CTL_STATUS)
     usage_error("--json goes with status only");
-  if ((wait || progress) && cmd->id != CTL_CACHE_ALL)
+  if ((in->wait || in->progress) && cmd->id != CTL_CACHE_ALL)
     usage_error("--wait and --progress go with cache-all only");
-  if (force && !cmd->flag)
-    usage_error("--force does not go with %s (usage: %s)", flag_name, cmd->usage);
-  if (progress)
-    wait = true;
-
+  if (in->force && !cmd->flag)
+    usage_error("--force does not go with %s (usage: %s)", in->flag_name, cmd->usage);
+  if (in->progress)
+    in->wait = true;
   if (want_args) {
+    const char *a = in->args[0];
     /* One line, words split by spaces: an argument cannot hold either. */
-    if (strpbrk(args[0], " \t\r\n") || !args[0][0])
-      usage_error("%s: \"%s\" must be one word without spaces", flag_name, args[0]);
+    if (strpbrk(a, " \t\r\n") || !a[0])
+      usage_error("%s: \"%s\" must be one word without spaces", in->flag_name, a);
     if (cmd->id == CTL_RATE) {
       uint64_t bps;
       const char *why;
-      if (parse_rate(args[0], &bps, &why) < 0)
+      if (parse_rate(a, &bps, &why) < 0)
         usage_error("rate: cannot parse \"%s\": %s (use e.g. 100mbit, 12M, 0 "
-                    "for unlimited)", args[0], why);
+                    "for unlimited)", a, why);
     }
     if (cmd->id == CTL_RECONNECT) {
       struct target t;
       char err[512];
-      if (target_parse(args[0], NULL, &t, err, sizeof err) < 0)
+      if (target_parse(a, NULL, &t, err, sizeof err) < 0)
         usage_error("reconnect: %s", err);
       target_free(&t);
     }
   }
-  if (snprintf(line, sizeof line, "%s%s%s%s%s", cmd->name,
-               force ? " " : "", force ? cmd->flag : "",
-               want_args ? " " : "", want_args ? args[0] : "") >= (int) sizeof line)
-    usage_error("%s: argument too long", flag_name);
+  if (snprintf(line, linelen, "%s%s%s%s%s", cmd->name,
+               in->force ? " " : "", in->force ? cmd->flag : "",
+               want_args ? " " : "", want_args ? in->args[0] : "") >= (int) linelen)
+    usage_error("%s: argument too long", in->flag_name);
+}
 
-  int limit = timeout_ms >= 0 ? timeout_ms :
-    cmd->may_block ? 600000 : 30000;
-
-  ctl_client_open(&c);
-  char *raw = NULL;
-  j = ctl_client_command(&c, line, limit, &raw);
+/* The reply, for a person (or raw with --json).  Returns the exit status. */
+static int report(struct invocation *in, struct ctl_client *c, struct json *j,
+                  const char *raw)
+{
   char h[32];
   uint64_t v;
-  switch (cmd->id) {
+  switch (in->cmd->id) {
   case CTL_STATUS:
-    if (json_out) puts(raw);
+    if (in->json_out) puts(raw);
     else print_status(j);
     break;
   case CTL_CACHE_ALL:
-    if (wait)
-      rc = cache_all_wait(&c, progress);
-    else
-      printf("background copy started; follow it with: %s -c %s status\n",
-             progname, sock_path);
+    if (in->wait)
+      return cache_all_wait(c, in->progress);
+    printf("background copy started; follow it with: %s -c %s status\n",
+           progname, sock_path);
     break;
   case CTL_ACTIVATE: printf("activated: blocks are kept from now on\n"); break;
   case CTL_PAUSE: printf("background copy paused\n"); break;
@@ -812,7 +820,7 @@ int main(int argc, char **argv)
     break;
   case CTL_RECONNECT:
     printf("now using the source at ");
-    put_clean(stdout, *str_of(j, "target") ? str_of(j, "target") : args[0]);
+    put_clean(stdout, *str_of(j, "target") ? str_of(j, "target") : in->args[0]);
     putchar('\n');
     break;
   case CTL_FLUSH: break;
@@ -821,6 +829,27 @@ int main(int argc, char **argv)
     break;
   case CTL_NCOMMANDS: break;
   }
+  return 0;
+}
+
+int main(int argc, char **argv)
+{
+  struct invocation in = { 0 };
+  char line[CTL_MAX_LINE + 1];
+  struct ctl_client c;
+  char *raw = NULL;
+  int rc;
+
+  if (argv[0] && strrchr(argv[0], '/')) progname = strrchr(argv[0], '/') + 1;
+  else if (argv[0] && argv[0][0]) progname = argv[0];
+  if ((rc = parse_options(argc, argv, &in)) >= 0) return rc;
+  resolve_command(&in);
+  check_and_build(&in, line, sizeof line);
+
+  int limit = timeout_ms >= 0 ? timeout_ms : in.cmd->may_block ? 600000 : 30000;
+  ctl_client_open(&c);
+  struct json *j = ctl_client_command(&c, line, limit, &raw);
+  rc = report(&in, &c, j, raw);
   free(raw);
   json_free(j);
   ctl_client_close(&c);

@@ -1044,6 +1044,39 @@ static void free_bitmap(struct bitmap *bm)
   free(bm);
 }
 
+/* Opens (creating if need be) and locks the bitmap file: one process per
+ * bitmap.  Returns 0 with its stat in *st, or -1 with a message. */
+static int open_locked(struct bitmap *bm, const char *path, struct stat *st,
+                       char *err, size_t errlen)
+{
+  bm->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (bm->fd < 0) {
+    seterr(err, errlen, "cannot open bitmap %s: %s", path, strerror(errno));
+    return -1;
+  }
+  if (flock(bm->fd, LOCK_EX | LOCK_NB) < 0) {
+    if (errno == EWOULDBLOCK) {
+      seterr(err, errlen, "bitmap %s is in use by another process (or "
+             "another handle); two proxies cannot share one bitmap", path);
+      errno = EBUSY;
+    }
+    else
+      seterr(err, errlen, "cannot lock bitmap %s: %s", path,
+             strerror(errno));
+    return -1;
+  }
+  if (fstat(bm->fd, st) < 0) {
+    seterr(err, errlen, "cannot stat bitmap %s: %s", path, strerror(errno));
+    return -1;
+  }
+  if (!S_ISREG(st->st_mode)) {
+    seterr(err, errlen, "bitmap %s is not a regular file", path);
+    errno = EINVAL;
+    return -1;
+  }
+  return 0;
+}
+
 struct bitmap *bitmap_open(const char *path, uint64_t image_size,
                            uint32_t block_size, const char *source_id,
                            bool clear, char *err, size_t errlen)
@@ -1115,31 +1148,8 @@ struct bitmap *bitmap_open(const char *path, uint64_t image_size,
   }
   reset_slots(bm);
 
-  bm->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (bm->fd < 0) {
-    seterr(err, errlen, "cannot open bitmap %s: %s", path, strerror(errno));
+  if (open_locked(bm, path, &st, err, errlen) < 0)
     goto fail;
-  }
-  if (flock(bm->fd, LOCK_EX | LOCK_NB) < 0) {
-    if (errno == EWOULDBLOCK) {
-      seterr(err, errlen, "bitmap %s is in use by another process (or "
-             "another handle); two proxies cannot share one bitmap", path);
-      errno = EBUSY;
-    }
-    else
-      seterr(err, errlen, "cannot lock bitmap %s: %s", path,
-             strerror(errno));
-    goto fail;
-  }
-  if (fstat(bm->fd, &st) < 0) {
-    seterr(err, errlen, "cannot stat bitmap %s: %s", path, strerror(errno));
-    goto fail;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    seterr(err, errlen, "bitmap %s is not a regular file", path);
-    errno = EINVAL;
-    goto fail;
-  }
 
   if (clear || st.st_size == 0) {
     if (clear && st.st_size > 0)
