@@ -111,16 +111,6 @@ static int need_blocks(struct engine *e, struct xreq *r, uint64_t b0, uint64_t b
   return 1;
 }
 
-/* FLUSH / FUA: the bits of every block that became present are persisted
- * (the bitmap's data-sync hook syncs the cache first), then the cache is
- * synced by this thread itself.  The second sync is not redundant: a sync
- * another thread started earlier may still be running, and its completion
- * is not ours to wait for (I2). */
-int engine_flush(struct engine *e)
-{
-  if (bitmap_persist(e->bm) < 0) return -1;
-  return cache_sync(e->cache);
-}
 
 /* Writes / zeroes / trims a range some of whose blocks are not present, on
  * an I/O thread.  Partial blocks at the ends are present already (the

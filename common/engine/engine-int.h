@@ -9,7 +9,8 @@
  *   pipeline.c  jobs: one kind, named states, one producer, one order of
  *               resolution (known zero -> present locally -> source), the
  *               one "data landed" path (on the I/O work queue)
- *   state.c     engine state changes and completion, in one place
+ *   state.c     engine state changes (completion, activate, detach), in
+ *               one place
  * below them: store/cache.h (cache image), store/bitmap.h, source/source.h.
  *
  * Locks, in order: a job's store stripes (ascending), then engine.lock,

@@ -408,3 +408,14 @@ void job_start(struct engine *e, struct job *j)
   };
   source_submit(e->src, &j->sr);
 }
+
+/* FLUSH / FUA: the bits of every block that became present are persisted
+ * (the bitmap's data-sync hook syncs the cache first), then the cache is
+ * synced by this thread itself.  The second sync is not redundant: a sync
+ * another thread started earlier may still be running, and its completion
+ * is not ours to wait for (I2). */
+int engine_flush(struct engine *e)
+{
+  if (bitmap_persist(e->bm) < 0) return -1;
+  return cache_sync(e->cache);
+}

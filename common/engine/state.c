@@ -1,5 +1,6 @@
-/* state.c: the engine's state changes, completion and local failures --
- * every change of engine.state happens here. */
+/* state.c: the engine's state changes -- completion, switch-over from
+ * standby, detach -- and local failures: every change of engine.state
+ * happens here. */
 #include "engine-int.h"
 #include "log.h"
 #include "util.h"
@@ -79,4 +80,51 @@ void engine_local_failure(struct engine *e, const char *what, uint64_t off, int 
   pthread_mutex_unlock(&e->lock);
   if (first) log_error("%s", e->last_error);
   else log_debug("%s", e->last_error);
+}
+
+void engine_activate(struct engine *e, const char *why)
+{
+  pthread_mutex_lock(&e->lock);
+  bool was = e->standby;
+  e->standby = false;
+  if (was && e->cache_all_at_activate) {
+    e->cache_all_at_activate = false;
+    if (e->state != ENGINE_COMPLETE && e->state != ENGINE_DETACHED)
+      e->copy.running = true;
+  }
+  bool run = e->copy.running;
+  pthread_mutex_unlock(&e->lock);
+  if (was) {
+    log_info("activated (%s): blocks read from now on are kept%s", why,
+             run ? "; background copy started (--cache-all)" : "");
+    if (e->src) source_wake(e->src);
+  }
+}
+
+int engine_detach(struct engine *e, bool force, char *err, size_t errlen)
+{
+  uint64_t missing = e->nblocks - bitmap_count(e->bm);
+  pthread_mutex_lock(&e->lock);
+  if (e->state == ENGINE_DETACHED) {
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+  }
+  if (missing && !force) {
+    pthread_mutex_unlock(&e->lock);
+    snprintf(err, errlen, "refusing to detach: %" PRIu64 " of %" PRIu64
+             " blocks are still missing (run cache-all and wait, or detach "
+             "--force to serve them as I/O errors)", missing, e->nblocks);
+    return -1;
+  }
+  engine_set_state_locked(e, ENGINE_DETACHED);
+  e->copy.running = false;
+  e->forced_missing = missing;
+  pthread_mutex_unlock(&e->lock);
+  if (missing)
+    log_warn("FORCED detach with %" PRIu64 " blocks missing: reads of them "
+             "fail with EIO from now on", missing);
+  else
+    log_info("detached from the source: every block is local");
+  source_stop(e->src);            /* no request touches the source after this (I7) */
+  return 0;
 }
