@@ -34,7 +34,7 @@ static void nbd_conn_free(struct nbd_conn *c)
   srv->nconns--;
   free(c->meta_export);
   free(c);
-  server_conn_closed(srv);
+  srv->up.closed(srv);
 }
 
 void nbd_conn_maybe_free(struct nbd_conn *c)
@@ -65,7 +65,7 @@ void nbd_conn_close(struct nbd_conn *c, const char *reason)
     log_info("connection %" PRIu64 " from %s closed while %s: %s", c->id,
              c->peer, state_name(c->state), reason);
   if (c->direct_ev) { event_free(c->direct_ev); c->direct_ev = NULL; }
-  if (c->direct) { trans_free_req(c->direct); c->direct = NULL; }
+  if (c->direct) { c->srv->up.free_req(c->direct); c->direct = NULL; }
   bufferevent_free(c->bev);
   c->bev = NULL;
   if (c->hs_timer) { event_free(c->hs_timer); c->hs_timer = NULL; }
@@ -121,10 +121,10 @@ void nbd_conn_process_input(struct nbd_conn *c)
     switch (c->state) {
     case CONN_WAIT_CLIENT_FLAGS:
     case CONN_OPTIONS:
-      more = nego_step(c);
+      more = c->srv->up.negotiate(c);
       break;
     case CONN_TRANSMISSION:
-      more = trans_step(c);
+      more = c->srv->up.transmit(c);
       if (more) nbd_conn_check_budget(c);
       break;
     default:
@@ -145,8 +145,8 @@ void nbd_conn_request_done(struct nbd_conn *c, struct xreq *r, int err)
   if (r->type == XREQ_READ || r->type == XREQ_WRITE)
     c->inflight_bytes -= r->length;
   if (c->bev)
-    trans_reply(c, r, err);
-  trans_free_req(r);
+    c->srv->up.reply(c, r, err);
+  c->srv->up.free_req(r);
   nbd_conn_check_idle(c);
   if (c->bev && !c->in_input)
     nbd_conn_maybe_resume(c);
@@ -246,6 +246,46 @@ void nbd_conn_new(struct xnbd_server *srv, int fd, const char *peer, bool secure
   c->hs_timer = evtimer_new(srv->base, hs_timeout_cb, c);
   evtimer_add(c->hs_timer, &tv);
   log_debug("connection %" PRIu64 " from %s", c->id, peer);
-  nego_send_greeting(c);
+  srv->up.greet(c);
   bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+}
+
+/* Completions from backend threads land here and are replied on the loop. */
+void nbd_conn_done_cb(evutil_socket_t fd, short what, void *arg)
+{
+  struct xnbd_server *srv = arg;
+  struct xreq *list;
+
+  pthread_mutex_lock(&srv->done_lock);
+  list = srv->done_head;
+  srv->done_head = srv->done_tail = NULL;
+  pthread_mutex_unlock(&srv->done_lock);
+
+  while (list) {
+    struct xreq *r = list;
+    list = r->fe_next;
+    nbd_conn_request_done(r->fe_priv, r, (int) r->be_u64);
+  }
+}
+
+/* The completion function given to every request (backend.h). */
+void nbd_req_done(struct xreq *r, int err)
+{
+  struct nbd_conn *c = r->fe_priv;
+  struct xnbd_server *srv = c->srv;
+
+  if (pthread_equal(pthread_self(), srv->loop_thread)) {
+    nbd_conn_request_done(c, r, err);
+    return;
+  }
+  r->be_u64 = (uint64_t) err;
+  r->fe_next = NULL;
+  pthread_mutex_lock(&srv->done_lock);
+  bool was_empty = srv->done_head == NULL;
+  if (srv->done_tail) srv->done_tail->fe_next = r;
+  else srv->done_head = r;
+  srv->done_tail = r;
+  pthread_mutex_unlock(&srv->done_lock);
+  if (was_empty)
+    event_active(srv->done_ev, EV_READ, 0);
 }

@@ -109,7 +109,7 @@ static void opt_export_name(struct nbd_conn *c, const uint8_t *p, uint32_t len)
   struct xnbd_export *e;
   uint8_t r[10 + 124] = { 0 };
   if (!nbd_string_ok((const char *) p, len) ||
-      !(e = server_find_export(c->srv, (const char *) p, len))) {
+      !(e = c->srv->up.find_export(c->srv, (const char *) p, len))) {
     /* This option cannot be refused with a reply: close (protocol). */
     log_warn("connection %" PRIu64 " from %s asked for unknown export '%.*s'",
              c->id, c->peer, (int) MIN(len, 256u), (const char *) p);
@@ -143,7 +143,7 @@ static void opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *p, uint
     send_error(c, opt, NBD_REP_ERR_INVALID, "%s", why);
     return;
   }
-  e = server_find_export(c->srv, ir.name, ir.name_len);
+  e = c->srv->up.find_export(c->srv, ir.name, ir.name_len);
   if (!e) {
     send_error(c, opt, NBD_REP_ERR_UNKNOWN,
                "export '%.*s' does not exist on this server (NBD_OPT_LIST "
@@ -215,7 +215,7 @@ static void opt_meta(struct nbd_conn *c, uint32_t opt, const uint8_t *p, uint32_
     send_error(c, opt, NBD_REP_ERR_INVALID, "%s", why);
     return;
   }
-  e = server_find_export(c->srv, m.name, m.name_len);
+  e = c->srv->up.find_export(c->srv, m.name, m.name_len);
   if (!e) {
     send_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%.*s' does not exist",
                (int) MIN(m.name_len, 256u), m.name);

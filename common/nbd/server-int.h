@@ -80,8 +80,24 @@ struct nbd_conn {
   struct nbd_conn *prev, *next;
 };
 
+/* What the layers below server.c call up into (set by xnbd_server_new):
+ * conn.c knows sockets only; the protocol and the server's bookkeeping
+ * reach it through these, so calls between the files go down only:
+ * server.c -> negotiate.c, transmit.c -> conn.c. */
+struct nbd_upcalls {
+  void (*greet)(struct nbd_conn *c);              /* negotiate.c */
+  bool (*negotiate)(struct nbd_conn *c);          /* negotiate.c */
+  bool (*transmit)(struct nbd_conn *c);           /* transmit.c */
+  void (*reply)(struct nbd_conn *c, struct xreq *r, int err);   /* transmit.c */
+  void (*free_req)(struct xreq *r);               /* transmit.c */
+  void (*closed)(struct xnbd_server *srv);        /* server.c */
+  struct xnbd_export *(*find_export)(struct xnbd_server *srv,
+                                     const char *name, size_t len);  /* server.c */
+};
+
 struct xnbd_server {
   struct event_base *base;
+  struct nbd_upcalls up;
   struct xnbd_server_config cfg;
   pthread_t loop_thread;
   struct xnbd_export *exports;
@@ -122,6 +138,10 @@ bool nbd_conn_is_open(const struct nbd_conn *c);
 void nbd_conn_send(struct nbd_conn *c, const void *data, size_t len);
 /* Replaces the connection's bufferevent by a TLS filter over it. */
 int nbd_conn_start_tls(struct nbd_conn *c);
+/* The completion function of every request (backend.h): hands it to the
+ * loop thread, where nbd_conn_done_cb (the server's done event) replies. */
+void nbd_req_done(struct xreq *r, int err);
+void nbd_conn_done_cb(evutil_socket_t fd, short what, void *arg);
 
 /* negotiate.c: returns false when it needs more input or the conn closed. */
 void nego_send_greeting(struct nbd_conn *c);
@@ -137,7 +157,5 @@ void trans_direct_read(struct nbd_conn *c);
 struct xnbd_export *server_find_export(struct xnbd_server *srv,
                                        const char *name, size_t len);
 void server_conn_closed(struct xnbd_server *srv);
-/* The completion function of every request (hands it to the loop). */
-void server_req_done(struct xreq *r, int err);
 
 #endif

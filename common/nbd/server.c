@@ -28,45 +28,6 @@ struct event_base *xnbd_event_base_new(void)
   return event_base_new();
 }
 
-/* Completions from backend threads land here and are replied on the loop. */
-static void done_cb(evutil_socket_t fd, short what, void *arg)
-{
-  struct xnbd_server *srv = arg;
-  struct xreq *list;
-
-  pthread_mutex_lock(&srv->done_lock);
-  list = srv->done_head;
-  srv->done_head = srv->done_tail = NULL;
-  pthread_mutex_unlock(&srv->done_lock);
-
-  while (list) {
-    struct xreq *r = list;
-    list = r->fe_next;
-    nbd_conn_request_done(r->fe_priv, r, (int) r->be_u64);
-  }
-}
-
-/* The completion function given to every request (backend.h). */
-void server_req_done(struct xreq *r, int err)
-{
-  struct nbd_conn *c = r->fe_priv;
-  struct xnbd_server *srv = c->srv;
-
-  if (pthread_equal(pthread_self(), srv->loop_thread)) {
-    nbd_conn_request_done(c, r, err);
-    return;
-  }
-  r->be_u64 = (uint64_t) err;
-  r->fe_next = NULL;
-  pthread_mutex_lock(&srv->done_lock);
-  bool was_empty = srv->done_head == NULL;
-  if (srv->done_tail) srv->done_tail->fe_next = r;
-  else srv->done_head = r;
-  srv->done_tail = r;
-  pthread_mutex_unlock(&srv->done_lock);
-  if (was_empty)
-    event_active(srv->done_ev, EV_READ, 0);
-}
 
 
 
@@ -89,8 +50,13 @@ struct xnbd_server *xnbd_server_new(struct event_base *base,
   if (!srv->cfg.max_request) srv->cfg.max_request = 32 << 20;
   srv->loop_thread = pthread_self();
   srv->first_tcp_port = -1;
+  srv->up = (struct nbd_upcalls) {
+    .greet = nego_send_greeting, .negotiate = nego_step, .transmit = trans_step,
+    .reply = trans_reply, .free_req = trans_free_req, .closed = server_conn_closed,
+    .find_export = server_find_export,
+  };
   pthread_mutex_init(&srv->done_lock, NULL);
-  srv->done_ev = event_new(base, -1, 0, done_cb, srv);
+  srv->done_ev = event_new(base, -1, 0, nbd_conn_done_cb, srv);
   if (!srv->done_ev) { free(srv); return NULL; }
   return srv;
 }

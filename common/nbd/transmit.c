@@ -251,7 +251,7 @@ static void dispatch(struct nbd_conn *c, struct treq *t)
     if (f & NBD_CMD_FLAG_REQ_ONE) r->flags |= XREQ_F_REQ_ONE;
     break;
   }
-  r->done = server_req_done;
+  r->done = nbd_req_done;
   r->fe_priv = c;
   c->inflight++;
   if (r->type == XREQ_READ || r->type == XREQ_WRITE)
