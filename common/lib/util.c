@@ -1,5 +1,4 @@
 #include "util.h"
-#include "nbd-proto.h"
 
 #include <ctype.h>
 #include <strings.h>
@@ -204,20 +203,5 @@ const char *human_size(uint64_t b, char *buf, size_t len)
   if (i == 0) snprintf(buf, len, "%" PRIu64 " B", b);
   else snprintf(buf, len, "%.1f %s", v, u[i]);
   return buf;
-}
-
-uint32_t errno_to_nbd(int err)
-{
-  switch (err) {
-  case 0: return NBD_SUCCESS;
-  case EROFS: case EPERM: case EACCES: return NBD_EPERM;
-  case ENOMEM: return NBD_ENOMEM;
-  case EINVAL: return NBD_EINVAL;
-  case ENOSPC: case EDQUOT: case EFBIG: return NBD_ENOSPC;
-  case EOVERFLOW: return NBD_EOVERFLOW;
-  case ENOTSUP: return NBD_ENOTSUP;
-  case ESHUTDOWN: return NBD_ESHUTDOWN;
-  default: return NBD_EIO;
-  }
 }
 

@@ -72,7 +72,5 @@ uint64_t now_ns(void);
 /* Human-readable size into buf ("1.5 GiB"). */
 const char *human_size(uint64_t bytes, char *buf, size_t len);
 
-/* Maps a host errno to the NBD protocol's error number. */
-uint32_t errno_to_nbd(int err);
 
 #endif

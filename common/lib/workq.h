@@ -1,10 +1,16 @@
 /* workq.h: a fixed pool of threads running queued work items (FIFO).
- * Items are intrusive (struct xwork in backend.h): queueing never
+ * Items are intrusive (struct xwork, embedded by their owner): queueing never
  * allocates and never fails. */
 #ifndef XNBD_WORKQ_H
 #define XNBD_WORKQ_H
 
-#include "backend.h"
+/* Intrusive work item: lets a backend queue a request on a work queue
+ * (workq.h) without allocating. */
+struct xwork {
+  void (*fn)(struct xwork *w);
+  struct xwork *next;
+};
+
 
 struct workq;
 

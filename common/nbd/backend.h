@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "workq.h"   /* struct xwork */
+
 enum xreq_type {
   XREQ_READ, XREQ_WRITE, XREQ_FLUSH, XREQ_TRIM, XREQ_ZERO, XREQ_CACHE,
   XREQ_BLOCK_STATUS,
@@ -31,13 +33,6 @@ enum xreq_type {
 struct xnbd_extent {
   uint64_t length;
   uint32_t flags;
-};
-
-/* Intrusive work item: lets a backend queue a request on a work queue
- * (workq.h) without allocating. */
-struct xwork {
-  void (*fn)(struct xwork *w);
-  struct xwork *next;
 };
 
 struct xreq {

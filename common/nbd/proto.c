@@ -2,6 +2,8 @@
 #include "nbd-proto.h"
 #include "util.h"
 
+#include <errno.h>
+
 bool nbd_request_decode(const uint8_t hdr[28], struct nbd_request *rq)
 {
   if (get_be32(hdr) != NBD_REQUEST_MAGIC)
@@ -155,5 +157,20 @@ void nbd_meta_query(const struct nbd_meta_request *m, uint32_t i,
     uint32_t l = get_be32(p);
     if (i-- == 0) { *q = (const char *) p + 4; *qlen = l; return; }
     p += 4 + l;
+  }
+}
+
+uint32_t errno_to_nbd(int err)
+{
+  switch (err) {
+  case 0: return NBD_SUCCESS;
+  case EROFS: case EPERM: case EACCES: return NBD_EPERM;
+  case ENOMEM: return NBD_ENOMEM;
+  case EINVAL: return NBD_EINVAL;
+  case ENOSPC: case EDQUOT: case EFBIG: return NBD_ENOSPC;
+  case EOVERFLOW: return NBD_EOVERFLOW;
+  case ENOTSUP: return NBD_ENOTSUP;
+  case ESHUTDOWN: return NBD_ESHUTDOWN;
+  default: return NBD_EIO;
   }
 }

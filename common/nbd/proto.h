@@ -66,4 +66,7 @@ void nbd_meta_query(const struct nbd_meta_request *m, uint32_t i,
 /* Whether a string from the wire is acceptable (no NUL, <= 4096 bytes). */
 bool nbd_string_ok(const char *s, uint32_t len);
 
+/* Maps a host errno to the NBD protocol's error number. */
+uint32_t errno_to_nbd(int err);
+
 #endif
