@@ -1,0 +1,40 @@
+/* digest.h: SHA-256 digests of 4 KiB blocks -- the currency of
+ * deduplication (DESIGN section 5).  A block's digest is SHA-256 of its
+ * 4096 bytes (the last block of an image whose size is not a multiple of
+ * 4096: of its bytes padded with zeros to 4096).  Digests of many blocks
+ * are laid out as 32 bytes per block, in block order.
+ *
+ * Hashing uses every core: digest_file() splits the range over threads.
+ * Thread-safe; no global state. */
+#ifndef XNBD_DIGEST_H
+#define XNBD_DIGEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define DIGEST_BLOCK 4096u
+#define DIGEST_LEN 32u
+
+/* The digest export.  For each export NAME, xnbd-server also serves the
+ * read-only export NAME DIGEST_EXPORT_SUFFIX, of ceil(size / 4096) x 32
+ * bytes: bytes [32 b, 32 b + 32) are the digest of block b of NAME,
+ * computed from the image when read (so never stale: a digest read after a
+ * write covers that write).  Anything that speaks NBD reaches it the same
+ * way as the data (plain NBD, xnbd:// with zstd and TLS). */
+#define DIGEST_EXPORT_SUFFIX "@xnbd-sha256"
+
+/* The digest of one block of DIGEST_BLOCK bytes. */
+void digest_block(const void *buf, uint8_t out[DIGEST_LEN]);
+/* SHA-256 of DIGEST_BLOCK zero bytes (computed once). */
+const uint8_t *digest_zero(void);
+
+/* Digests of blocks [first, first + count) of the file open as fd, whose
+ * size is size bytes (blocks past it are an error), into out (count x 32
+ * bytes).  Holes (SEEK_DATA/SEEK_HOLE) are not read: their digest is
+ * digest_zero().  threads: 0 = one per online CPU.  Returns 0, or -1 with
+ * errno (a read error). */
+int digest_file(int fd, uint64_t size, uint64_t first, uint64_t count,
+                uint8_t *out, unsigned threads);
+
+#endif
