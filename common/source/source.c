@@ -36,6 +36,7 @@ struct sconn {
   unsigned inflight;
   uint64_t progress_ns;         /* last reply (or first request after idle) */
   bool proven;                  /* completed a request since it connected */
+  bool go_sent;                 /* companion export asked for (option mode) */
   struct source_req *submitted;
 };
 
@@ -122,6 +123,33 @@ void source_wake(struct source *s)
 
 /* ---------- connecting ---------- */
 
+/* The export name to ask for: the target's, or its companion's. */
+static int set_export(struct source *s, struct nbd_handle *h, const char *name)
+{
+  char buf[4200];
+  if (!s->cfg.export_suffix) return nbd_set_export_name(h, name ? name : "");
+  snprintf(buf, sizeof buf, "%s%s", name ? name : "", s->cfg.export_suffix);
+  return nbd_set_export_name(h, buf);
+}
+
+/* Option mode (companion export over an NBD URI): once negotiating, ask
+ * for the companion, once (*sent).  Back in negotiation after that means
+ * the server refused it.  Returns -1 then, or if it could not be sent. */
+static int go_when_negotiating(struct source *s, struct nbd_handle *h, bool *sent)
+{
+  if (!s->cfg.export_suffix || !nbd_aio_is_negotiating(h)) return 0;
+  if (*sent) {
+    errno = ENOENT;
+    return -1;
+  }
+  *sent = true;
+  char *name = nbd_get_export_name(h);
+  int rc = set_export(s, h, name);
+  free(name);
+  if (rc == 0) rc = nbd_aio_opt_go(h, (nbd_completion_callback) { 0 }) < 0 ? -1 : 0;
+  return rc;
+}
+
 static struct nbd_handle *make_handle(struct source *s, const char *target,
                                       char *err, size_t errlen)
 {
@@ -145,7 +173,7 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     int fd = wan_connect(t.host, t.port, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
                          s->wan_tls, s->cfg.timeout_s, err, errlen);
     if (fd < 0) goto out_close;
-    if (nbd_set_export_name(h, t.export_name) < 0 || nbd_aio_connect_socket(h, fd) < 0)
+    if (set_export(s, h, t.export_name) < 0 || nbd_aio_connect_socket(h, fd) < 0)
       goto fail;
     break;
   }
@@ -156,10 +184,13 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     if (s->cfg.tls_username && nbd_set_tls_username(h, s->cfg.tls_username) < 0)
       goto fail;
     if (!s->cfg.tls_verify) nbd_set_tls_verify_peer(h, false);
+    /* The URI names the export: a companion's name is set in option mode
+     * (see go_when_negotiating). */
+    if (s->cfg.export_suffix && nbd_set_opt_mode(h, true) < 0) goto fail;
     if (nbd_aio_connect_uri(h, target) < 0) goto fail;
     break;
   case TARGET_HOST_PORT:
-    if (nbd_set_export_name(h, t.export_name) < 0 ||
+    if (set_export(s, h, t.export_name) < 0 ||
         nbd_aio_connect_tcp(h, t.host, t.port) < 0)
       goto fail;
     break;
@@ -175,9 +206,11 @@ out_close:
 }
 
 /* Drives one handle's connection with poll until ready or the deadline. */
-static int wait_connected(struct nbd_handle *h, uint64_t deadline)
+static int wait_connected(struct source *s, struct nbd_handle *h, uint64_t deadline)
 {
-  while (nbd_aio_is_connecting(h)) {
+  bool go_sent = false;
+  while (nbd_aio_is_connecting(h) || nbd_aio_is_negotiating(h)) {
+    if (go_when_negotiating(s, h, &go_sent) < 0) return -1;
     struct pollfd p = { .fd = nbd_aio_get_fd(h) };
     unsigned dir = nbd_aio_get_direction(h);
     uint64_t now = now_ns();
@@ -256,7 +289,7 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   struct nbd_handle *h = make_handle(s, s->target, err, errlen);
   uint64_t deadline = now_ns() + (uint64_t) s->cfg.timeout_s * 1000000000u;
   if (!h) goto fail;
-  if (wait_connected(h, deadline) < 0) {
+  if (wait_connected(s, h, deadline) < 0) {
     snprintf(err, errlen, "cannot connect to source %s: %s (is the source "
              "server running and reachable? the proxy needs it at start-up "
              "unless its bitmap is complete)", s->target,
@@ -273,9 +306,18 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   }
   memset(info, 0, sizeof *info);
   s->size = info->size = sz;
+  if (s->cfg.export_suffix && (uint64_t) sz != s->cfg.expected_size) {
+    snprintf(err, errlen, "source %s: export %s has %" PRId64 " bytes, not the "
+             "%" PRIu64 " expected", s->target, s->cfg.export_suffix, sz,
+             s->cfg.expected_size);
+    nbd_close(h);
+    goto fail;
+  }
   /* I5: the image id the source publishes, or digests of sampled blocks. */
-  if (source_identity(h, info->size, s->cfg.timeout_s, info->id, sizeof info->id,
-                      err, errlen) < 0) {
+  if (s->cfg.export_suffix)
+    info->id[0] = '\0';          /* a companion: the main export has the identity */
+  else if (source_identity(h, info->size, s->cfg.timeout_s, info->id, sizeof info->id,
+                           err, errlen) < 0) {
     char why[512];
     snprintf(why, sizeof why, "%s", err);
     snprintf(err, errlen, "source %s: cannot learn its identity: %s", s->target, why);
@@ -514,9 +556,16 @@ static void drive_connections(struct source *s, uint64_t now)
         continue;
       }
       c->st = CONN_CONNECTING;
+      c->go_sent = false;
       pthread_mutex_lock(&s->lock);
       s->reconnects++;
       pthread_mutex_unlock(&s->lock);
+    }
+    if (c->st == CONN_CONNECTING && go_when_negotiating(s, c->h, &c->go_sent) < 0) {
+      trouble(s, "source %s refused the export%s: %s", s->target,
+              s->cfg.export_suffix ? s->cfg.export_suffix : "", nbd_get_error());
+      conn_close(s, i);
+      continue;
     }
     if (c->st == CONN_CONNECTING) {
       if (nbd_aio_is_ready(c->h)) {
@@ -529,7 +578,8 @@ static void drive_connections(struct source *s, uint64_t now)
           continue;
         }
         char id[SOURCE_ID_MAX + 1], why[512];
-        if (source_identity_quick(c->h, s->size, id, sizeof id) == 1 &&
+        if (!s->cfg.export_suffix &&
+            source_identity_quick(c->h, s->size, id, sizeof id) == 1 &&
             !source_identity_match(s->id, id, why, sizeof why)) {
           /* I5 on reconnect: a source server restarted on an edited image
            * (or another image of the same size) is not used. */

@@ -68,6 +68,12 @@ struct source_config {
   int compress_level;          /* xnbd://: zstd level; <0: off; 0: default */
   const char *tls_certificates, *tls_psk, *tls_username;
   bool tls_verify;
+  /* A companion export: its name is the target's export name followed by
+   * this (e.g. the digest export, dedup/digest.h); NULL: the export itself.
+   * Such a source checks only its size (expected_size) and publishes no
+   * identity. */
+  const char *export_suffix;
+  uint64_t expected_size;
   /* Called on the source thread at every turn of its loop (at least every
    * 100 ms) while the source runs: the engine's copy policy lives there. */
   void (*tick)(void *opaque, uint64_t now_ns);
