@@ -116,6 +116,17 @@ static uint16_t fb_get_flags(void *h)
 
 static struct file_backend *req_fb(struct xreq *r) { return r->be_priv; }
 
+/* Holes are looked for (two lseeks) only in reads this large: a small
+ * read of a hole costs less as zeros read from the page cache than as
+ * two system calls on an I/O thread, and its reply shrinks by little. */
+#define HOLE_READ_MIN (64u << 10)
+
+static bool wants_holes(struct file_backend *fb, struct xreq *r)
+{
+  return (r->flags & XREQ_F_WANT_HOLES) && r->length >= HOLE_READ_MIN &&
+         atomic_load(&fb->may_have_holes);
+}
+
 static int read_with_holes(struct file_backend *fb, struct xreq *r)
 {
   uint64_t pos = r->offset, end = r->offset + r->length;
@@ -212,7 +223,7 @@ static void fb_work(struct xwork *w)
 
   switch (r->type) {
   case XREQ_READ:
-    if ((r->flags & XREQ_F_WANT_HOLES) && atomic_load(&fb->may_have_holes) && !done)
+    if (wants_holes(fb, r) && !done)
       rc = read_with_holes(fb, r);
     else
       rc = pread_all(fb->fd, (char *) r->buf + done, r->length - done, r->offset + done);
@@ -277,7 +288,7 @@ static void fb_pread(void *h, struct xreq *r)
 {
   struct file_backend *fb = h;
   r->be_u64 = 0;
-  if (!((r->flags & XREQ_F_WANT_HOLES) && atomic_load(&fb->may_have_holes))) {
+  if (!wants_holes(fb, r)) {
     struct iovec iov = { r->buf, r->length };
     ssize_t n = preadv2(fb->fd, &iov, 1, r->offset, RWF_NOWAIT);
     if (n == (ssize_t) r->length) { xreq_complete(r, 0); return; }
