@@ -694,3 +694,15 @@ Test(index, seed_without_blocks_is_fine)
   assert_seed_found(ix, seeds[1], 1, 1, 8 * BS);
   index_close(ix);
 }
+
+Test(index, unwritable_index_file_leaves_a_working_index_and_a_warning)
+{
+  const char *seeds[1] = { tpath("s") }, *ipath = tpath("no-such-dir/index");
+  struct index *ix;
+  make_seed(seeds[0], 0, 8 * BS);
+  ix = open_ok(seeds, 1, ipath);
+  cr_assert(strstr(warnings, "cannot write the index file") && strstr(warnings, ipath),
+            "warnings: %s", warnings);
+  assert_seed_found(ix, seeds[0], 0, 0, 8 * BS);
+  index_close(ix);
+}
