@@ -63,6 +63,13 @@ static void usage(FILE *f)
 "      --standby             live migration: until 'xnbd-ctl activate' or the\n"
 "                            first write here, reads of missing blocks pass\n"
 "                            through from the source and are not kept\n"
+"Deduplication:\n"
+"      --seed FILE           a local image whose blocks are used instead of\n"
+"                            fetching them, when the source (xnbd-server)\n"
+"                            publishes block digests; read-only, verified by\n"
+"                            SHA-256 before use (repeatable, up to 64)\n"
+"      --index FILE          keep the seeds' index here (hashed once; default:\n"
+"                            rebuilt at every start)\n"
 "Serving:\n"
 "  -l, --listen ADDR:PORT    NBD listener (repeatable; default 127.0.0.1:10809)\n"
 "  -u, --unix PATH           NBD unix socket (repeatable)\n"
@@ -83,8 +90,11 @@ static void usage(FILE *f)
 
 
 
+#define MAX_SEEDS 64
+
 struct proxy_opts {
   struct engine_config ec;
+  const char *seeds[MAX_SEEDS];
   struct xnbd_server_config sc;
   struct serve sv;
   const char *export_name, *control_path;
@@ -92,7 +102,7 @@ struct proxy_opts {
 
 enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
        O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_HSTMO, O_COMPRESS,
-       O_TLSPSK, O_TLSCERTS, O_TLSUSER, O_NOVERIFY, O_STANDBY };
+       O_TLSPSK, O_TLSCERTS, O_TLSUSER, O_NOVERIFY, O_STANDBY, O_SEED, O_INDEX };
 
 static const struct option longopts[] = {
   { "target", required_argument, 0, 't' },
@@ -116,6 +126,8 @@ static const struct option longopts[] = {
   { "max-fetch", required_argument, 0, O_MAXFETCH },
   { "detach-when-complete", no_argument, 0, O_DETACH },
   { "standby", no_argument, 0, O_STANDBY },
+  { "seed", required_argument, 0, O_SEED },
+  { "index", required_argument, 0, O_INDEX },
   { "export", required_argument, 0, 'e' },
   { "readonly", no_argument, 0, 'r' },
   { "control", required_argument, 0, 'C' },
@@ -184,6 +196,11 @@ static int parse_args(int argc, char **argv, struct proxy_opts *o)
     if (engine_option(&o->ec, c, optarg) || serve_option(&o->sv, c, optarg)) continue;
     switch (c) {
     case 'e': o->export_name = optarg; break;
+    case O_SEED:
+      if (o->ec.nseeds >= MAX_SEEDS) fatal("too many --seed files (at most %d)", MAX_SEEDS);
+      o->seeds[o->ec.nseeds++] = optarg;
+      break;
+    case O_INDEX: o->ec.index_path = optarg; break;
     case 'C': o->control_path = optarg; break;
     case O_HSTMO: o->sc.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400); break;
     case 'h': usage(stdout); return 0;
@@ -207,6 +224,9 @@ static int parse_args(int argc, char **argv, struct proxy_opts *o)
             "its export itself (e.g. nbd://HOST/EXPORT)");
     target_free(&t);
   }
+  o->ec.seeds = o->seeds;
+  if (o->ec.index_path && !o->ec.nseeds)
+    fatal("--index FILE is the index of the --seed files: give at least one --seed");
   if (!o->control_path)
     fatal("--control SOCK is required: it is how xnbd-ctl starts the "
           "background copy and detaches");

@@ -23,7 +23,7 @@
  *       {"ok":true,"state":"proxying","image_size":N,"block_size":N,
  *        "blocks":{"total":N,"present":N,"missing":N,"inflight":N},
  *        "bytes":{"fetched":N,"zero_skipped":N,"local_written":N,
- *                 "bridged":N},
+ *                 "bridged":N,"seeded":N,"digests":N},"dedup":B,
  *        "fetches":{"ondemand":N,"background":N,"errors":N},
  *        "fetch_rate":N,"ondemand_waiting":N,
  *        "background":{"running":B,"paused":B,"rate":N,"window":N},
@@ -35,7 +35,11 @@
  *     state is one of connecting, proxying, source-lost, complete,
  *     detached (engine_state_name()); sizes and rates are bytes and
  *     bytes/s; rate 0 means unlimited; bytes.bridged counts zero bytes
- *     read again inside larger background reads; rtt_us is the measured
+ *     read again inside larger background reads; bytes.seeded counts
+ *     bytes copied from local seeds (xnbd-proxy --seed) instead of
+ *     fetched, each block verified against the source's digest, and
+ *     bytes.digests the digest bytes read from the source; dedup is true
+ *     while seeds are in use (the source publishes digests); rtt_us is the measured
  *     round trip to the source in microseconds (0: not measured yet);
  *     standby is true until the switch-over (xnbd-proxy --standby, see
  *     activate); wire counts the bytes of the xnbd:// WAN transport, both

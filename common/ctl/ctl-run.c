@@ -51,9 +51,11 @@ void ctl_put_status(FILE *f, const struct engine_stats *st)
           st->blocks_total, st->blocks_present, st->blocks_missing,
           st->blocks_inflight);
   fprintf(f, ",\"bytes\":{\"fetched\":%" PRIu64 ",\"zero_skipped\":%" PRIu64
-          ",\"local_written\":%" PRIu64 ",\"bridged\":%" PRIu64 "}",
+          ",\"local_written\":%" PRIu64 ",\"bridged\":%" PRIu64
+          ",\"seeded\":%" PRIu64 ",\"digests\":%" PRIu64 "}",
           st->bytes_fetched, st->bytes_zero_skipped, st->bytes_local_written,
-          st->bytes_bridged);
+          st->bytes_bridged, st->bytes_seeded, st->bytes_digests);
+  fprintf(f, ",\"dedup\":%s", st->digests ? "true" : "false");
   fprintf(f, ",\"fetches\":{\"ondemand\":%" PRIu64 ",\"background\":%" PRIu64
           ",\"errors\":%" PRIu64 "}",
           st->fetches_ondemand, st->fetches_background, st->fetch_errors);

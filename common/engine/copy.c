@@ -4,6 +4,7 @@
  * flight (sized from the measured rate and round trip) and a token-bucket
  * rate cap, zero gaps bridged where zeros are cheap on the wire. */
 #include "engine-int.h"
+#include "digest.h"
 #include "log.h"
 #include "util.h"
 
@@ -15,6 +16,10 @@
 #define STATUS_QUERIES 16                    /* block status queries in flight */
 #define RATE_SAMPLES 40
 #define BRIDGE_MAX 32
+#define DIG_CHUNK_BLOCKS 16384                /* digests asked per query: 512 KiB */
+#define DIG_QUERIES 8                         /* digest queries in flight */
+#define LOCAL_JOB_BLOCKS 256                  /* 1 MiB copied from seeds per job */
+#define LOCAL_INFLIGHT (UINT64_C(64) << 20)   /* bytes being copied from seeds */
 
 struct status_query {
   struct source_req sr;
@@ -36,11 +41,22 @@ int copy_init(struct engine *e)
   c->zero_known = calloc(e->nblocks / 64 + 1, sizeof *c->zero_known);
   if (!c->zero_known) return -1;
   c->rate_at = c->tokens_at = now_ns();
+  if (e->dsrc) {
+    c->ndchunks = (e->nblocks + DIG_CHUNK_BLOCKS - 1) / DIG_CHUNK_BLOCKS;
+    c->dig = calloc(c->ndchunks + 1, sizeof *c->dig);
+    c->dig_asking = calloc(c->ndchunks + 1, sizeof *c->dig_asking);
+    c->dig_done = calloc(c->ndchunks + 1, sizeof *c->dig_done);
+    if (!c->dig || !c->dig_asking || !c->dig_done) return -1;
+  }
   return 0;
 }
 
 void copy_free(struct engine *e)
 {
+  for (uint64_t k = 0; e->copy.dig && k < e->copy.ndchunks; k++) free(e->copy.dig[k]);
+  free(e->copy.dig);
+  free(e->copy.dig_asking);
+  free(e->copy.dig_done);
   free(e->copy.status_known);
   free(e->copy.status_asking);
   free(e->copy.zero_known);
@@ -143,6 +159,144 @@ static void query_status(struct engine *e)
   for (unsigned i = 0; i < nq; i++) source_submit(e->src, &qs[i]->sr);
 }
 
+/* ---------- digests (deduplication) ---------- */
+
+struct digest_query {
+  struct source_req sr;
+  struct engine *e;
+  uint64_t chunk;
+  uint8_t *buf;
+};
+
+/* Under lock: the contiguous prefix of chunks whose digests are in. */
+static void dig_advance_locked(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  uint64_t k = c->dig_until / DIG_CHUNK_BLOCKS;
+  while (k < c->ndchunks && c->dig_done[k]) k++;
+  c->dig_until = MIN(k * DIG_CHUNK_BLOCKS, e->nblocks);
+}
+
+static void digests_done(struct source_req *r, int err)
+{
+  struct digest_query *q = r->opaque;
+  struct engine *e = q->e;
+  struct copy *c = &e->copy;
+  pthread_mutex_lock(&e->lock);
+  c->dig_asking[q->chunk] = false;
+  c->dig_outstanding--;
+  if (err == ESHUTDOWN) {
+    free(q->buf);
+  } else {
+    if (err) {                    /* no dedup there: fetched as usual */
+      snprintf(e->last_error, sizeof e->last_error, "digests of blocks %" PRIu64
+               "+%u from the source failed (%s): copying them without "
+               "deduplication", q->chunk * DIG_CHUNK_BLOCKS, DIG_CHUNK_BLOCKS,
+               strerror(err));
+      free(q->buf);
+    } else {
+      c->dig[q->chunk] = q->buf;
+      e->bytes_digests += r->len;
+    }
+    c->dig_done[q->chunk] = true;
+    dig_advance_locked(e);
+  }
+  pthread_mutex_unlock(&e->lock);
+  free(q);
+}
+
+/* Digests are asked only while the copy runs, which is never in standby:
+ * a digest read while the VM still ran (and wrote) at the source is never
+ * used.  Buffers behind the copy are dropped. */
+static void query_digests(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  struct digest_query *qs[DIG_QUERIES];
+  unsigned nq = 0;
+  if (!e->dsrc || c->dig_off) return;
+  pthread_mutex_lock(&e->lock);
+  uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
+  for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
+    if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
+  if (c->running && !c->paused && !e->standby) {
+    for (uint64_t k = cur; k < c->ndchunks && k < cur + 2 * DIG_QUERIES &&
+                           c->dig_outstanding < DIG_QUERIES; k++) {
+      if (c->dig_done[k] || c->dig_asking[k]) continue;
+      uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
+      struct digest_query *q = calloc(1, sizeof *q);
+      uint8_t *buf = malloc(nb * DIGEST_LEN);
+      if (!q || !buf) { free(q); free(buf); break; }
+      *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf };
+      q->sr = (struct source_req) {
+        .kind = SOURCE_READ, .off = k * DIG_CHUNK_BLOCKS * DIGEST_LEN,
+        .len = nb * DIGEST_LEN, .buf = buf, .done = digests_done, .opaque = q,
+      };
+      c->dig_asking[k] = true;
+      c->dig_outstanding++;
+      qs[nq++] = q;
+    }
+  }
+  pthread_mutex_unlock(&e->lock);
+  for (unsigned i = 0; i < nq; i++) source_submit(e->dsrc, &qs[i]->sr);
+}
+
+/* A digest export that stays unreachable must not hold the copy back:
+ * after --source-timeout without it, deduplication is given up. */
+static void digests_watch(struct engine *e, uint64_t now)
+{
+  struct copy *c = &e->copy;
+  struct source_stats ds;
+  if (!e->dsrc || c->dig_off) return;
+  source_get_stats(e->dsrc, &ds);
+  if (ds.connections_up) { c->dig_down_at = 0; return; }
+  if (!c->dig_down_at) { c->dig_down_at = now; return; }
+  if (now - c->dig_down_at < (uint64_t) e->cfg.source_timeout_s * 1000000000u) return;
+  pthread_mutex_lock(&e->lock);
+  c->dig_off = true;
+  snprintf(e->last_error, sizeof e->last_error, "the source's digest export "
+           "has been unreachable for %u s (%.200s): copying without deduplication",
+           e->cfg.source_timeout_s, ds.last_error);
+  pthread_mutex_unlock(&e->lock);
+  log_warn("%s", e->last_error);
+}
+
+/* Under lock: the source's digest of block b, if known. */
+static const uint8_t *digest_of(struct engine *e, uint64_t b)
+{
+  const uint8_t *d = e->copy.dig ? e->copy.dig[b / DIG_CHUNK_BLOCKS] : NULL;
+  return d ? d + (b % DIG_CHUNK_BLOCKS) * DIGEST_LEN : NULL;
+}
+
+/* Under lock: a seed block for missing block b (a candidate: verified
+ * when used). */
+static bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc)
+{
+  const uint8_t *d = digest_of(e, b);
+  return d && e->ix && memcmp(d, digest_zero(), DIGEST_LEN) != 0 &&
+         index_lookup(e->ix, d, loc, 1) == 1;
+}
+
+/* Under lock: a JOB_LOCAL job for the run of seed hits from b (b hits). */
+static struct job *local_job_locked(struct engine *e, uint64_t b)
+{
+  struct index_loc locs[LOCAL_JOB_BLOCKS];
+  uint64_t n = 0;
+  while (n < LOCAL_JOB_BLOCKS && b + n < e->nblocks && !bitmap_test(e->bm, b + n) &&
+         !inflight_get(e, b + n) && seed_hit(e, b + n, &locs[n]))
+    n++;
+  struct job *j = job_make_locked(e, JOB_LOCAL, b, n);
+  if (!j) return NULL;
+  j->locs = malloc(n * sizeof *j->locs);
+  j->digests = malloc(n * DIGEST_LEN);
+  if (j->locs && j->digests) {
+    memcpy(j->locs, locs, n * sizeof *locs);
+    for (uint64_t i = 0; i < n; i++)
+      memcpy(j->digests + i * DIGEST_LEN, digest_of(e, b + i), DIGEST_LEN);
+  } else
+    j->kind = JOB_BACKGROUND;     /* no memory for the lists: fetch it */
+  return j;
+}
+
 /* ---------- background jobs ---------- */
 
 /* Under lock.  Shuffled images alternate short runs of data and zero
@@ -201,10 +355,23 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
       continue;
     }
     if (b * e->bs >= c->status_until) break;
+    if (e->dsrc && !c->dig_off && b >= c->dig_until) break;   /* digests first */
+    struct index_loc loc;
+    if (e->ix && seed_hit(e, b, &loc)) {
+      if (c->local_inflight >= LOCAL_INFLIGHT) break;
+      struct job *j = local_job_locked(e, b);
+      if (!j) break;
+      if (j->kind == JOB_LOCAL) c->local_inflight += j->len;
+      else c->inflight_bytes += j->len;
+      c->cursor = b + j->count;
+      list[n++] = j;
+      continue;
+    }
     uint64_t s = b;
     uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, s + per_job);
     for (;;) {
-      while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b))
+      while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
+             (b == s || !e->ix || !seed_hit(e, b, &loc)))
         b++;
       uint64_t g = bridge_gap(e, b, lim, cheap);
       if (g == b) break;
@@ -286,6 +453,8 @@ void copy_tick(void *opaque, uint64_t now)
 
   if (ss.connections_up) {
     query_status(e);
+    digests_watch(e, now);
+    query_digests(e);
     fill(e, now, ss.zeros_cheap);
     size_window(e, now, ss.rtt_ns);
   }

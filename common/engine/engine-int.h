@@ -28,6 +28,7 @@
 #include "bitmap.h"
 #include "cache.h"
 #include "source.h"
+#include "index.h"
 
 #define STRIPES 64                        /* store stripes */
 #define STRIPE_SHIFT 8                    /* blocks per stripe region: 256 */
@@ -37,6 +38,9 @@ enum job_kind {
   JOB_BACKGROUND,   /* the background copy */
   JOB_PASSTHROUGH,  /* standby: exact bytes for one read, not kept */
   JOB_ZERO,         /* the source said these blocks read as zeros */
+  JOB_LOCAL,        /* found in a seed by digest: copied locally after the
+                     * seed block re-hashes to the source's digest (I4);
+                     * from the source if any does not */
 };
 
 enum job_state {
@@ -62,6 +66,9 @@ struct job {
   struct source_req sr;
   struct xwork work;
   struct job *znext, *zprev;    /* JOB_ZERO: engine.zero_jobs */
+  struct index_loc *locs;       /* JOB_LOCAL: a seed block per block ... */
+  uint8_t *digests;             /* ... and the source's digest of it */
+  bool fell_back;               /* JOB_LOCAL fetched from the source */
 };
 
 /* A client request waiting for jobs; resumed when pending reaches 0. */
@@ -94,6 +101,14 @@ struct copy {
   uint64_t nchunks;
   unsigned status_outstanding;
   uint64_t *zero_known;         /* blocks found zero (for bridging), or NULL */
+  /* Source digests, asked per chunk ahead of the copy (dedup). */
+  uint8_t **dig;                /* per chunk: its blocks' digests, or NULL */
+  bool *dig_asking, *dig_done;
+  uint64_t ndchunks, dig_until;
+  unsigned dig_outstanding;
+  uint64_t local_inflight;      /* bytes in JOB_LOCAL jobs */
+  bool dig_off;                 /* digest export unreachable: dedup given up */
+  uint64_t dig_down_at;         /* source thread: digest export down since */
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
@@ -112,6 +127,8 @@ struct engine {
   struct cache *cache;
   struct bitmap *bm;
   struct source *src;           /* NULL once detached (or complete at start) */
+  struct source *dsrc;          /* the source's digest export, or NULL */
+  struct index *ix;             /* the seeds' index, or NULL */
   bool has_status;              /* the source offers base:allocation */
   pthread_mutex_t stripe[STRIPES];
 
@@ -131,6 +148,7 @@ struct engine {
   uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written, bytes_bridged;
   uint64_t fetches_ondemand, fetches_background, fetch_errors, fetch_rate;
   uint64_t local_errors;        /* cache writes that failed (disk full...) */
+  uint64_t bytes_seeded, bytes_digests;
 
   unsigned jobs_live;            /* made and not yet landed (close waits) */
   pthread_cond_t jobs_cond;

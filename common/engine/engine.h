@@ -55,6 +55,13 @@ struct engine_config {
    * of missing blocks pass through without being kept, and no background
    * copy runs, until engine_activate() or the first client write. */
   bool standby;
+  /* Deduplication (DESIGN section 5): local files whose blocks are used
+   * instead of fetching, when the source publishes block digests
+   * (dedup/digest.h).  Opened read-only, never written.  index_path: where
+   * the seeds' index is kept (NULL: rebuilt at every start). */
+  const char *const *seeds;
+  unsigned nseeds;
+  const char *index_path;
 };
 
 enum engine_state {
@@ -89,6 +96,11 @@ struct engine_stats {
   bool standby;                  /* waiting for the switch-over */
   /* WAN transport (xnbd://) bytes, both directions, before and after zstd. */
   uint64_t wire_tx_raw, wire_tx, wire_rx, wire_rx_raw;
+  /* Deduplication: bytes copied from seeds instead of fetched (each
+   * verified against the source's digest), and digest bytes read from the
+   * source; whether the source publishes digests. */
+  uint64_t bytes_seeded, bytes_digests;
+  bool digests;
 };
 
 extern const struct xnbd_backend_ops engine_backend_ops;

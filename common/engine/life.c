@@ -2,6 +2,7 @@
  * controls (background copy, rate, detach, reconnect, activate). */
 #include "engine-int.h"
 #include "identity.h"
+#include "digest.h"
 #include "workq.h"
 #include "wan.h"
 #include "log.h"
@@ -150,6 +151,45 @@ static int open_source(struct engine *e, const struct bitmap_info *bi,
   return 0;
 }
 
+/* Deduplication: the seeds' index, and the source's digest export.  A
+ * source without digests (not xnbd-server) leaves the seeds unused. */
+static int open_dedup(struct engine *e, char *err, size_t errlen)
+{
+  struct source_info info;
+  char why[512];
+  if (!e->cfg.nseeds) return 0;
+  if (e->bs != DIGEST_BLOCK) {
+    log_warn("--seed needs --block-size 4096 (digests are per 4 KiB block): "
+             "the seeds are not used");
+    return 0;
+  }
+  e->ix = index_open(e->cfg.seeds, e->cfg.nseeds, e->cfg.index_path, 0, err, errlen);
+  if (!e->ix) return -1;
+  struct source_config dc = {
+    .target = e->target, .export_name = e->target_export, .connections = 1,
+    .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
+    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
+    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
+    .export_suffix = DIGEST_EXPORT_SUFFIX,
+    .expected_size = (e->size + DIGEST_BLOCK - 1) / DIGEST_BLOCK * DIGEST_LEN,
+  };
+  e->dsrc = source_open(&dc, &info, why, sizeof why);
+  if (!e->dsrc) {
+    log_warn("the source publishes no block digests (%s): the %u seed%s cannot "
+             "be used (xnbd-server publishes them; see xnbd-proxy(8))", why,
+             e->cfg.nseeds, e->cfg.nseeds > 1 ? "s" : "");
+    index_close(e->ix);
+    e->ix = NULL;
+    return 0;
+  }
+  struct index_stats is;
+  index_get_stats(e->ix, &is);
+  log_info("deduplication: %u seed%s, %" PRIu64 " blocks indexed (%" PRIu64
+           " hashed now); the source publishes digests", is.seeds,
+           is.seeds > 1 ? "s" : "", is.blocks_indexed, is.blocks_hashed);
+  return 0;
+}
+
 /* The cache image, checked against the bitmap: a cache shorter than the
  * blocks the bitmap calls present would serve zeros for them (D2). */
 static int open_store(struct engine *e, bool complete, bool have_bitmap,
@@ -244,8 +284,10 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
            bitmap_count(e->bm), e->nblocks, e->bs,
            complete ? " (complete: the source is not contacted)" : "");
   if (!complete) {
+    if (open_dedup(e, err, errlen) < 0) goto fail;
     if (copy_init(e) < 0) { snprintf(err, errlen, "out of memory"); goto fail; }
     if (source_start(e->src, err, errlen) < 0) goto fail;
+    if (e->dsrc && source_start(e->dsrc, err, errlen) < 0) goto fail;
   }
   if (pthread_create(&e->persister, NULL, persister_main, e) != 0) {
     snprintf(err, errlen, "cannot start the bitmap persister thread");
@@ -265,6 +307,7 @@ void engine_close(struct engine *e)
   if (!e) return;
   atomic_store(&e->stopping, true);
   source_stop(e->src);            /* jobs at the source land as failures */
+  source_stop(e->dsrc);
   pthread_mutex_lock(&e->lock);   /* ... and every landing has run */
   while (e->jobs_live)
     pthread_cond_wait(&e->jobs_cond, &e->lock);
@@ -278,6 +321,8 @@ void engine_close(struct engine *e)
   if (e->bm && e->cache && engine_flush(e) < 0)
     log_error("final flush of %s failed: %s", e->cache_path, strerror(errno));
   source_close(e->src);
+  source_close(e->dsrc);
+  if (e->ix) index_close(e->ix);
   bitmap_close(e->bm);
   cache_close(e->cache);
   inflight_free_all(e);
@@ -323,6 +368,9 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->connections = e->state == ENGINE_DETACHED ? 0 : e->cfg.connections;
   st->connections_up = e->state == ENGINE_DETACHED ? 0 : ss.connections_up;
   st->forced_missing = e->forced_missing;
+  st->bytes_seeded = e->bytes_seeded;
+  st->bytes_digests = e->bytes_digests;
+  st->digests = e->dsrc && !e->copy.dig_off;
   snprintf(st->target, sizeof st->target, "%s", e->src ? ss.target : e->target ? e->target : "");
   snprintf(st->source_id, sizeof st->source_id, "%s", e->source_id);
   /* The engine's own error (local disk, status) wins over the link's. */

@@ -334,6 +334,7 @@ static void land(struct xwork *w)
     e->blocks_inflight -= j->owned;
   }
   if (j->kind == JOB_BACKGROUND) e->copy.inflight_bytes -= j->len;
+  if (j->kind == JOB_LOCAL) e->copy.local_inflight -= j->len;
   if (err && err != ESHUTDOWN) e->fetch_errors++;
   if (!err) {
     /* Bridged blocks are never the (short) last block. */
@@ -349,6 +350,14 @@ static void land(struct xwork *w)
       e->bytes_fetched += j->len;
       e->fetches_ondemand++;
       break;
+    case JOB_LOCAL:
+      if (!j->fell_back) {
+        e->bytes_seeded += stored;
+        break;
+      }
+      e->bytes_fetched += j->len;
+      e->fetches_background++;
+      break;
     default:
       e->bytes_fetched += j->len - bridged;
       e->bytes_bridged += bridged;
@@ -360,6 +369,8 @@ static void land(struct xwork *w)
   pthread_mutex_unlock(&e->lock);
 
   free(j->buf);
+  free(j->locs);
+  free(j->digests);
   free(j);
   resume_list(ready);
   if (!err && !local_err) engine_check_complete(e);
@@ -384,29 +395,64 @@ static void fetched(struct source_req *r, int err)
 
 /* ---------- resolving ---------- */
 
-/* Present locally: the deduplication step (a copy of the same bytes
- * already at this site) fills this in.  Returns true if it resolved j. */
-static bool resolve_locally(struct engine *e, struct job *j)
+static void fetch(struct engine *e, struct job *j);
+
+/* Present locally (on the I/O work queue): every block of a JOB_LOCAL job
+ * is read from its seed and must hash to the source's digest (I4: the
+ * index is a hint, seeds change).  If one does not, the whole job comes
+ * from the source instead. */
+static void resolve_local(struct xwork *w)
 {
-  return false;
+  struct job *j = (struct job *) ((char *) w - offsetof(struct job, work));
+  struct engine *e = j->e;
+  for (uint64_t i = 0; i < j->count; i++) {
+    uint64_t off = i * DIGEST_BLOCK;
+    int r = index_fetch(e->ix, &j->locs[i], j->digests + i * DIGEST_LEN,
+                        (char *) j->buf + off);
+    if (r == 1) continue;
+    log_debug("block %" PRIu64 ": its seed no longer holds the source's data%s; "
+              "fetching it", j->first + i, r < 0 ? " (read error)" : "");
+    j->fell_back = true;
+    fetch(e, j);
+    return;
+  }
+  j->err = 0;
+  land(w);
 }
 
-void job_start(struct engine *e, struct job *j)
+static void fetch(struct engine *e, struct job *j)
 {
-  if (j->kind == JOB_ZERO) { to_land(e, j); return; }
-  if (resolve_locally(e, j)) return;
-  j->buf = malloc(j->len);
-  if (!j->buf || !e->src) {
-    j->err = j->buf ? EIO : ENOMEM;
+  if (!e->src) {
+    j->err = EIO;
     to_land(e, j);
     return;
   }
   j->state = JOB_FETCHING;
   j->sr = (struct source_req) {
-    .kind = SOURCE_READ, .urgent = j->kind != JOB_BACKGROUND,
+    .kind = SOURCE_READ,
+    .urgent = j->kind == JOB_ONDEMAND || j->kind == JOB_PASSTHROUGH,
     .off = j->off, .len = j->len, .buf = j->buf, .done = fetched, .opaque = j,
   };
   source_submit(e->src, &j->sr);
+}
+
+/* Resolves j in the one order: known zero -> present locally -> source. */
+void job_start(struct engine *e, struct job *j)
+{
+  if (j->kind == JOB_ZERO) { to_land(e, j); return; }
+  j->buf = malloc(j->len);
+  if (!j->buf) {
+    j->err = ENOMEM;
+    to_land(e, j);
+    return;
+  }
+  if (j->kind == JOB_LOCAL) {
+    j->state = JOB_LANDING;
+    j->work.fn = resolve_local;
+    workq_submit(e->cfg.wq, &j->work);
+    return;
+  }
+  fetch(e, j);
 }
 
 /* FLUSH / FUA: the bits of every block that became present are persisted
