@@ -598,7 +598,9 @@ static void drive_connections(struct source *s, uint64_t now)
       }
     }
     if (c->st == CONN_UP && (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h))) {
-      trouble(s, "connection to source %s lost: %s", s->target, nbd_get_error());
+      const char *why = nbd_get_error();
+      trouble(s, "connection to source %s lost: %s", s->target,
+              why ? why : "closed by the server");
       conn_close(s, i);
     } else if (c->st == CONN_UP && c->inflight && now - c->progress_ns > stall_ns) {
       /* D5: a source that stops answering (or stops mid-reply) with the
