@@ -29,7 +29,7 @@ COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILDDIR)/%.o)
 LIBCOMMON  := $(BUILDDIR)/libxnbd-common.a
 
 # Every program is one directory's main file plus the common library.
-PROGRAMS   := $(BUILDDIR)/xnbd-server
+PROGRAMS   := $(BUILDDIR)/xnbd-server $(BUILDDIR)/xnbd-digest
 PROGRAMS   += $(if $(wildcard proxy/xnbd-proxy.c),$(BUILDDIR)/xnbd-proxy)
 PROGRAMS   += $(if $(wildcard proxy/xnbd-ctl.c),$(BUILDDIR)/xnbd-ctl)
 PROGRAMS   += $(if $(wildcard scripts/wan-emu/wan-relay.c),$(BUILDDIR)/wan-relay)
@@ -52,8 +52,11 @@ $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
 $(LIBCOMMON): $(COMMON_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
-$(BUILDDIR)/xnbd-server: $(BUILDDIR)/server/xnbd-server.o $(wildcard server/*.c) $(LIBCOMMON)
-	$(CC) $(LDFLAGS) -o $@ $(filter %.o,$^) $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out server/xnbd-server.c,$(wildcard server/*.c))) $(LIBCOMMON) $(LDLIBS)
+SERVER_EXTRA := $(filter-out server/xnbd-server.c server/xnbd-digest.c,$(wildcard server/*.c))
+$(BUILDDIR)/xnbd-server: $(BUILDDIR)/server/xnbd-server.o $(patsubst %.c,$(BUILDDIR)/%.o,$(SERVER_EXTRA)) $(LIBCOMMON)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILDDIR)/xnbd-digest: $(BUILDDIR)/server/xnbd-digest.o $(LIBCOMMON)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 PROXY_OBJ := $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out proxy/xnbd-ctl.c,$(wildcard proxy/*.c)))
 $(BUILDDIR)/xnbd-proxy: $(PROXY_OBJ) $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)

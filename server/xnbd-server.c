@@ -2,6 +2,8 @@
  * migration, or any NBD use). */
 #include "server.h"
 #include "file-backend.h"
+#include "digest.h"
+#include "digest-backend.h"
 #include "image-id.h"
 #include "wan.h"
 #include "workq.h"
@@ -47,6 +49,8 @@ static void usage(FILE *f)
 "  -t, --threads N           I/O threads (default 8)\n"
 "      --handshake-timeout S seconds a client may take to negotiate (default 30)\n"
 "      --max-connections N   connections served at once (default 1024)\n"
+"      --no-digests          do not serve NAME@xnbd-sha256, the SHA-256 of each\n"
+"                            4 KiB block of export NAME (for deduplication)\n"
 "      --image-id=sidecar|stat|off  the identity published as each export's\n"
 "                            description, which xnbd-proxy checks: kept in\n"
 "                            IMAGE.xnbd-id (default), derived from the file's\n"
@@ -87,10 +91,11 @@ struct server_opts {
   struct wan_tls_config tlscfg;
   int id_mode;                          /* enum image_id_mode, or -1: off */
   bool readonly;
+  bool no_digests;
 };
 
 enum { OPT_HS_TIMEOUT = 256, OPT_MAX_CONN, OPT_WAN_PORT_FILE, OPT_COMPRESS, OPT_TLS,
-       OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID };
+       OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID, OPT_NO_DIGESTS };
 
 static const struct option longopts[] = {
   { "export", required_argument, 0, 'e' },
@@ -106,6 +111,7 @@ static const struct option longopts[] = {
   { "handshake-timeout", required_argument, 0, OPT_HS_TIMEOUT },
   { "max-connections", required_argument, 0, OPT_MAX_CONN },
   { "image-id", required_argument, 0, OPT_IMAGE_ID },
+  { "no-digests", no_argument, 0, OPT_NO_DIGESTS },
   SERVE_LONGOPTS,
   { "help", no_argument, 0, 'h' },
   { "version", no_argument, 0, 'V' },
@@ -151,6 +157,7 @@ static bool server_option(struct server_opts *o, int c, const char *arg)
   case OPT_MAX_CONN:
     o->cfg.max_connections = cli_uint("--max-connections", arg, 1, 1000000);
     return true;
+  case OPT_NO_DIGESTS: o->no_digests = true; return true;
   case OPT_IMAGE_ID:
     if (strcmp(arg, "sidecar") == 0) o->id_mode = IMAGE_ID_SIDECAR;
     else if (strcmp(arg, "stat") == 0) o->id_mode = IMAGE_ID_STAT;
@@ -206,10 +213,45 @@ static void setup_tls(struct server_opts *o)
   o->cfg.tls_require = wan_require_tls;
 }
 
+/* Export NAME@xnbd-sha256: the digests of export i's blocks, computed on
+ * their own threads (hashing a large request takes a while and must not
+ * hold up the data exports' I/O), left out of export lists. */
+static int add_digest_export(struct server_opts *o, struct xnbd_server *srv,
+                             struct file_backend *fb, unsigned i,
+                             struct digest_backend **dbs, struct workq **dwq)
+{
+  char name[4096];
+  int fd = file_backend_fd(fb);
+  uint64_t size = file_backend_ops.get_size(fb);
+
+  if (!*dwq) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    *dwq = workq_new(n > 2 ? (unsigned) n : 2, "digest");
+    if (!*dwq) fatal("cannot start the digest threads: %s", strerror(errno));
+  }
+  if (snprintf(name, sizeof name, "%s%s", o->export_names[i], DIGEST_EXPORT_SUFFIX)
+      >= (int) sizeof name)
+    fatal("export name '%.64s...' is too long", o->export_names[i]);
+  dbs[i] = digest_backend_open(fd, size, *dwq);
+  if (!dbs[i]) fatal("out of memory");
+  if (xnbd_server_add_export(srv, name, NULL, &digest_backend_ops, dbs[i]) < 0) {
+    log_error("export '%s' is also the name of the digest export of '%s': rename "
+              "the export, or serve without digests (--no-digests)",
+              name, o->export_names[i]);
+    return -1;
+  }
+  xnbd_server_unlist_export(srv, name);
+  log_debug("export '%s': the SHA-256 of each 4 KiB block of '%s'", name,
+            o->export_names[i]);
+  return 0;
+}
+
 /* The exports, each with the identity xnbd-proxy records with its cache
- * (I5), published as the export's description; then the WAN listeners. */
+ * (I5), published as the export's description, and (unless --no-digests)
+ * its digest export; then the WAN listeners. */
 static int setup_exports(struct server_opts *o, struct xnbd_server *srv,
-                         struct file_backend **fbs, struct image_id **ids)
+                         struct file_backend **fbs, struct image_id **ids,
+                         struct digest_backend **dbs, struct workq **dwq)
 {
   for (unsigned i = 0; i < o->nexp; i++) {
     char err[512];
@@ -224,6 +266,8 @@ static int setup_exports(struct server_opts *o, struct xnbd_server *srv,
     log_info("export '%s': %s%s", o->export_names[i], o->export_files[i],
              o->readonly ? " (read-only)" : "");
   }
+  for (unsigned i = 0; i < o->nexp && !o->no_digests; i++)
+    if (add_digest_export(o, srv, fbs[i], i, dbs, dwq) < 0) return -1;
   if (o->cfg.handshake_timeout_s) wan_hs_timeout = o->cfg.handshake_timeout_s;
   for (unsigned i = 0; i < o->nwan; i++) {
     int port = xnbd_server_listen_tcp_hook(srv, o->wanl[i], WAN_DEFAULT_PORT, wan_hook, NULL);
@@ -239,6 +283,8 @@ int main(int argc, char **argv)
                            .id_mode = IMAGE_ID_SIDECAR };
   struct file_backend *fbs[MAX_EXPORTS] = { 0 };
   struct image_id *ids[MAX_EXPORTS] = { 0 };
+  struct digest_backend *dbs[MAX_EXPORTS] = { 0 };
+  struct workq *dwq = NULL;
   struct xnbd_server *srv;
   int rc;
 
@@ -248,13 +294,15 @@ int main(int argc, char **argv)
   setup_tls(&o);
   srv = xnbd_server_new(o.sv.base, &o.cfg);
   if (!srv) fatal("out of memory");
-  rc = setup_exports(&o, srv, fbs, ids) < 0 ? 1 : serve_run(&o.sv, srv);
+  rc = setup_exports(&o, srv, fbs, ids, dbs, &dwq) < 0 ? 1 : serve_run(&o.sv, srv);
 
   xnbd_server_free(srv);
   wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
   /* Every request has completed; flush and close the images. */
   workq_free(o.sv.wq);
   o.sv.wq = NULL;
+  workq_free(dwq);
+  for (unsigned i = 0; i < o.nexp; i++) digest_backend_close(dbs[i]);
   for (unsigned i = 0; i < o.nexp; i++) {
     if (!fbs[i]) continue;
     /* Data durable first, then the stamp that says "our own writes". */

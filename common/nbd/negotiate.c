@@ -178,6 +178,7 @@ static void opt_list(struct nbd_conn *c, uint32_t len)
     return;
   }
   for (struct xnbd_export *e = c->srv->exports; e; e = e->next) {
+    if (e->unlisted) continue;
     uint32_t nl = strlen(e->name);
     uint32_t dl = e->description ? MIN(strlen(e->description), 1024u) : 0;
     uint8_t *b = malloc(4 + nl + dl);

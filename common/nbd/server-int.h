@@ -27,6 +27,7 @@ struct xnbd_export {
   char *description;
   const struct xnbd_backend_ops *ops;
   void *handle;
+  bool unlisted;                 /* left out of NBD_OPT_LIST replies */
   struct xnbd_export *next;
 };
 

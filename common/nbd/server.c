@@ -81,6 +81,14 @@ int xnbd_server_add_export(struct xnbd_server *srv, const char *name,
   return 0;
 }
 
+int xnbd_server_unlist_export(struct xnbd_server *srv, const char *name)
+{
+  struct xnbd_export *e = server_find_export(srv, name, strlen(name));
+  if (!e) return -1;
+  e->unlisted = true;
+  return 0;
+}
+
 struct xnbd_export *server_find_export(struct xnbd_server *srv,
                                        const char *name, size_t len)
 {

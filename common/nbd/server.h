@@ -39,6 +39,10 @@ int xnbd_server_add_export(struct xnbd_server *srv, const char *name,
                            const char *description,
                            const struct xnbd_backend_ops *ops, void *handle);
 
+/* Leaves an export added above out of NBD_OPT_LIST replies (it is still
+ * served to clients that name it).  Returns 0, or -1 (no such export). */
+int xnbd_server_unlist_export(struct xnbd_server *srv, const char *name);
+
 /* Listeners.  "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses).  Port 0
  * picks a free port; xnbd_server_tcp_port() tells which.  Return 0, or -1
  * with a message already logged. */

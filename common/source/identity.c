@@ -307,25 +307,53 @@ static uint64_t sample_block(unsigned i, unsigned n, uint64_t nblk)
   return i * q + (i * r) / (n - 1);
 }
 
+unsigned source_sample_layout(uint64_t size, uint64_t off[SOURCE_ID_SAMPLES],
+                              uint32_t len[SOURCE_ID_SAMPLES])
+{
+  uint64_t nblk = size / SOURCE_ID_SAMPLE_LEN + (size % SOURCE_ID_SAMPLE_LEN != 0);
+  unsigned n = (unsigned) MIN(nblk, (uint64_t) SOURCE_ID_SAMPLES);
+  for (unsigned i = 0; i < n; i++) {
+    off[i] = sample_block(i, n, nblk) * SOURCE_ID_SAMPLE_LEN;
+    len[i] = (uint32_t) MIN((uint64_t) SOURCE_ID_SAMPLE_LEN, size - off[i]);
+  }
+  return n;
+}
+
+int source_sample_hash(unsigned n, const uint64_t *off, const uint32_t *len,
+                       const unsigned char (*buf)[SOURCE_ID_SAMPLE_LEN], char hex[65])
+{
+  unsigned char md[SHA256_DIGEST_LENGTH];
+  unsigned mdlen = 0;
+  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+  bool ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) &&
+            EVP_DigestUpdate(ctx, "xnbd-sample-v1", 14);
+  for (unsigned i = 0; ok && i < n; i++) {
+    unsigned char hdr[12];
+    put_be64(hdr, off[i]);
+    put_be32(hdr + 8, len[i]);
+    ok = EVP_DigestUpdate(ctx, hdr, sizeof hdr) &&
+         EVP_DigestUpdate(ctx, buf[i], len[i]);
+  }
+  ok = ok && EVP_DigestFinal_ex(ctx, md, &mdlen) && mdlen == sizeof md;
+  EVP_MD_CTX_free(ctx);
+  if (!ok) return -1;
+  to_hex(md, sizeof md, hex);
+  return 0;
+}
+
 static int sample_digest(struct nbd_handle *h, uint64_t size, unsigned timeout_s,
                          char *hex, char *err, size_t errlen)
 {
-  uint64_t nblk = size / SOURCE_ID_SAMPLE_LEN + (size % SOURCE_ID_SAMPLE_LEN != 0);
-  unsigned n = (unsigned) MIN(nblk, (uint64_t) SOURCE_ID_SAMPLES), issued = 0;
   uint64_t off[SOURCE_ID_SAMPLES];
   uint32_t len[SOURCE_ID_SAMPLES];
+  unsigned n = source_sample_layout(size, off, len), issued = 0;
   uint64_t deadline = now_ns() + (uint64_t) (timeout_s ? timeout_s : 60) * 1000000000u;
-  unsigned char md[SHA256_DIGEST_LENGTH];
   struct samples *s = calloc(1, sizeof *s);
-  EVP_MD_CTX *ctx = NULL;
-  unsigned mdlen = 0;
   int rc = -1;
 
   if (!s) { snprintf(err, errlen, "out of memory"); return -1; }
   s->refs = 1;
   for (unsigned i = 0; i < n; i++) {
-    off[i] = sample_block(i, n, nblk) * SOURCE_ID_SAMPLE_LEN;
-    len[i] = (uint32_t) MIN((uint64_t) SOURCE_ID_SAMPLE_LEN, size - off[i]);
     s->refs++;
     if (nbd_aio_pread(h, s->buf[i], len[i], off[i],
                       (nbd_completion_callback) { .callback = sample_done,
@@ -357,24 +385,13 @@ static int sample_digest(struct nbd_handle *h, uint64_t size, unsigned timeout_s
              strerror(s->err));
     goto out;
   }
-  ctx = EVP_MD_CTX_new();
-  bool ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) &&
-            EVP_DigestUpdate(ctx, "xnbd-sample-v1", 14);
-  for (unsigned i = 0; ok && i < n; i++) {
-    unsigned char hdr[12];
-    put_be64(hdr, off[i]);
-    put_be32(hdr + 8, len[i]);
-    ok = EVP_DigestUpdate(ctx, hdr, sizeof hdr) &&
-         EVP_DigestUpdate(ctx, s->buf[i], len[i]);
-  }
-  if (!ok || !EVP_DigestFinal_ex(ctx, md, &mdlen) || mdlen != sizeof md) {
+  if (source_sample_hash(n, off, len, (const unsigned char (*)[SOURCE_ID_SAMPLE_LEN]) s->buf,
+                         hex) < 0) {
     snprintf(err, errlen, "SHA-256 of the sample blocks failed (OpenSSL)");
     goto out;
   }
-  to_hex(md, sizeof md, hex);
   rc = 0;
 out:
-  EVP_MD_CTX_free(ctx);
   samples_unref(s);
   return rc;
 }

@@ -111,6 +111,17 @@ int source_identity_quick(struct nbd_handle *h, uint64_t size, char *id, size_t 
 bool source_identity_match(const char *recorded, const char *current,
                            char *why, size_t whylen);
 
+/* The sampled identity's parts, for sources read some other way (e.g.
+ * xnbd-digest reading the image file): the sample blocks of an export of
+ * size bytes (returns n <= SOURCE_ID_SAMPLES; block i is len[i] bytes at
+ * off[i]), and the HEX of "sample=HEX" from those blocks' bytes buf[i]
+ * (len[i] of each used).  hex receives 64 hex digits and a NUL.  Returns
+ * 0, or -1 (OpenSSL failed). */
+unsigned source_sample_layout(uint64_t size, uint64_t off[SOURCE_ID_SAMPLES],
+                              uint32_t len[SOURCE_ID_SAMPLES]);
+int source_sample_hash(unsigned n, const uint64_t *off, const uint32_t *len,
+                       const unsigned char (*buf)[SOURCE_ID_SAMPLE_LEN], char hex[65]);
+
 enum source_id_kind {
   SOURCE_ID_OTHER,      /* not one of ours: compared byte for byte */
   SOURCE_ID_LEGACY,     /* export=NAME size=N */
