@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Deduplication (DESIGN section 5, I4): blocks that exist in a local seed,
+# at any offset, are copied from it instead of crossing the link; each is
+# re-read and checked against the source's SHA-256 before use, so a seed
+# changed after it was indexed never yields wrong data.  The source image
+# (32 MiB): 8 MiB of the seed's second half, 4 MiB new, a 4 MiB hole,
+# 8 MiB of the seed's first half, 8 MiB new.
+#   run 1: bytes.seeded = 16 MiB, bytes.fetched = 12 MiB, zero 4 MiB;
+#          the disk equals the source; the seed is unchanged (read-only).
+#   run 2: the index file is reused (no hashing), then 1 MiB of the seed is
+#          overwritten before the copy: those blocks are fetched instead,
+#          and the disk still equals the source.
+#   run 3: a source that publishes no digests (nbdkit): the seed is not
+#          used, the copy completes, and the log says why.
+source "$(dirname "$0")/functions.sh"
+requires qemu-img nbdkit
+
+M=$((1024 * 1024))
+seed=$TESTDIR/seed.img src=$TESTDIR/src.img idx=$TESTDIR/seeds.index
+head -c $((16 * M)) /dev/urandom >"$seed"
+truncate -s $((32 * M)) "$src"
+dd if="$seed" of="$src" bs=1M skip=8 seek=0 count=8 conv=notrunc status=none
+head -c $((4 * M)) /dev/urandom | dd of="$src" bs=1M seek=8 conv=notrunc status=none
+dd if="$seed" of="$src" bs=1M skip=0 seek=16 count=8 conv=notrunc status=none
+head -c $((8 * M)) /dev/urandom | dd of="$src" bs=1M seek=24 conv=notrunc status=none
+seed_sha=$(sha "$seed")
+
+ssock=$TESTDIR/src.sock
+start_server xnbd-server -r -u "$ssock" "$src"
+src_pid=$SERVER_PID
+
+run_proxy () {   # NAME [extra args]: starts a proxy over the xnbd-server source
+  local n=$1; shift
+  start_proxy --target "$(nbd_unix_uri "$ssock")" --cache "$TESTDIR/$n.cache" \
+    --bitmap "$TESTDIR/$n.bitmap" --control "$TESTDIR/$n.ctl" -u "$TESTDIR/$n.sock" \
+    --seed "$seed" "$@"
+  wait_state "$TESTDIR/$n.ctl" proxying 30
+}
+finish () {      # NAME: cache-all, wait, compare, print status
+  local n=$1
+  ctl_ok "$TESTDIR/$n.ctl" cache-all >/dev/null
+  wait_state "$TESTDIR/$n.ctl" complete 60
+  qemu-img compare -q -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/$n.sock")" ||
+    fail "$n: the proxy's disk differs from the source"
+  ctl_ok "$TESTDIR/$n.ctl" status
+}
+
+# Run 1.
+run_proxy r1 --index "$idx"
+s=$(finish r1)
+echo "run 1: $s"
+[ "$(json_get "$s" dedup)" = true ] || fail "run 1: deduplication not in use: $s"
+[ "$(json_get "$s" bytes.seeded)" -eq $((16 * M)) ] || fail "run 1: bytes.seeded is not 16 MiB: $s"
+[ "$(json_get "$s" bytes.fetched)" -eq $((12 * M)) ] || fail "run 1: bytes.fetched is not 12 MiB: $s"
+[ "$(json_get "$s" bytes.zero_skipped)" -eq $((4 * M)) ] || fail "run 1: zero_skipped is not 4 MiB: $s"
+[ "$(json_get "$s" bytes.digests)" -eq $((32 * M / 4096 * 32)) ] || fail "run 1: digest bytes: $s"
+stop_ok "$PROXY_PID" xnbd-proxy
+[ "$(sha "$seed")" = "$seed_sha" ] || fail "the seed was modified by the proxy"
+[ -s "$idx" ] || fail "no index file written at $idx"
+
+# Run 2: index reused; the seed changes after indexing (I4).
+run_proxy r2 --index "$idx"
+grep -q "0 hashed now" "$PROXY_LOG" || fail "run 2: the index file was not reused: $(grep dedup "$PROXY_LOG")"
+head -c $((1 * M)) /dev/urandom | dd of="$seed" bs=1M seek=0 conv=notrunc status=none
+s=$(finish r2)
+echo "run 2: $s"
+seeded=$(json_get "$s" bytes.seeded) fetched=$(json_get "$s" bytes.fetched)
+# The changed MiB is fetched (with at most the rest of a 1 MiB seed job).
+[ $((seeded + fetched)) -eq $((28 * M)) ] || fail "run 2: seeded + fetched != 28 MiB: $s"
+[ "$seeded" -ge $((14 * M)) ] && [ "$seeded" -le $((15 * M)) ] ||
+  fail "run 2: bytes.seeded $seeded, expected 14-15 MiB (16 less the changed MiB): $s"
+stop_ok "$PROXY_PID" xnbd-proxy
+
+# Run 3: no digests at the source.
+start_nbdkit -r -U "$TESTDIR/nbdkit.sock" file "$src"
+start_proxy --target "$(nbd_unix_uri "$TESTDIR/nbdkit.sock")" --cache "$TESTDIR/r3.cache" \
+  --bitmap "$TESTDIR/r3.bitmap" --control "$TESTDIR/r3.ctl" -u "$TESTDIR/r3.sock" --seed "$seed"
+grep -q "publishes no block digests" "$PROXY_LOG" || fail "run 3: no word on the missing digests"
+ctl_ok "$TESTDIR/r3.ctl" cache-all >/dev/null
+wait_state "$TESTDIR/r3.ctl" complete 60
+s=$(ctl_ok "$TESTDIR/r3.ctl" status)
+[ "$(json_get "$s" bytes.seeded)" -eq 0 ] || fail "run 3: seeded without digests: $s"
+qemu-img compare -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/r3.sock")" ||
+  fail "run 3: the proxy's disk differs from the source"
+echo OK
