@@ -70,6 +70,8 @@ static void usage(FILE *f)
 "                            SHA-256 before use (repeatable, up to 64)\n"
 "      --index FILE          keep the seeds' index here (hashed once; default:\n"
 "                            rebuilt at every start)\n"
+"      --digests FILE        the source's block digests, made by xnbd-digest,\n"
+"                            for a source that does not publish them\n"
 "Serving:\n"
 "  -l, --listen ADDR:PORT    NBD listener (repeatable; default 127.0.0.1:10809)\n"
 "  -u, --unix PATH           NBD unix socket (repeatable)\n"
@@ -102,7 +104,7 @@ struct proxy_opts {
 
 enum { O_TEXPORT = 256, O_SRCID, O_CONNS, O_SRCTMO, O_BS, O_CLEAR, O_PERSIST,
        O_CACHEALL, O_BGRATE, O_BGWIN, O_MAXFETCH, O_DETACH, O_HSTMO, O_COMPRESS,
-       O_TLSPSK, O_TLSCERTS, O_TLSUSER, O_NOVERIFY, O_STANDBY, O_SEED, O_INDEX };
+       O_TLSPSK, O_TLSCERTS, O_TLSUSER, O_NOVERIFY, O_STANDBY, O_SEED, O_INDEX, O_DIGESTS };
 
 static const struct option longopts[] = {
   { "target", required_argument, 0, 't' },
@@ -128,6 +130,7 @@ static const struct option longopts[] = {
   { "standby", no_argument, 0, O_STANDBY },
   { "seed", required_argument, 0, O_SEED },
   { "index", required_argument, 0, O_INDEX },
+  { "digests", required_argument, 0, O_DIGESTS },
   { "export", required_argument, 0, 'e' },
   { "readonly", no_argument, 0, 'r' },
   { "control", required_argument, 0, 'C' },
@@ -201,6 +204,7 @@ static int parse_args(int argc, char **argv, struct proxy_opts *o)
       o->seeds[o->ec.nseeds++] = optarg;
       break;
     case O_INDEX: o->ec.index_path = optarg; break;
+    case O_DIGESTS: o->ec.digests_path = optarg; break;
     case 'C': o->control_path = optarg; break;
     case O_HSTMO: o->sc.handshake_timeout_s = cli_uint("--handshake-timeout", optarg, 1, 86400); break;
     case 'h': usage(stdout); return 0;
@@ -225,8 +229,8 @@ static int parse_args(int argc, char **argv, struct proxy_opts *o)
     target_free(&t);
   }
   o->ec.seeds = o->seeds;
-  if (o->ec.index_path && !o->ec.nseeds)
-    fatal("--index FILE is the index of the --seed files: give at least one --seed");
+  if ((o->ec.index_path || o->ec.digests_path) && !o->ec.nseeds)
+    fatal("--index and --digests serve the --seed files: give at least one --seed");
   if (!o->control_path)
     fatal("--control SOCK is required: it is how xnbd-ctl starts the "
           "background copy and detaches");

@@ -12,6 +12,8 @@
 #          and the disk still equals the source.
 #   run 3: a source that publishes no digests (nbdkit): the seed is not
 #          used, the copy completes, and the log says why.
+#   run 4: the same source with --digests from xnbd-digest: the seed is
+#          used; a digest file made for another image is refused.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img nbdkit
 
@@ -80,6 +82,28 @@ ctl_ok "$TESTDIR/r3.ctl" cache-all >/dev/null
 wait_state "$TESTDIR/r3.ctl" complete 60
 s=$(ctl_ok "$TESTDIR/r3.ctl" status)
 [ "$(json_get "$s" bytes.seeded)" -eq 0 ] || fail "run 3: seeded without digests: $s"
-qemu-img compare -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/r3.sock")" ||
+qemu-img compare -q -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/r3.sock")" ||
   fail "run 3: the proxy's disk differs from the source"
+stop_ok "$PROXY_PID" xnbd-proxy
+
+# Run 4: digests from a file (the seed's changed first MiB as in run 2).
+"$XNBD_BUILD/xnbd-digest" -q "$src" -o "$TESTDIR/src.digests"
+"$XNBD_BUILD/xnbd-digest" -q "$seed" -o "$TESTDIR/other.digests"
+r4=(--target "$(nbd_unix_uri "$TESTDIR/nbdkit.sock")" --cache "$TESTDIR/r4.cache"
+    --bitmap "$TESTDIR/r4.bitmap" --control "$TESTDIR/r4.ctl" -u "$TESTDIR/r4.sock" --seed "$seed")
+st=0
+"$XNBD_BUILD/xnbd-proxy" "${r4[@]}" --digests "$TESTDIR/other.digests" 2>"$TESTDIR/r4.err" || st=$?
+[ "$st" -ne 0 ] || fail "run 4: a digest file of another image was accepted"
+echo "refused: $(tail -1 "$TESTDIR/r4.err")"
+[ ! -e "$TESTDIR/r4.bitmap" ] && [ ! -e "$TESTDIR/r4.cache" ] ||
+  fail "run 4: the refused start left a cache or bitmap behind"
+start_proxy "${r4[@]}" --digests "$TESTDIR/src.digests"
+ctl_ok "$TESTDIR/r4.ctl" cache-all >/dev/null
+wait_state "$TESTDIR/r4.ctl" complete 60
+s=$(ctl_ok "$TESTDIR/r4.ctl" status)
+echo "run 4: $s"
+seeded=$(json_get "$s" bytes.seeded)
+[ "$seeded" -ge $((14 * M)) ] || fail "run 4: bytes.seeded $seeded with a digest file: $s"
+qemu-img compare -q -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/r4.sock")" ||
+  fail "run 4: the proxy's disk differs from the source"
 echo OK

@@ -41,7 +41,7 @@ int copy_init(struct engine *e)
   c->zero_known = calloc(e->nblocks / 64 + 1, sizeof *c->zero_known);
   if (!c->zero_known) return -1;
   c->rate_at = c->tokens_at = now_ns();
-  if (e->dsrc) {
+  if (e->dsrc || e->dfile) {
     c->ndchunks = (e->nblocks + DIG_CHUNK_BLOCKS - 1) / DIG_CHUNK_BLOCKS;
     c->dig = calloc(c->ndchunks + 1, sizeof *c->dig);
     c->dig_asking = calloc(c->ndchunks + 1, sizeof *c->dig_asking);
@@ -205,6 +205,35 @@ static void digests_done(struct source_req *r, int err)
   free(q);
 }
 
+/* Digests from an xnbd-digest file: read (locally) ahead of the copy. */
+static void read_digest_file(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  pthread_mutex_lock(&e->lock);
+  uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
+  for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
+    if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
+  bool run = c->running && !c->paused && !e->standby && !c->dig_off;
+  pthread_mutex_unlock(&e->lock);
+  for (uint64_t k = cur; run && k < c->ndchunks && k < cur + 2 * DIG_QUERIES; k++) {
+    if (c->dig_done[k]) continue;
+    uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
+    uint8_t *buf = malloc(nb * DIGEST_LEN);
+    int rc = buf ? digest_file_read(e->dfile, k * DIG_CHUNK_BLOCKS, nb, buf) : -1;
+    pthread_mutex_lock(&e->lock);
+    if (rc < 0) {
+      snprintf(e->last_error, sizeof e->last_error, "reading digests of blocks %"
+               PRIu64 "+%" PRIu64 " from --digests failed (%s): copying them "
+               "without deduplication", k * DIG_CHUNK_BLOCKS, nb, strerror(errno));
+      free(buf);
+    } else
+      c->dig[k] = buf;
+    c->dig_done[k] = true;
+    dig_advance_locked(e);
+    pthread_mutex_unlock(&e->lock);
+  }
+}
+
 /* Digests are asked only while the copy runs, which is never in standby:
  * a digest read while the VM still ran (and wrote) at the source is never
  * used.  Buffers behind the copy are dropped. */
@@ -213,6 +242,7 @@ static void query_digests(struct engine *e)
   struct copy *c = &e->copy;
   struct digest_query *qs[DIG_QUERIES];
   unsigned nq = 0;
+  if (e->dfile) { read_digest_file(e); return; }
   if (!e->dsrc || c->dig_off) return;
   pthread_mutex_lock(&e->lock);
   uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
@@ -355,7 +385,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
       continue;
     }
     if (b * e->bs >= c->status_until) break;
-    if (e->dsrc && !c->dig_off && b >= c->dig_until) break;   /* digests first */
+    if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
     struct index_loc loc;
     if (e->ix && seed_hit(e, b, &loc)) {
       if (c->local_inflight >= LOCAL_INFLIGHT) break;

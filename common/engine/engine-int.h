@@ -29,6 +29,7 @@
 #include "cache.h"
 #include "source.h"
 #include "index.h"
+#include "digest-file.h"
 
 #define STRIPES 64                        /* store stripes */
 #define STRIPE_SHIFT 8                    /* blocks per stripe region: 256 */
@@ -129,6 +130,8 @@ struct engine {
   struct source *src;           /* NULL once detached (or complete at start) */
   struct source *dsrc;          /* the source's digest export, or NULL */
   struct index *ix;             /* the seeds' index, or NULL */
+  struct digest_file *dfile;    /* the source's digests from a file, or NULL */
+  char live_id[BITMAP_SOURCE_ID_MAX + 1];   /* the source's identity now */
   bool has_status;              /* the source offers base:allocation */
   pthread_mutex_t stripe[STRIPES];
 

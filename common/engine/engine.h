@@ -62,6 +62,9 @@ struct engine_config {
   const char *const *seeds;
   unsigned nseeds;
   const char *index_path;
+  /* The source's digests from a file made by xnbd-digest, for a source
+   * that does not publish them (checked against its sampled identity). */
+  const char *digests_path;
 };
 
 enum engine_state {

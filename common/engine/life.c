@@ -141,6 +141,7 @@ static int open_source(struct engine *e, const struct bitmap_info *bi,
   if (!e->src) return -1;
   e->size = info.size;
   e->has_status = info.has_status;
+  snprintf(e->live_id, sizeof e->live_id, "%s", info.id);
   const char *current = e->cfg.source_id ? e->cfg.source_id : info.id;
   snprintf(e->source_id, sizeof e->source_id, "%s", current);
   if (bi && !e->cfg.clear_bitmap && check_source(e, bi, current, err, errlen) < 0)
@@ -149,6 +150,24 @@ static int open_source(struct engine *e, const struct bitmap_info *bi,
     e->cfg.max_fetch = info.max_request;
   if (e->cfg.max_fetch < e->bs) e->cfg.max_fetch = e->bs;
   return 0;
+}
+
+/* --digests FILE: made by xnbd-digest from the source's image; it must
+ * carry the sampled identity the source has now (identity.h). */
+static int open_digest_file(struct engine *e, char *err, size_t errlen)
+{
+  const char *p = strstr(e->live_id, " sample=");
+  char sample[65];
+  if (!p || strlen(p + 8) < 64) {
+    snprintf(err, errlen, "--digests %s: this source publishes %s, not a "
+             "sampled identity; digest files are for sources that publish no "
+             "digests (xnbd-server publishes its own: drop --digests)",
+             e->cfg.digests_path, e->live_id);
+    return -1;
+  }
+  memcpy(sample, p + 8, 64);
+  sample[64] = '\0';
+  return digest_file_open(e->cfg.digests_path, e->size, sample, &e->dfile, err, errlen);
 }
 
 /* Deduplication: the seeds' index, and the source's digest export.  A
@@ -165,6 +184,12 @@ static int open_dedup(struct engine *e, char *err, size_t errlen)
   }
   e->ix = index_open(e->cfg.seeds, e->cfg.nseeds, e->cfg.index_path, 0, err, errlen);
   if (!e->ix) return -1;
+  if (e->cfg.digests_path) {
+    if (open_digest_file(e, err, errlen) < 0) return -1;
+    log_info("deduplication: %u seed%s; the source's digests from %s",
+             e->cfg.nseeds, e->cfg.nseeds > 1 ? "s" : "", e->cfg.digests_path);
+    return 0;
+  }
   struct source_config dc = {
     .target = e->target, .export_name = e->target_export, .connections = 1,
     .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
@@ -268,6 +293,8 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   } else if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0)
     goto fail;
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
+  /* Seeds and digests before any file is made: a refusal leaves nothing. */
+  if (!complete && open_dedup(e, err, errlen) < 0) goto fail;
   if (open_store(e, complete, have_bitmap, err, errlen) < 0) goto fail;
   if (cfg->clear_bitmap)
     log_info("--clear-bitmap: starting over; every block will be fetched again");
@@ -284,7 +311,6 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
            bitmap_count(e->bm), e->nblocks, e->bs,
            complete ? " (complete: the source is not contacted)" : "");
   if (!complete) {
-    if (open_dedup(e, err, errlen) < 0) goto fail;
     if (copy_init(e) < 0) { snprintf(err, errlen, "out of memory"); goto fail; }
     if (source_start(e->src, err, errlen) < 0) goto fail;
     if (e->dsrc && source_start(e->dsrc, err, errlen) < 0) goto fail;
@@ -323,6 +349,7 @@ void engine_close(struct engine *e)
   source_close(e->src);
   source_close(e->dsrc);
   if (e->ix) index_close(e->ix);
+  if (e->dfile) digest_file_close(e->dfile);
   bitmap_close(e->bm);
   cache_close(e->cache);
   inflight_free_all(e);
@@ -370,7 +397,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->forced_missing = e->forced_missing;
   st->bytes_seeded = e->bytes_seeded;
   st->bytes_digests = e->bytes_digests;
-  st->digests = e->dsrc && !e->copy.dig_off;
+  st->digests = (e->dsrc || e->dfile) && !e->copy.dig_off;
   snprintf(st->target, sizeof st->target, "%s", e->src ? ss.target : e->target ? e->target : "");
   snprintf(st->source_id, sizeof st->source_id, "%s", e->source_id);
   /* The engine's own error (local disk, status) wins over the link's. */
