@@ -16,6 +16,7 @@ FUZZDIR   ?= build-fuzz
 FUZZ_CC   ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 4
+FUZZ_ARGS ?=
 
 # One folder per layer (common/README); headers are included by name.
 COMMON_INC := $(patsubst %,-I%,$(sort $(dir $(wildcard common/*/*.h))))
@@ -119,10 +120,10 @@ e2e: all
 fuzz-build: $(FUZZERS)
 fuzz: deps
 	$(MAKE) fuzz-build BUILDDIR=$(FUZZDIR) CC=$(FUZZ_CC) SAN=1 FUZZ=1
-	tests/fuzz/run-fuzz.sh $(FUZZDIR) $(FUZZ_SECONDS) $(FUZZ_NAMES)
+	FUZZ_ARGS='$(FUZZ_ARGS)' tests/fuzz/run-fuzz.sh $(FUZZDIR) $(FUZZ_SECONDS) $(FUZZ_NAMES)
 fuzz-smoke: deps
 	$(MAKE) fuzz-build BUILDDIR=$(FUZZDIR) CC=$(FUZZ_CC) SAN=1 FUZZ=1
-	tests/fuzz/run-fuzz.sh $(FUZZDIR) $(FUZZ_SMOKE_SECONDS) $(FUZZ_NAMES)
+	FUZZ_ARGS='$(FUZZ_ARGS)' tests/fuzz/run-fuzz.sh $(FUZZDIR) $(FUZZ_SMOKE_SECONDS) $(FUZZ_NAMES)
 
 bench: deps all
 	scripts/bench/run-all.sh $(BUILDDIR)

@@ -21,6 +21,7 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fuzz-common.h"
@@ -131,6 +132,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   exchange(e, 2);
   close(wan_peer);
   close(local);
+  /* The pump has closed its sockets and is freeing: wait for it finely
+   * first (wan_wait_idle sleeps 10 ms a turn), then up to 10 s. */
+  for (int i = 0; i < 2000 && wan_wait_idle(0); i++) {
+    struct timespec ts = { 0, 20000 };
+    nanosleep(&ts, NULL);
+  }
   FUZZ_CHECK(wan_wait_idle(10000) == 0, "the pump thread did not end");
   return 0;
 }
