@@ -20,6 +20,7 @@
 #include <event2/event.h>
 
 #include "log.h"
+#include "util.h"
 
 static inline void fuzz_quiet_logs(const char *prog)
 {
@@ -46,10 +47,13 @@ static inline void fuzz_quiet_logs(const char *prog)
 
 /* The peer of a server under test, driven by the harness's event loop:
  * writes the input, half-closes, and reads and discards what the server
- * sends until it closes.  It reads only once its writing is done or
+ * sends until it closes.  It writes at most FUZZ_CHUNK bytes a turn, so
+ * the server also meets messages split across reads.  It reads only once its writing is done or
  * would block, so a server that answers faster than its client reads
  * meets backpressure (and cannot deadlock the run: a blocked writer
  * reads). */
+#define FUZZ_CHUNK 4096
+
 struct fuzz_client {
   struct event_base *base;
   int fd;
@@ -68,7 +72,8 @@ static inline void fuzz_client_cb(evutil_socket_t fd, short what, void *arg)
 
   if ((what & EV_WRITE) && c->writing) {
     ssize_t n = c->off < c->len
-                ? send(fd, c->data + c->off, c->len - c->off, MSG_NOSIGNAL) : 0;
+                ? send(fd, c->data + c->off, MIN(c->len - c->off, FUZZ_CHUNK),
+                       MSG_NOSIGNAL) : 0;
     if (n > 0)
       c->off += n;
     else if (n < 0 && (errno == EAGAIN || errno == EINTR))

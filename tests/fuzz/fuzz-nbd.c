@@ -17,7 +17,8 @@
  *   bit 0   the backend completes requests later, from the loop, in
  *           reverse order (else at once, inside the call)
  *   bit 1   the backend fails some requests (EIO; ENOTSUP for fast zero)
- *   bit 2   the server requires TLS (it has no TLS configured)
+ *   bit 2   the server has TLS (a context without certificate: every
+ *           handshake fails) and requires it; else it has no TLS
  *   bit 3   the connection is "secured" (a WAN transport is in front)
  *   4..7    k > 0: a graceful server shutdown starts after the k-th
  *           backend call */
@@ -28,6 +29,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <openssl/ssl.h>
 
 #include "fuzz-common.h"
 #include "nbd-proto.h"
@@ -52,6 +55,7 @@ static unsigned mode;
 static unsigned ops_seen;
 static struct xreq *pending;          /* async completions, newest first */
 static struct event *complete_ev, *shutdown_ev;
+static SSL_CTX *ssl_ctx;
 
 /* ---- the in-memory backend ------------------------------------------- */
 
@@ -94,16 +98,17 @@ static bool inject_error(struct xreq *r)
 }
 
 /* Runs of GRAIN-aligned zero / data regions covering [off, end), at most
- * max runs; returns the count. */
+ * max runs; returns the count.  Neighbours with the same flags are merged
+ * unless split (backends need not merge; the front end must cope). */
 static size_t map_runs(struct mem *m, uint64_t off, uint64_t end,
-                       struct xnbd_extent *x, size_t max)
+                       struct xnbd_extent *x, size_t max, bool split)
 {
   size_t n = 0;
   while (off < end && n < max) {
     uint64_t next = MIN((off / GRAIN + 1) * GRAIN, end);
     uint32_t fl = is_zero(m->data + off, next - off)
                   ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0;
-    if (n && x[n - 1].flags == fl)
+    if (n && x[n - 1].flags == fl && !split)
       x[n - 1].length += next - off;
     else
       x[n++] = (struct xnbd_extent) { next - off, fl };
@@ -138,7 +143,8 @@ static void mem_pread(void *h, struct xreq *r)
   memcpy(r->buf, m->data + r->offset, r->length);
   if (r->flags & XREQ_F_WANT_HOLES) {
     struct xnbd_extent x[1024];
-    size_t n = map_runs(m, r->offset, r->offset + r->length, x, 1024);
+    size_t n = map_runs(m, r->offset, r->offset + r->length, x, 1024,
+                        r->offset & 1);
     FUZZ_CHECK(n < 1024, "read map too long");
     if (n > 1 || x[0].flags) {
       r->extents = malloc(n * sizeof *x);
@@ -193,7 +199,8 @@ static void mem_block_status(void *h, struct xreq *r)
   check_range(m, r);
   FUZZ_CHECK(r->length > 0, "block status of 0 bytes");
   if (inject_error(r)) { finish(r, EIO); return; }
-  n = map_runs(m, r->offset, m->size, x, (r->flags & XREQ_F_REQ_ONE) ? 1 : MAX_BS_EXTENTS);
+  n = map_runs(m, r->offset, m->size, x,
+               (r->flags & XREQ_F_REQ_ONE) ? 1 : MAX_BS_EXTENTS, r->offset & 1);
   r->extents = malloc(n * sizeof *x);
   FUZZ_CHECK(r->extents, "out of memory");
   memcpy(r->extents, x, n * sizeof *x);
@@ -231,13 +238,17 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
   complete_ev = event_new(base, -1, 0, complete_cb, NULL);
   shutdown_ev = event_new(base, -1, 0, shutdown_cb, NULL);
   FUZZ_CHECK(complete_ev && shutdown_ev, "cannot make events");
+  ssl_ctx = SSL_CTX_new(TLS_server_method());
+  FUZZ_CHECK(ssl_ctx, "SSL_CTX_new");
   return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+  /* Small limits, so inputs reach them: READ/WRITE up to 128 KiB, reading
+   * paused above 64 KiB of requests in flight. */
   struct xnbd_server_config cfg = { .max_request = 128 * 1024,
-                                    .max_inflight_bytes = 256 * 1024 };
+                                    .max_inflight_bytes = 64 * 1024 };
   struct fuzz_client c;
   int sv[2];
 
@@ -253,6 +264,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   memset(ro_mem.data, 0x3c, RO_SIZE);
 
   cfg.tls_require = mode & 4;
+  cfg.ssl_ctx = (mode & 4) ? ssl_ctx : NULL;
   srv = xnbd_server_new(base, &cfg);
   FUZZ_CHECK(srv, "xnbd_server_new failed");
   FUZZ_CHECK(xnbd_server_add_export(srv, "", NULL, &rw_ops, &rw_mem) == 0, "export");

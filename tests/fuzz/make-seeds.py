@@ -93,7 +93,22 @@ def nbd_seeds():
         req("BLOCK_STATUS", 0, 4096, cookie=4) +
         req("WRITE", 0, 100000, cookie=5, payload=bytes(5000)))
     yield "tls-required", (bytes([4]) + CLIENT_FLAGS + opt("LIST") +
-                           opt("STARTTLS") + opt("EXPORT_NAME"))
+                           opt("STARTTLS") + b"\x16\x03\x01\x00\x05hello")
+    yield "starttls-unconfigured", (bytes([0]) + CLIENT_FLAGS + opt("STARTTLS") +
+                                    opt("STRUCTURED_REPLY") + opt("EXPORT_NAME"))
+    yield "budget-async-big-reads", (
+        bytes([1]) + CLIENT_FLAGS + opt("STRUCTURED_REPLY") +
+        opt("SET_META_CONTEXT", meta_req("", ["base:allocation"])) + opt("GO", info_req("")) +
+        b"".join(req("READ", i * 4096, 128 * 1024, cookie=i) for i in range(4)) +
+        req("WRITE", 1, 100000, cookie=9, payload=bytes(range(256)) * 391)[:28 + 100000] +
+        req("BLOCK_STATUS", 1, 200000, cookie=10) + req("READ", 4095, 70000, cookie=11) +
+        req("DISC"))
+    yield "meta-unknown-export", (
+        bytes([0]) + CLIENT_FLAGS + opt("STRUCTURED_REPLY") +
+        opt("LIST_META_CONTEXT", meta_req("nosuch", ["base:allocation"])) +
+        opt("SET_META_CONTEXT", meta_req("ro", ["base:allocation"])) +
+        opt("SET_META_CONTEXT", meta_req("", ["base:allocation", "base:"])) +
+        opt("GO", info_req("ro")) + req("BLOCK_STATUS", 0, 4096) + req("DISC"))
     yield "secured-tls-required", (bytes([0x0c]) + CLIENT_FLAGS +
                                    opt("GO", info_req("")) + req("READ", 0, 512) +
                                    req("DISC"))
