@@ -59,7 +59,8 @@ struct end {
   bool wr_done, eof;
 };
 
-/* Moves bytes both ways on the two ends until both read EOF. */
+/* Moves bytes both ways on the two ends until both read EOF, sending at
+ * most FUZZ_CHUNK bytes a turn (so the pump also waits for input). */
 static void exchange(struct end *e, int n)
 {
   static uint8_t sink[64 * 1024];
@@ -82,7 +83,7 @@ static void exchange(struct end *e, int n)
       if (pf[i].fd < 0) continue;
       if (!e[i].wr_done && (pf[i].revents & (POLLOUT | POLLERR | POLLHUP))) {
         ssize_t w = e[i].off < e[i].len
-          ? send(e[i].fd, e[i].out + e[i].off, e[i].len - e[i].off,
+          ? send(e[i].fd, e[i].out + e[i].off, MIN(e[i].len - e[i].off, FUZZ_CHUNK),
                  MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
         if (w > 0) e[i].off += w;
         else if (w < 0 && errno != EAGAIN && errno != EINTR) e[i].off = e[i].len;
