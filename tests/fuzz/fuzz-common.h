@@ -60,6 +60,7 @@ struct fuzz_client {
   const uint8_t *data;
   size_t len, off;
   bool writing, eof;
+  bool hangup;                   /* close the socket once written, unread */
   uint64_t received;
   struct event *ev;
 };
@@ -80,6 +81,15 @@ static inline void fuzz_client_cb(evutil_socket_t fd, short what, void *arg)
       blocked = true;
     else if (n < 0)
       c->off = c->len;             /* the server hung up: stop writing */
+    if (c->off == c->len && c->hangup) {
+      /* Leave without reading the replies. */
+      event_del(c->ev);
+      close(fd);
+      c->fd = -1;
+      c->writing = false;
+      c->eof = true;
+      return;
+    }
     if (c->off == c->len) {
       shutdown(fd, SHUT_WR);
       c->writing = false;
@@ -100,7 +110,8 @@ static inline void fuzz_client_cb(evutil_socket_t fd, short what, void *arg)
   }
 }
 
-/* Starts the client on fd (non-blocking, owned by the caller). */
+/* Starts the client on fd (non-blocking).  When done, the caller frees
+ * c->ev and closes c->fd unless it is -1 (hangup closed it). */
 static inline void fuzz_client_start(struct fuzz_client *c, struct event_base *base,
                                      int fd, const uint8_t *data, size_t len)
 {

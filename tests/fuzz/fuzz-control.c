@@ -10,6 +10,9 @@
  * as one end of a socketpair.  The harness writes the input (the whole of
  * it is the client's byte stream), half-closes, reads the replies and
  * runs the loop until the control has freed the client and every job.
+ * An input that starts with the byte 0xff is the rest's stream from a
+ * client that closes its socket once it has written it, reading nothing
+ * (replies then meet a closed socket, jobs a client that left).
  *
  * The fake engine answers from canned state that makes the JSON writer
  * escape quotes, backslashes and control characters; detach without
@@ -187,13 +190,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   evutil_make_socket_nonblocking(sv[0]);
   accept_cb(ctl->listener, sv[0], (struct sockaddr *) &sa, sizeof sa, ctl);
   FUZZ_CHECK(ctl->nclients == 1, "the control refused the client");
-  fuzz_client_start(&c, base, sv[1], data, size);
+  bool hangup = size > 0 && data[0] == 0xff;
+  fuzz_client_start(&c, base, sv[1], data + hangup, size - hangup);
+  c.hangup = hangup;
 
   for (unsigned i = 0; !c.eof || ctl->nclients > 0 || ctl->jobs; i++) {
     FUZZ_CHECK(i < 1000000, "no end after %u loop turns", i);
     event_base_loop(base, EVLOOP_ONCE);
   }
   event_free(c.ev);
-  close(c.fd);
+  if (c.fd >= 0) close(c.fd);
   return 0;
 }

@@ -289,7 +289,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   event_del(shutdown_ev);
   event_del(complete_ev);
   event_free(c.ev);
-  close(c.fd);
+  if (c.fd >= 0) close(c.fd);
   /* Shutdown's own event may still be active; free removes it. */
   xnbd_server_free(srv);
   srv = NULL;

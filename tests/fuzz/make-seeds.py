@@ -125,6 +125,9 @@ def control_seeds():
                      b"\n  \t \r\nstatus\x01\nstatus extra words here a b c d e f\n")
     yield "crlf-no-final-lf", b"status\r\nhelp\r\nstatus"
     yield "long-line", b"x" * 5000 + b"\nstatus\n"
+    yield "long-line-crlf", b"status " + b"y" * 4090 + b"\r\nstatus\n"
+    yield "unread-replies", b"help\n" * 300
+    yield "hangup-during-jobs", b"\xff" + b"detach --force\nflush\nstatus\n"
 
 
 # ---- WAN transport (fuzz-wan) -----------------------------------------

@@ -12,6 +12,9 @@
 # Prints one line per target and exits non-zero if a target failed, was
 # not built, or if no target was named (never passes having run nothing).
 #
+# Options a target always needs (e.g. a -max_len above its seeds') are in
+# tests/fuzz/fuzz-NAME.options, one line of libFuzzer options.
+#
 # Environment: FUZZ_TIMEOUT=S (per input), FUZZ_ARGS (more libFuzzer
 # options, e.g. "-jobs=2 -workers=2" or "-max_len=65536").
 
@@ -50,12 +53,14 @@ for name in "$@"; do
     failed=$((failed + 1))
     continue
   fi
+  opts=
+  [ -f "$srcdir/fuzz-$name.options" ] && opts=$(head -n 1 "$srcdir/fuzz-$name.options")
   mkdir -p "$work" "$crashes" "$(dirname "$log")"
   start=$(date +%s)
   # New inputs go to the first directory only: the seeds stay as committed.
-  # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
+  # shellcheck disable=SC2086  # opts and FUZZ_ARGS are lists of options
   "$bin" -max_total_time="$seconds" -timeout="$timeout_s" \
-    -artifact_prefix="$crashes/" -print_final_stats=1 ${FUZZ_ARGS-} \
+    -artifact_prefix="$crashes/" -print_final_stats=1 $opts ${FUZZ_ARGS-} \
     "$work" "$seeds" >"$log" 2>&1 </dev/null
   st=$?
   secs=$(( $(date +%s) - start ))
