@@ -193,8 +193,22 @@ def bitmap_seeds():
                                         bytes(2048), bytes(4096))
 
 
+# ---- block status from a source (fuzz-extents, once extents.c exists) --
+def extents_seeds():
+    def inp(off, length, size, words):
+        return struct.pack(">QQQ", off, length, size) + b"".join(
+            struct.pack(">I", w) for w in words)
+    yield "exact", inp(0, 65536, 1 << 20, [65536, 0])
+    yield "mixed-past-end", inp(4096, 65536, 1 << 20,
+                                [4096, 3, 8192, 0, 1 << 20, 3])
+    yield "short", inp(0, 65536, 1 << 20, [512, 0])
+    yield "zero-length", inp(0, 4096, 1 << 20, [0, 0, 4096, 0])
+    yield "odd-words", inp(0, 4096, 1 << 20, [4096, 0, 7])
+    yield "past-export", inp((1 << 20) - 512, 512, 1 << 20, [4096, 3])
+
+
 TARGETS = dict(nbd=nbd_seeds, control=control_seeds, wan=wan_seeds,
-               bitmap=bitmap_seeds)
+               bitmap=bitmap_seeds, extents=extents_seeds)
 
 
 def main():
