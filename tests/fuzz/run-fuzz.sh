@@ -16,7 +16,7 @@
 # tests/fuzz/fuzz-NAME.options, one line of libFuzzer options.
 #
 # Environment: FUZZ_TIMEOUT=S (per input), FUZZ_ARGS (more libFuzzer
-# options, e.g. "-jobs=2 -workers=2" or "-max_len=65536").
+# options, e.g. "-use_value_profile=1").
 
 set -u -o pipefail
 
