@@ -93,7 +93,7 @@ $(BUILDDIR)/fuzz/fuzz-%: $(BUILDDIR)/tests/fuzz/fuzz-%.o $(LIBCOMMON)
 # The control test and fuzzer compile proxy/control.c into themselves.
 $(BUILDDIR)/tests/unit/test-control.o: proxy/control.c proxy/control.h common/lib/json.h
 $(BUILDDIR)/tests/fuzz/fuzz-control.o: proxy/control.c proxy/control.h common/lib/json.h
-$(BUILDDIR)/tests/fuzz/fuzz-%.o: tests/fuzz/fuzz-common.h
+$(FUZZ_NAMES:%=$(BUILDDIR)/tests/fuzz/fuzz-%.o): tests/fuzz/fuzz-common.h
 
 deps:
 	@scripts/install-deps.sh
