@@ -3,12 +3,20 @@
 #   make check      install missing Debian packages, build, run every test,
 #                   then rebuild with ASan+UBSan into build-asan/ and run again
 #   make bench      benchmarks (not tests)
+#   make fuzz       build the libFuzzer targets (clang) into $(FUZZDIR) and run
+#                   each for FUZZ_SECONDS from its seed corpus (tests/fuzz/)
 #   make install    PREFIX=/usr/local DESTDIR=
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 BUILDDIR  ?= build
 SAN       ?=
+FUZZ      ?=
+FUZZDIR   ?= build-fuzz
+FUZZ_CC   ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_SMOKE_SECONDS ?= 4
+FUZZ_ARGS ?=
 
 # One folder per layer (common/README); headers are included by name.
 COMMON_INC := $(patsubst %,-I%,$(sort $(dir $(wildcard common/*/*.h))))
@@ -22,6 +30,10 @@ LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 ifneq ($(SAN),)
 CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS   += -fsanitize=address,undefined
+endif
+# The fuzz build (make fuzz): every object gets libFuzzer's coverage hooks.
+ifneq ($(FUZZ),)
+CFLAGS    += -fsanitize=fuzzer-no-link
 endif
 
 COMMON_SRC := $(wildcard common/*/*.c)
@@ -41,8 +53,13 @@ TOOLS      += $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%.so,$(PRELOAD_SRC))
 # Criterion unit tests: tests/unit/test-NAME.c -> build/tests/unit-NAME
 UNITS      := $(patsubst tests/unit/test-%.c,$(BUILDDIR)/tests/unit-%,$(wildcard tests/unit/test-*.c))
 MANPAGES   := $(wildcard man/*.[18])
+# libFuzzer targets: tests/fuzz/fuzz-NAME.c -> BUILDDIR/fuzz/fuzz-NAME.
+FUZZ_NAMES := $(patsubst tests/fuzz/fuzz-%.c,%,$(wildcard tests/fuzz/fuzz-*.c))
+FUZZERS    := $(FUZZ_NAMES:%=$(BUILDDIR)/fuzz/fuzz-%)
+.SECONDARY: $(FUZZ_NAMES:%=$(BUILDDIR)/tests/fuzz/fuzz-%.o)
 
 .PHONY: all check check-build unit e2e bench install clean deps
+.PHONY: fuzz fuzz-build fuzz-smoke
 all: $(PROGRAMS) $(TOOLS)
 
 $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
@@ -77,14 +94,22 @@ $(BUILDDIR)/tests/unit-%: $(BUILDDIR)/tests/unit/test-%.o $(LIBCOMMON)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcriterion
 
+$(BUILDDIR)/fuzz/fuzz-%: $(BUILDDIR)/tests/fuzz/fuzz-%.o $(LIBCOMMON)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -fsanitize=fuzzer -o $@ $^ $(LDLIBS)
+
+$(FUZZ_NAMES:%=$(BUILDDIR)/tests/fuzz/fuzz-%.o): tests/fuzz/fuzz-common.h
+
 deps:
 	@scripts/install-deps.sh
 
-# The full test run: plain build, then the sanitizer build, same tests.
+# The full test run: plain build, then the sanitizer build, same tests,
+# then a few seconds of each fuzz target.
 check: deps
 	$(MAKE) check-build BUILDDIR=build
 	$(MAKE) check-build BUILDDIR=build-asan SAN=1
-	@echo "make check: all suites passed (build and build-asan)"
+	$(MAKE) fuzz-smoke
+	@echo "make check: all suites passed (build, build-asan, fuzz smoke)"
 
 check-build: all $(UNITS)
 	@tests/run-tests.sh $(BUILDDIR)
@@ -93,6 +118,17 @@ unit: all $(UNITS)
 	@tests/run-tests.sh $(BUILDDIR) unit
 e2e: all
 	@tests/run-tests.sh $(BUILDDIR) e2e
+
+# Fuzzing (libFuzzer needs clang).  Objects are built with coverage hooks
+# and ASan+UBSan into FUZZDIR; a run's new inputs and crash files stay in
+# FUZZDIR/corpus and FUZZDIR/crashes (the committed seeds are read only).
+fuzz-build: $(FUZZERS)
+fuzz: deps
+	$(MAKE) fuzz-build BUILDDIR=$(FUZZDIR) CC=$(FUZZ_CC) SAN=1 FUZZ=1
+	FUZZ_ARGS='$(FUZZ_ARGS)' tests/fuzz/run-fuzz.sh $(FUZZDIR) $(FUZZ_SECONDS) $(FUZZ_NAMES)
+fuzz-smoke: deps
+	$(MAKE) fuzz-build BUILDDIR=$(FUZZDIR) CC=$(FUZZ_CC) SAN=1 FUZZ=1
+	FUZZ_ARGS='$(FUZZ_ARGS)' tests/fuzz/run-fuzz.sh $(FUZZDIR) $(FUZZ_SMOKE_SECONDS) $(FUZZ_NAMES)
 
 bench: deps all
 	scripts/bench/run-all.sh $(BUILDDIR)
@@ -104,4 +140,4 @@ install: all
 	  s=$${m##*.}; install -m 644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/; done
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan $(FUZZDIR)

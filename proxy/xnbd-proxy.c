@@ -56,8 +56,8 @@ static void usage(FILE *f)
 "      --cache-all           start copying every block at once (with\n"
 "                            --standby: at the switch-over)\n"
 "      --bg-rate RATE        cap, e.g. 50mbit or 20M (bytes/s); 0 = none\n"
-"      --bg-window SIZE      background bytes in flight (default: sized from\n"
-"                            measured RTT x throughput, 2M to 256M)\n"
+"      --bg-window SIZE      background bytes in flight, 64K to 256M (default:\n"
+"                            sized from measured RTT x throughput, 2M-256M)\n"
 "      --max-fetch SIZE      largest single fetch (default 4M)\n"
 "      --detach-when-complete  detach from the source once every block is here\n"
 "      --standby             live migration: until 'xnbd-ctl activate' or the\n"
@@ -173,7 +173,7 @@ static bool engine_option(struct engine_config *ec, int c, const char *arg)
     return true;
   case O_BGWIN:
     v = cli_size("--bg-window", arg);
-    if (v < (2u << 20) || v > (256u << 20)) fatal("--bg-window %s: must be from 2M to 256M", arg);
+    if (v < (64u << 10) || v > (256u << 20)) fatal("--bg-window %s: must be from 64K to 256M", arg);
     ec->bg_window = v;
     return true;
   case O_MAXFETCH:

@@ -77,13 +77,16 @@ static int passthrough_locked(struct engine *e, struct pend *p, struct xreq *r,
  * dispatched again (returns 1), or an error (-1, errno). */
 static int need_blocks(struct engine *e, struct xreq *r, uint64_t b0, uint64_t b1)
 {
-  struct job *made[64];
-  unsigned nmade = 0;
   int rc;
 
   if (range_present(e, b0, b1)) return 0;
+  /* At most a job per block (missing runs between present blocks), or per
+   * max_fetch piece of a standby read. */
+  unsigned maxmade = (unsigned) MAX(b1 - b0 + 1, r->length / e->cfg.max_fetch + 2);
+  struct job **made = malloc(maxmade * sizeof *made);
   struct pend *p = calloc(1, sizeof *p);
-  if (!p) { errno = ENOMEM; return -1; }
+  unsigned nmade = 0;
+  if (!p || !made) { free(p); free(made); errno = ENOMEM; return -1; }
   p->e = e;
   p->r = r;
   p->resume = dispatch;
@@ -91,18 +94,20 @@ static int need_blocks(struct engine *e, struct xreq *r, uint64_t b0, uint64_t b
   if (e->state == ENGINE_DETACHED || !e->src) {
     pthread_mutex_unlock(&e->lock);
     free(p);
+    free(made);
     errno = EIO;        /* forced detach left blocks missing (I7) */
     return -1;
   }
   if (e->standby && r->type == XREQ_READ)
-    rc = passthrough_locked(e, p, r, made, &nmade, ARRAY_SIZE(made));
+    rc = passthrough_locked(e, p, r, made, &nmade, maxmade);
   else
-    rc = wait_for_blocks_locked(e, p, b0, b1, made, &nmade, ARRAY_SIZE(made));
+    rc = wait_for_blocks_locked(e, p, b0, b1, made, &nmade, maxmade);
   if (rc < 0) p->err = ENOMEM;      /* jobs already joined resume p; it fails then */
   bool waits = p->pending > 0;
   if (waits) pend_waiting_locked(e, p);
   pthread_mutex_unlock(&e->lock);
   for (unsigned i = 0; i < nmade; i++) job_start(e, made[i]);
+  free(made);
   if (!waits) {
     free(p);
     if (rc < 0) { errno = ENOMEM; return -1; }
@@ -110,7 +115,6 @@ static int need_blocks(struct engine *e, struct xreq *r, uint64_t b0, uint64_t b
   }
   return 1;
 }
-
 
 /* Writes / zeroes / trims a range some of whose blocks are not present, on
  * an I/O thread.  Partial blocks at the ends are present already (the
