@@ -3,6 +3,7 @@
 #   make check      install missing Debian packages, build, run every test,
 #                   then rebuild with ASan+UBSan into build-asan/ and run again
 #   make bench      benchmarks (not tests)
+#   make soak       long soak run, as root (SOAK_MINUTES, default 30; scripts/soak.sh)
 #   make install    PREFIX=/usr/local DESTDIR=
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
@@ -39,7 +40,7 @@ TOOLS      := $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%,$(wildcard tests/to
 UNITS      := $(patsubst tests/unit/test-%.c,$(BUILDDIR)/tests/unit-%,$(wildcard tests/unit/test-*.c))
 MANPAGES   := $(wildcard man/*.[18])
 
-.PHONY: all check check-build unit e2e bench install clean deps
+.PHONY: all check check-build unit e2e bench soak install clean deps
 all: $(PROGRAMS) $(TOOLS)
 
 $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
@@ -87,6 +88,11 @@ e2e: all
 
 bench: deps all
 	scripts/bench/run-all.sh $(BUILDDIR)
+
+# A long mixed run with faults (not part of check): scripts/soak.sh.
+SOAK_MINUTES ?= 30
+soak: deps all
+	SOAK_MINUTES=$(SOAK_MINUTES) scripts/soak.sh $(BUILDDIR)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8

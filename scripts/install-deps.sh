@@ -10,7 +10,7 @@ PACKAGES=(
     libevent-dev libnbd-dev libzstd-dev libssl-dev libgnutls28-dev
     libcriterion-dev nbdkit-plugin-dev
     libnbd-bin nbdkit nbdfuse fuse3 gnutls-bin qemu-utils fio iproute2
-    python3 socat procps openssl zstd
+    python3 python3-libnbd socat procps openssl zstd
 )
 
 check_only=0
