@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """Concurrent checked reader for scripts/soak.sh (not a test by itself).
 
-    soak-reader.py URI SOURCE_IMG SEEDS_FILE STATS_FILE STOP_FILE SEED MAX_SECONDS
+    soak-reader.py URI SOURCE_IMG SEEDS_FILE STATS_FILE STOP_FILE SEED MAX_SECONDS MAX_KIB
 
-Reads random regions (4 KiB aligned, 64 KiB to 1 MiB) of the export at URI,
-one every 0.1-0.3 s, while crashload writers write to it, and checks every
+Reads random regions (4 KiB aligned, 16 KiB to MAX_KIB) of the export at
+URI, one every 0.3-0.7 s, while crashload writers write to it, and checks every
 512-byte sector it reads: it must be the source image's sector at that
 offset, or an undamaged crashload stamp for that very offset whose seed is
 listed in SEEDS_FILE (one seed a line: the writer sessions of this cycle).
@@ -55,6 +55,7 @@ def main():
     uri, src_path, seeds_path, stats_path, stop_path = sys.argv[1:6]
     rng = random.Random(int(sys.argv[6]))
     deadline = time.monotonic() + float(sys.argv[7])
+    max_blocks = int(sys.argv[8]) // 4
     src = os.open(src_path, os.O_RDONLY)
     size = os.fstat(src).st_size
     st = dict(reads=0, bytes=0, stamped_sectors=0, disconnects=0, connect_retries=0,
@@ -105,7 +106,7 @@ def main():
                 st["connect_retries"] += 1
                 time.sleep(0.2)
                 continue
-        ln = rng.choice((16, 32, 64, 128, 256)) * 4096
+        ln = rng.randint(4, max(4, max_blocks)) * 4096
         ln = min(ln, size)
         off = rng.randrange(0, (size - ln) // 4096 + 1) * 4096
         try:
@@ -138,7 +139,7 @@ def main():
                     print("%.3f BAD sector at offset %d: first bytes %s (re-read: %s)"
                           % (time.time(), off + so, sec[:32].hex(),
                              again[:32].hex() if again is not None else "failed"), flush=True)
-        time.sleep(rng.uniform(0.1, 0.3))
+        time.sleep(rng.uniform(0.3, 0.7))
     save()
     if h is not None:
         try:

@@ -12,14 +12,14 @@
 #
 #   1. a fresh cache and bitmap; xnbd-proxy in the "dst" namespace, target
 #      xnbd://, --bg-rate capped so that the background copy alone would
-#      take about 3/4 of the cycle; clients use its unix socket;
-#   2. a crashload writer (journalled writes, FUA, flushes) for the whole
-#      cycle, and a checked reader (scripts/soak-reader.py: random regions,
+#      take the whole cycle (on-demand fetches shorten it); clients use its unix socket;
+#   2. a crashload writer (journalled writes, FUA, flushes; SOAK_WRITE_RATE
+#      requests a second) for the whole cycle, and a checked reader (scripts/soak-reader.py: random regions,
 #      every sector must be the source's or an undamaged stamp of this
 #      cycle's writers at that offset); then cache-all;
 #   3. at seeded random moments: the link cut for 10-30 s (wan0 down in
 #      src), the copy paused for 3-8 s and resumed, the rate limit raised;
-#   4. once, at a seeded moment in 30-50% of the cycle, the proxy is
+#   4. once, at a seeded moment in 50-65% of the cycle, the proxy is
 #      restarted with the same files: SIGTERM in even cycles, SIGKILL in
 #      odd ones.  The writer's connection dies with it.  After the restart
 #      (cache-all again), `crashload verify` reads the whole disk and checks
@@ -51,6 +51,11 @@
 #                  printed, and in the table: rerun with it to reproduce)
 #   SOAK_SIZE_MIB  image size (default 256)
 #   SOAK_RTT / SOAK_RATE   the emulated link (default 20ms / 100mbit)
+#   SOAK_WRITE_RATE  writer requests per second (default 100: the writers'
+#                  partial writes of missing blocks are fetches too)
+#   SOAK_READ_MAX_KIB  largest read of the checked reader (default 256;
+#                  larger reads of fragmented missing ranges fail with
+#                  ENOMEM: more than 64 fetch jobs per request, see README)
 #   SOAK_TMPDIR    scratch directory (default $TMPDIR or /tmp); kept with
 #                  all logs when a cycle failed (path printed)
 #
@@ -74,6 +79,11 @@ SIZE_MIB=${SOAK_SIZE_MIB:-256}
 RTT=${SOAK_RTT:-20ms}
 RATE=${SOAK_RATE:-100mbit}
 SEED=${SOAK_SEED:-$(( $(date +%s%N) / 1000 % 1000000 ))}
+WRITE_RATE=${SOAK_WRITE_RATE:-100}
+READ_MAX_KIB=${SOAK_READ_MAX_KIB:-256}
+[[ $WRITE_RATE =~ ^[1-9][0-9]*$ ]] || die "SOAK_WRITE_RATE must be a positive integer, not '$WRITE_RATE'"
+[[ $READ_MAX_KIB =~ ^[1-9][0-9]*$ ]] && (( READ_MAX_KIB % 4 == 0 )) ||
+    die "SOAK_READ_MAX_KIB must be a positive multiple of 4, not '$READ_MAX_KIB'"
 [[ $MINUTES =~ ^[1-9][0-9]*$ ]] || die "SOAK_MINUTES must be a positive integer, not '$MINUTES'"
 [[ $SIZE_MIB =~ ^[1-9][0-9]*$ ]] && (( SIZE_MIB >= 16 )) ||
     die "SOAK_SIZE_MIB must be an integer >= 16, not '$SIZE_MIB'"
@@ -131,9 +141,9 @@ bench_cleanup_extra() {
     fi
     if (( failed_any )) && [[ -n $tmp && -d $tmp ]]; then
         # Keep the evidence: bench_cleanup removes $tmp, so move it aside.
-        local keep=${tmp}.kept
+        local keepdir=${tmp}.kept
         rm -f "$tmp"/source.img "$tmp"/c*/cache.img "$tmp"/c*/base*.img 2>/dev/null
-        mv "$tmp" "$keep" && echo "$ME: logs of the failed run kept in $keep" >&2
+        mv "$tmp" "$keepdir" && echo "$ME: logs of the failed run kept in $keepdir" >&2
     fi
 }
 bench_tmpdir soak
@@ -198,8 +208,9 @@ with open(sys.argv[1], "rb") as f:
 print(n * 4096)
 PY
 )
-# Copy rate: the non-zero data in about 3/4 of a cycle.
-BG_RATE=$(( NONZERO * 4 / (CYCLE_S * 3) ))
+# Copy rate: the background copy alone would take the whole cycle; the
+# clients' on-demand fetches shorten it to about 3/4.
+BG_RATE=$(( NONZERO / CYCLE_S ))
 echo "soak: $NONZERO non-zero bytes; background rate cap $BG_RATE B/s"
 
 up_out=$(wan up --rtt "$RTT" --rate "$RATE" --forward "$PORT" 2>&1) ||
@@ -286,7 +297,7 @@ writer_start() {
     local wseed=$(( SEED * 1000 + cyc * 10 + $1 ))
     echo "$wseed" >> "$C/seeds"
     timeout $(( $2 + 120 )) "$CRASHLOAD" write --uri "$URI" --journal "$C/journal$1" \
-        --seed "$wseed" --seconds "$2" > "$C/write$1.out" 2>&1 &
+        --seed "$wseed" --seconds "$2" --rate "$WRITE_RATE" > "$C/write$1.out" 2>&1 &
     WPID=$!
     PIDS+=("$WPID")
     wait_until 30 test -s "$C/journal$1" || fail_c "writer $1 did not start: $(cat "$C/write$1.out")"
@@ -311,24 +322,19 @@ run_cycle() {
     CTLS=$C/ctl PSOCK=$C/proxy.sock URI="nbd+unix:///?socket=$C/proxy.sock"
     FAILS=()
     C_FETCHED=0 C_ZS=0 C_ERRS=0 C_REQS=0 C_ACKED=0
-    local t0 l0 kind sig restart_at cut_at cut_len pause_at pause_len rate_at now_s
+    local t0 l0 kind restart_at cut_at cut_len pause_at pause_len now_s
     local lost_blocks=- reconnects=0 rd='-' restarts=0 verdict
     t0=$(now)
     l0=$(link_bytes)
     # The seeded plan of this cycle.
     (( cyc % 2 )) && kind=KILL || kind=TERM
-    restart_at=$(( CYCLE_S * 30 / 100 + RANDOM % (CYCLE_S * 20 / 100 + 1) ))
+    restart_at=$(( CYCLE_S * 50 / 100 + RANDOM % (CYCLE_S * 15 / 100 + 1) ))
     cut_len=$(( 10 + RANDOM % 21 ))
-    cut_at=$(( CYCLE_S * 8 / 100 + RANDOM % (CYCLE_S * 60 / 100) ))
-    # Keep the cut away from the restart itself (a proxy starting with the
-    # source unreachable is another scenario); a cut just after it hits the
-    # verification reads, which then wait for the source.
-    if (( cut_at + cut_len + 5 > restart_at && cut_at < restart_at + 10 )); then
-        cut_at=$(( restart_at + 10 + RANDOM % 10 ))
-    fi
-    pause_at=$(( CYCLE_S * 10 / 100 + RANDOM % (CYCLE_S * 15 / 100 + 1) ))
+    # The cut falls while the copy runs, and ends 5 s before the restart
+    # (a proxy starting with the source unreachable is another scenario).
+    cut_at=$(( CYCLE_S * 8 / 100 + RANDOM % (restart_at - cut_len - 5 - CYCLE_S * 8 / 100 + 1) ))
+    pause_at=$(( CYCLE_S * 5 / 100 + RANDOM % (CYCLE_S * 30 / 100 + 1) ))
     pause_len=$(( 3 + RANDOM % 6 ))
-    rate_at=$(( restart_at + 5 ))
     echo "soak: cycle $cyc: restart by SIG$kind at ${restart_at}s, link cut at ${cut_at}s for ${cut_len}s, pause at ${pause_at}s for ${pause_len}s"
     printf '%s\n' "kind=$kind restart_at=$restart_at cut_at=$cut_at cut_len=$cut_len pause_at=$pause_at pause_len=$pause_len" > "$C/plan"
 
@@ -341,7 +347,7 @@ run_cycle() {
     local p1=$PPID_C
     status_json "$C/start1.json"
     /usr/bin/python3 "$READER" "$URI" "$img" "$C/seeds" "$C/reader.json" "$C/reader.stop" \
-        "$(( SEED * 1000 + cyc ))" $(( CYCLE_S + 900 )) > "$C/reader.out" 2>&1 &
+        "$(( SEED * 1000 + cyc ))" $(( CYCLE_S + 900 )) "$READ_MAX_KIB" > "$C/reader.out" 2>&1 &
     local rpid=$!
     PIDS+=("$rpid")
     writer_start 1 "$CYCLE_S"
