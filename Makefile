@@ -3,8 +3,12 @@
 #   make check      install missing Debian packages, build, run every test,
 #                   then rebuild with ASan+UBSan into build-asan/ and run again
 #   make bench      benchmarks (not tests)
+<<<<<<< HEAD
 #   make fuzz       build the libFuzzer targets (clang) into $(FUZZDIR) and run
 #                   each for FUZZ_SECONDS from its seed corpus (tests/fuzz/)
+=======
+#   make soak       long soak run, as root (SOAK_MINUTES, default 30; scripts/soak.sh)
+>>>>>>> soak
 #   make install    PREFIX=/usr/local DESTDIR=
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
@@ -58,8 +62,12 @@ FUZZ_NAMES := $(patsubst tests/fuzz/fuzz-%.c,%,$(wildcard tests/fuzz/fuzz-*.c))
 FUZZERS    := $(FUZZ_NAMES:%=$(BUILDDIR)/fuzz/fuzz-%)
 .SECONDARY: $(FUZZ_NAMES:%=$(BUILDDIR)/tests/fuzz/fuzz-%.o)
 
+<<<<<<< HEAD
 .PHONY: all check check-build unit e2e bench install clean deps
 .PHONY: fuzz fuzz-build fuzz-smoke
+=======
+.PHONY: all check check-build unit e2e bench soak install clean deps
+>>>>>>> soak
 all: $(PROGRAMS) $(TOOLS)
 
 $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
@@ -132,6 +140,11 @@ fuzz-smoke: deps
 
 bench: deps all
 	scripts/bench/run-all.sh $(BUILDDIR)
+
+# A long mixed run with faults (not part of check): scripts/soak.sh.
+SOAK_MINUTES ?= 30
+soak: deps all
+	SOAK_MINUTES=$(SOAK_MINUTES) scripts/soak.sh $(BUILDDIR)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8

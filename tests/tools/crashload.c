@@ -3,6 +3,7 @@
  *
  *   crashload write --uri URI --journal FILE --seed N
  *                   [--seconds S] [--qd N] [--max-ops N] [--hot BLOCKS]
+ *                   [--rate OPS]
  *       Writes to the export until the connection dies (the test kills the
  *       server), S seconds pass (default 10) or N operations were issued:
  *       whole-block writes (1-4 blocks), partial writes inside a block,
@@ -12,7 +13,8 @@
  *       set of blocks, so ranges are written many times.  Every 512-byte
  *       sector written carries a stamp (magic, seed, sequence number, its
  *       own offset) followed by bytes derived from them, so any sector read
- *       back names the write it came from.
+ *       back names the write it came from.  --rate issues at most OPS
+ *       requests a second (default 0: as fast as the server answers).
  *
  *       The journal gets one line per event, appended (and fdatasync'd
  *       after each batch) in the order this program saw them:
@@ -59,7 +61,7 @@
 
 static const char *uri, *journal_path, *source_path, *dump_path;
 static uint64_t seed, max_ops;
-static unsigned seconds = 10, qd = 8, hot = 64;
+static unsigned seconds = 10, qd = 8, hot = 64, rate;
 
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 static void die(const char *fmt, ...)
@@ -211,7 +213,8 @@ static int do_write(void)
   for (unsigned i = 0; i < qd; i++)
     if (!(ops[i].buf = malloc(MAX_WRITE))) die("out of memory");
   flush_every = 2 + rnd(7);
-  uint64_t deadline = now_ns() + (uint64_t) seconds * 1000000000u;
+  uint64_t t_start = now_ns(), next_ns = t_start;
+  uint64_t deadline = t_start + (uint64_t) seconds * 1000000000u;
   uint64_t hard_deadline = deadline + UINT64_C(60) * 1000000000u;
   bool stop = false, dead = false;
 
@@ -220,6 +223,7 @@ static int do_write(void)
     while (!stop && nactive < qd) {
       if (now_ns() >= deadline) { stop = true; reason = "time limit reached"; break; }
       if (max_ops && issued >= max_ops) { stop = true; reason = "operation limit reached"; break; }
+      if (rate && now_ns() < (next_ns = t_start + issued * UINT64_C(1000000000) / rate)) break;
       struct op *o = NULL;
       for (unsigned i = 0; i < qd; i++) if (!ops[i].active) { o = &ops[i]; break; }
       bool flush = since_flush >= flush_every;
@@ -268,7 +272,10 @@ static int do_write(void)
     if (stop && nactive == 0) break;
     if (now_ns() >= hard_deadline) die("requests still in flight 60 s after the time limit");
 
-    int r = nbd_poll(h, 1000);
+    int wait_ms = 1000;
+    if (rate && !stop && nactive < qd && next_ns > now_ns())
+      wait_ms = (int) MIN(1000, (next_ns - now_ns()) / 1000000 + 1);
+    int r = nbd_poll(h, wait_ms);
     if (r < 0 && !reason) {
       snprintf(why, sizeof why, "connection lost: %s", nbd_get_error());
       reason = why;
@@ -557,7 +564,7 @@ static void usage(void)
 {
   fprintf(stderr,
     "usage: crashload write --uri URI --journal FILE --seed N [--seconds S]\n"
-    "                       [--qd N] [--max-ops N] [--hot BLOCKS]\n"
+    "                       [--qd N] [--max-ops N] [--hot BLOCKS] [--rate OPS]\n"
     "       crashload verify --uri URI --journal FILE --source IMG [--dump FILE]\n");
   exit(2);
 }
@@ -574,7 +581,7 @@ static uint64_t num(const char *opt, const char *s, uint64_t lo, uint64_t hi)
 
 int main(int argc, char **argv)
 {
-  enum { O_URI = 256, O_JOURNAL, O_SEED, O_SECONDS, O_QD, O_MAXOPS, O_HOT,
+  enum { O_URI = 256, O_JOURNAL, O_SEED, O_SECONDS, O_QD, O_MAXOPS, O_HOT, O_RATE,
          O_SOURCE, O_DUMP };
   static const struct option longopts[] = {
     { "uri", required_argument, 0, O_URI },
@@ -584,6 +591,7 @@ int main(int argc, char **argv)
     { "qd", required_argument, 0, O_QD },
     { "max-ops", required_argument, 0, O_MAXOPS },
     { "hot", required_argument, 0, O_HOT },
+    { "rate", required_argument, 0, O_RATE },
     { "source", required_argument, 0, O_SOURCE },
     { "dump", required_argument, 0, O_DUMP },
     { 0, 0, 0, 0 }
@@ -602,6 +610,7 @@ int main(int argc, char **argv)
     case O_QD: qd = num("--qd", optarg, 1, MAX_QD); break;
     case O_MAXOPS: max_ops = num("--max-ops", optarg, 1, UINT64_C(1) << 30); break;
     case O_HOT: hot = num("--hot", optarg, 1, UINT32_MAX); break;
+    case O_RATE: rate = num("--rate", optarg, 0, 1000000); break;
     case O_SOURCE: source_path = optarg; break;
     case O_DUMP: dump_path = optarg; break;
     default: usage();
