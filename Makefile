@@ -3,12 +3,9 @@
 #   make check      install missing Debian packages, build, run every test,
 #                   then rebuild with ASan+UBSan into build-asan/ and run again
 #   make bench      benchmarks (not tests)
-<<<<<<< HEAD
 #   make fuzz       build the libFuzzer targets (clang) into $(FUZZDIR) and run
 #                   each for FUZZ_SECONDS from its seed corpus (tests/fuzz/)
-=======
 #   make soak       long soak run, as root (SOAK_MINUTES, default 30; scripts/soak.sh)
->>>>>>> soak
 #   make install    PREFIX=/usr/local DESTDIR=
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
@@ -62,12 +59,8 @@ FUZZ_NAMES := $(patsubst tests/fuzz/fuzz-%.c,%,$(wildcard tests/fuzz/fuzz-*.c))
 FUZZERS    := $(FUZZ_NAMES:%=$(BUILDDIR)/fuzz/fuzz-%)
 .SECONDARY: $(FUZZ_NAMES:%=$(BUILDDIR)/tests/fuzz/fuzz-%.o)
 
-<<<<<<< HEAD
-.PHONY: all check check-build unit e2e bench install clean deps
-.PHONY: fuzz fuzz-build fuzz-smoke
-=======
 .PHONY: all check check-build unit e2e bench soak install clean deps
->>>>>>> soak
+.PHONY: fuzz fuzz-build fuzz-smoke
 all: $(PROGRAMS) $(TOOLS)
 
 $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)

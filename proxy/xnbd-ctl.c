@@ -428,6 +428,12 @@ static void print_status(const struct json *j)
          u64_of(j, "fetches.ondemand", NULL), u64_of(j, "fetches.background", NULL),
          u64_of(j, "fetches.errors", NULL));
   printf("zero-skipped:   %s\n", size_str(u64_of(j, "bytes.zero_skipped", NULL), a, sizeof a));
+  if (bool_of(j, "dedup") || u64_of(j, "bytes.seeded", NULL)) {
+    char d[32];
+    printf("from seeds:     %s (verified by SHA-256; %s of digests read)\n",
+           size_str(u64_of(j, "bytes.seeded", NULL), a, sizeof a),
+           size_str(u64_of(j, "bytes.digests", NULL), d, sizeof d));
+  }
   printf("local writes:   %s\n", size_str(u64_of(j, "bytes.local_written", NULL), a, sizeof a));
   printf("fetch rate:     %s\n", rate_str(u64_of(j, "fetch_rate", NULL), a, sizeof a));
   printf("waiting:        %" PRIu64 " client requests waiting on the source\n",

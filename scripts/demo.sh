@@ -299,6 +299,9 @@ def report(status, image_size, wire_sent, wire_recv, veth_rx, veth_tx):
     if b.get("bridged"):
         print("  zeros read across        %s  (known-zero blocks inside larger background reads:" % mib(b["bridged"]))
         print("                           sent as holes, not written again, not in 'fetched')")
+    if b.get("seeded") or j.get("dedup"):
+        print("  copied from seeds at B   %s  (blocks already at site B, found by SHA-256 and" % mib(b.get("seeded", 0)))
+        print("                           checked again before use; %s of digests crossed)" % mib(b.get("digests", 0)))
     print("  written by the client    %s  (stayed at site B)" % mib(b["local_written"]))
     if j.get("rtt_us"):
         print("  round trip to A          %.1f ms (measured by the proxy)" % (j["rtt_us"] / 1000.0))

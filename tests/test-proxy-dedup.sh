@@ -14,6 +14,9 @@
 #          used, the copy completes, and the log says why.
 #   run 4: the same source with --digests from xnbd-digest: the seed is
 #          used; a digest file made for another image is refused.
+#   run 5: a slow background copy (--bg-rate): once the digests are in, a
+#          client's read of seeded blocks far ahead of the copy is served
+#          from the seed, with no on-demand fetch.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img nbdkit
 
@@ -106,4 +109,23 @@ seeded=$(json_get "$s" bytes.seeded)
 [ "$seeded" -ge $((14 * M)) ] || fail "run 4: bytes.seeded $seeded with a digest file: $s"
 qemu-img compare -q -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/r4.sock")" ||
   fail "run 4: the proxy's disk differs from the source"
+stop_ok "$PROXY_PID" xnbd-proxy
+
+# Run 5: a miss served from a seed (the seed was restored to its first state
+# for blocks 256.. only: read the source's 17-18 MiB = seed MiB 1).
+run_proxy r5 --bg-rate 64K
+ctl_ok "$TESTDIR/r5.ctl" cache-all >/dev/null
+wait_status "$TESTDIR/r5.ctl" 30 'j["bytes"]["digests"] == 32 * 1048576 // 4096 * 32'
+before=$(proxy_status "$TESTDIR/r5.ctl" fetches.ondemand)
+hexdump_of () {   # FILE-OR-URI OFF LEN: the bytes as qemu-io prints them
+  qemu-io -f raw -r -c "read -v $2 $3" "$1" | grep -v '^read\|ops/sec'
+}
+[ "$(hexdump_of "$(nbd_unix_uri "$TESTDIR/r5.sock")" $((17 * M)) 1M)" = \
+  "$(hexdump_of "$src" $((17 * M)) 1M)" ] ||
+  fail "run 5: the read served from the seed differs from the source"
+s=$(ctl_ok "$TESTDIR/r5.ctl" status)
+echo "run 5: $s"
+[ "$(json_get "$s" fetches.ondemand)" -eq "$before" ] ||
+  fail "run 5: the read of seeded blocks went to the source: $s"
+[ "$(json_get "$s" bytes.seeded)" -ge $((1 * M)) ] || fail "run 5: nothing seeded: $s"
 echo OK

@@ -34,10 +34,19 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
     struct job *j;
     if (bitmap_test(e->bm, b)) { b++; continue; }
     j = inflight_get(e, b);
-    if (!j) {
+    struct index_loc loc;
+    if (!j && e->ix && seed_hit(e, b, &loc)) {
+      /* Its digest is known and a seed has it: no round trip. */
+      if (*nmade == maxmade) return -1;
+      j = local_job_locked(e, b);
+      if (!j) return -1;
+      made[(*nmade)++] = j;
+      b = MIN(j->first + j->count, b1 + 1);
+    } else if (!j) {
       uint64_t s = b;
       if (*nmade == maxmade) return -1;
-      while (b <= b1 && b - s < per_job && !bitmap_test(e->bm, b) && !inflight_get(e, b))
+      while (b <= b1 && b - s < per_job && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
+             (b == s || !e->ix || !seed_hit(e, b, &loc)))
         b++;
       j = job_make_locked(e, JOB_ONDEMAND, s, b - s);
       if (!j) return -1;

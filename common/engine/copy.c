@@ -16,9 +16,8 @@
 #define STATUS_QUERIES 16                    /* block status queries in flight */
 #define RATE_SAMPLES 40
 #define BRIDGE_MAX 32
-#define DIG_CHUNK_BLOCKS 16384                /* digests asked per query: 512 KiB */
+
 #define DIG_QUERIES 8                         /* digest queries in flight */
-#define LOCAL_JOB_BLOCKS 256                  /* 1 MiB copied from seeds per job */
 #define LOCAL_INFLIGHT (UINT64_C(64) << 20)   /* bytes being copied from seeds */
 
 struct status_query {
@@ -290,43 +289,6 @@ static void digests_watch(struct engine *e, uint64_t now)
   log_warn("%s", e->last_error);
 }
 
-/* Under lock: the source's digest of block b, if known. */
-static const uint8_t *digest_of(struct engine *e, uint64_t b)
-{
-  const uint8_t *d = e->copy.dig ? e->copy.dig[b / DIG_CHUNK_BLOCKS] : NULL;
-  return d ? d + (b % DIG_CHUNK_BLOCKS) * DIGEST_LEN : NULL;
-}
-
-/* Under lock: a seed block for missing block b (a candidate: verified
- * when used). */
-static bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc)
-{
-  const uint8_t *d = digest_of(e, b);
-  return d && e->ix && memcmp(d, digest_zero(), DIGEST_LEN) != 0 &&
-         index_lookup(e->ix, d, loc, 1) == 1;
-}
-
-/* Under lock: a JOB_LOCAL job for the run of seed hits from b (b hits). */
-static struct job *local_job_locked(struct engine *e, uint64_t b)
-{
-  struct index_loc locs[LOCAL_JOB_BLOCKS];
-  uint64_t n = 0;
-  while (n < LOCAL_JOB_BLOCKS && b + n < e->nblocks && !bitmap_test(e->bm, b + n) &&
-         !inflight_get(e, b + n) && seed_hit(e, b + n, &locs[n]))
-    n++;
-  struct job *j = job_make_locked(e, JOB_LOCAL, b, n);
-  if (!j) return NULL;
-  j->locs = malloc(n * sizeof *j->locs);
-  j->digests = malloc(n * DIGEST_LEN);
-  if (j->locs && j->digests) {
-    memcpy(j->locs, locs, n * sizeof *locs);
-    for (uint64_t i = 0; i < n; i++)
-      memcpy(j->digests + i * DIGEST_LEN, digest_of(e, b + i), DIGEST_LEN);
-  } else
-    j->kind = JOB_BACKGROUND;     /* no memory for the lists: fetch it */
-  return j;
-}
-
 /* ---------- background jobs ---------- */
 
 /* Under lock.  Shuffled images alternate short runs of data and zero
@@ -391,8 +353,6 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
       if (c->local_inflight >= LOCAL_INFLIGHT) break;
       struct job *j = local_job_locked(e, b);
       if (!j) break;
-      if (j->kind == JOB_LOCAL) c->local_inflight += j->len;
-      else c->inflight_bytes += j->len;
       c->cursor = b + j->count;
       list[n++] = j;
       continue;

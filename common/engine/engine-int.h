@@ -166,6 +166,14 @@ struct job *job_make_locked(struct engine *e, enum job_kind kind,
                             uint64_t first, uint64_t count);
 void job_start(struct engine *e, struct job *j);
 struct job *inflight_get(struct engine *e, uint64_t block);
+/* Deduplication, under lock: the source's digest of block b if known, a
+ * seed candidate for it, and a JOB_LOCAL job for the run of candidates
+ * from b (b must have one; JOB_BACKGROUND if its lists cannot be made). */
+#define LOCAL_JOB_BLOCKS 256           /* 1 MiB copied from seeds per job */
+#define DIG_CHUNK_BLOCKS 16384          /* digests asked per query: 512 KiB */
+const uint8_t *digest_of(struct engine *e, uint64_t b);
+bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc);
+struct job *local_job_locked(struct engine *e, uint64_t b);
 int job_add_waiter_locked(struct job *j, struct pend *p);
 void pend_waiting_locked(struct engine *e, struct pend *p);
 void engine_expire_waiters(struct engine *e, uint64_t now);

@@ -7,6 +7,7 @@
  * blocks still missing, marks them present, wakes the waiting requests and
  * checks for completion. */
 #include "engine-int.h"
+#include "digest.h"
 #include "workq.h"
 #include "log.h"
 #include "util.h"
@@ -156,6 +157,48 @@ struct job *job_make_locked(struct engine *e, enum job_kind kind,
     j->owned++;
   }
   e->blocks_inflight += j->owned;
+  return j;
+}
+
+/* ---------- present locally (deduplication) ---------- */
+
+/* Under lock: the source's digest of block b, if known. */
+const uint8_t *digest_of(struct engine *e, uint64_t b)
+{
+  const uint8_t *d = e->copy.dig ? e->copy.dig[b / DIG_CHUNK_BLOCKS] : NULL;
+  return d ? d + (b % DIG_CHUNK_BLOCKS) * DIGEST_LEN : NULL;
+}
+
+/* Under lock: a seed block for missing block b (a candidate: verified
+ * when used). */
+bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc)
+{
+  const uint8_t *d = digest_of(e, b);
+  return d && e->ix && memcmp(d, digest_zero(), DIGEST_LEN) != 0 &&
+         index_lookup(e->ix, d, loc, 1) == 1;
+}
+
+/* Under lock: a JOB_LOCAL job for the run of seed hits from b (b hits). */
+struct job *local_job_locked(struct engine *e, uint64_t b)
+{
+  struct index_loc locs[LOCAL_JOB_BLOCKS];
+  uint64_t n = 0;
+  while (n < LOCAL_JOB_BLOCKS && b + n < e->nblocks && !bitmap_test(e->bm, b + n) &&
+         !inflight_get(e, b + n) && seed_hit(e, b + n, &locs[n]))
+    n++;
+  struct job *j = job_make_locked(e, JOB_LOCAL, b, n);
+  if (!j) return NULL;
+  j->locs = malloc(n * sizeof *j->locs);
+  j->digests = malloc(n * DIGEST_LEN);
+  if (j->locs && j->digests) {
+    memcpy(j->locs, locs, n * sizeof *locs);
+    for (uint64_t i = 0; i < n; i++)
+      memcpy(j->digests + i * DIGEST_LEN, digest_of(e, b + i), DIGEST_LEN);
+    e->copy.local_inflight += j->len;
+  } else {
+    j->kind = JOB_BACKGROUND;     /* no memory for the lists: fetch it */
+    e->copy.inflight_bytes += j->len;
+  }
   return j;
 }
 
@@ -430,7 +473,8 @@ static void fetch(struct engine *e, struct job *j)
   j->state = JOB_FETCHING;
   j->sr = (struct source_req) {
     .kind = SOURCE_READ,
-    .urgent = j->kind == JOB_ONDEMAND || j->kind == JOB_PASSTHROUGH,
+    .urgent = j->kind == JOB_ONDEMAND || j->kind == JOB_PASSTHROUGH ||
+              (j->kind == JOB_LOCAL && j->waiters),
     .off = j->off, .len = j->len, .buf = j->buf, .done = fetched, .opaque = j,
   };
   source_submit(e->src, &j->sr);
