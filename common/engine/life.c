@@ -404,10 +404,13 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   snprintf(st->last_error, sizeof st->last_error, "%s",
            e->last_error[0] ? e->last_error : ss.last_error);
   pthread_mutex_unlock(&e->lock);
-  st->wire_tx_raw = atomic_load(&wan_totals.tx_raw);
-  st->wire_tx = atomic_load(&wan_totals.tx_wire);
-  st->wire_rx = atomic_load(&wan_totals.rx_wire);
-  st->wire_rx_raw = atomic_load(&wan_totals.rx_raw);
+  /* This engine's own WAN bytes: its data and digest connections. */
+  struct source_stats ds = { 0 };
+  if (e->dsrc) source_get_stats(e->dsrc, &ds);
+  st->wire_tx_raw = ss.wire_tx_raw + ds.wire_tx_raw;
+  st->wire_tx = ss.wire_tx + ds.wire_tx;
+  st->wire_rx = ss.wire_rx + ds.wire_rx;
+  st->wire_rx_raw = ss.wire_rx_raw + ds.wire_rx_raw;
 }
 
 static bool attached(struct engine *e, char *err, size_t errlen)

@@ -44,6 +44,7 @@ struct source {
   struct source_config cfg;
   char *target, *export_name;
   struct wan_tls *wan_tls;
+  struct wan_counters *wire;    /* this source's WAN transport bytes */
   uint64_t size;
   bool zeros_cheap;
   char id[SOURCE_ID_MAX + 1];   /* identity at start-up */
@@ -171,7 +172,7 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     int level = s->cfg.compress_level;
     unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (t.tls ? WAN_F_TLS : 0);
     int fd = wan_connect(t.host, t.port, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
-                         s->wan_tls, s->cfg.timeout_s, err, errlen);
+                         s->wan_tls, s->cfg.timeout_s, s->wire, err, errlen);
     if (fd < 0) goto out_close;
     if (set_export(s, h, t.export_name) < 0 || nbd_aio_connect_socket(h, fd) < 0)
       goto fail;
@@ -242,6 +243,7 @@ static void source_free(struct source *s)
   for (unsigned i = 0; i < MAX_CONNS; i++)
     if (s->c[i].h) nbd_close(s->c[i].h);
   wan_tls_free(s->wan_tls);
+  wan_counters_put(s->wire);
   if (s->wake_fd >= 0) close(s->wake_fd);
   free(s->target);
   free(s->export_name);
@@ -258,11 +260,12 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   s->cfg = *cfg;
   s->wake_fd = -1;
   pthread_mutex_init(&s->lock, NULL);
+  s->wire = wan_counters_new();
   s->target = strdup(cfg->target);
   s->export_name = strdup(cfg->export_name ? cfg->export_name : "");
   s->n = MIN(MAX(cfg->connections, 1u), (unsigned) MAX_CONNS);
   if (!s->cfg.timeout_s) s->cfg.timeout_s = 60;
-  if (!s->target || !s->export_name) {
+  if (!s->target || !s->export_name || !s->wire) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -851,6 +854,10 @@ void source_get_stats(struct source *s, struct source_stats *st)
   st->connections = s->n;
   st->connections_up = atomic_load(&s->up);
   st->rtt_ns = atomic_load(&s->rtt_ns);
+  st->wire_tx_raw = atomic_load(&s->wire->tx_raw);
+  st->wire_tx = atomic_load(&s->wire->tx_wire);
+  st->wire_rx = atomic_load(&s->wire->rx_wire);
+  st->wire_rx_raw = atomic_load(&s->wire->rx_raw);
   pthread_mutex_lock(&s->lock);
   st->reconnects = s->reconnects;
   st->dead_stalled = s->dead_stalled;

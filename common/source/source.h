@@ -116,6 +116,9 @@ struct source_stats {
   uint64_t rtt_ns;             /* smallest recent round trip (0: unknown) */
   uint64_t reconnects, dead_stalled, protocol_errors;
   bool zeros_cheap;
+  /* xnbd:// transport bytes of this source's connections, both ways,
+   * before (raw) and after zstd. */
+  uint64_t wire_tx_raw, wire_tx, wire_rx, wire_rx_raw;
   char target[512];
   char last_error[512];
 };

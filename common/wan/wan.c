@@ -25,6 +25,24 @@
 #define HELLO_SIZE 20
 
 struct wan_counters wan_totals;
+
+struct wan_counters *wan_counters_new(void)
+{
+  struct wan_counters *c = calloc(1, sizeof *c);
+  if (c) atomic_store(&c->refs, 1);
+  return c;
+}
+
+void wan_counters_put(struct wan_counters *c)
+{
+  if (c && atomic_fetch_sub(&c->refs, 1) == 1) free(c);
+}
+
+/* Adds to the process's totals and to the connection owner's counters. */
+#define COUNT(p, field, n) do {                                          \
+    atomic_fetch_add(&wan_totals.field, (n));                            \
+    if ((p)->ctr) atomic_fetch_add(&(p)->ctr->field, (n));               \
+  } while (0)
 static atomic_uint_fast64_t hello_rtt_min;
 static atomic_uint live_pumps;
 
@@ -232,6 +250,7 @@ struct pump {
   bool ssl_want_read, ssl_want_write;
   bool dpending;                  /* zstd may hold more output for us */
   bool cpending;                  /* the compressor holds unflushed input */
+  struct wan_counters *ctr;       /* the owner's counters (a reference), or NULL */
 };
 
 static void pump_free(struct pump *p)
@@ -242,6 +261,7 @@ static void pump_free(struct pump *p)
   ZSTD_freeCCtx(p->cctx);
   ZSTD_freeDCtx(p->dctx);
   free(p->lin); free(p->wout); free(p->win); free(p->lout);
+  wan_counters_put(p->ctr);
   free(p);
 }
 
@@ -414,7 +434,7 @@ static int pump_step(struct pump *p)
   if (p->wout_len == 0 && !p->local_eof) {
     n = read(p->local, p->lin, CHUNK);
     if (n > 0) {
-      atomic_fetch_add(&wan_totals.tx_raw, n);
+      COUNT(p, tx_raw, n);
       if (p->zstd) {
         if (compress(p, p->lin, n, n < CHUNK ? ZSTD_e_flush : ZSTD_e_continue) < 0)
           return -1;
@@ -437,7 +457,7 @@ static int pump_step(struct pump *p)
   if (p->wout_len) {
     n = wan_io(p, p->wout + p->wout_off, p->wout_len, true);
     if (n > 0) {
-      atomic_fetch_add(&wan_totals.tx_wire, n);
+      COUNT(p, tx_wire, n);
       p->wout_off += n;
       p->wout_len -= n;
       moved = 1;
@@ -454,7 +474,7 @@ static int pump_step(struct pump *p)
   if (p->win_len == 0 && !p->wan_eof) {
     n = wan_io(p, p->win, CHUNK, false);
     if (n > 0) {
-      atomic_fetch_add(&wan_totals.rx_wire, n);
+      COUNT(p, rx_wire, n);
       p->win_off = 0;
       p->win_len = n;
       moved = 1;
@@ -484,7 +504,7 @@ static int pump_step(struct pump *p)
       p->win_len = 0;
     }
     p->lout_off = 0;
-    atomic_fetch_add(&wan_totals.rx_raw, p->lout_len);
+    COUNT(p, rx_raw, p->lout_len);
     moved = 1;
   }
   /* lout -> local */
@@ -614,7 +634,8 @@ int wan_serve(int wan_fd, struct wan_tls *tls, bool require_tls,
 }
 
 int wan_connect(const char *host, const char *port, unsigned flags, int level,
-                struct wan_tls *tls, unsigned timeout_s, char *err, size_t errlen)
+                struct wan_tls *tls, unsigned timeout_s,
+                struct wan_counters *counters, char *err, size_t errlen)
 {
   struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res;
   struct pump *p;
@@ -643,6 +664,10 @@ int wan_connect(const char *host, const char *port, unsigned flags, int level,
   p->flags = flags;
   p->level = level;
   p->tls = tls;
+  if (counters) {
+    atomic_fetch_add(&counters->refs, 1);
+    p->ctr = counters;
+  }
   snprintf(p->host, sizeof p->host, "%s", host);
   p->deadline = now_ns() + (uint64_t) timeout_s * 1000000000u;
   int local = pump_start(p);

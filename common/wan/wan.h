@@ -41,12 +41,19 @@
  * ratio and still compresses over 3 Gbit/s per core. */
 #define WAN_DEFAULT_LEVEL 3
 
-/* Bytes counted by every pump of a process (sums over connections). */
+/* Bytes through WAN pumps.  wan_totals sums every pump of the process; a
+ * client (an engine's source) can also have its own set, counted by the
+ * pumps of its connections: made by wan_counters_new(), shared with each
+ * pump it starts (a pump may outlive its connection's owner), freed when
+ * the last holder calls wan_counters_put(). */
 struct wan_counters {
   atomic_uint_fast64_t tx_raw, tx_wire;    /* sent: before / after compression */
   atomic_uint_fast64_t rx_wire, rx_raw;    /* received: on the wire / after */
+  atomic_int refs;                         /* wan_counters_new() sets, not wan_totals */
 };
 extern struct wan_counters wan_totals;
+struct wan_counters *wan_counters_new(void);
+void wan_counters_put(struct wan_counters *c);
 
 /* The smallest round trip a client handshake has seen (hello sent to
  * reply received), in ns; 0 before any.  A clean sample of the path's
@@ -83,7 +90,7 @@ int wan_serve(int wan_fd, struct wan_tls *tls, bool require_tls,
  * local end of a socketpair carrying NBD, or -1 with a message in err. */
 int wan_connect(const char *host, const char *port, unsigned flags,
                 int level, struct wan_tls *tls, unsigned timeout_s,
-                char *err, size_t errlen);
+                struct wan_counters *counters, char *err, size_t errlen);
 
 /* Waits until every pump thread has finished (their peers see EOF once
  * the local ends are closed), at most timeout_ms; returns how many are

@@ -122,7 +122,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   } else {
     char err[256];
     local = wan_connect("127.0.0.1", listen_port, (mode & 4) ? WAN_F_ZSTD : 0,
-                        WAN_DEFAULT_LEVEL, NULL, 10, err, sizeof err);
+                        WAN_DEFAULT_LEVEL, NULL, 10, NULL, err, sizeof err);
     FUZZ_CHECK(local >= 0, "wan_connect: %s", err);
     do wan_peer = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
     while (wan_peer < 0 && errno == EINTR);
