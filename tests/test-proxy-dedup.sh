@@ -17,6 +17,9 @@
 #   run 5: a slow background copy (--bg-rate): once the digests are in, a
 #          client's read of seeded blocks far ahead of the copy is served
 #          from the seed, with no on-demand fetch.
+#   run 6: the VM moves back: run 1's cache (a full older copy), a new
+#          bitmap, and 1 MiB changed at the source since: only that MiB
+#          crosses; the rest is kept from the cache after its digest check.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img nbdkit
 
@@ -128,4 +131,21 @@ echo "run 5: $s"
 [ "$(json_get "$s" fetches.ondemand)" -eq "$before" ] ||
   fail "run 5: the read of seeded blocks went to the source: $s"
 [ "$(json_get "$s" bytes.seeded)" -ge $((1 * M)) ] || fail "run 5: nothing seeded: $s"
+stop_ok "$PROXY_PID" xnbd-proxy
+
+# Run 6: an older copy in the cache, used at the same offset (no --seed).
+head -c $((1 * M)) /dev/urandom | dd of="$src" bs=1M seek=26 conv=notrunc status=none
+start_proxy --target "$(nbd_unix_uri "$ssock")" --cache "$TESTDIR/r1.cache" \
+  --bitmap "$TESTDIR/r1.bitmap" --control "$TESTDIR/r6.ctl" -u "$TESTDIR/r6.sock" --clear-bitmap
+grep -q "holds .* blocks of older data" "$PROXY_LOG" || fail "run 6: the older copy was not noticed"
+ctl_ok "$TESTDIR/r6.ctl" cache-all >/dev/null
+wait_state "$TESTDIR/r6.ctl" complete 60
+qemu-img compare -q -f raw -F raw "$src" "$(nbd_unix_uri "$TESTDIR/r6.sock")" ||
+  fail "run 6: the proxy's disk differs from the source"
+s=$(ctl_ok "$TESTDIR/r6.ctl" status)
+echo "run 6: $s"
+fetched=$(json_get "$s" bytes.fetched) seeded=$(json_get "$s" bytes.seeded)
+[ "$fetched" -le $((2 * M)) ] && [ "$fetched" -ge $((1 * M)) ] ||
+  fail "run 6: fetched $fetched bytes, expected the changed MiB (at most 2 MiB): $s"
+[ "$seeded" -ge $((26 * M)) ] || fail "run 6: only $seeded bytes kept from the older copy: $s"
 echo OK

@@ -349,7 +349,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     if (b * e->bs >= c->status_until) break;
     if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
     struct index_loc loc;
-    if (e->ix && seed_hit(e, b, &loc)) {
+    if (seed_hit(e, b, &loc)) {
       if (c->local_inflight >= LOCAL_INFLIGHT) break;
       struct job *j = local_job_locked(e, b);
       if (!j) break;
@@ -361,7 +361,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, s + per_job);
     for (;;) {
       while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
-             (b == s || !e->ix || !seed_hit(e, b, &loc)))
+             (b == s || !seed_hit(e, b, &loc)))
         b++;
       uint64_t g = bridge_gap(e, b, lim, cheap);
       if (g == b) break;

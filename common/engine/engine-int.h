@@ -131,6 +131,9 @@ struct engine {
   struct source *dsrc;          /* the source's digest export, or NULL */
   struct index *ix;             /* the seeds' index, or NULL */
   struct digest_file *dfile;    /* the source's digests from a file, or NULL */
+  /* Blocks not present whose cache holds data from before (an older copy
+   * of this disk): a seed at the same offset (index_loc.seed CACHE_SEED). */
+  uint64_t *old_data;
   char live_id[BITMAP_SOURCE_ID_MAX + 1];   /* the source's identity now */
   bool has_status;              /* the source offers base:allocation */
   pthread_mutex_t stripe[STRIPES];
@@ -169,6 +172,7 @@ struct job *inflight_get(struct engine *e, uint64_t block);
 /* Deduplication, under lock: the source's digest of block b if known, a
  * seed candidate for it, and a JOB_LOCAL job for the run of candidates
  * from b (b must have one; JOB_BACKGROUND if its lists cannot be made). */
+#define CACHE_SEED UINT32_MAX          /* index_loc.seed: the cache itself */
 #define LOCAL_JOB_BLOCKS 256           /* 1 MiB copied from seeds per job */
 #define DIG_CHUNK_BLOCKS 16384          /* digests asked per query: 512 KiB */
 const uint8_t *digest_of(struct engine *e, uint64_t b);

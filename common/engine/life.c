@@ -170,12 +170,10 @@ static int open_digest_file(struct engine *e, char *err, size_t errlen)
   return digest_file_open(e->cfg.digests_path, e->size, sample, &e->dfile, err, errlen);
 }
 
-/* Deduplication: the seeds' index, and the source's digest export.  A
- * source without digests (not xnbd-server) leaves the seeds unused. */
+/* Deduplication, before any file is made: the seeds' index, and the
+ * digest file if given (the digest export is opened by open_digests). */
 static int open_dedup(struct engine *e, char *err, size_t errlen)
 {
-  struct source_info info;
-  char why[512];
   if (!e->cfg.nseeds) return 0;
   if (e->bs != DIGEST_BLOCK) {
     log_warn("--seed needs --block-size 4096 (digests are per 4 KiB block): "
@@ -190,6 +188,41 @@ static int open_dedup(struct engine *e, char *err, size_t errlen)
              e->cfg.nseeds, e->cfg.nseeds > 1 ? "s" : "", e->cfg.digests_path);
     return 0;
   }
+  return 0;
+}
+
+/* An older copy of this disk in the cache (the VM moves back to a site
+ * whose cache it left, or a bitmap started over on an old cache): data at
+ * blocks not present, each used only if it hashes to the source's digest.
+ * Worth the digests only when there is a fair amount of it. */
+static void find_old_data(struct engine *e)
+{
+  if (e->bs != DIGEST_BLOCK) return;
+  e->old_data = calloc(e->nblocks / 64 + 1, sizeof *e->old_data);
+  if (!e->old_data) return;
+  int64_t n = cache_data_blocks(e->cache, e->bs, e->old_data);
+  uint64_t old = 0;
+  for (uint64_t b = 0; n > 0 && b < e->nblocks; b++) {
+    if (!(e->old_data[b / 64] >> (b % 64) & 1)) continue;
+    if (bitmap_test(e->bm, b)) e->old_data[b / 64] &= ~(UINT64_C(1) << (b % 64));
+    else old++;
+  }
+  if (old < 256) {                /* under 1 MiB: not worth the digests */
+    free(e->old_data);
+    e->old_data = NULL;
+    return;
+  }
+  log_info("cache %s holds %" PRIu64 " blocks of older data where no block is "
+           "present yet: each is kept if it matches the source's digest",
+           e->cache_path, old);
+}
+
+/* The source's digest export, when seeds or an older copy can use it. */
+static void open_digests(struct engine *e)
+{
+  struct source_info info;
+  char why[512];
+  if ((!e->ix && !e->old_data) || e->dfile) return;
   struct source_config dc = {
     .target = e->target, .export_name = e->target_export, .connections = 1,
     .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
@@ -200,19 +233,22 @@ static int open_dedup(struct engine *e, char *err, size_t errlen)
   };
   e->dsrc = source_open(&dc, &info, why, sizeof why);
   if (!e->dsrc) {
-    log_warn("the source publishes no block digests (%s): the %u seed%s cannot "
-             "be used (xnbd-server publishes them; see xnbd-proxy(8))", why,
-             e->cfg.nseeds, e->cfg.nseeds > 1 ? "s" : "");
-    index_close(e->ix);
+    log_warn("the source publishes no block digests (%s): %s cannot be used "
+             "(xnbd-server publishes them; see xnbd-proxy(8))", why,
+             e->ix ? "the seeds" : "the older data in the cache");
+    if (e->ix) index_close(e->ix);
     e->ix = NULL;
-    return 0;
+    free(e->old_data);
+    e->old_data = NULL;
+    return;
   }
-  struct index_stats is;
-  index_get_stats(e->ix, &is);
-  log_info("deduplication: %u seed%s, %" PRIu64 " blocks indexed (%" PRIu64
-           " hashed now); the source publishes digests", is.seeds,
-           is.seeds > 1 ? "s" : "", is.blocks_indexed, is.blocks_hashed);
-  return 0;
+  if (e->ix) {
+    struct index_stats is;
+    index_get_stats(e->ix, &is);
+    log_info("deduplication: %u seed%s, %" PRIu64 " blocks indexed (%" PRIu64
+             " hashed now); the source publishes digests", is.seeds,
+             is.seeds > 1 ? "s" : "", is.blocks_indexed, is.blocks_hashed);
+  }
 }
 
 /* The cache image, checked against the bitmap: a cache shorter than the
@@ -297,7 +333,11 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   if (!complete && open_dedup(e, err, errlen) < 0) goto fail;
   if (open_store(e, complete, have_bitmap, err, errlen) < 0) goto fail;
   if (cfg->clear_bitmap)
-    log_info("--clear-bitmap: starting over; every block will be fetched again");
+    log_info("--clear-bitmap: starting over; no block is present");
+  if (!complete) {
+    find_old_data(e);
+    open_digests(e);
+  }
   e->state = complete ? ENGINE_DETACHED : ENGINE_CONNECTING;
   e->standby = cfg->standby && !complete;
   e->copy.running = cfg->cache_all && !e->standby;
@@ -350,6 +390,7 @@ void engine_close(struct engine *e)
   source_close(e->dsrc);
   if (e->ix) index_close(e->ix);
   if (e->dfile) digest_file_close(e->dfile);
+  free(e->old_data);
   bitmap_close(e->bm);
   cache_close(e->cache);
   inflight_free_all(e);

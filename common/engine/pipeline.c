@@ -173,9 +173,15 @@ const uint8_t *digest_of(struct engine *e, uint64_t b)
  * when used). */
 bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc)
 {
+  if (!e->ix && !e->old_data) return false;
   const uint8_t *d = digest_of(e, b);
-  return d && e->ix && memcmp(d, digest_zero(), DIGEST_LEN) != 0 &&
-         index_lookup(e->ix, d, loc, 1) == 1;
+  if (!d || memcmp(d, digest_zero(), DIGEST_LEN) == 0) return false;
+  if (e->old_data && (e->old_data[b / 64] >> (b % 64) & 1)) {
+    /* An older copy in the cache itself, at the same offset. */
+    *loc = (struct index_loc) { CACHE_SEED, b };
+    return true;
+  }
+  return e->ix && index_lookup(e->ix, d, loc, 1) == 1;
 }
 
 /* Under lock: a JOB_LOCAL job for the run of seed hits from b (b hits). */
@@ -450,8 +456,18 @@ static void resolve_local(struct xwork *w)
   struct engine *e = j->e;
   for (uint64_t i = 0; i < j->count; i++) {
     uint64_t off = i * DIGEST_BLOCK;
-    int r = index_fetch(e->ix, &j->locs[i], j->digests + i * DIGEST_LEN,
-                        (char *) j->buf + off);
+    int r;
+    if (j->locs[i].seed == CACHE_SEED) {
+      uint8_t d[DIGEST_LEN];
+      r = cache_read(e->cache, (char *) j->buf + off, DIGEST_BLOCK,
+                     j->locs[i].block * DIGEST_BLOCK) < 0 ? -1 : 1;
+      if (r == 1) {
+        digest_block((char *) j->buf + off, d);
+        r = memcmp(d, j->digests + i * DIGEST_LEN, DIGEST_LEN) == 0;
+      }
+    } else
+      r = index_fetch(e->ix, &j->locs[i], j->digests + i * DIGEST_LEN,
+                      (char *) j->buf + off);
     if (r == 1) continue;
     log_debug("block %" PRIu64 ": its seed no longer holds the source's data%s; "
               "fetching it", j->first + i, r < 0 ? " (read error)" : "");

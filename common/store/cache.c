@@ -83,6 +83,33 @@ int cache_write(struct cache *c, const void *buf, uint64_t len, uint64_t off)
   return pwrite_all(c->fd, buf, len, off);
 }
 
+int cache_read(struct cache *c, void *buf, uint64_t len, uint64_t off)
+{
+  return pread_all(c->fd, buf, len, off);
+}
+
+int64_t cache_data_blocks(struct cache *c, uint32_t block_size, uint64_t *bits)
+{
+  struct stat st;
+  int64_t n = 0;
+  if (fstat(c->fd, &st) < 0) return -1;
+  uint64_t size = st.st_size, pos = 0;
+  while (pos < size) {
+    off_t d = lseek(c->fd, pos, SEEK_DATA);
+    if (d < 0 && errno == ENXIO) break;           /* a hole to the end */
+    if (d < 0) { d = pos; }                       /* cannot tell: data */
+    off_t h = lseek(c->fd, d, SEEK_HOLE);
+    uint64_t end = h < 0 ? size : MIN((uint64_t) h, size);
+    for (uint64_t b = d / block_size; b * block_size < end; b++) {
+      if (!(bits[b / 64] >> (b % 64) & 1)) n++;
+      bits[b / 64] |= UINT64_C(1) << (b % 64);
+    }
+    if (end <= (uint64_t) d) break;
+    pos = end;
+  }
+  return n;
+}
+
 int cache_zero(struct cache *c, uint64_t off, uint64_t len, bool keep_allocated)
 {
   static const char zeros[65536];

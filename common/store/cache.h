@@ -27,6 +27,11 @@ struct cache *cache_open(const char *path, uint64_t size, bool must_exist,
 void cache_close(struct cache *c);
 
 int cache_write(struct cache *c, const void *buf, uint64_t len, uint64_t off);
+int cache_read(struct cache *c, void *buf, uint64_t len, uint64_t off);
+/* Sets bit b of bits (one per block of block_size) for every block that
+ * holds data in the file (SEEK_DATA/SEEK_HOLE; all of them where the file
+ * system cannot tell).  Returns how many, or -1 with errno. */
+int64_t cache_data_blocks(struct cache *c, uint32_t block_size, uint64_t *bits);
 /* Makes [off, off+len) read as zeros: a hole where the file system can
  * (keep_allocated: allocated zeros), else written zeros.  0 or -1/errno. */
 int cache_zero(struct cache *c, uint64_t off, uint64_t len, bool keep_allocated);
