@@ -41,9 +41,16 @@ TOOLS      += $(patsubst tests/tools/%.c,$(BUILDDIR)/tests/%.so,$(PRELOAD_SRC))
 # Criterion unit tests: tests/unit/test-NAME.c -> build/tests/unit-NAME
 UNITS      := $(patsubst tests/unit/test-%.c,$(BUILDDIR)/tests/unit-%,$(wildcard tests/unit/test-*.c))
 MANPAGES   := $(wildcard man/*.[18])
+# The nbdkit plugin: plugins/nbdkit-dedup/*.c plus a position-independent
+# copy of the common library (hidden symbols: only nbdkit's entry points
+# are exported), built when nbdkit's plugin header is installed.
+PLUGIN     := $(if $(wildcard /usr/include/nbdkit-plugin.h),$(BUILDDIR)/plugins/nbdkit-dedup-plugin.so)
+PLUGIN_SRC := $(wildcard plugins/nbdkit-dedup/*.c)
+PIC_OBJ    := $(COMMON_SRC:%.c=$(BUILDDIR)/pic/%.o) $(PLUGIN_SRC:%.c=$(BUILDDIR)/pic/%.o)
+NBDKIT_PLUGINDIR ?= $(shell nbdkit --dump-config 2>/dev/null | sed -n 's/^plugindir=//p')
 
 .PHONY: all check check-build unit e2e bench install clean deps
-all: $(PROGRAMS) $(TOOLS)
+all: $(PROGRAMS) $(TOOLS) $(PLUGIN)
 
 $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
 	@mkdir -p $(dir $@)
@@ -51,6 +58,16 @@ $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
 
 $(LIBCOMMON): $(COMMON_OBJ)
 	rm -f $@ && ar rcs $@ $^
+
+$(BUILDDIR)/pic/%.o: %.c $(wildcard common/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fPIC -fvisibility=hidden -c -o $@ $<
+$(BUILDDIR)/pic/libxnbd-common.a: $(filter $(BUILDDIR)/pic/common/%,$(PIC_OBJ))
+	rm -f $@ && ar rcs $@ $^
+# nbdkit_* symbols are resolved by nbdkit when it loads the plugin.
+$(BUILDDIR)/plugins/nbdkit-dedup-plugin.so: $(filter $(BUILDDIR)/pic/plugins/%,$(PIC_OBJ)) $(BUILDDIR)/pic/libxnbd-common.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(LDLIBS)
 
 $(BUILDDIR)/xnbd-server: $(BUILDDIR)/server/xnbd-server.o $(wildcard server/*.c) $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $(filter %.o,$^) $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out server/xnbd-server.c,$(wildcard server/*.c))) $(LIBCOMMON) $(LDLIBS)
@@ -99,6 +116,11 @@ install: all
 	install -m 755 $(filter-out $(BUILDDIR)/wan-relay,$(PROGRAMS)) $(DESTDIR)$(PREFIX)/bin/
 	for m in $(MANPAGES); do \
 	  s=$${m##*.}; install -m 644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/; done
+ifneq ($(PLUGIN),)
+	@[ -n "$(NBDKIT_PLUGINDIR)" ] || { echo "install: cannot find nbdkit's plugin directory ('nbdkit --dump-config'); set NBDKIT_PLUGINDIR=DIR" >&2; exit 1; }
+	install -d $(DESTDIR)$(NBDKIT_PLUGINDIR)
+	install -m 755 $(PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/
+endif
 
 clean:
 	rm -rf build build-asan
