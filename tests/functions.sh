@@ -33,6 +33,17 @@
 #   start_nbdkit ARGS... / start_qemu_nbd ARGS... / start_proxy ARGS...
 #                          start_server for `nbdkit -f`, qemu-nbd and
 #                          xnbd-proxy (start_proxy sets PROXY_PID, PROXY_LOG).
+#                          start_proxy takes xnbd-proxy's options whatever
+#                          the front end: with XNBD_FRONTEND=nbdkit it runs
+#                          the migration engine as `nbdkit -f ... dedup
+#                          key=value...` instead (the options translated to
+#                          the plugin's parameters, returning once its
+#                          control socket answers).  Engine tests run with
+#                          both front ends (run-tests.sh, ENGINE_TESTS).
+#   $XNBD_FRONTEND         proxy (default) or nbdkit.
+#   $PLUGIN_SO             the built plugin; nbdkit_env prints the env
+#                          assignments nbdkit needs to load it (the ASan
+#                          runtime when the plugin is sanitizer-built).
 #   ctl SOCK LINE          send one line to a proxy control socket, print
 #                          the one-line JSON reply.
 #   ctl_ok SOCK LINE       ctl, and fail unless the reply is {"ok":true...}.
@@ -190,7 +201,7 @@ start_server ()
   SERVER_PIDFILE=$base.pid
   SERVER_LOG=$base.server.log
   rm -f "$SERVER_PIDFILE"
-  "$prog" "${START_PIDFILE_OPT:---pidfile}" "$SERVER_PIDFILE" "$@" </dev/null >"$SERVER_LOG" 2>&1 &
+  env ${START_ENV:-} "$prog" "${START_PIDFILE_OPT:---pidfile}" "$SERVER_PIDFILE" "$@" </dev/null >"$SERVER_LOG" 2>&1 &
   SERVER_PID=$!
   _server_pids+=("$SERVER_PID")
   local i
@@ -371,11 +382,87 @@ start_qemu_nbd ()
   START_PIDFILE_OPT=--pid-file start_server "$prog" "$@"
 }
 
+: "${XNBD_FRONTEND:=proxy}"
+PLUGIN_SO=$XNBD_BUILD/plugins/nbdkit-dedup-plugin.so
+
+# The environment nbdkit needs for our plugin: a sanitizer-built plugin
+# needs the ASan runtime loaded first (nbdkit itself is not instrumented).
+# nbdkit's own allocations are not ours to check: leak detection stays on
+# for the plugin through the suppressions file.
+nbdkit_env ()
+{
+  if readelf -d "$PLUGIN_SO" 2>/dev/null | grep -q 'libasan'; then
+    printf 'LD_PRELOAD=%s ' "$(${CC:-cc} -print-file-name=libasan.so)"
+  fi
+}
+
 start_proxy ()
 {
-  start_server xnbd-proxy "$@"
+  case "$XNBD_FRONTEND" in
+    proxy) start_server xnbd-proxy "$@" ;;
+    nbdkit) _start_plugin "$@" ;;
+    *) fail "XNBD_FRONTEND='$XNBD_FRONTEND': expected proxy or nbdkit" ;;
+  esac
   PROXY_PID=$SERVER_PID
   PROXY_LOG=$SERVER_LOG
+}
+
+# xnbd-proxy's options -> nbdkit's options and the plugin's parameters.
+_start_plugin ()
+{
+  local opts=() params=() ctlsock="" nunix=0 prog o v
+  prog=$(command -v nbdkit) || fail "nbdkit is not installed"
+  [ -f "$PLUGIN_SO" ] || fail "$PLUGIN_SO not built (run make)"
+  while [ $# -gt 0 ]; do
+    o=$1; shift
+    case "$o" in
+      --*=*) v=${o#*=}; o=${o%%=*}; set -- "$v" "$@" ;;
+    esac
+    case "$o" in
+      -t|--target) params+=("target=$1"); shift ;;
+      -c|--cache) params+=("cache=$1"); shift ;;
+      -b|--bitmap) params+=("bitmap=$1"); shift ;;
+      -C|--control) params+=("control=$1"); ctlsock=$1; shift ;;
+      --target-export|--compress|--tls-psk|--tls-certificates|--tls-username|\
+      --source-id|--connections|--source-timeout|--block-size|--persist-interval|\
+      --bg-rate|--bg-window|--max-fetch|--threads)
+        params+=("${o#--}=$1"); shift ;;
+      --clear-bitmap|--cache-all|--detach-when-complete|--standby)
+        params+=("${o#--}=true") ;;
+      --no-tls-verify) params+=("tls-verify=false") ;;
+      -u|--unix)
+        nunix=$((nunix + 1))
+        [ "$nunix" -eq 1 ] || fail "start_proxy: nbdkit listens on one unix socket only"
+        # nbdkit leaves its socket file behind on exit, and will not
+        # bind over it: a restart in the same test removes it first.
+        [ ! -S "$1" ] || rm -f "$1"
+        opts+=(-U "$1"); shift ;;
+      -e|--export) opts+=(-e "$1"); shift ;;
+      -r|--readonly) opts+=(-r) ;;
+      -v|--verbose) opts+=(-D dedup.verbose=1) ;;
+      *) fail "start_proxy: xnbd-proxy option '$o' has no nbdkit translation here" ;;
+    esac
+  done
+  [ "$nunix" -eq 1 ] || fail "start_proxy: the nbdkit front end needs -u SOCKET"
+  # -v: the engine's info messages are nbdkit debug messages; the
+  # per-request ones are left out.
+  START_ENV=$(nbdkit_env) START_PIDFILE_OPT=-P \
+    start_server "$prog" -f -v -D nbdkit.backend.datapath=0 -D nbdkit.backend.controlpath=0 \
+      "${opts[@]}" "$PLUGIN_SO" "${params[@]}"
+  # nbdkit writes its pidfile before .after_fork starts the engine: ready
+  # is when the control socket answers (the engine may wait for the
+  # source up to its source timeout first, as xnbd-proxy does).
+  [ -n "$ctlsock" ] || return 0
+  local i
+  for (( i = 0; i < 10 * ${START_PLUGIN_TIMEOUT:-90}; i++ )); do
+    CTL_TIMEOUT=2 ctl "$ctlsock" status >/dev/null 2>&1 && return 0
+    if ! server_alive "$SERVER_PID"; then
+      cat "$SERVER_LOG" >&2
+      fail "nbdkit dedup exited before its control socket answered"
+    fi
+    sleep 0.1
+  done
+  fail "nbdkit dedup: control socket $ctlsock never answered"
 }
 
 # The control-socket client: argv = SOCK TIMEOUT MODE [ARG...].
