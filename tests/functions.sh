@@ -41,6 +41,9 @@
 #                          control socket answers).  Engine tests run with
 #                          both front ends (run-tests.sh, ENGINE_TESTS).
 #   $XNBD_FRONTEND         proxy (default) or nbdkit.
+#   start_plugin CTLSOCK NBDKIT-ARGS...
+#                          `nbdkit -f -v NBDKIT-ARGS...` (the plugin and its
+#                          parameters among them), ready once CTLSOCK answers.
 #   $PLUGIN_SO             the built plugin; nbdkit_env prints the env
 #                          assignments nbdkit needs to load it (the ASan
 #                          runtime when the plugin is sanitizer-built).
@@ -444,16 +447,23 @@ _start_plugin ()
     esac
   done
   [ "$nunix" -eq 1 ] || fail "start_proxy: the nbdkit front end needs -u SOCKET"
-  # -v: the engine's info messages are nbdkit debug messages; the
-  # per-request ones are left out.
+  [ -n "$ctlsock" ] || fail "start_proxy: the nbdkit front end needs --control SOCK"
+  start_plugin "$ctlsock" "${opts[@]}" "$PLUGIN_SO" "${params[@]}"
+}
+
+# start_plugin CTLSOCK NBDKIT-ARGS...: start_server for `nbdkit -f -v
+# NBDKIT-ARGS...` (which name the plugin and its parameters) in the
+# environment the plugin needs; then, since nbdkit writes its pidfile before
+# .after_fork starts the engine, waits until the control socket CTLSOCK
+# answers (the engine may first wait for the source, up to its source
+# timeout, as xnbd-proxy does).  The engine's info messages are nbdkit
+# debug messages (-v); nbdkit's per-request ones are left out.
+start_plugin ()
+{
+  local ctlsock=$1 prog i; shift
+  prog=$(command -v nbdkit) || fail "nbdkit is not installed"
   START_ENV=$(nbdkit_env) START_PIDFILE_OPT=-P \
-    start_server "$prog" -f -v -D nbdkit.backend.datapath=0 -D nbdkit.backend.controlpath=0 \
-      "${opts[@]}" "$PLUGIN_SO" "${params[@]}"
-  # nbdkit writes its pidfile before .after_fork starts the engine: ready
-  # is when the control socket answers (the engine may wait for the
-  # source up to its source timeout first, as xnbd-proxy does).
-  [ -n "$ctlsock" ] || return 0
-  local i
+    start_server "$prog" -f -v -D nbdkit.backend.datapath=0 -D nbdkit.backend.controlpath=0 "$@"
   for (( i = 0; i < 10 * ${START_PLUGIN_TIMEOUT:-90}; i++ )); do
     CTL_TIMEOUT=2 ctl "$ctlsock" status >/dev/null 2>&1 && return 0
     if ! server_alive "$SERVER_PID"; then

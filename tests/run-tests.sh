@@ -14,7 +14,7 @@
 #   TEST_TIMEOUT=S  per-test limit in seconds (default 300)
 #
 # The engine tests (ENGINE_TESTS below: invariants, restart, source loss,
-# detach, zero skip) run twice: with xnbd-proxy, and as NAME@nbdkit with
+# detach, zero skip, clients) run twice: with xnbd-proxy, and as NAME@nbdkit with
 # XNBD_FRONTEND=nbdkit, the same engine behind the nbdkit plugin (see
 # start_proxy in functions.sh).  TESTS='*@nbdkit' selects only those.
 
@@ -91,7 +91,8 @@ fi
 
 ENGINE_TESTS=(test-proxy-inv-i1-i3 test-proxy-inv-i3-bg test-proxy-restart-resume
               test-proxy-source-loss test-proxy-detach test-proxy-zero-skip
-              test-proxy-crash-i2 test-proxy-complete-zeros)
+              test-proxy-crash-i2 test-proxy-complete-zeros
+              test-proxy-clients-xnbd-server)
 
 if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   for script in "$srcdir"/test-*.sh; do
