@@ -436,9 +436,6 @@ _start_plugin ()
       -u|--unix)
         nunix=$((nunix + 1))
         [ "$nunix" -eq 1 ] || fail "start_proxy: nbdkit listens on one unix socket only"
-        # nbdkit leaves its socket file behind on exit, and will not
-        # bind over it: a restart in the same test removes it first.
-        [ ! -S "$1" ] || rm -f "$1"
         opts+=(-U "$1"); shift ;;
       -e|--export) opts+=(-e "$1"); shift ;;
       -r|--readonly) opts+=(-r) ;;
@@ -460,8 +457,14 @@ _start_plugin ()
 # debug messages (-v); nbdkit's per-request ones are left out.
 start_plugin ()
 {
-  local ctlsock=$1 prog i; shift
+  local ctlsock=$1 prog i prev=""; shift
   prog=$(command -v nbdkit) || fail "nbdkit is not installed"
+  # nbdkit leaves its -U socket file behind on exit, and will not bind
+  # over it: a restart in the same test removes the stale one first.
+  for i in "$@"; do
+    if [ "$prev" = -U ] && [ -S "$i" ]; then rm -f "$i"; fi
+    prev=$i
+  done
   START_ENV=$(nbdkit_env) START_PIDFILE_OPT=-P \
     start_server "$prog" -f -v -D nbdkit.backend.datapath=0 -D nbdkit.backend.controlpath=0 "$@"
   for (( i = 0; i < 10 * ${START_PLUGIN_TIMEOUT:-90}; i++ )); do
