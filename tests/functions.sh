@@ -388,15 +388,27 @@ start_qemu_nbd ()
 : "${XNBD_FRONTEND:=proxy}"
 PLUGIN_SO=$XNBD_BUILD/plugins/nbdkit-dedup-plugin.so
 
-# The environment nbdkit needs for our plugin: a sanitizer-built plugin
-# needs the ASan runtime loaded first (nbdkit itself is not instrumented).
-# nbdkit's own allocations are not ours to check: leak detection stays on
-# for the plugin through the suppressions file.
+# The environment nbdkit needs for our plugin.  A sanitizer-built plugin
+# (build-asan) needs the ASan runtime loaded into nbdkit, which is not
+# instrumented itself: LD_PRELOAD.  Two adjustments make that work:
+#   - nbdkit's libp11-kit (through GnuTLS) allocates in its constructor
+#     while it holds glibc's locale lock; were ASan first initialized there,
+#     lazily, the lock would be left damaged and nbdkit would hang at exit
+#     (freelocale).  Preloaded ahead of libasan, p11-kit's constructor runs
+#     after ASan's (verify_asan_link_order=0 allows that order).
+#   - No leak check in nbdkit: nbdkit leaks a little itself, and it unloads
+#     the plugin before the check, so plugin frames could not be named.  The
+#     engine's leaks are checked through xnbd-proxy in the same pass; memory
+#     errors and undefined behaviour in the plugin still abort nbdkit.
 nbdkit_env ()
 {
-  if readelf -d "$PLUGIN_SO" 2>/dev/null | grep -q 'libasan'; then
-    printf 'LD_PRELOAD=%s ' "$(${CC:-cc} -print-file-name=libasan.so)"
-  fi
+  readelf -d "$PLUGIN_SO" 2>/dev/null | grep -q 'libasan' || return 0
+  local pre p11
+  pre=$(${CC:-cc} -print-file-name=libasan.so)
+  p11=$(ldd "$(command -v nbdkit)" | awk '/libp11-kit/ { print $3 }')
+  [ -z "$p11" ] || pre=$p11:$pre
+  printf 'LD_PRELOAD=%s ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0%s ' \
+    "$pre" "${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 }
 
 start_proxy ()
