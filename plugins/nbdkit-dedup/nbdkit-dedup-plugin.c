@@ -6,7 +6,8 @@
  *
  * Lifecycle (nbdkit-plugin(3)): .config/.config_complete parse and check
  * the parameters; .get_ready checks what can be checked before the fork
- * (the directories of the files exist); .after_fork starts the engine
+ * (the directories of the files exist); .after_fork (after nbdkit has
+ * forked into the background) starts the engine
  * (host_open) and the control socket; .cleanup stops both.  The one
  * engine serves every connection, so the thread model is PARALLEL and
  * multi-conn is offered. */
@@ -88,8 +89,8 @@ static int set_string(const char *key, const char *v, void *f)
   return (*(const char **) f = keep(strdup(v))) ? 0 : -1;
 }
 
-/* A file or socket path: absolute, because nbdkit --daemon (-d without
- * -f) changes to / before the engine starts. */
+/* A file or socket path: absolute, because nbdkit (without -f) forks into
+ * the background and changes to / before the engine starts. */
 static int set_path(const char *key, const char *v, void *f)
 {
   if (!*v) { nbdkit_error("%s: the path is empty", key); return -1; }
