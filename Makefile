@@ -58,10 +58,17 @@ MANPAGES   := $(wildcard man/*.[18])
 FUZZ_NAMES := $(patsubst tests/fuzz/fuzz-%.c,%,$(wildcard tests/fuzz/fuzz-*.c))
 FUZZERS    := $(FUZZ_NAMES:%=$(BUILDDIR)/fuzz/fuzz-%)
 .SECONDARY: $(FUZZ_NAMES:%=$(BUILDDIR)/tests/fuzz/fuzz-%.o)
+# The nbdkit plugin: plugins/nbdkit-dedup/*.c plus a position-independent
+# copy of the common library (hidden symbols: only nbdkit's entry points
+# are exported), built when nbdkit's plugin header is installed.
+PLUGIN     := $(if $(wildcard /usr/include/nbdkit-plugin.h),$(BUILDDIR)/plugins/nbdkit-dedup-plugin.so)
+PLUGIN_SRC := $(wildcard plugins/nbdkit-dedup/*.c)
+PIC_OBJ    := $(COMMON_SRC:%.c=$(BUILDDIR)/pic/%.o) $(PLUGIN_SRC:%.c=$(BUILDDIR)/pic/%.o)
+NBDKIT_PLUGINDIR ?= $(shell nbdkit --dump-config 2>/dev/null | sed -n 's/^plugindir=//p')
 
 .PHONY: all check check-build unit e2e bench soak install clean deps
 .PHONY: fuzz fuzz-build fuzz-smoke
-all: $(PROGRAMS) $(TOOLS)
+all: $(PROGRAMS) $(TOOLS) $(PLUGIN)
 
 $(BUILDDIR)/%.o: %.c $(wildcard common/*/*.h)
 	@mkdir -p $(dir $@)
@@ -75,6 +82,15 @@ $(BUILDDIR)/xnbd-server: $(BUILDDIR)/server/xnbd-server.o $(patsubst %.c,$(BUILD
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 $(BUILDDIR)/xnbd-digest: $(BUILDDIR)/server/xnbd-digest.o $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILDDIR)/pic/%.o: %.c $(wildcard common/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fPIC -fvisibility=hidden -c -o $@ $<
+$(BUILDDIR)/pic/libxnbd-common.a: $(filter $(BUILDDIR)/pic/common/%,$(PIC_OBJ))
+	rm -f $@ && ar rcs $@ $^
+# nbdkit_* symbols are resolved by nbdkit when it loads the plugin.
+$(BUILDDIR)/plugins/nbdkit-dedup-plugin.so: $(filter $(BUILDDIR)/pic/plugins/%,$(PIC_OBJ)) $(BUILDDIR)/pic/libxnbd-common.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(LDLIBS)
 PROXY_OBJ := $(patsubst %.c,$(BUILDDIR)/%.o,$(filter-out proxy/xnbd-ctl.c,$(wildcard proxy/*.c)))
 $(BUILDDIR)/xnbd-proxy: $(PROXY_OBJ) $(LIBCOMMON)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -144,6 +160,11 @@ install: all
 	install -m 755 $(filter-out $(BUILDDIR)/wan-relay,$(PROGRAMS)) $(DESTDIR)$(PREFIX)/bin/
 	for m in $(MANPAGES); do \
 	  s=$${m##*.}; install -m 644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/; done
+ifneq ($(PLUGIN),)
+	@[ -n "$(NBDKIT_PLUGINDIR)" ] || { echo "install: cannot find nbdkit's plugin directory ('nbdkit --dump-config'); set NBDKIT_PLUGINDIR=DIR" >&2; exit 1; }
+	install -d $(DESTDIR)$(NBDKIT_PLUGINDIR)
+	install -m 755 $(PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/
+endif
 
 clean:
 	rm -rf build build-asan $(FUZZDIR)

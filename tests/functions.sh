@@ -33,6 +33,20 @@
 #   start_nbdkit ARGS... / start_qemu_nbd ARGS... / start_proxy ARGS...
 #                          start_server for `nbdkit -f`, qemu-nbd and
 #                          xnbd-proxy (start_proxy sets PROXY_PID, PROXY_LOG).
+#                          start_proxy takes xnbd-proxy's options whatever
+#                          the front end: with XNBD_FRONTEND=nbdkit it runs
+#                          the migration engine as `nbdkit -f ... dedup
+#                          key=value...` instead (the options translated to
+#                          the plugin's parameters, returning once its
+#                          control socket answers).  Engine tests run with
+#                          both front ends (run-tests.sh, ENGINE_TESTS).
+#   $XNBD_FRONTEND         proxy (default) or nbdkit.
+#   start_plugin CTLSOCK NBDKIT-ARGS...
+#                          `nbdkit -f -v NBDKIT-ARGS...` (the plugin and its
+#                          parameters among them), ready once CTLSOCK answers.
+#   $PLUGIN_SO             the built plugin; nbdkit_env prints the env
+#                          assignments nbdkit needs to load it (the ASan
+#                          runtime when the plugin is sanitizer-built).
 #   ctl SOCK LINE          send one line to a proxy control socket, print
 #                          the one-line JSON reply.
 #   ctl_ok SOCK LINE       ctl, and fail unless the reply is {"ok":true...}.
@@ -190,7 +204,7 @@ start_server ()
   SERVER_PIDFILE=$base.pid
   SERVER_LOG=$base.server.log
   rm -f "$SERVER_PIDFILE"
-  "$prog" "${START_PIDFILE_OPT:---pidfile}" "$SERVER_PIDFILE" "$@" </dev/null >"$SERVER_LOG" 2>&1 &
+  env ${START_ENV:-} "$prog" "${START_PIDFILE_OPT:---pidfile}" "$SERVER_PIDFILE" "$@" </dev/null >"$SERVER_LOG" 2>&1 &
   SERVER_PID=$!
   _server_pids+=("$SERVER_PID")
   local i
@@ -371,11 +385,109 @@ start_qemu_nbd ()
   START_PIDFILE_OPT=--pid-file start_server "$prog" "$@"
 }
 
+: "${XNBD_FRONTEND:=proxy}"
+PLUGIN_SO=$XNBD_BUILD/plugins/nbdkit-dedup-plugin.so
+
+# The environment nbdkit needs for our plugin.  A sanitizer-built plugin
+# (build-asan) needs the ASan runtime loaded into nbdkit, which is not
+# instrumented itself: LD_PRELOAD.  Two adjustments make that work:
+#   - nbdkit's libp11-kit (through GnuTLS) allocates in its constructor
+#     while it holds glibc's locale lock; were ASan first initialized there,
+#     lazily, the lock would be left damaged and nbdkit would hang at exit
+#     (freelocale).  Preloaded ahead of libasan, p11-kit's constructor runs
+#     after ASan's (verify_asan_link_order=0 allows that order).
+#   - No leak check in nbdkit: nbdkit leaks a little itself, and it unloads
+#     the plugin before the check, so plugin frames could not be named.  The
+#     engine's leaks are checked through xnbd-proxy in the same pass; memory
+#     errors and undefined behaviour in the plugin still abort nbdkit.
+nbdkit_env ()
+{
+  readelf -d "$PLUGIN_SO" 2>/dev/null | grep -q 'libasan' || return 0
+  local pre p11
+  pre=$(${CC:-cc} -print-file-name=libasan.so)
+  p11=$(ldd "$(command -v nbdkit)" | awk '/libp11-kit/ { print $3 }')
+  [ -z "$p11" ] || pre=$p11:$pre
+  printf 'LD_PRELOAD=%s ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0%s ' \
+    "$pre" "${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+}
+
 start_proxy ()
 {
-  start_server xnbd-proxy "$@"
+  case "$XNBD_FRONTEND" in
+    proxy) start_server xnbd-proxy "$@" ;;
+    nbdkit) _start_plugin "$@" ;;
+    *) fail "XNBD_FRONTEND='$XNBD_FRONTEND': expected proxy or nbdkit" ;;
+  esac
   PROXY_PID=$SERVER_PID
   PROXY_LOG=$SERVER_LOG
+}
+
+# xnbd-proxy's options -> nbdkit's options and the plugin's parameters.
+_start_plugin ()
+{
+  local opts=() params=() ctlsock="" nunix=0 prog o v
+  prog=$(command -v nbdkit) || fail "nbdkit is not installed"
+  [ -f "$PLUGIN_SO" ] || fail "$PLUGIN_SO not built (run make)"
+  while [ $# -gt 0 ]; do
+    o=$1; shift
+    case "$o" in
+      --*=*) v=${o#*=}; o=${o%%=*}; set -- "$v" "$@" ;;
+    esac
+    case "$o" in
+      -t|--target) params+=("target=$1"); shift ;;
+      -c|--cache) params+=("cache=$1"); shift ;;
+      -b|--bitmap) params+=("bitmap=$1"); shift ;;
+      -C|--control) params+=("control=$1"); ctlsock=$1; shift ;;
+      --target-export|--compress|--tls-psk|--tls-certificates|--tls-username|\
+      --source-id|--connections|--source-timeout|--block-size|--persist-interval|\
+      --bg-rate|--bg-window|--max-fetch|--threads|--seed|--index|--digests)
+        params+=("${o#--}=$1"); shift ;;
+      --clear-bitmap|--cache-all|--detach-when-complete|--standby)
+        params+=("${o#--}=true") ;;
+      --no-tls-verify) params+=("tls-verify=false") ;;
+      -u|--unix)
+        nunix=$((nunix + 1))
+        [ "$nunix" -eq 1 ] || fail "start_proxy: nbdkit listens on one unix socket only"
+        opts+=(-U "$1"); shift ;;
+      -e|--export) opts+=(-e "$1"); shift ;;
+      -r|--readonly) opts+=(-r) ;;
+      -v|--verbose) opts+=(-D dedup.verbose=1) ;;
+      *) fail "start_proxy: xnbd-proxy option '$o' has no nbdkit translation here" ;;
+    esac
+  done
+  [ "$nunix" -eq 1 ] || fail "start_proxy: the nbdkit front end needs -u SOCKET"
+  [ -n "$ctlsock" ] || fail "start_proxy: the nbdkit front end needs --control SOCK"
+  start_plugin "$ctlsock" "${opts[@]}" "$PLUGIN_SO" "${params[@]}"
+}
+
+# start_plugin CTLSOCK NBDKIT-ARGS...: start_server for `nbdkit -f -v
+# NBDKIT-ARGS...` (which name the plugin and its parameters) in the
+# environment the plugin needs; then, since nbdkit writes its pidfile before
+# .after_fork starts the engine, waits until the control socket CTLSOCK
+# answers (the engine may first wait for the source, up to its source
+# timeout, as xnbd-proxy does).  The engine's info messages are nbdkit
+# debug messages (-v); nbdkit's per-request ones are left out.
+start_plugin ()
+{
+  local ctlsock=$1 prog i prev=""; shift
+  prog=$(command -v nbdkit) || fail "nbdkit is not installed"
+  # nbdkit leaves its -U socket file behind on exit, and will not bind
+  # over it: a restart in the same test removes the stale one first.
+  for i in "$@"; do
+    if [ "$prev" = -U ] && [ -S "$i" ]; then rm -f "$i"; fi
+    prev=$i
+  done
+  START_ENV=$(nbdkit_env) START_PIDFILE_OPT=-P \
+    start_server "$prog" -f -v -D nbdkit.backend.datapath=0 -D nbdkit.backend.controlpath=0 "$@"
+  for (( i = 0; i < 10 * ${START_PLUGIN_TIMEOUT:-90}; i++ )); do
+    CTL_TIMEOUT=2 ctl "$ctlsock" status >/dev/null 2>&1 && return 0
+    if ! server_alive "$SERVER_PID"; then
+      cat "$SERVER_LOG" >&2
+      fail "nbdkit dedup exited before its control socket answered"
+    fi
+    sleep 0.1
+  done
+  fail "nbdkit dedup: control socket $ctlsock never answered"
 }
 
 # The control-socket client: argv = SOCK TIMEOUT MODE [ARG...].

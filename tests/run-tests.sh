@@ -12,6 +12,11 @@
 #   TESTS=GLOB      run only tests whose name (e.g. test-server-cli,
 #                   unit-proto) matches GLOB
 #   TEST_TIMEOUT=S  per-test limit in seconds (default 300)
+#
+# The engine tests (ENGINE_TESTS below: invariants, restart, source loss,
+# detach, zero skip, clients) run twice: with xnbd-proxy, and as NAME@nbdkit with
+# XNBD_FRONTEND=nbdkit, the same engine behind the nbdkit plugin (see
+# start_proxy in functions.sh).  TESTS='*@nbdkit' selects only those.
 
 set -u -o pipefail
 
@@ -84,13 +89,24 @@ if [ "$mode" = unit ] || [ "$mode" = all ]; then
   done
 fi
 
+ENGINE_TESTS=(test-proxy-inv-i1-i3 test-proxy-inv-i3-bg test-proxy-restart-resume
+              test-proxy-source-loss test-proxy-detach test-proxy-zero-skip
+              test-proxy-crash-i2 test-proxy-complete-zeros
+              test-proxy-clients-xnbd-server test-proxy-dedup)
+
 if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   for script in "$srcdir"/test-*.sh; do
     [ -f "$script" ] || continue
     name=$(basename "$script" .sh)
     selected "$name" || continue
-    run_one "$name" bash "$script"
+    run_one "$name" env XNBD_FRONTEND=proxy bash "$script"
   done
+  if [ -f "$builddir/plugins/nbdkit-dedup-plugin.so" ]; then
+    for name in "${ENGINE_TESTS[@]}"; do
+      selected "$name@nbdkit" || continue
+      run_one "$name@nbdkit" env XNBD_FRONTEND=nbdkit bash "$srcdir/$name.sh"
+    done
+  fi
 fi
 
 total=$((passed + failed + skipped))

@@ -47,6 +47,10 @@ void host_close(struct engine_host *h)
 struct engine *host_engine(struct engine_host *h) { return h->e; }
 uint64_t host_size(struct engine_host *h) { return engine_backend_ops.get_size(h->e); }
 uint16_t host_flags(struct engine_host *h) { return engine_backend_ops.get_flags(h->e); }
+void host_block_size(struct engine_host *h, uint32_t *min, uint32_t *pref, uint32_t *max)
+{
+  engine_backend_ops.get_block_size(h->e, min, pref, max);
+}
 
 struct waitreq {
   struct xreq r;

@@ -26,6 +26,9 @@ struct engine *host_engine(struct engine_host *h);
 uint64_t host_size(struct engine_host *h);
 /* NBD transmission flags (nbd-proto.h NBD_FLAG_*) the engine supports. */
 uint16_t host_flags(struct engine_host *h);
+/* Block size constraints the engine advertises (minimum, preferred,
+ * maximum request size). */
+void host_block_size(struct engine_host *h, uint32_t *min, uint32_t *pref, uint32_t *max);
 
 /* Each returns 0, or -1 with errno set (the NBD error to report). */
 int host_pread(struct engine_host *h, void *buf, uint64_t count, uint64_t off);

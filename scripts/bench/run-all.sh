@@ -13,9 +13,10 @@ builddir=$1
 [[ -d $builddir ]] || { echo "run-all.sh: no such build directory: $builddir" >&2; exit 1; }
 
 # server-io: NBD server local I/O; proxy: xnbd-proxy copy time and local
-# I/O on one machine; migrate: migration over an emulated WAN (root; long:
+# I/O on one machine; plugin-io: local I/O through the nbdkit plugin vs
+# xnbd-proxy and nbdkit file; migrate: migration over an emulated WAN (root; long:
 # BENCH_QUICK=1 runs one setting on a 256 MiB image).
-benches=(server-io proxy migrate)
+benches=(server-io proxy plugin-io migrate)
 
 failed=()
 for b in "${benches[@]}"; do
