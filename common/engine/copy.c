@@ -332,7 +332,9 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     int64_t cap = MAX((int64_t) e->cfg.max_fetch, (int64_t) (c->rate / 10));
     c->tokens += (int64_t) ((now - c->tokens_at) / 1000 * c->rate / 1000000);
     if (c->tokens > cap) c->tokens = cap;
+    c->tokens -= (int64_t) c->debt;   /* seed jobs that fell back to the source */
   }
+  c->debt = 0;
   c->tokens_at = now;
   while (n < ARRAY_SIZE(list)) {
     if (c->inflight_bytes >= c->window) break;

@@ -108,6 +108,7 @@ struct copy {
   uint64_t ndchunks, dig_until;
   unsigned dig_outstanding;
   uint64_t local_inflight;      /* bytes in JOB_LOCAL jobs */
+  uint64_t debt;                /* fallback fetches not yet charged to tokens */
   bool dig_off;                 /* digest export unreachable: dedup given up */
   uint64_t dig_down_at;         /* source thread: digest export down since */
   /* Source thread only. */

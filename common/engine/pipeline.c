@@ -383,7 +383,10 @@ static void land(struct xwork *w)
     e->blocks_inflight -= j->owned;
   }
   if (j->kind == JOB_BACKGROUND) e->copy.inflight_bytes -= j->len;
-  if (j->kind == JOB_LOCAL) e->copy.local_inflight -= j->len;
+  if (j->kind == JOB_LOCAL) {
+    e->copy.local_inflight -= j->len;
+    if (j->fell_back) e->copy.inflight_bytes -= j->len;
+  }
   if (err && err != ESHUTDOWN) e->fetch_errors++;
   if (!err) {
     /* Bridged blocks are never the (short) last block. */
@@ -472,6 +475,12 @@ static void resolve_local(struct xwork *w)
     log_debug("block %" PRIu64 ": its seed no longer holds the source's data%s; "
               "fetching it", j->first + i, r < 0 ? " (read error)" : "");
     j->fell_back = true;
+    /* From now on it is WAN traffic: it counts against the window and
+     * the rate cap like any background fetch. */
+    pthread_mutex_lock(&e->lock);
+    e->copy.inflight_bytes += j->len;
+    if (!j->waiters) e->copy.debt += j->len;
+    pthread_mutex_unlock(&e->lock);
     fetch(e, j);
     return;
   }
