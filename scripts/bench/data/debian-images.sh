@@ -81,7 +81,7 @@ bootstrap() {
 # mkimg ROOT IMG: an ext4 image of ROOT, sparse.
 mkimg() {
     rm -f "$2.tmp"
-    mkfs.ext4 -q -F -L xnbd-bench -d "$1" "$2.tmp" "$SIZE" || return 1
+    mkfs.ext4 -q -F -L xnbd-bench -d "$1" "$2.tmp" "$SIZE" >&2 || return 1
     mv "$2.tmp" "$2"
 }
 

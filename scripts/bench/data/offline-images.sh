@@ -26,7 +26,7 @@ work=$(mktemp -d "$D/build.XXXXXX")
 if [[ ! -f $D/offline-old.img ]]; then
     mkdir "$work/old"
     cp -a /usr "$work/old/usr"
-    mkfs.ext4 -q -F -d "$work/old" "$D/offline-old.img.tmp" "$SIZE"
+    mkfs.ext4 -q -F -d "$work/old" "$D/offline-old.img.tmp" "$SIZE" >&2
     mv "$D/offline-old.img.tmp" "$D/offline-old.img"
     rm -rf "$work/old"
 fi
@@ -34,7 +34,7 @@ if [[ ! -f $D/offline-new.img ]]; then
     mkdir "$work/new"
     cp -a /usr "$work/new/usr"
     [[ -d /opt ]] && cp -a /opt "$work/new/opt"
-    mkfs.ext4 -q -F -d "$work/new" "$D/offline-new.img.tmp" "$SIZE"
+    mkfs.ext4 -q -F -d "$work/new" "$D/offline-new.img.tmp" "$SIZE" >&2
     mv "$D/offline-new.img.tmp" "$D/offline-new.img"
 fi
 echo "old $D/offline-old.img"
