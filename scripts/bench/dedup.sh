@@ -91,13 +91,13 @@ DATA_LABEL="Debian 12 debootstrap images"
 
 # analyse IMG SEED... : prints one JSON line: blocks, non-zero blocks,
 # those found in the seeds at any offset / at the same offset (in the
-# first seed), zstd -3 of all non-zero blocks and of those in no seed;
-# writes $tmp/lat-seeded.off: LAT_N offsets of seeded blocks in the last
-# half of IMG.
+# first seed), zstd -3 of all non-zero blocks and of those in no seed,
+# and the non-zero blocks of the (first) seed; writes the numbers of IMG's
+# blocks found in a seed to $tmp/seeded.blocks, one a line.
 analyse() {
-    python3 - "$ZSTD_LEVEL" "$LAT_N" "$tmp/lat-seeded.off" "$@" <<'PY'
-import hashlib, json, random, subprocess, sys, threading
-level, n, offfile, img, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
+    python3 - "$ZSTD_LEVEL" "$tmp/seeded.blocks" "$@" <<'PY'
+import hashlib, json, subprocess, sys, threading
+level, blkfile, img, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 BS = 4096
 Z = bytes(BS)
 def blocks(path):
@@ -120,6 +120,7 @@ for k, s in enumerate(seeds):
             have.add(d)
             if k == 0:
                 first[i] = d
+seed_nz = len(first)
 def zsize():
     p = subprocess.Popen(["zstd", "-q", "-%s" % level, "-c"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE)
@@ -147,24 +148,17 @@ for i, x in blocks(img):
         same += 1
 for p, t in ((pa, ta), (pu, tu)):
     p.stdin.close(); p.wait(); t.join()
-late = [b for b in seeded if b >= total // 2] or seeded
-rng = random.Random("dedup-lat")
-sel = []
-for k in range(n):
-    s = late[len(late) * k // n:len(late) * (k + 1) // n] or late
-    sel.append(rng.choice(s))
-rng.shuffle(sel)
-with open(offfile, "w") as f:
-    f.write("".join("%d\n" % (b * BS) for b in sel))
+with open(blkfile, "w") as f:
+    f.write("".join("%d\n" % b for b in seeded))
 print(json.dumps({"blocks": total, "nonzero": nz, "any": anyoff, "same": same,
-                  "zstd_all": oa[0], "zstd_unseeded": ou[0]}))
+                  "zstd_all": oa[0], "zstd_unseeded": ou[0], "seed_nonzero": seed_nz}))
 PY
 }
 jget() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 echo "dedup: analysing new against old (SHA-256 of 4 KiB blocks, zstd -$ZSTD_LEVEL)"
 A_NEW=$(analyse "$NEW" "$OLD")
-cp "$tmp/lat-seeded.off" "$tmp/lat.off"
+cp "$tmp/seeded.blocks" "$tmp/seeded-new.blocks"
 echo "  $A_NEW"
 A_INP=
 if [[ -n $INPLACE ]]; then
@@ -174,10 +168,19 @@ if [[ -n $INPLACE ]]; then
 fi
 
 # ---------------------------------------------------------------- Indexing
-echo "dedup: indexing old.img (index-speed), and openssl speed -multi $(nproc) -evp sha256 -bytes 4096"
-IDX=$tmp/seeds.index
-IX_OUT=$(nice "$IXSPEED" "$IDX" "$OLD" 2>&1) || die "index-speed failed: $IX_OUT"
+# Throughput over every image (more data, a steadier figure); the index
+# the migrations use holds old.img only.  The images were just read by the
+# analysis: hashing, not the disk, is measured.
+ALL_IMGS=("$OLD" "$NEW")
+[[ -n $INPLACE ]] && ALL_IMGS+=("$INPLACE")
+ALLOC=0
+for f in "${ALL_IMGS[@]}"; do ALLOC=$(( ALLOC + $(stat -c '%b * %B' "$f") )); done
+echo "dedup: indexing ${#ALL_IMGS[@]} images ($ALLOC bytes allocated) with index-speed," \
+     "and openssl speed -multi $(nproc) -evp sha256 -bytes 4096"
+IX_OUT=$(nice "$IXSPEED" "$tmp/all.index" "${ALL_IMGS[@]}" 2>&1) || die "index-speed failed: $IX_OUT"
 echo "$IX_OUT" | sed 's/^/  /'
+IDX=$tmp/seeds.index
+IX_OLD=$("$IXSPEED" "$IDX" "$OLD" 2>&1) || die "index-speed (old.img) failed: $IX_OLD"
 SSL_OUT=$(openssl speed -multi "$(nproc)" -seconds 3 -evp sha256 -bytes 4096 2>/dev/null | tail -1)
 echo "  openssl: $SSL_OUT"
 
@@ -237,7 +240,7 @@ one_xnbd() {
     record "$name" "$R_TIME" "$R_LINK" "$(status_get "$st" bytes.fetched)" \
         "$(status_get "$st" bytes.seeded)" "$(status_get "$st" bytes.zero_skipped)" \
         "$(status_get "$st" bytes.digests)" "$(status_get "$st" wire.rx)" \
-        "$(status_get "$st" wire.rx_raw)" "cache $verify; $(grep -m1 'deduplication:' "$tmp/$name.log" | sed 's/^.*deduplication/deduplication/' || true)"
+        "$(status_get "$st" wire.rx_raw)" "cache $verify$(grep -m1 'deduplication:' "$tmp/$name.log" | sed 's/^.*deduplication/; deduplication/' || true)"
     echo "    $R_TIME s, link $R_LINK B, cache $verify"
     rm -f "$tmp/$name.img" "$tmp/$name.bm"
 }
@@ -252,26 +255,58 @@ record nbdcopy "$R_TIME" "$R_LINK" - - - - - - "$R_NOTE"
 echo "    $R_TIME s, link $R_LINK B"
 
 # ---------------------------------------------------------------- Latency
+# delta A B: B - A, or "-" when either is not a number.
+delta() { [[ $1 =~ ^[0-9]+$ && $2 =~ ^[0-9]+$ ]] && echo $(( $2 - $1 )) || echo -; }
+
+# pick_offsets HI: writes $tmp/lat.off, LAT_N offsets of blocks of new
+# that are in the seed, spread over blocks [HI/2, HI), shuffled.
+pick_offsets() {
+    python3 - "$tmp/seeded-new.blocks" "$1" "$LAT_N" "$tmp/lat.off" <<'PY'
+import random, sys
+blocks = [int(l) for l in open(sys.argv[1])]
+hi, n = int(sys.argv[2]), int(sys.argv[3])
+cand = [b for b in blocks if hi // 2 <= b < hi] or blocks
+rng = random.Random("dedup-lat")
+sel = []
+for k in range(n):
+    s = cand[len(cand) * k // n:len(cand) * (k + 1) // n] or cand
+    sel.append(rng.choice(s))
+rng.shuffle(sel)
+open(sys.argv[4], "w").write("".join("%d\n" % (b * 4096) for b in sel))
+PY
+}
+
 # Misses served from the seed: a slow background copy, all digests in,
 # then paused; reads of seeded blocks in the last half of the image.
 echo "  latency: misses served from the seed (digests in, copy paused)"
 name=lat-seed
 nblocks=$(jget "$A_NEW" blocks)
+pick_offsets "$nblocks"             # replaced once the digests are in
 rm -f "$tmp/$name".{img,bm,ctl,sock,pid}
 start_bg lpid "$WAN" --name "$WNAME" exec dst "$PROXY" --target "xnbd://$a_new/" --cache "$tmp/$name.img" \
     --bitmap "$tmp/$name.bm" --control "$tmp/$name.ctl" -u "$tmp/$name.sock" -p "$tmp/$name.pid" \
     --cache-all --bg-rate 1mbit --seed "$OLD" --index "$IDX" 2>"$tmp/$name.log"
 LS_RESULT=FAIL LS_NOTE=
 if wait_file_ready "$tmp/$name.pid" "$lpid" 60; then
+    # The proxy reads digests a window ahead of the copy (not the whole
+    # image at once): wait until all are in, or until the count has not
+    # moved for 2 s (at most 60 s).
+    d=0 same=0
     for (( i = 0; i < 600; i++ )); do
-        d=$(sockcmd_status "$tmp/$name.ctl" bytes.digests)
-        [[ $d =~ ^[0-9]+$ ]] && (( d >= nblocks * 32 )) && break
+        nd=$("$BUILDDIR/tests/sockcmd" "$tmp/$name.ctl" status bytes.digests 2>/dev/null || echo 0)
+        [[ $nd =~ ^[0-9]+$ ]] || nd=0
+        if (( nd > 0 && nd == d )); then same=$((same + 1)); else same=0; fi
+        d=$nd
+        (( d >= nblocks * 32 || same >= 20 )) && break
         kill -0 "$lpid" 2>/dev/null || break
         sleep 0.1
     done
     dig_s=$(awk -v i="$i" 'BEGIN { printf "%.1f", i / 10 }')
     "$BUILDDIR/tests/sockcmd" "$tmp/$name.ctl" pause >/dev/null ||
         echo "$ME: could not pause the background copy of $name" >&2
+    # Seeded blocks in the second half of the range whose digests are in
+    # (the copy, paused, is near the start of the image).
+    pick_offsets $((d / 32))
     f0=$(sockcmd_status "$tmp/$name.ctl" fetches.ondemand)
     s0=$(sockcmd_status "$tmp/$name.ctl" bytes.seeded)
     p0=$(sockcmd_status "$tmp/$name.ctl" progress)
@@ -279,7 +314,8 @@ if wait_file_ready "$tmp/$name.pid" "$lpid" 60; then
                 "nbd+unix:///?socket=$tmp/$name.sock" 2>&1) || LS_RESULT=FAIL
     f1=$(sockcmd_status "$tmp/$name.ctl" fetches.ondemand)
     s1=$(sockcmd_status "$tmp/$name.ctl" bytes.seeded)
-    LS_NOTE="digests all in after ${dig_s} s; copy paused at progress $p0; during the reads: on-demand fetches $((f1 - f0)), bytes.seeded +$((s1 - s0))"
+    hits=$(awk '$2 < 100 { n++ } END { print n + 0 }' "$tmp/$name.samples" 2>/dev/null || echo -)
+    LS_NOTE="$hits reads under 0.1 ms (cache hits); digests of blocks 0-$((d / 32)) of $nblocks in after ${dig_s} s; reads in blocks $((d / 64))-$((d / 32)); copy paused at progress $p0; during the reads: on-demand fetches $(delta "$f0" "$f1"), bytes.seeded +$(delta "$s0" "$s1")"
 else
     LS_NOTE="proxy did not start: $(tail -3 "$tmp/$name.log")"
 fi
@@ -309,10 +345,11 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---------------------------------------------------------------- Table
 python3 - "$results" "$A_NEW" "${A_INP:-{\}}" "$rtt_s" "$rate_bps" "$mode_line" "$DATA_LABEL" \
     "$load_before" "$load_after" "$(nproc)" "$IX_OUT" "$SSL_OUT" "$ZSTD_LEVEL" \
-    "$(du -k --apparent-size "$NEW" | cut -f1)" > "$tmp/table.txt" <<'PY'
+    "$(du -k --apparent-size "$NEW" | cut -f1)" "$ALLOC" "${#ALL_IMGS[@]}" > "$tmp/table.txt" <<'PY'
 import json, re, sys, time
 (path, a_new, a_inp, rtt, rate, mode, label, load0, load1, ncpu, ix, ssl, level,
- size_k) = sys.argv[1:]
+ size_k, alloc, nimg) = sys.argv[1:]
+alloc = int(alloc)
 A, I = json.loads(a_new), json.loads(a_inp)
 rtt, rate, ncpu = float(rtt), int(rate), int(ncpu)
 rows = {r.split("\t")[0]: r.rstrip("\n").split("\t") for r in open(path) if r.strip()}
@@ -391,10 +428,11 @@ rl = re.search(r"reload: ([0-9.]+) s wall", ix)
 s = ssl.split()
 sslk = float(s[-1].rstrip("k")) if s and s[-1].endswith("k") else None
 if m:
-    thr = float(m.group(4)) * 1048576
-    print("indexing old.img: %s blocks hashed in %s s = %.0f MB/s; %s blocks indexed; table %s B = %s B/block;"
-          " reload from the index file %s s" % (m.group(2), m.group(3), thr / MB, m.group(5), m.group(6),
-                                                m.group(7), rl.group(1) if rl else "-"))
+    thr = alloc / float(m.group(3)) if float(m.group(3)) else 0
+    print("indexing %s images (%.1f MB allocated of %d blocks): hashed in %s s = %.0f MB/s of allocated data;"
+          " %s distinct non-zero blocks indexed; table %s B = %s B/block (RAM); reload from the index file %s s"
+          % (nimg, alloc / MB, int(m.group(2)), m.group(3), thr / MB, m.group(5), m.group(6), m.group(7),
+             rl.group(1) if rl else "-"))
     if sslk:
         ref = sslk * 1000
         print("openssl speed -multi %d -evp sha256 -bytes 4096: %.0f MB/s (all cores);"
