@@ -177,12 +177,26 @@ ALLOC=0
 for f in "${ALL_IMGS[@]}"; do ALLOC=$(( ALLOC + $(stat -c '%b * %B' "$f") )); done
 echo "dedup: indexing ${#ALL_IMGS[@]} images ($ALLOC bytes allocated) with index-speed," \
      "and openssl speed -multi $(nproc) -evp sha256 -bytes 4096"
-IX_OUT=$(nice "$IXSPEED" "$tmp/all.index" "${ALL_IMGS[@]}" 2>&1) || die "index-speed failed: $IX_OUT"
-echo "$IX_OUT" | sed 's/^/  /'
+# Best of three for both (the machine is shared: a short run can lose the
+# CPU to another job).
+IX_OUT= best=
+for r in 1 2 3; do
+    o=$(nice "$IXSPEED" "$tmp/all.index" "${ALL_IMGS[@]}" 2>&1) || die "index-speed failed: $o"
+    echo "$o" | sed 's/^/  /'
+    hs=$(sed -n 's/^build: .* hashed in \([0-9.]*\) s .*/\1/p' <<< "$o")
+    if [[ -z $best ]] || awk -v a="$hs" -v b="$best" 'BEGIN { exit !(a < b) }'; then
+        best=$hs IX_OUT=$o
+    fi
+done
 IDX=$tmp/seeds.index
 IX_OLD=$("$IXSPEED" "$IDX" "$OLD" 2>&1) || die "index-speed (old.img) failed: $IX_OLD"
-SSL_OUT=$(openssl speed -multi "$(nproc)" -seconds 3 -evp sha256 -bytes 4096 2>/dev/null | tail -1)
-echo "  openssl: $SSL_OUT"
+SSL_OUT= sbest=0
+for r in 1 2 3; do
+    o=$(nice openssl speed -multi "$(nproc)" -seconds 2 -evp sha256 -bytes 4096 2>/dev/null | tail -1)
+    echo "  openssl: $o"
+    v=$(awk '{ sub(/k$/, "", $NF); print $NF + 0 }' <<< "$o")
+    if awk -v a="$v" -v b="$sbest" 'BEGIN { exit !(a > b) }'; then sbest=$v SSL_OUT=$o; fi
+done
 
 # ---------------------------------------------------------------- WAN
 rtt=${SETTING%%:*} rate=${SETTING#*:}
@@ -431,9 +445,10 @@ for key, nm in (("lat-seed", "miss served from the seed"), ("lat-source", "miss 
         continue
     m = dict(re.findall(r"(\w+)=(\d+)", r[1]))
     if "p50_us" in m:
-        print("4 KiB read, %-26s p50 %7.2f ms  p90 %7.2f ms  p99 %7.2f ms  max %7.2f ms  (n=%s; %s)"
+        left = re.search(r"\((.*)\)$", r[1])
+        print("4 KiB read, %-26s p50 %7.2f ms  p90 %7.2f ms  p99 %7.2f ms  max %7.2f ms  (n=%s%s; %s)"
               % (nm + ":", int(m["p50_us"]) / 1e3, int(m["p90_us"]) / 1e3, int(m["p99_us"]) / 1e3,
-                 int(m["max_us"]) / 1e3, m.get("n"), r[2]))
+                 int(m["max_us"]) / 1e3, m.get("n"), ", " + left.group(1) if left else "", r[2]))
     else:
         print("4 KiB read, %-26s %s (%s)" % (nm + ":", r[1], r[2]))
 print()
@@ -450,7 +465,7 @@ if m:
              rl.group(1) if rl else "-"))
     if sslk:
         ref = sslk * 1000
-        print("openssl speed -multi %d -evp sha256 -bytes 4096: %.0f MB/s (all cores);"
+        print("openssl speed -multi %d -evp sha256 -bytes 4096: %.0f MB/s (all cores; best of 3, as the indexing);"
               " indexing / openssl = %.2f (target >= 0.9)" % (ncpu, ref / MB, thr / ref))
 else:
     print("indexing: %s" % ix.replace("\n", "; "))
