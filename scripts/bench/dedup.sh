@@ -13,6 +13,9 @@
 #   inplace-seed    (when new-inplace.img exists) new-inplace migrated with
 #                   --seed old.img: the same-offset case
 #   nbdcopy         nbdcopy of new from `nbdkit file` in src to a file in dst
+#   ram-no-seeds,   (when scripts/bench/data/vm-ram.sh can make them) the RAM
+#   ram-seed        of a small VM's second run, without seeds and with
+#                   --seed the RAM of its first run
 # Bytes over the link: rx+tx of the dst veth (frames with headers).  The
 # limit of a run is (bytes that must cross) / rate + 2 x RTT, where the
 # bytes that must cross are: `zstd -3` of the non-zero 4 KiB blocks that
@@ -160,11 +163,26 @@ echo "dedup: analysing new against old (SHA-256 of 4 KiB blocks, zstd -$ZSTD_LEV
 A_NEW=$(analyse "$NEW" "$OLD")
 cp "$tmp/seeded.blocks" "$tmp/seeded-new.blocks"
 echo "  $A_NEW"
+# RAM images of two runs of a small VM (QEMU, TCG): optional, skipped when
+# they cannot be made (no qemu-system-x86_64, no network for the kernel).
+VM1= VM2= A_RAM=
+if "$BENCH_DIR/data/vm-ram.sh" > "$tmp/vm-images"; then
+    VM1=$(awk '$1 == "vm1" { print $2 }' "$tmp/vm-images")
+    VM2=$(awk '$1 == "vm2" { print $2 }' "$tmp/vm-images")
+else
+    echo "$ME: no VM RAM images (see above): the RAM rows are left out" >&2
+fi
 A_INP=
 if [[ -n $INPLACE ]]; then
     echo "dedup: analysing new-inplace against old"
     A_INP=$(analyse "$INPLACE" "$OLD")
     echo "  $A_INP"
+fi
+
+if [[ -n $VM2 ]]; then
+    echo "dedup: analysing vm2.ram against vm1.ram"
+    A_RAM=$(analyse "$VM2" "$VM1")
+    echo "  $A_RAM"
 fi
 
 # ---------------------------------------------------------------- Indexing
@@ -190,6 +208,9 @@ for r in 1 2 3; do
 done
 IDX=$tmp/seeds.index
 IX_OLD=$("$IXSPEED" "$IDX" "$OLD" 2>&1) || die "index-speed (old.img) failed: $IX_OLD"
+if [[ -n $VM1 ]]; then
+    IX_VM=$("$IXSPEED" "$tmp/vm.index" "$VM1" 2>&1) || die "index-speed (vm1.ram) failed: $IX_VM"
+fi
 SSL_OUT= sbest=0
 for r in 1 2 3; do
     o=$(nice openssl speed -multi "$(nproc)" -seconds 2 -evp sha256 -bytes 4096 2>/dev/null | tail -1)
@@ -212,7 +233,7 @@ PY
 )
 NONZERO=$(( $(jget "$A_NEW" nonzero) * 4096 ))     # for run_lat
 echo "dedup: wan-emu up --rtt $rtt --rate $rate"
-up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10810,10811,10812 2>&1) ||
+up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10810,10811,10812,10813 2>&1) ||
     { echo "$up_out" >&2; die "wan-emu up failed"; }
 wan_up=1
 mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
@@ -231,6 +252,11 @@ if [[ -n $INPLACE ]]; then
     start_bg ipid "$WAN" --name "$WNAME" exec src "$XNBD" -r --image-id=stat -W 10.254.0.1:10812 \
         -l 127.0.0.1:0 -p "$tmp/src-inp.pid" "$INPLACE" 2>"$tmp/src-inp.log"
     wait_file_ready "$tmp/src-inp.pid" "$ipid" 10 || die "xnbd-server (new-inplace) did not start: $(cat "$tmp/src-inp.log")"
+fi
+if [[ -n $VM2 ]]; then
+    start_bg vpid "$WAN" --name "$WNAME" exec src "$XNBD" -r --image-id=stat -W 10.254.0.1:10813 \
+        -l 127.0.0.1:0 -p "$tmp/src-vm.pid" "$VM2" 2>"$tmp/src-vm.log"
+    wait_file_ready "$tmp/src-vm.pid" "$vpid" 10 || die "xnbd-server (vm2.ram) did not start: $(cat "$tmp/src-vm.log")"
 fi
 a_new=$(wan relay-addr 10810) a_kit=$(wan relay-addr 10811)
 a_inp=
@@ -262,6 +288,11 @@ one_xnbd() {
 one_xnbd no-seeds "$NEW" "xnbd://$a_new/"
 one_xnbd seed-old "$NEW" "xnbd://$a_new/" --seed "$OLD" --index "$IDX"
 [[ -n $INPLACE ]] && one_xnbd inplace-seed "$INPLACE" "xnbd://$a_inp/" --seed "$OLD" --index "$IDX"
+if [[ -n $VM2 ]]; then
+    a_vm=$(wan relay-addr 10813)
+    one_xnbd ram-no-seeds "$VM2" "xnbd://$a_vm/"
+    one_xnbd ram-seed "$VM2" "xnbd://$a_vm/" --seed "$VM1" --index "$tmp/vm.index"
+fi
 echo "  nbdcopy: nbd://$a_kit/ (nbdkit file of new) to a file"
 img=$NEW
 run_nbdcopy "$a_kit"
@@ -372,14 +403,14 @@ wan_up=0
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- Table
-python3 - "$results" "$A_NEW" "${A_INP:-{\}}" "$rtt_s" "$rate_bps" "$mode_line" "$DATA_LABEL" \
+python3 - "$results" "$A_NEW" "${A_INP:-{\}}" "${A_RAM:-{\}}" "$rtt_s" "$rate_bps" "$mode_line" "$DATA_LABEL" \
     "$load_before" "$load_after" "$(nproc)" "$IX_OUT" "$SSL_OUT" "$ZSTD_LEVEL" \
     "$(du -k --apparent-size "$NEW" | cut -f1)" "$ALLOC" "${#ALL_IMGS[@]}" > "$tmp/table.txt" <<'PY'
 import json, re, sys, time
-(path, a_new, a_inp, rtt, rate, mode, label, load0, load1, ncpu, ix, ssl, level,
+(path, a_new, a_inp, a_ram, rtt, rate, mode, label, load0, load1, ncpu, ix, ssl, level,
  size_k, alloc, nimg) = sys.argv[1:]
 alloc = int(alloc)
-A, I = json.loads(a_new), json.loads(a_inp)
+A, I, R = json.loads(a_new), json.loads(a_inp), json.loads(a_ram)
 rtt, rate, ncpu = float(rtt), int(rate), int(ncpu)
 rows = {r.split("\t")[0]: r.rstrip("\n").split("\t") for r in open(path) if r.strip()}
 MB = 1e6
@@ -387,16 +418,23 @@ pct = lambda a, b: 100.0 * a / b if b else 0.0
 print("Deduplication benchmark, %s, %d CPUs, load average before %s, after %s"
       % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ncpu, load0, load1))
 print("data: %s; images %d MiB (sparse ext4)" % (label, int(size_k) // 1024))
+if R:
+    print("      VM RAM: two runs of one small VM (QEMU TCG, Debian cloud kernel, busybox initramfs),"
+          " %d MiB memory-backend files, kept after the guest printed its ready line and QEMU quit"
+          % (R["blocks"] * 4096 // 1048576))
 print("WAN: RTT %g ms, %g Mbit/s (wan-emu %s); xnbd:// with zstd -%s"
       % (rtt * 1e3, rate / 1e6, mode, level))
 print()
-def share(name, a):
-    print("%-34s non-zero blocks %7d (%6.1f MB); found in old at any offset %5.1f%%,"
+def share(name, a, seed="old"):
+    print("%-34s non-zero blocks %7d (%6.1f MB, %4.1f%% zero); found in %s at any offset %5.1f%%,"
           " at the same offset %5.1f%%" % (name, a["nonzero"], a["nonzero"] * 4096 / MB,
+                                          100 - pct(a["nonzero"], a["blocks"]), seed,
                                           pct(a["any"], a["nonzero"]), pct(a["same"], a["nonzero"])))
 share("new (fresh debootstrap + pkgs):", A)
 if I:
     share("new-inplace (old + pkgs in place):", I)
+if R:
+    share("vm2.ram (VM RAM, 2nd run):", R, "vm1.ram")
 print()
 def limit(a, seeds):
     if seeds:
@@ -407,9 +445,11 @@ def limit(a, seeds):
 runs = [("no-seeds", "xnbd-proxy, no seeds", A, False),
         ("seed-old", "xnbd-proxy --seed old", A, True),
         ("inplace-seed", "xnbd-proxy --seed old (in-place)", I, True),
-        ("nbdcopy", "nbdcopy from nbdkit file", A, None)]
+        ("nbdcopy", "nbdcopy from nbdkit file", A, None),
+        ("ram-no-seeds", "VM RAM vm2: no seeds", R, False),
+        ("ram-seed", "VM RAM vm2: --seed vm1.ram", R, True)]
 print("%-33s | %7s | %8s | %8s | %7s | %7s | %9s | %9s | %9s | %8s | %8s"
-      % ("migration of new", "time s", "link MB", "limit MB", "link/lim", "limit s",
+      % ("migration (of new unless said)", "time s", "link MB", "limit MB", "link/lim", "limit s",
          "time/lim", "seeded MB", "fetched MB", "zero MB", "digest MB"))
 notes = []
 for key, nm, a, seeds in runs:
