@@ -15,8 +15,10 @@ builddir=$1
 # server-io: NBD server local I/O; proxy: xnbd-proxy copy time and local
 # I/O on one machine; plugin-io: local I/O through the nbdkit plugin vs
 # xnbd-proxy and nbdkit file; migrate: migration over an emulated WAN (root; long:
-# BENCH_QUICK=1 runs one setting on a 256 MiB image).
-benches=(server-io proxy plugin-io migrate)
+# BENCH_QUICK=1 runs one setting on a 256 MiB image); dedup: deduplication
+# on debootstrap'd Debian images and VM RAM images over an emulated WAN
+# (root; builds its data once, then keeps it in BENCH_CACHE).
+benches=(server-io proxy plugin-io migrate dedup)
 
 failed=()
 for b in "${benches[@]}"; do
