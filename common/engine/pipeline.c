@@ -355,6 +355,7 @@ static void land(struct xwork *w)
   struct job *j = (struct job *) ((char *) w - offsetof(struct job, work));
   struct engine *e = j->e;
   int err = j->err, local_err = 0;
+  enum job_kind kind = j->kind;
   uint64_t stored = 0;
 
   if (!err && j->kind == JOB_PASSTHROUGH) {
@@ -426,6 +427,11 @@ static void land(struct xwork *w)
   free(j);
   resume_list(ready);
   if (!err && !local_err) engine_check_complete(e);
+  /* A background or seed job freed room in its window: the copy policy
+   * (on the source thread) can make the next one now, not at its next
+   * timeout. */
+  if (e->src && (kind == JOB_BACKGROUND || kind == JOB_LOCAL || kind == JOB_ZERO))
+    source_wake(e->src);
   pthread_mutex_lock(&e->lock);
   if (--e->jobs_live == 0) pthread_cond_broadcast(&e->jobs_cond);
   pthread_mutex_unlock(&e->lock);
