@@ -124,12 +124,13 @@ deps:
 # then a few seconds of each fuzz target.
 check: deps
 	$(MAKE) check-build BUILDDIR=build
-	$(MAKE) check-build BUILDDIR=build-asan SAN=1
+	$(MAKE) check-build BUILDDIR=build-asan SAN=1 ENGINE_VIA_NBDKIT=0
 	$(MAKE) fuzz-smoke
 	@echo "make check: all suites passed (build, build-asan, fuzz smoke)"
 
+ENGINE_VIA_NBDKIT ?= 1
 check-build: all $(UNITS)
-	@tests/run-tests.sh $(BUILDDIR)
+	@ENGINE_VIA_NBDKIT=$(ENGINE_VIA_NBDKIT) tests/run-tests.sh $(BUILDDIR)
 
 unit: all $(UNITS)
 	@tests/run-tests.sh $(BUILDDIR) unit

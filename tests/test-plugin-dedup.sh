@@ -59,7 +59,7 @@ refuses "bg-rate 'fast': " target="$suri" "${common[@]}" bg-rate=fast
 refuses "connections: '0' is not a number from 1 to 16" target="$suri" "${common[@]}" connections=0
 refuses 'cache-all=maybe: expected true or false' target="$suri" "${common[@]}" cache-all=maybe
 refuses 'target-export= goes with a HOST:PORT target only' target="$suri" target-export=x "${common[@]}"
-refuses 'seed= is not supported' target="$suri" "${common[@]}" seed="$src"
+refuses "seed=$TESTDIR/no-such-seed: No such file" target="$suri" "${common[@]}" seed="$TESTDIR/no-such-seed"
 refuses "unknown parameter 'cachefile'" target="$suri" "${common[@]}" cachefile=x
 refuses "cache=$TESTDIR/no/such/dir/c.img: directory $TESTDIR/no/such/dir: No such file" \
   target="$suri" cache="$TESTDIR/no/such/dir/c.img" bitmap="$bitmap" control="$ctlsock"

@@ -28,6 +28,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -325,12 +327,35 @@ static int dir_exists(const char *what, const char *path)
   return 0;
 }
 
+/* A file the engine will read: checked before nbdkit forks, so that a
+ * typo is reported to the operator instead of to a background process. */
+static int readable(const char *key, const char *path)
+{
+  struct stat st;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || fstat(fd, &st) < 0) {
+    nbdkit_error("%s=%s: %s", key, path, strerror(errno));
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  close(fd);
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    nbdkit_error("%s=%s: not a regular file or block device", key, path);
+    return -1;
+  }
+  return 0;
+}
+
 static int dedup_get_ready(void)
 {
   if (dir_exists("cache", cfg.cache_path) < 0 ||
       dir_exists("bitmap", cfg.bitmap_path) < 0 ||
       dir_exists("control", control_path) < 0)
     return -1;
+  for (unsigned i = 0; i < cfg.nseeds; i++)
+    if (readable("seed", cfg.seeds[i]) < 0) return -1;
+  if (cfg.index_path && dir_exists("index", cfg.index_path) < 0) return -1;
+  if (cfg.digests_path && readable("digests", cfg.digests_path) < 0) return -1;
   return 0;
 }
 
