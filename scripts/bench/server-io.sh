@@ -189,6 +189,13 @@ bench_init() {
     XNBD=$BUILDDIR/xnbd-server
     # shellcheck disable=SC2034  # for proxy.sh and migrate.sh
     PROXY=$BUILDDIR/xnbd-proxy
+    # BENCH_FRONTEND=nbdkit: the same engine behind nbdkit's front end.
+    if [[ ${BENCH_FRONTEND:-proxy} == nbdkit ]]; then
+        local wrap="$BUILDDIR/proxy-via-nbdkit"
+        printf '#!/bin/sh\nexec %q %q "$@"\n' "$PWD/scripts/bench/proxy-via-nbdkit" "$BUILDDIR" > "$wrap"
+        chmod +x "$wrap"
+        PROXY=$wrap
+    fi
 }
 die() { echo "$ME: $*" >&2; exit 1; }
 
