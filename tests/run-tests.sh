@@ -92,7 +92,7 @@ fi
 ENGINE_TESTS=(test-proxy-inv-i1-i3 test-proxy-inv-i3-bg test-proxy-restart-resume
               test-proxy-source-loss test-proxy-detach test-proxy-zero-skip
               test-proxy-crash-i2 test-proxy-complete-zeros
-              test-proxy-clients-xnbd-server test-proxy-dedup)
+              test-proxy-clients-xnbd-server test-proxy-dedup test-proxy-nbdfuse)
 
 if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   for script in "$srcdir"/test-*.sh; do
