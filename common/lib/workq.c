@@ -76,6 +76,16 @@ void workq_submit(struct workq *wq, struct xwork *w)
   pthread_mutex_unlock(&wq->lock);
 }
 
+void workq_submit_first(struct workq *wq, struct xwork *w)
+{
+  pthread_mutex_lock(&wq->lock);
+  w->next = wq->head;
+  wq->head = w;
+  if (!wq->tail) wq->tail = w;
+  pthread_cond_signal(&wq->cond);
+  pthread_mutex_unlock(&wq->lock);
+}
+
 void workq_free(struct workq *wq)
 {
   if (!wq) return;

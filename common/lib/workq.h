@@ -17,6 +17,8 @@ struct workq;
 /* Starts nthreads threads.  Returns NULL with errno on failure. */
 struct workq *workq_new(unsigned nthreads, const char *name);
 void workq_submit(struct workq *wq, struct xwork *w);
+/* Ahead of everything queued (a client waits on it). */
+void workq_submit_first(struct workq *wq, struct xwork *w);
 /* Runs every queued item, joins the threads and frees the pool. */
 void workq_free(struct workq *wq);
 
