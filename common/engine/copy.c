@@ -426,29 +426,37 @@ void copy_tick(void *opaque, uint64_t now)
 {
   struct engine *e = opaque;
   struct copy *c = &e->copy;
-  struct source_stats ss;
-  source_get_stats(e->src, &ss);
+  unsigned up;
+  uint64_t rtt;
+  bool cheap;
+  source_brief(e->src, &up, &rtt, &cheap);
 
   pthread_mutex_lock(&e->lock);
-  if (ss.connections_up && (e->state == ENGINE_CONNECTING || e->state == ENGINE_SOURCE_LOST)) {
-    log_info("source %s connected (%u connection%s)", ss.target, ss.connections_up,
-             ss.connections_up > 1 ? "s" : "");
-    engine_set_state_locked(e, ENGINE_PROXYING);
-  } else if (!ss.connections_up && e->state == ENGINE_PROXYING) {
-    log_warn("lost the source %s; reconnecting (client reads of missing blocks "
-             "wait up to %u s)", ss.target, e->cfg.source_timeout_s);
-    engine_set_state_locked(e, ENGINE_SOURCE_LOST);
+  bool now_up = up && (e->state == ENGINE_CONNECTING || e->state == ENGINE_SOURCE_LOST);
+  bool now_lost = !up && e->state == ENGINE_PROXYING;
+  if (now_up) engine_set_state_locked(e, ENGINE_PROXYING);
+  if (now_lost) engine_set_state_locked(e, ENGINE_SOURCE_LOST);
+  pthread_mutex_unlock(&e->lock);
+  if (now_up || now_lost) {           /* rare: the names are worth a copy */
+    struct source_stats ss;
+    source_get_stats(e->src, &ss);
+    if (now_up)
+      log_info("source %s connected (%u connection%s)", ss.target, up, up > 1 ? "s" : "");
+    else
+      log_warn("lost the source %s; reconnecting (client reads of missing blocks "
+               "wait up to %u s)", ss.target, e->cfg.source_timeout_s);
   }
+  pthread_mutex_lock(&e->lock);
   bool probing = c->running && !c->paused && c->window_auto;
   pthread_mutex_unlock(&e->lock);
   source_set_probing(e->src, probing);
 
-  if (ss.connections_up) {
+  if (up) {
     query_status(e);
     digests_watch(e, now);
     query_digests(e);
-    fill(e, now, ss.zeros_cheap);
-    size_window(e, now, ss.rtt_ns);
+    fill(e, now, cheap);
+    size_window(e, now, rtt);
   }
   if (now - c->last_expire > 100000000u) {
     engine_expire_waiters(e, now);

@@ -69,7 +69,7 @@ struct source {
   uint64_t rtt_epoch;
 
   atomic_uint up;
-  atomic_bool probing, quit;
+  atomic_bool probing, quit, cheap;   /* cheap: zeros_cheap, for source_brief */
   atomic_uint_fast64_t rtt_ns;
   pthread_t thread;
   bool started;
@@ -332,6 +332,7 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   info->max_request = m > 0 ? (uint32_t) MIN(m, (int64_t) (32 << 20)) : 0;
   info->has_status = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
   s->zeros_cheap = info->zeros_cheap = zeros_are_cheap(s, s->target);
+  atomic_store(&s->cheap, s->zeros_cheap);
   /* Kept as connection 0: a WAN connection costs several round trips. */
   s->c[0].h = h;
   s->c[0].st = CONN_CONNECTING;   /* drive_connections checks and adopts it */
@@ -727,6 +728,7 @@ static void switch_target(struct source *s)
   free(s->target);
   s->target = nt;
   s->zeros_cheap = cheap;
+  atomic_store(&s->cheap, cheap);
   pthread_mutex_unlock(&s->lock);
 }
 
@@ -846,6 +848,13 @@ int source_retarget(struct source *s, const char *target, char *err, size_t errl
   pthread_mutex_unlock(&s->lock);
   source_wake(s);
   return 0;
+}
+
+void source_brief(struct source *s, unsigned *up, uint64_t *rtt_ns, bool *zeros_cheap)
+{
+  *up = atomic_load(&s->up);
+  *rtt_ns = atomic_load(&s->rtt_ns);
+  *zeros_cheap = atomic_load(&s->cheap);
 }
 
 void source_get_stats(struct source *s, struct source_stats *st)

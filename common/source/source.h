@@ -123,5 +123,8 @@ struct source_stats {
   char last_error[512];
 };
 void source_get_stats(struct source *s, struct source_stats *st);
+/* What the copy policy needs at every turn, without locks or copies:
+ * connections up, the round trip (ns), whether zeros are cheap. */
+void source_brief(struct source *s, unsigned *up, uint64_t *rtt_ns, bool *zeros_cheap);
 
 #endif
