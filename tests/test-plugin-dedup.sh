@@ -35,7 +35,9 @@ uri=$(nbd_unix_uri "$psock")
 # nbdkit PLUGIN ARGS... that must refuse to start with a message matching RE.
 refuses () {   # RE ARGS...
   local re=$1 out st=0; shift
-  out=$(env $(nbdkit_env) timeout 30 nbdkit -U "$TESTDIR/never.sock" "$PLUGIN_SO" "$@" 2>&1 </dev/null) || st=$?
+  # -f: a start that should have been refused stays in the foreground, where
+  # the timeout ends it, instead of forking away and outliving the test.
+  out=$(env $(nbdkit_env) timeout 30 nbdkit -f -U "$TESTDIR/never.sock" "$PLUGIN_SO" "$@" 2>&1 </dev/null) || st=$?
   [ "$st" -ne 0 ] || fail "nbdkit dedup $* started (expected a refusal)"
   grep -qE "$re" <<<"$out" || fail "nbdkit dedup $*: message '$out' does not match /$re/"
   echo "refused as expected: $out"
