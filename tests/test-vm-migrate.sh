@@ -52,6 +52,30 @@ wait_n () {  # wait_n MIN SECONDS FILE...
   fail "the guest's counter did not reach $min in $secs s (last: ${n:-none})"
 }
 
+# A VM whose RAM is not a shared file gets a clear refusal, and nothing is
+# left behind (a QEMU without a kernel is enough: it runs its firmware).
+refused () {  # refused WHAT EXPECTED-TEXT QEMU-MEMORY-ARGS...
+  local what=$1 want=$2 d=$TESTDIR/refused-$1 out pid
+  shift 2
+  mkdir -p "$d"
+  START_PIDFILE_OPT=-pidfile start_server "$(command -v qemu-system-x86_64)" -accel tcg -m 16M -nodefaults \
+    -display none "$@" -qmp "unix:$d/qmp.sock,server=on,wait=off"
+  pid=$SERVER_PID
+  wait_for test -S "$d/qmp.sock"
+  truncate -s 1M "$d/disk.img"
+  if out=$("$MIGRATE" --xnbd-bin "$XNBD_BUILD" --a-qmp "$d/qmp.sock" --a-ram "$d/ram" --a-disk "$d/disk.img" \
+      --work "$d/b" -- qemu-system-x86_64 -object "memory-backend-file,id=m,size=16M,mem-path=@RAM@,share=on" \
+      -machine pc,memory-backend=m -drive "file=@DISK@,format=raw" 2>&1); then
+    fail "vm-migrate accepted a VM with $what"
+  fi
+  grep -q -- "$want" <<<"$out" || fail "vm-migrate's refusal of $what does not say '$want': $out"
+  [ ! -e "$d/b/ram.img" ] && [ ! -e "$d/b/qemu.pid" ] || fail "vm-migrate left B's state behind ($what)"
+  stop_server "$pid" >/dev/null || true
+}
+refused ram-backend "not a memory-backend-file" -object memory-backend-ram,id=m,size=16M -machine pc,memory-backend=m
+refused private "share=off" -object "memory-backend-file,id=m,size=16M,mem-path=$TESTDIR/private.ram" -machine pc,memory-backend=m
+refused no-backend "memory-backend-file,id=ram0" -machine pc
+
 a=$TESTDIR/a b=$TESTDIR/b c=$TESTDIR/c
 mkdir -p "$a" "$b" "$c"
 truncate -s 16M "$a/disk.img"
@@ -70,7 +94,7 @@ hop () {
   cleanup_fn "$MIGRATE" --stop "$to"
   t0=$(date +%s%N)
   # shellcheck disable=SC2046
-  out=$("$MIGRATE" --xnbd-bin "$XNBD_BUILD" --a-qmp "$from/qmp.sock" \
+  out=$(VM_MIGRATE_TRACE=${VM_MIGRATE_TRACE:-} "$MIGRATE" --xnbd-bin "$XNBD_BUILD" --a-qmp "$from/qmp.sock" \
       --work "$to" --timeout 60 "$@" -- \
       qemu-system-x86_64 $(vm_args) -append "$APPEND" \
       -object "memory-backend-file,id=ram0,size=128M,mem-path=@RAM@,share=on" \

@@ -25,7 +25,7 @@
 #   FAIL WHAT                a checksum did not match (RAM or disk)
 #
 # Each round rewrites one RAM chunk and one disk block, and verifies one
-# chunk, one 1 MiB piece of the 24 MiB of static RAM data and one disk block
+# chunk, one 1 MiB piece of the 8 MiB of static RAM data and one disk block
 # (read with O_DIRECT).  Cache directory: BENCH_CACHE (scripts/bench/data/
 # cache.sh), subdirectory vm-guest.
 set -euo pipefail
@@ -49,7 +49,7 @@ mkdir -p "$D"
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
 vm_kernel "$D" "${MODULES[@]}" || die "could not get the kernel"
 
-recipe=v1
+recipe=v2
 if [[ ! -f $D/initrd.gz || $(cat "$D/recipe" 2>/dev/null) != "$recipe" ]]; then
     r=$(mktemp -d "$D/initrd.XXXXXX")
     trap 'rm -rf "$r"' EXIT
@@ -73,10 +73,10 @@ while [ ! -b /dev/vda ]; do
     [ $i -le 100 ] || { say "FAIL no /dev/vda"; while :; do sleep 3600; done; }
     sleep 0.1
 done
-NSTATIC=24 NCHUNK=8 NDISK=64
+NSTATIC=8 NCHUNK=8 NDISK=32
 sha() { sha256sum "$1" | cut -c1-64; }
 mkdir /tmp/s /tmp/c /tmp/d
-# Static RAM data: 24 x 1 MiB of random bytes.
+# Static RAM data: 8 x 1 MiB of random bytes.
 for i in $(seq 0 $((NSTATIC - 1))); do
     head -c 1048576 /dev/urandom > /tmp/s/$i
     sha /tmp/s/$i > /tmp/s/$i.sha
