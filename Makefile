@@ -160,6 +160,9 @@ soak: deps all
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8
 	install -m 755 $(filter-out $(BUILDDIR)/wan-relay,$(PROGRAMS)) $(DESTDIR)$(PREFIX)/bin/
+	install -d $(DESTDIR)$(PREFIX)/lib/xnbd
+	install -m 755 scripts/vm-migrate $(DESTDIR)$(PREFIX)/bin/xnbd-vm-migrate
+	install -m 755 scripts/vm/qmp.py $(DESTDIR)$(PREFIX)/lib/xnbd/qmp.py
 	for m in $(MANPAGES); do \
 	  s=$${m##*.}; install -m 644 $$m $(DESTDIR)$(PREFIX)/share/man/man$$s/; done
 ifneq ($(PLUGIN),)

@@ -11,7 +11,7 @@ PACKAGES=(
     libcriterion-dev nbdkit-plugin-dev
     libnbd-bin nbdkit nbdfuse fuse3 gnutls-bin qemu-utils fio iproute2
     python3 python3-libnbd socat procps openssl zstd xxd
-    debootstrap e2fsprogs qemu-system-x86 busybox-static   # make bench: dedup data (scripts/bench/data)
+    debootstrap e2fsprogs qemu-system-x86 busybox-static   # make bench: dedup data (scripts/bench/data); test-vm-migrate
     clang libclang-rt-14-dev          # make fuzz: libFuzzer
 )
 
