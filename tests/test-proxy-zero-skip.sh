@@ -4,6 +4,10 @@
 # bytes.zero_skipped > 0, bytes.fetched covers the data but is well under
 # half the image, fetched + zero-skipped = the image size (each block once),
 # the cache image stays sparse, and the disk equals the source.
+# Then the same cache, started over (--clear-bitmap) from another source
+# whose zeros lie where the cache holds the first one's data: those blocks
+# must read as zero (the cache is punched there, not trusted to be a hole),
+# while zeros where the cache is a hole need no write at all.
 source "$(dirname "$0")/functions.sh"
 requires qemu-io qemu-img cmp
 
@@ -52,4 +56,29 @@ calloc=$(( $(stat -c %b "$TESTDIR/cache.img") * $(stat -c %B "$TESTDIR/cache.img
 echo "cache image: $calloc bytes allocated"
 [ "$calloc" -lt $((size / 2)) ] || fail "the cache image has $calloc bytes allocated: holes were written as data"
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed (I6)"
+stop_ok "$SERVER_PID" xnbd-server
+
+# Start over from src2: zeros over the old data, data elsewhere.
+src2=$TESTDIR/src2.img
+make_sparse_image "$src2" 64M
+make_image "$TESTDIR/data2.img" 2M 7
+dd if="$TESTDIR/data2.img" of="$src2" bs=1M seek=40 conv=notrunc status=none
+dd if="$TESTDIR/data2.img" of="$src2" bs=4096 count=3 seek=$(((20 * M + 8192) / 4096)) \
+   conv=notrunc status=none
+rm -f "$TESTDIR/data2.img"
+ssock2=$TESTDIR/src2.sock
+start_server xnbd-server -r -u "$ssock2" "$src2"
+start_proxy --target "$(nbd_unix_uri "$ssock2")" --cache "$TESTDIR/cache.img" \
+  --bitmap "$TESTDIR/cache.bitmap" --control "$ctlsock" -u "$psock" --clear-bitmap
+wait_state "$ctlsock" proxying 30
+ctl_ok "$ctlsock" cache-all
+wait_state "$ctlsock" complete 60
+s=$(ctl_ok "$ctlsock" status)
+echo "second source, complete: $s"
+zero=$(json_get "$s" bytes.zero_skipped)
+[ "$zero" -gt $((size / 2)) ] || fail "bytes.zero_skipped is $zero for a mostly sparse second source"
+qemu-img compare -f raw -F raw "$src2" "$uri" ||
+  fail "over the first source's data, the disk differs from the second source"
+stop_ok "$PROXY_PID" xnbd-proxy
+same_content "$TESTDIR/cache.img" "$src2"
 echo OK

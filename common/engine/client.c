@@ -137,6 +137,7 @@ static void slow_write_work(struct xwork *w)
   int rc = 0;
 
   stripes_lock(e, b0, b1 - b0 + 1);
+  cache_data_mark(e, b0, b1 - b0 + 1);
   if (r->type == XREQ_WRITE)
     rc = cache_write(e->cache, r->buf, r->length, off);
   else {

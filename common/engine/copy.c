@@ -84,20 +84,28 @@ static void status_extent(struct source_req *r, const struct extent_run *run)
   uint64_t first = (run->off + e->bs - 1) / e->bs;
   uint64_t last = end >= e->size ? e->nblocks : end / e->bs;   /* exclusive */
   struct job *zl[64];
-  uint64_t b = first;
+  uint64_t b = first, landed = 0;
   while (b < last) {
     unsigned nz = 0;
     pthread_mutex_lock(&e->lock);
     while (b < last && nz < ARRAY_SIZE(zl)) {
       if (bitmap_test(e->bm, b) || inflight_get(e, b)) { b++; continue; }
       uint64_t s = b;
-      while (b < last && !bitmap_test(e->bm, b) && !inflight_get(e, b)) b++;
+      bool data = cache_may_hold_data(e, b);
+      while (b < last && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
+             cache_may_hold_data(e, b) == data)
+        b++;
+      if (!data) {                /* the cache reads as zero there already */
+        landed += land_zero_in_holes_locked(e, s, b - s);
+        continue;
+      }
       struct job *j = job_make_locked(e, JOB_ZERO, s, b - s);
       if (j) zl[nz++] = j;
     }
     pthread_mutex_unlock(&e->lock);
     for (unsigned i = 0; i < nz; i++) job_start(e, zl[i]);
   }
+  if (landed) engine_check_complete(e);
 }
 
 static void status_done(struct source_req *r, int err)
@@ -340,8 +348,8 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     if (c->inflight_bytes >= c->window) break;
     if (c->rate && c->tokens <= 0) break;
     uint64_t b = bitmap_next_clear(e->bm, c->cursor);
-    while (b < e->nblocks && inflight_get(e, b))
-      b = bitmap_next_clear(e->bm, b + 1);
+    for (struct job *ij; b < e->nblocks && (ij = inflight_get(e, b)); )
+      b = bitmap_next_clear(e->bm, ij->first + ij->count);   /* past that job */
     if (b >= e->nblocks) {
       if (wrapped || c->cursor == 0) break;
       c->cursor = 0;              /* blocks left behind (failed, in flight) */

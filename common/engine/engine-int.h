@@ -66,7 +66,7 @@ struct job {
   struct waiter *waiters;
   struct source_req sr;
   struct xwork work;
-  struct job *znext, *zprev;    /* JOB_ZERO: engine.zero_jobs */
+  struct hnode *nodes;          /* its in-flight table entries (owned) */
   struct index_loc *locs;       /* JOB_LOCAL: a seed block per block ... */
   uint8_t *digests;             /* ... and the source's digest of it */
   bool fell_back;               /* JOB_LOCAL fetched from the source */
@@ -135,6 +135,12 @@ struct engine {
   /* Blocks not present whose cache holds data from before (an older copy
    * of this disk): a seed at the same offset (index_loc.seed CACHE_SEED). */
   uint64_t *old_data;
+  /* Blocks whose place in the cache may hold data (written since the
+   * cache was opened, or data in it then): a block not in it reads as
+   * zero already, so a zero run there needs no write and no punch.  Bits
+   * are set (atomically) before any write; never cleared.  NULL: every
+   * block may. */
+  _Atomic uint64_t *cache_data;
   char live_id[BITMAP_SOURCE_ID_MAX + 1];   /* the source's identity now */
   bool has_status;              /* the source offers base:allocation */
   pthread_mutex_t stripe[STRIPES];
@@ -145,7 +151,8 @@ struct engine {
   bool cache_all_at_activate;   /* --standby --cache-all */
   struct copy copy;
   struct inflight_tab inflight;
-  struct job *zero_jobs;        /* JOB_ZERO jobs (ranges, not in the table) */
+  void *zero_tree;              /* JOB_ZERO jobs by range (tsearch; not in
+                                 * the table: a hole can be 1 TiB) */
   uint64_t blocks_inflight;
   struct pend **waiting;        /* every pend with a deadline */
   size_t nwaiting, waiting_cap;
@@ -185,6 +192,9 @@ void engine_expire_waiters(struct engine *e, uint64_t now);
 void stripes_lock(struct engine *e, uint64_t first, uint64_t count);
 void stripes_unlock(struct engine *e, uint64_t first, uint64_t count);
 void inflight_free_all(struct engine *e);
+bool cache_may_hold_data(const struct engine *e, uint64_t b);
+void cache_data_mark(struct engine *e, uint64_t first, uint64_t count);
+uint64_t land_zero_in_holes_locked(struct engine *e, uint64_t first, uint64_t count);
 
 /* state.c */
 void engine_set_state_locked(struct engine *e, enum engine_state st);

@@ -197,10 +197,16 @@ static int open_dedup(struct engine *e, char *err, size_t errlen)
  * Worth the digests only when there is a fair amount of it. */
 static void find_old_data(struct engine *e)
 {
-  if (e->bs != DIGEST_BLOCK) return;
-  e->old_data = calloc(e->nblocks / 64 + 1, sizeof *e->old_data);
+  /* Where the cache holds data now (SEEK_DATA): elsewhere it reads as
+   * zero, and zero runs need no write (cache_may_hold_data). */
+  uint64_t *cd = calloc(e->nblocks / 64 + 1, sizeof *cd);
+  int64_t n = cd ? cache_data_blocks(e->cache, e->bs, cd) : -1;
+  if (n < 0) free(cd);
+  else e->cache_data = (_Atomic uint64_t *) cd;
+  if (e->bs != DIGEST_BLOCK || n <= 0) return;
+  e->old_data = malloc((e->nblocks / 64 + 1) * sizeof *e->old_data);
   if (!e->old_data) return;
-  int64_t n = cache_data_blocks(e->cache, e->bs, e->old_data);
+  memcpy(e->old_data, cd, (e->nblocks / 64 + 1) * sizeof *e->old_data);
   uint64_t old = 0;
   for (uint64_t b = 0; n > 0 && b < e->nblocks; b++) {
     if (!(e->old_data[b / 64] >> (b % 64) & 1)) continue;
@@ -391,6 +397,7 @@ void engine_close(struct engine *e)
   if (e->ix) index_close(e->ix);
   if (e->dfile) digest_file_close(e->dfile);
   free(e->old_data);
+  free((uint64_t *) e->cache_data);
   bitmap_close(e->bm);
   cache_close(e->cache);
   inflight_free_all(e);

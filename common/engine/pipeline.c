@@ -13,6 +13,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <search.h>
 #include <inttypes.h>
 
 /* ---------- in-flight table: block -> job ---------- */
@@ -39,28 +40,39 @@ static void inflight_grow(struct inflight_tab *t)
   *t = nt;
 }
 
-/* Zero jobs can be huge (a 1 TiB hole): they are kept as ranges on a
- * short list instead of a table entry per block. */
+/* Zero jobs can be huge (a 1 TiB hole): they are kept as ranges in a
+ * search tree (they never overlap: made of missing blocks no other job
+ * holds) instead of a table entry per block. */
+static int zero_cmp(const void *a, const void *b)
+{
+  const struct job *x = a, *y = b;
+  if (x->first + x->count <= y->first) return -1;
+  if (y->first + y->count <= x->first) return 1;
+  return 0;
+}
+
 struct job *inflight_get(struct engine *e, uint64_t block)
 {
   struct inflight_tab *t = &e->inflight;
   if (t->nbuckets)
     for (struct hnode *n = t->b[hslot(t, block)]; n; n = n->next)
       if (n->block == block) return n->job;
-  for (struct job *j = e->zero_jobs; j; j = j->znext)
-    if (block >= j->first && block < j->first + j->count) return j;
+  if (e->zero_tree) {
+    struct job key = { .first = block, .count = 1 };
+    void *const *z = tfind(&key, &e->zero_tree, zero_cmp);
+    if (z) return *z;
+  }
   return NULL;
 }
 
-static int inflight_put(struct engine *e, uint64_t block, struct job *j)
+/* The node comes from the job's own array (j->nodes): no allocation per
+ * block. */
+static int inflight_put(struct engine *e, uint64_t block, struct hnode *n)
 {
   struct inflight_tab *t = &e->inflight;
   if (t->n >= t->nbuckets) inflight_grow(t);
   if (!t->nbuckets) return -1;
-  struct hnode *n = malloc(sizeof *n);
-  if (!n) return -1;
   n->block = block;
-  n->job = j;
   size_t s = hslot(t, block);
   n->next = t->b[s];
   t->b[s] = n;
@@ -68,15 +80,15 @@ static int inflight_put(struct engine *e, uint64_t block, struct job *j)
   return 0;
 }
 
-static void inflight_del(struct engine *e, uint64_t block)
+/* Removes block's entry if job j holds it. */
+static void inflight_del(struct engine *e, uint64_t block, const struct job *j)
 {
   struct inflight_tab *t = &e->inflight;
   if (!t->nbuckets) return;
   for (struct hnode **pp = &t->b[hslot(t, block)]; *pp; pp = &(*pp)->next)
     if ((*pp)->block == block) {
-      struct hnode *n = *pp;
-      *pp = n->next;
-      free(n);
+      if ((*pp)->job != j) return;
+      *pp = (*pp)->next;
       t->n--;
       return;
     }
@@ -84,14 +96,46 @@ static void inflight_del(struct engine *e, uint64_t block)
 
 void inflight_free_all(struct engine *e)
 {
-  for (size_t i = 0; i < e->inflight.nbuckets; i++)
-    for (struct hnode *n = e->inflight.b[i], *next; n; n = next) {
-      next = n->next;
-      free(n);
-    }
+  /* The nodes belong to jobs, all landed (freed) by now. */
   free(e->inflight.b);
   e->inflight.b = NULL;
   e->inflight.nbuckets = e->inflight.n = 0;
+}
+
+/* ---------- where the cache already reads as zero ---------- */
+
+bool cache_may_hold_data(const struct engine *e, uint64_t b)
+{
+  return !e->cache_data ||
+         (atomic_load_explicit(&e->cache_data[b / 64], memory_order_relaxed) >> (b % 64) & 1);
+}
+
+/* Before data is written to blocks [first, first + count). */
+void cache_data_mark(struct engine *e, uint64_t first, uint64_t count)
+{
+  if (!e->cache_data) return;
+  for (uint64_t b = first; b < first + count; ) {
+    unsigned n = (unsigned) MIN(64 - b % 64, first + count - b);
+    uint64_t m = (n == 64 ? ~UINT64_C(0) : ((UINT64_C(1) << n) - 1)) << (b % 64);
+    atomic_fetch_or_explicit(&e->cache_data[b / 64], m, memory_order_relaxed);
+    b += n;
+  }
+}
+
+/* Under lock: a run the source says is zero, of missing blocks no job
+ * holds and whose place in the cache holds no data: present as they are
+ * (no job, no write).  Returns the bytes made present.  A client write
+ * racing with this marks its data first (cache_data_mark) and sets the
+ * bits itself, so it is never lost. */
+uint64_t land_zero_in_holes_locked(struct engine *e, uint64_t first, uint64_t count)
+{
+  uint64_t off = first * e->bs, end = MIN((first + count) * e->bs, e->size);
+  bitmap_set_range(e->bm, first, count);
+  if (e->copy.zero_known)
+    for (uint64_t b = first; b < first + count; b++)
+      e->copy.zero_known[b / 64] |= UINT64_C(1) << (b % 64);
+  e->bytes_zero_skipped += end - off;
+  return end - off;
 }
 
 /* ---------- store stripes (I1) ---------- */
@@ -136,25 +180,31 @@ struct job *job_make_locked(struct engine *e, enum job_kind kind,
   j->len = MIN(count * e->bs, e->size - j->off);
   if (kind == JOB_PASSTHROUGH) return j;    /* not kept: not in the table */
   if (kind == JOB_ZERO) {                   /* made of missing blocks only */
+    if (!tsearch(j, &e->zero_tree, zero_cmp)) {
+      free(j);
+      e->jobs_live--;
+      return NULL;
+    }
     j->owned = count;
-    j->znext = e->zero_jobs;
-    if (e->zero_jobs) e->zero_jobs->zprev = j;
-    e->zero_jobs = j;
     e->blocks_inflight += count;
     return j;
   }
   /* Present blocks inside the range (zeros a background job reads across)
    * are not this job's. */
-  for (uint64_t b = first; b < first + count; b++) {
+  j->nodes = malloc(count * sizeof *j->nodes);
+  bool ok = j->nodes != NULL;
+  for (uint64_t b = first; ok && b < first + count; b++) {
     if (bitmap_test(e->bm, b)) continue;
-    if (inflight_put(e, b, j) < 0) {
-      for (uint64_t c = first; c < b; c++)
-        if (inflight_get(e, c) == j) inflight_del(e, c);
-      free(j);
-      e->jobs_live--;
-      return NULL;
-    }
-    j->owned++;
+    j->nodes[j->owned].job = j;
+    ok = inflight_put(e, b, &j->nodes[j->owned]) == 0;
+    if (ok) j->owned++;
+  }
+  if (!ok) {
+    for (uint64_t c = first; c < first + count; c++) inflight_del(e, c, j);
+    free(j->nodes);
+    free(j);
+    e->jobs_live--;
+    return NULL;
   }
   e->blocks_inflight += j->owned;
   return j;
@@ -337,9 +387,15 @@ static int store_blocks(struct engine *e, struct job *j, uint64_t *stored)
            (j->kind == JOB_ZERO || block_is_zero(e, j, b) == zero))
       b++;
     uint64_t off = s * e->bs, end = MIN(b * e->bs, e->size);
-    int rc = zero ? cache_zero(e->cache, off, end - off, false)
-                  : cache_write(e->cache, (const char *) j->buf + (off - j->off),
-                                end - off, off);
+    int rc = 0;
+    if (!zero) {
+      cache_data_mark(e, s, b - s);
+      rc = cache_write(e->cache, (const char *) j->buf + (off - j->off), end - off, off);
+    } else {
+      uint64_t h = s;               /* already zero where it holds no data */
+      while (h < b && !cache_may_hold_data(e, h)) h++;
+      if (h < b) rc = cache_zero(e->cache, off, end - off, false);
+    }
     if (rc < 0) err = errno;
     else {
       bitmap_set_range(e->bm, s, b - s);
@@ -374,13 +430,11 @@ static void land(struct xwork *w)
 
   pthread_mutex_lock(&e->lock);
   if (j->kind == JOB_ZERO) {
-    if (j->zprev) j->zprev->znext = j->znext;
-    else e->zero_jobs = j->znext;
-    if (j->znext) j->znext->zprev = j->zprev;
+    tdelete(j, &e->zero_tree, zero_cmp);
     e->blocks_inflight -= j->owned;
   } else if (j->kind != JOB_PASSTHROUGH) {
     for (uint64_t b = j->first; b < j->first + j->count; b++)
-      if (inflight_get(e, b) == j) inflight_del(e, b);
+      inflight_del(e, b, j);
     e->blocks_inflight -= j->owned;
   }
   if (j->kind == JOB_BACKGROUND) e->copy.inflight_bytes -= j->len;
@@ -422,6 +476,7 @@ static void land(struct xwork *w)
   pthread_mutex_unlock(&e->lock);
 
   free(j->buf);
+  free(j->nodes);
   free(j->locs);
   free(j->digests);
   free(j);
