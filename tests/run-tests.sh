@@ -12,6 +12,10 @@
 #   TESTS=GLOB      run only tests whose name (e.g. test-server-cli,
 #                   unit-proto) matches GLOB
 #   TEST_TIMEOUT=S  per-test limit in seconds (default 300)
+#   TEST_JOBS=N     run up to N tests at once (default 2).  Tests that use
+#                   network namespaces or boot VMs (SERIAL_TESTS below) run
+#                   alone.  Output lines come in completion order; the
+#                   logs of failed tests are shown at the end.
 #
 # The engine tests (ENGINE_TESTS below: invariants, restart, source loss,
 # detach, zero skip, clients) run twice: with xnbd-proxy, and as NAME@nbdkit with
@@ -45,15 +49,23 @@ cd "$srcdir" || exit 2
 timeout_s=${TEST_TIMEOUT:-300}
 filter=${TESTS:-*}
 
-passed=0 failed=0 skipped=0
-failed_names=()
+jobs_max=${TEST_JOBS:-2}
+case $jobs_max in ''|*[!0-9]*|0) echo "$0: TEST_JOBS must be a positive number" >&2; exit 2 ;; esac
+# Alone: they make network namespaces with fixed names, or boot VMs
+# (TCG is CPU-bound).
+SERIAL_TESTS=" test-wan-emu test-wan-emu-netem test-vm-migrate test-vm-migrate-faults "
+resdir=$logdir/results
+rm -rf "$resdir"
+mkdir -p "$resdir"
+running=0
 
 selected () {
   # shellcheck disable=SC2053  # the filter is a glob on purpose
   [[ $1 == $filter || $1.sh == $filter ]]
 }
 
-run_one () {
+# Runs one test; prints its line and leaves "STATUS NAME" in $resdir.
+run_test () {
   local name=$1; shift
   local log=$logdir/$name.log start end st=0 secs
   start=$(date +%s.%N)
@@ -62,22 +74,37 @@ run_one () {
   secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
   case $st in
     0)
-      passed=$((passed + 1))
+      echo "PASS $name" >"$resdir/$name"
       printf 'PASS  %-40s %6ss\n' "$name" "$secs" ;;
     77)
-      skipped=$((skipped + 1))
+      echo "SKIP $name" >"$resdir/$name"
       printf 'SKIP  %-40s %6ss  %s\n' "$name" "$secs" \
         "$(grep -m1 '^SKIP' "$log" | cut -c7- || true)" ;;
     *)
-      failed=$((failed + 1))
-      failed_names+=("$name")
       local why="exit status $st"
       [ "$st" -eq 124 ] || [ "$st" -eq 137 ] && why="timed out after ${timeout_s}s"
-      printf 'FAIL  %-40s %6ss  (%s)\n' "$name" "$secs" "$why"
-      echo "----- $log (last 100 lines) -----"
-      tail -n 100 "$log"
-      echo "----- end of $name -----" ;;
+      echo "FAIL $name" >"$resdir/$name"
+      printf 'FAIL  %-40s %6ss  (%s)\n' "$name" "$secs" "$why" ;;
   esac
+}
+
+# Waits until fewer than $1 tests run.
+drain () {
+  while [ "$running" -ge "$1" ]; do
+    wait -n 2>/dev/null || true
+    running=$((running - 1))
+  done
+}
+
+run_one () {
+  if [[ $SERIAL_TESTS == *" ${1%@*} "* ]]; then
+    drain 1
+    run_test "$@"
+    return
+  fi
+  drain "$jobs_max"
+  run_test "$@" &
+  running=$((running + 1))
 }
 
 if [ "$mode" = unit ] || [ "$mode" = all ]; then
@@ -92,7 +119,8 @@ fi
 ENGINE_TESTS=(test-proxy-inv-i1-i3 test-proxy-inv-i3-bg test-proxy-restart-resume
               test-proxy-source-loss test-proxy-detach test-proxy-zero-skip
               test-proxy-crash-i2 test-proxy-complete-zeros
-              test-proxy-clients-xnbd-server test-proxy-dedup test-proxy-nbdfuse)
+              test-proxy-clients-xnbd-server test-proxy-dedup test-proxy-nbdfuse
+              test-proxy-prepage)
 
 if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   for script in "$srcdir"/test-*.sh; do
@@ -113,6 +141,23 @@ if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   fi
 fi
 
+drain 1
+passed=0 failed=0 skipped=0
+failed_names=()
+for f in "$resdir"/*; do
+  [ -f "$f" ] || continue
+  read -r st name <"$f"
+  case $st in
+    PASS) passed=$((passed + 1)) ;;
+    SKIP) skipped=$((skipped + 1)) ;;
+    *) failed=$((failed + 1)); failed_names+=("$name") ;;
+  esac
+done
+for name in "${failed_names[@]}"; do
+  echo "----- $logdir/$name.log (last 100 lines) -----"
+  tail -n 100 "$logdir/$name.log"
+  echo "----- end of $name -----"
+done
 total=$((passed + failed + skipped))
 echo "$passed passed, $failed failed, $skipped skipped"
 if [ "$failed" -gt 0 ]; then

@@ -51,6 +51,7 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
       j = job_make_locked(e, JOB_ONDEMAND, s, b - s);
       if (!j) return -1;
       made[(*nmade)++] = j;
+      copy_hint_locked(e, b);       /* the copy takes what follows next */
     } else
       b = MIN(j->first + j->count, b1 + 1);
     if (j != last) {

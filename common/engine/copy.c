@@ -320,6 +320,81 @@ static uint64_t bridge_gap(struct engine *e, uint64_t b, uint64_t lim, bool chea
   return g;
 }
 
+/* Under lock: a miss just fetched blocks up to (not including) block:
+ * the copy takes the PREPAGE_BYTES after it next (pre-paging: a guest that
+ * touched a page touches its neighbours soon). */
+void copy_hint_locked(struct engine *e, uint64_t block)
+{
+  struct copy *c = &e->copy;
+  if (block >= e->nblocks) return;
+  if (c->nhint == PREPAGE_HINTS) {          /* forget the oldest */
+    memmove(&c->hint[0], &c->hint[1], (PREPAGE_HINTS - 1) * sizeof c->hint[0]);
+    c->nhint--;
+  }
+  c->hint[c->nhint].next = block;
+  c->hint[c->nhint].end = MIN(e->nblocks, block + MAX(1, PREPAGE_BYTES / e->bs));
+  c->nhint++;
+}
+
+/* Under lock: the job for missing, not in-flight block b, ending before
+ * lim: from seeds when its digest says a seed holds it, else a fetch of
+ * the run from b (reading across known zeros where cheap).  Charged to
+ * the window and the rate.  NULL when no more can be made now. */
+static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, bool cheap)
+{
+  struct copy *c = &e->copy;
+  struct index_loc loc;
+  if (seed_hit(e, b, &loc)) {
+    if (c->local_inflight >= LOCAL_INFLIGHT) return NULL;
+    return local_job_locked(e, b);
+  }
+  uint64_t s = b;
+  for (;;) {
+    while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
+           (b == s || !seed_hit(e, b, &loc)))
+      b++;
+    uint64_t g = bridge_gap(e, b, lim, cheap);
+    if (g == b) break;
+    b = g;                        /* read across the zeros: one request, not two */
+  }
+  struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
+  if (!j) return NULL;
+  c->inflight_bytes += j->len;
+  if (c->rate) c->tokens -= j->len;
+  return j;
+}
+
+/* Under lock: whether the window and the rate let another job start. */
+static bool room_locked(struct copy *c)
+{
+  return c->inflight_bytes < c->window && (!c->rate || c->tokens > 0);
+}
+
+/* Under lock: jobs for the blocks after recent misses, newest first.
+ * Where deduplication waits for digests not yet in, the hint is dropped
+ * (those blocks may be in a seed). */
+static unsigned prepage_locked(struct engine *e, uint64_t per_job, bool cheap,
+                               struct job **list, unsigned n, unsigned max)
+{
+  struct copy *c = &e->copy;
+  while (c->nhint && n < max && room_locked(c)) {
+    uint64_t *next = &c->hint[c->nhint - 1].next, end = c->hint[c->nhint - 1].end;
+    uint64_t b = bitmap_next_clear(e->bm, *next);
+    for (struct job *ij; b < end && (ij = inflight_get(e, b)); )
+      b = bitmap_next_clear(e->bm, ij->first + ij->count);
+    if (b >= end || ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until)) {
+      c->nhint--;
+      continue;
+    }
+    struct job *j = job_from_locked(e, b, MIN(end, b + per_job), cheap);
+    if (!j) break;
+    j->prepage = true;
+    *next = j->first + j->count;
+    list[n++] = j;
+  }
+  return n;
+}
+
 static void fill(struct engine *e, uint64_t now, bool cheap)
 {
   struct copy *c = &e->copy;
@@ -344,9 +419,8 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
   }
   c->debt = 0;
   c->tokens_at = now;
-  while (n < ARRAY_SIZE(list)) {
-    if (c->inflight_bytes >= c->window) break;
-    if (c->rate && c->tokens <= 0) break;
+  n = prepage_locked(e, per_job, cheap, list, n, ARRAY_SIZE(list));
+  while (n < ARRAY_SIZE(list) && room_locked(c)) {
     uint64_t b = bitmap_next_clear(e->bm, c->cursor);
     for (struct job *ij; b < e->nblocks && (ij = inflight_get(e, b)); )
       b = bitmap_next_clear(e->bm, ij->first + ij->count);   /* past that job */
@@ -358,30 +432,10 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     }
     if (b * e->bs >= c->status_until) break;
     if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
-    struct index_loc loc;
-    if (seed_hit(e, b, &loc)) {
-      if (c->local_inflight >= LOCAL_INFLIGHT) break;
-      struct job *j = local_job_locked(e, b);
-      if (!j) break;
-      c->cursor = b + j->count;
-      list[n++] = j;
-      continue;
-    }
-    uint64_t s = b;
-    uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, s + per_job);
-    for (;;) {
-      while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
-             (b == s || !seed_hit(e, b, &loc)))
-        b++;
-      uint64_t g = bridge_gap(e, b, lim, cheap);
-      if (g == b) break;
-      b = g;                      /* read across the zeros: one request, not two */
-    }
-    struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
+    uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, b + per_job);
+    struct job *j = job_from_locked(e, b, lim, cheap);
     if (!j) break;
-    c->inflight_bytes += j->len;
-    if (c->rate) c->tokens -= j->len;
-    c->cursor = b;
+    c->cursor = j->first + j->count;
     list[n++] = j;                /* ascending offsets: the source reads ahead */
   }
   pthread_mutex_unlock(&e->lock);

@@ -70,6 +70,7 @@ struct job {
   struct index_loc *locs;       /* JOB_LOCAL: a seed block per block ... */
   uint8_t *digests;             /* ... and the source's digest of it */
   bool fell_back;               /* JOB_LOCAL fetched from the source */
+  bool prepage;                 /* JOB_BACKGROUND made next to a miss */
 };
 
 /* A client request waiting for jobs; resumed when pending reaches 0. */
@@ -86,6 +87,9 @@ struct pend {
 
 struct hnode { uint64_t block; struct job *job; struct hnode *next; };
 struct inflight_tab { struct hnode **b; size_t nbuckets, n; };
+
+#define PREPAGE_HINTS 8
+#define PREPAGE_BYTES (1u << 20)       /* copied after each miss first */
 
 /* Background copy policy (copy.c), under engine.lock unless noted. */
 struct copy {
@@ -108,6 +112,10 @@ struct copy {
   uint64_t ndchunks, dig_until;
   unsigned dig_outstanding;
   uint64_t local_inflight;      /* bytes in JOB_LOCAL jobs */
+  /* Pre-paging: the blocks after the latest client misses, copied before
+   * the ascending sweep goes on (newest last). */
+  struct { uint64_t next, end; } hint[PREPAGE_HINTS];
+  unsigned nhint;
   uint64_t debt;                /* fallback fetches not yet charged to tokens */
   bool dig_off;                 /* digest export unreachable: dedup given up */
   uint64_t dig_down_at;         /* source thread: digest export down since */
@@ -161,6 +169,7 @@ struct engine {
   char source_id[BITMAP_SOURCE_ID_MAX + 1];
   uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written, bytes_bridged;
   uint64_t fetches_ondemand, fetches_background, fetch_errors, fetch_rate;
+  uint64_t fetches_prepaged;
   uint64_t local_errors;        /* cache writes that failed (disk full...) */
   uint64_t bytes_seeded, bytes_digests;
 
@@ -207,5 +216,6 @@ void engine_local_failure(struct engine *e, const char *what, uint64_t off, int 
 int copy_init(struct engine *e);
 void copy_free(struct engine *e);
 void copy_tick(void *opaque, uint64_t now);
+void copy_hint_locked(struct engine *e, uint64_t block);
 
 #endif

@@ -85,6 +85,7 @@ struct engine_stats {
   uint64_t bytes_bridged;        /* zero bytes re-read inside larger fetches */
   uint64_t bytes_local_written;  /* bytes written by clients */
   uint64_t fetches_ondemand, fetches_background, fetch_errors;
+  uint64_t fetches_prepaged;      /* background fetches made next to a miss */
   uint64_t fetch_rate;           /* bytes/s over the last few seconds */
   uint64_t ondemand_waiting;     /* client requests waiting on the source */
   bool bg_running, bg_paused;

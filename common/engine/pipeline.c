@@ -470,6 +470,7 @@ static void land(struct xwork *w)
       e->bytes_bridged += bridged;
       if (j->kind == JOB_ONDEMAND) e->fetches_ondemand++;
       else e->fetches_background++;
+      if (j->prepage) e->fetches_prepaged++;
     }
   }
   struct waiter *ready = release_waiters_locked(e, j, err ? EIO : local_err);
