@@ -14,7 +14,6 @@
 
 #define STATUS_CHUNK (UINT64_C(16) << 20)  /* block status asked per query */
 #define STATUS_QUERIES 16                    /* block status queries in flight */
-#define RATE_SAMPLES 40
 #define BRIDGE_MAX 32
 
 #define DIG_QUERIES 8                         /* digest queries in flight */
@@ -360,6 +359,7 @@ static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, b
   struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
   if (!j) return NULL;
   c->inflight_bytes += j->len;
+  c->win_peak = MAX(c->win_peak, c->inflight_bytes);
   if (c->rate) c->tokens -= j->len;
   return j;
 }
@@ -444,41 +444,18 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
 
 /* ---------- window ---------- */
 
-/* Every quarter second.  The bottleneck bandwidth is the best delivery
- * rate seen over the last ~10 s (a max filter), the path's delay the
- * smallest round trip.  Start-up doubles the window each time the rate
- * grew by a quarter, as TCP's slow start does, while the window is at
- * most 4 x bandwidth x RTT (a thin link never doubles); it ends after
- * three samples without such growth; from then on the window grows by a
- * quarter while the copy delivers at its best and uses the window, capped
- * at 2 x bandwidth x RTT.  Floor 2 MiB, ceiling 256 MiB. */
-static void size_window(struct engine *e, uint64_t now, uint64_t rtt)
+/* At each new round-trip sample (window.h says how the window follows
+ * the queue on the path).  A fixed --bg-window stays as it is; the queue
+ * is measured either way, for the status. */
+static void steer_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
-  if (now - c->win_at < 250000000u) return;
   pthread_mutex_lock(&e->lock);
-  uint64_t bytes = e->bytes_fetched + e->bytes_bridged, dt = now - c->win_at;
-  uint64_t rate = c->win_at ? (bytes - c->win_bytes) * 1000000000u / dt : 0;
-  c->win_at = now;
-  c->win_bytes = bytes;
-  c->rates[c->nrate++ % RATE_SAMPLES] = rate;
-  uint64_t maxrate = 0;
-  for (unsigned i = 0; i < RATE_SAMPLES; i++) maxrate = MAX(maxrate, c->rates[i]);
-  if (c->window_auto && rtt && rate && c->running && !c->paused) {
-    uint64_t w = c->window;
-    uint64_t cap = 2 * (maxrate * rtt / 1000000000u);
-    bool grew = c->startup_best && rate > c->startup_best * 5 / 4;
-    if (!c->startup_best || grew) {
-      c->startup_best = rate;
-      c->startup_flat = 0;
-    } else if (c->startup_flat < 3 && ++c->startup_flat == 3)
-      c->startup_over = true;
-    bool doubling = grew && !c->startup_over && w <= 2 * cap;
-    if (rate >= maxrate * 85 / 100 && c->inflight_bytes >= w * 3 / 4)
-      w = doubling ? w * 2 : c->startup_over ? w * 5 / 4 : w;
-    if (c->startup_over) w = MIN(w, cap);
-    c->window = MIN(MAX(w, (uint64_t) 2 << 20), (uint64_t) 256 << 20);
-  }
+  bool used = c->win_peak >= c->window / 2;
+  uint64_t w = win_sample(&c->win, now, sb->rtt_ns, sb->rtt_last_ns,
+                          e->bytes_fetched + e->bytes_bridged, used);
+  if (c->window_auto && c->running && !c->paused) c->window = w;
+  c->win_peak = c->inflight_bytes;
   pthread_mutex_unlock(&e->lock);
 }
 
@@ -488,10 +465,10 @@ void copy_tick(void *opaque, uint64_t now)
 {
   struct engine *e = opaque;
   struct copy *c = &e->copy;
-  unsigned up;
-  uint64_t rtt;
-  bool cheap;
-  source_brief(e->src, &up, &rtt, &cheap);
+  struct source_brief sb;
+  source_brief(e->src, &sb);
+  unsigned up = sb.up;
+  bool cheap = sb.zeros_cheap;
 
   pthread_mutex_lock(&e->lock);
   bool now_up = up && (e->state == ENGINE_CONNECTING || e->state == ENGINE_SOURCE_LOST);
@@ -517,8 +494,11 @@ void copy_tick(void *opaque, uint64_t now)
     query_status(e);
     digests_watch(e, now);
     query_digests(e);
+    if (sb.rtt_seq != c->win_seq) {
+      c->win_seq = sb.rtt_seq;
+      steer_window(e, now, &sb);
+    }
     fill(e, now, cheap);
-    size_window(e, now, rtt);
   }
   if (now - c->last_expire > 100000000u) {
     engine_expire_waiters(e, now);

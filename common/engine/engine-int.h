@@ -23,6 +23,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include "window.h"
 
 #include "engine.h"
 #include "bitmap.h"
@@ -122,10 +123,9 @@ struct copy {
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
-  uint64_t win_at, win_bytes, rates[40];
-  unsigned nrate, startup_flat;
-  uint64_t startup_best;
-  bool startup_over;
+  struct winctl win;            /* the window from queueing delay */
+  uint64_t win_seq;             /* round-trip samples used so far */
+  uint64_t win_peak;            /* (under lock) most bytes in flight since */
 };
 
 struct engine {

@@ -54,7 +54,8 @@ static void config_defaults(struct engine *e, const struct engine_config *cfg)
   e->bs = cfg->block_size ? cfg->block_size : 4096;
   if (!e->cfg.connections) e->cfg.connections = 2;
   e->copy.window_auto = !e->cfg.bg_window;
-  e->copy.window = e->cfg.bg_window ? e->cfg.bg_window : 16 << 20;
+  win_init(&e->copy.win);
+  e->copy.window = e->cfg.bg_window ? e->cfg.bg_window : e->copy.win.window;
   if (!e->cfg.max_fetch) e->cfg.max_fetch = 4 << 20;
   if (!e->cfg.source_timeout_s) e->cfg.source_timeout_s = 60;
   if (!e->cfg.persist_interval_ms) e->cfg.persist_interval_ms = 1000;
@@ -440,6 +441,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->bg_paused = e->copy.paused;
   st->bg_rate = e->copy.rate;
   st->bg_window = e->copy.window;
+  st->bg_queue_us = e->copy.win.queue_ns / 1000;
   st->rtt_us = ss.rtt_ns / 1000;
   st->connections = e->state == ENGINE_DETACHED ? 0 : e->cfg.connections;
   st->connections_up = e->state == ENGINE_DETACHED ? 0 : ss.connections_up;

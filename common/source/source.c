@@ -2,6 +2,7 @@
  * state machine each (down -> connecting -> up -> down); requests wait in
  * two queues (urgent, normal) until a connection takes them. */
 #include "source.h"
+#include "minwin.h"
 #include "log.h"
 #include "util.h"
 #include "identity.h"
@@ -26,6 +27,8 @@
 #define MAX_ATTEMPTS 8          /* a request whose connection died this often fails */
 #define MAX_SERVER_ERRORS 3     /* a request the source answered with an error */
 #define LOG_EVERY_NS 10000000000u
+#define RTT_BUCKET_NS 10000000000u
+#define PROBE_GAP_NS 10000000u  /* at most 100 probes a second */
 
 enum conn_state { CONN_DOWN, CONN_CONNECTING, CONN_UP };
 
@@ -66,11 +69,13 @@ struct source {
   bool probe_inflight;
   uint64_t probe_at, probe_sent;
   char probe_buf[512];
-  uint64_t rtt_epoch;
+  struct minwin rtt_min;        /* smallest round trip, over 20-30 s */
 
   atomic_uint up;
   atomic_bool probing, quit, cheap;   /* cheap: zeros_cheap, for source_brief */
-  atomic_uint_fast64_t rtt_ns;
+  atomic_uint_fast64_t rtt_ns;        /* the windowed minimum */
+  atomic_uint_fast64_t rtt_last_ns;   /* the latest sample */
+  atomic_uint_fast64_t rtt_seq;       /* samples taken */
   pthread_t thread;
   bool started;
   int wake_fd;
@@ -78,6 +83,14 @@ struct source {
 
 static void set_error(struct source *s, const char *fmt, ...)
   __attribute__((format(printf, 2, 3)));
+
+/* A round trip sample: the windowed minimum and the latest. */
+static void rtt_sample(struct source *s, uint64_t now, uint64_t rtt)
+{
+  atomic_store(&s->rtt_ns, minwin_add(&s->rtt_min, now, RTT_BUCKET_NS, rtt));
+  atomic_store(&s->rtt_last_ns, rtt);
+  atomic_fetch_add(&s->rtt_seq, 1);
+}
 static void set_error(struct source *s, const char *fmt, ...)
 {
   va_list ap;
@@ -338,8 +351,8 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   s->c[0].st = CONN_CONNECTING;   /* drive_connections checks and adopts it */
   /* The first round trip: from the WAN handshake, taken before any bulk
    * data could queue on the path. */
-  atomic_store(&s->rtt_ns, wan_handshake_rtt_ns());
-  s->rtt_epoch = now_ns();
+  uint64_t hs = wan_handshake_rtt_ns();
+  if (hs) rtt_sample(s, now_ns(), hs);
   return s;
 fail:
   source_free(s);
@@ -677,24 +690,26 @@ static int probe_cb(void *user_data, int *error)
 {
   struct source *s = user_data;
   if (s->probe_inflight && !*error) {
-    uint64_t now = now_ns(), rtt = now - s->probe_sent;
-    uint64_t cur = atomic_load(&s->rtt_ns);
-    if (!cur || rtt < cur || now - s->rtt_epoch > 10000000000u) {
-      if (now - s->rtt_epoch > 10000000000u) s->rtt_epoch = now;
-      atomic_store(&s->rtt_ns, rtt);
-    }
+    uint64_t now = now_ns();
+    rtt_sample(s, now, now - s->probe_sent);
   }
   s->probe_inflight = false;
   return 1;
 }
 
 /* A tiny request on the urgent connection when it is idle: its time is one
- * round trip (nothing queued ahead of it on that connection). */
+ * round trip plus the queue on the path that a client's miss would wait
+ * behind (nothing queued ahead of it on that connection).  While probing
+ * (the background copy's window is sized from these samples), one goes
+ * out as soon as the last returned, at most every PROBE_GAP_NS; with one
+ * connection it waits behind the copy's own requests, as a miss would.
+ * Otherwise one a second keeps the minimum fresh. */
 static void maybe_probe(struct source *s, uint64_t now)
 {
   struct sconn *c = &s->c[0];
-  if (!atomic_load(&s->probing) || s->probe_inflight || c->st != CONN_UP ||
-      c->inflight || now - s->probe_at < 1000000000u)
+  bool fast = atomic_load(&s->probing);
+  if (s->probe_inflight || c->st != CONN_UP || (c->inflight && s->n > 1) ||
+      now - s->probe_at < (fast ? PROBE_GAP_NS : 1000000000u))
     return;
   s->probe_at = s->probe_sent = now;
   s->probe_inflight = true;
@@ -850,11 +865,13 @@ int source_retarget(struct source *s, const char *target, char *err, size_t errl
   return 0;
 }
 
-void source_brief(struct source *s, unsigned *up, uint64_t *rtt_ns, bool *zeros_cheap)
+void source_brief(struct source *s, struct source_brief *b)
 {
-  *up = atomic_load(&s->up);
-  *rtt_ns = atomic_load(&s->rtt_ns);
-  *zeros_cheap = atomic_load(&s->cheap);
+  b->up = atomic_load(&s->up);
+  b->rtt_ns = atomic_load(&s->rtt_ns);
+  b->rtt_last_ns = atomic_load(&s->rtt_last_ns);
+  b->rtt_seq = atomic_load(&s->rtt_seq);
+  b->zeros_cheap = atomic_load(&s->cheap);
 }
 
 void source_get_stats(struct source *s, struct source_stats *st)
@@ -863,6 +880,7 @@ void source_get_stats(struct source *s, struct source_stats *st)
   st->connections = s->n;
   st->connections_up = atomic_load(&s->up);
   st->rtt_ns = atomic_load(&s->rtt_ns);
+  st->rtt_last_ns = atomic_load(&s->rtt_last_ns);
   st->wire_tx_raw = atomic_load(&s->wire->tx_raw);
   st->wire_tx = atomic_load(&s->wire->tx_wire);
   st->wire_rx = atomic_load(&s->wire->rx_wire);
