@@ -2,8 +2,9 @@
  * DIGEST_EXPORT_SUFFIX) as an NBD backend (backend.h).
  *
  * Read-only.  Bytes [32 b, 32 b + 32) are the SHA-256 of block b of the
- * image, computed from the image when read, so a read always reflects the
- * image as it is at that moment (never stale).  A read that starts or ends
+ * image, computed from the image when read, or (with a sidecar) when first
+ * read and kept; never stale (digest-sidecar.h says how, and what a change
+ * behind the server's back while it runs does).  A read that starts or ends
  * inside a digest computes the whole blocks it touches and returns the
  * bytes asked for.  Reads run on the work queue given (never on the event
  * loop), many at once: a request uses up to one thread per online CPU
