@@ -250,7 +250,11 @@ uint64_t digest_sidecar_lookup(struct digest_sidecar *sc, uint64_t first,
   /* A file shortened behind our back reads as zeros: invalid entries. */
   if (pread_all(sc->fd, buf, count * DIGEST_SIDECAR_ENTRY, entry_off(first)) == 0)
     for (uint64_t i = 0; i < count; i++) {
+      static const uint8_t none[8];
       const uint8_t *e = buf + i * DIGEST_SIDECAR_ENTRY;
+      /* Never written or invalidated (zeroed): no need to hash.  (A real
+       * tag of eight zero bytes is then merely computed again.) */
+      if (memcmp(e + DIGEST_LEN, none, 8) == 0) continue;
       entry_tag(salt, first + i, e, tag);
       if (memcmp(tag, e + DIGEST_LEN, 8) != 0) continue;
       memcpy(out + i * DIGEST_LEN, e, DIGEST_LEN);
