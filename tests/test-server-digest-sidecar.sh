@@ -147,4 +147,35 @@ logged "no digest sidecar"
 digests_ok
 stop_ok "$SERVER_PID" xnbd-server
 [ ! -e "$sc" ] || fail "--image-id=stat wrote $sc"
+# ---- a read-only directory: the server runs as nobody, the image's
+# directory is root's.  The identity record made by an earlier run (as
+# root) is still read, but no sidecar can be created next to the image:
+# digests are computed at each read, with one log line.
+if command -v setpriv >/dev/null && getent passwd nobody >/dev/null; then
+  rodir=$TESTDIR/ro
+  mkdir "$rodir"
+  cp "$img" "$rodir/disk.img"
+  chmod 666 "$rodir/disk.img"          # before the record: chmod changes ctime
+  img=$rodir/disk.img sc=$rodir/disk.img.xnbd-sha256
+  serve
+  digests_ok
+  counts 0 "$blocks"
+  rm "$sc"
+  chmod 755 "$rodir"
+  chmod 1777 "$TESTDIR"                # the pid file and the socket
+  nobody=$TESTDIR/as-nobody
+  printf '#!/bin/sh\nexec setpriv --reuid=nobody --regid=nogroup --clear-groups %q "$@"\n' \
+    "$XNBD_BUILD/xnbd-server" >"$nobody"
+  chmod 755 "$nobody"
+  start_server "$nobody" -u "$sock" "$img"
+  logged "digest sidecar: cannot create $sc"
+  grep "digest sidecar\|image identity" "$SERVER_LOG"
+  digests_ok
+  qio "$(nbd_unix_uri "$sock")" "write -P 0x44 8192 4096"
+  digests_ok
+  stop_ok "$SERVER_PID" xnbd-server
+  [ ! -e "$sc" ] || fail "a sidecar was made in a read-only directory"
+else
+  echo "skipped the read-only directory case: no setpriv or no user nobody"
+fi
 echo OK
