@@ -4,10 +4,11 @@
 # count at exit says how many came from it and how many were computed);
 # every digest served equals sha256sum of its block; a write through the
 # server invalidates its block (also across a restart); an image edited
-# while no server ran, or a sidecar that is damaged, truncated, foreign or
-# has entries moved, is discarded or its bad entries ignored, with a log
-# line; a sidecar that cannot be opened leaves digests computed at each
-# read.
+# while no server ran, a server killed after a write, or a sidecar that is
+# damaged, truncated, foreign or has entries moved: the sidecar is
+# discarded or its bad entries ignored, with a log line; a sidecar that
+# cannot be opened or created (its name taken, a read-only directory)
+# leaves digests computed at each read.
 source "$(dirname "$0")/functions.sh"
 source "$XNBD_SRC/tests/digest-common.sh"
 requires nbdcopy qemu-io xxd sha256sum split cmp
@@ -76,6 +77,20 @@ counts $(( blocks - 1 )) 1
 # ---- the image edited while no server ran: generation bumped, sidecar
 # rebuilt, all computed.
 printf 'edited offline' | dd of="$img" bs=1 seek=$(( 9 * 4096 )) conv=notrunc status=none
+serve
+logged "digest sidecar: $sc is discarded and rebuilt: made for another generation"
+digests_ok
+counts 0 "$blocks"
+
+# ---- SIGKILL after a write through the server (its invalidation in the
+# sidecar may not have reached the disk): the identity record still says
+# "open" and the image's times changed, so the generation goes up and the
+# sidecar is rebuilt.
+serve
+digests_ok
+qio "$(nbd_unix_uri "$sock")" "write -P 0x77 $(( 50 * 4096 )) 4096"
+kill -KILL "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null || true
 serve
 logged "digest sidecar: $sc is discarded and rebuilt: made for another generation"
 digests_ok
