@@ -213,27 +213,36 @@ static void setup_tls(struct server_opts *o)
   o->cfg.tls_require = wan_require_tls;
 }
 
-/* Export NAME@xnbd-sha256: the digests of export i's blocks, computed on
- * their own threads (hashing a large request takes a while and must not
- * hold up the data exports' I/O), left out of export lists. */
-static int add_digest_export(struct server_opts *o, struct xnbd_server *srv,
-                             struct file_backend *fb, unsigned i,
-                             struct digest_backend **dbs, struct workq **dwq)
+/* The digests of export i's blocks: computed on their own threads (hashing
+ * a large request takes a while and must not hold up the data exports'
+ * I/O), kept in the image's digest sidecar when it has a recorded identity
+ * (digest-sidecar.h). */
+static void open_digests(struct server_opts *o, struct file_backend *fb, unsigned i,
+                         const struct image_id *id, struct digest_backend **dbs,
+                         struct workq **dwq)
 {
-  char name[4096];
-  int fd = file_backend_fd(fb);
-  uint64_t size = file_backend_ops.get_size(fb);
-
   if (!*dwq) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     *dwq = workq_new(n > 2 ? (unsigned) n : 2, "digest");
     if (!*dwq) fatal("cannot start the digest threads: %s", strerror(errno));
   }
+  dbs[i] = digest_backend_open(file_backend_fd(fb), file_backend_ops.get_size(fb), *dwq);
+  if (!dbs[i]) fatal("out of memory");
+  if (id && !image_id_derived(id))
+    digest_backend_use_sidecar(dbs[i], o->export_files[i], image_id_hex(id), image_id_gen(id));
+  else
+    log_info("export '%s': no digest sidecar (the image has no recorded identity): "
+             "digests are computed at each read", o->export_names[i]);
+}
+
+/* Export NAME@xnbd-sha256, left out of export lists. */
+static int add_digest_export(struct server_opts *o, struct xnbd_server *srv,
+                             unsigned i, struct digest_backend **dbs)
+{
+  char name[4096];
   if (snprintf(name, sizeof name, "%s%s", o->export_names[i], DIGEST_EXPORT_SUFFIX)
       >= (int) sizeof name)
     fatal("export name '%.64s...' is too long", o->export_names[i]);
-  dbs[i] = digest_backend_open(fd, size, *dwq);
-  if (!dbs[i]) fatal("out of memory");
   if (xnbd_server_add_export(srv, name, NULL, &digest_backend_ops, dbs[i]) < 0) {
     log_error("export '%s' is also the name of the digest export of '%s': rename "
               "the export, or serve without digests (--no-digests)",
@@ -251,23 +260,35 @@ static int add_digest_export(struct server_opts *o, struct xnbd_server *srv,
  * its digest export; then the WAN listeners. */
 static int setup_exports(struct server_opts *o, struct xnbd_server *srv,
                          struct file_backend **fbs, struct image_id **ids,
-                         struct digest_backend **dbs, struct workq **dwq)
+                         struct digest_backend **dbs, struct workq **dwq,
+                         struct digest_guard **gs)
 {
   for (unsigned i = 0; i < o->nexp; i++) {
+    const struct xnbd_backend_ops *ops = &file_backend_ops;
+    void *h;
     char err[512];
     fbs[i] = file_backend_open(o->export_files[i], o->readonly, o->sv.wq, err, sizeof err);
     if (!fbs[i]) fatal("%s", err);
     ids[i] = o->id_mode < 0 ? NULL : image_id_open(o->export_files[i], file_backend_fd(fbs[i]),
                                                    (enum image_id_mode) o->id_mode);
+    h = fbs[i];
+    if (!o->no_digests) {
+      open_digests(o, fbs[i], i, ids[i], dbs, dwq);
+      if (!o->readonly) {       /* writes invalidate kept digests first */
+        gs[i] = digest_guard_new(&file_backend_ops, fbs[i], dbs[i]);
+        if (!gs[i]) fatal("out of memory");
+        ops = digest_guard_ops(gs[i]);
+        h = gs[i];
+      }
+    }
     if (xnbd_server_add_export(srv, o->export_names[i],
-                               ids[i] ? image_id_description(ids[i]) : NULL,
-                               &file_backend_ops, fbs[i]) < 0)
+                               ids[i] ? image_id_description(ids[i]) : NULL, ops, h) < 0)
       return -1;
     log_info("export '%s': %s%s", o->export_names[i], o->export_files[i],
              o->readonly ? " (read-only)" : "");
   }
   for (unsigned i = 0; i < o->nexp && !o->no_digests; i++)
-    if (add_digest_export(o, srv, fbs[i], i, dbs, dwq) < 0) return -1;
+    if (add_digest_export(o, srv, i, dbs) < 0) return -1;
   if (o->cfg.handshake_timeout_s) wan_hs_timeout = o->cfg.handshake_timeout_s;
   for (unsigned i = 0; i < o->nwan; i++) {
     int port = xnbd_server_listen_tcp_hook(srv, o->wanl[i], WAN_DEFAULT_PORT, wan_hook, NULL);
@@ -284,6 +305,7 @@ int main(int argc, char **argv)
   struct file_backend *fbs[MAX_EXPORTS] = { 0 };
   struct image_id *ids[MAX_EXPORTS] = { 0 };
   struct digest_backend *dbs[MAX_EXPORTS] = { 0 };
+  struct digest_guard *gs[MAX_EXPORTS] = { 0 };
   struct workq *dwq = NULL;
   struct xnbd_server *srv;
   int rc;
@@ -294,7 +316,7 @@ int main(int argc, char **argv)
   setup_tls(&o);
   srv = xnbd_server_new(o.sv.base, &o.cfg);
   if (!srv) fatal("out of memory");
-  rc = setup_exports(&o, srv, fbs, ids, dbs, &dwq) < 0 ? 1 : serve_run(&o.sv, srv);
+  rc = setup_exports(&o, srv, fbs, ids, dbs, &dwq, gs) < 0 ? 1 : serve_run(&o.sv, srv);
 
   xnbd_server_free(srv);
   wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
@@ -302,7 +324,9 @@ int main(int argc, char **argv)
   workq_free(o.sv.wq);
   o.sv.wq = NULL;
   workq_free(dwq);
+  /* Kept digests synced before the identity records a clean stop. */
   for (unsigned i = 0; i < o.nexp; i++) digest_backend_close(dbs[i]);
+  for (unsigned i = 0; i < o.nexp; i++) digest_guard_free(gs[i]);
   for (unsigned i = 0; i < o.nexp; i++) {
     if (!fbs[i]) continue;
     /* Data durable first, then the stamp that says "our own writes". */

@@ -1,6 +1,7 @@
 /* digest-backend.c: the digest export as a backend (digest-backend.h). */
 #include "digest-backend.h"
 #include "digest.h"
+#include "digest-sidecar.h"
 #include "nbd-proto.h"
 #include "workq.h"
 
@@ -16,6 +17,7 @@ struct digest_backend {
   struct workq *wq;
   unsigned ncpu;
   atomic_uint running;        /* digest reads being computed now */
+  struct digest_sidecar *sc;  /* NULL: every digest computed when read */
 };
 
 uint64_t digest_export_size(uint64_t image_size)
@@ -37,9 +39,47 @@ struct digest_backend *digest_backend_open(int fd, uint64_t image_size,
   return db;
 }
 
+void digest_backend_use_sidecar(struct digest_backend *db, const char *path,
+                                const char *id_hex, uint64_t gen)
+{
+  db->sc = digest_sidecar_open(path, db->fd, db->image_size, id_hex, gen);
+}
+
 void digest_backend_close(struct digest_backend *db)
 {
+  if (!db) return;
+  digest_sidecar_close(db->sc);
   free(db);
+}
+
+/* Blocks per sidecar look-up: 64 MiB of image, 640 KiB of entries. */
+#define SIDECAR_CHUNK 16384u
+
+/* The digests of blocks [first, first + count): those valid in the
+ * sidecar from there, the others computed (one span per chunk, from its
+ * first to its last missing block) and stored. */
+static int digests_via_sidecar(struct digest_backend *db, uint64_t first,
+                               uint64_t count, uint8_t *out, unsigned threads)
+{
+  static _Thread_local bool have[SIDECAR_CHUNK];
+  for (uint64_t done = 0; done < count; ) {
+    uint64_t n = count - done < SIDECAR_CHUNK ? count - done : SIDECAR_CHUNK;
+    uint64_t b = first + done, lo = 0, hi = n;
+    uint8_t *o = out + done * DIGEST_LEN;
+    /* Before the look-up (it checks the image's times) and before the
+     * image is read for the digests to store. */
+    uint64_t epoch = digest_sidecar_epoch(db->sc);
+    if (digest_sidecar_lookup(db->sc, b, n, o, have) < n) {
+      while (have[lo]) lo++;
+      while (have[hi - 1]) hi--;
+      if (digest_file(db->fd, db->image_size, b + lo, hi - lo, o + lo * DIGEST_LEN,
+                      threads) < 0)
+        return -1;
+      digest_sidecar_store(db->sc, epoch, b + lo, hi - lo, o + lo * DIGEST_LEN);
+    }
+    done += n;
+  }
+  return 0;
 }
 
 static uint64_t db_get_size(void *h)
@@ -68,7 +108,8 @@ static void db_read_work(struct xwork *w)
 
   if (!out)
     err = ENOMEM;
-  else if (digest_file(db->fd, db->image_size, first, count, out, threads) < 0)
+  else if ((db->sc ? digests_via_sidecar(db, first, count, out, threads)
+                   : digest_file(db->fd, db->image_size, first, count, out, threads)) < 0)
     err = errno ? errno : EIO;
   else if (!direct)
     memcpy(r->buf, out + skip, r->length);
@@ -112,3 +153,94 @@ const struct xnbd_backend_ops digest_backend_ops = {
   .cache = db_nothing,
   .block_status = db_block_status,
 };
+
+/* ---- the guard: writes to the image invalidate their blocks' digests */
+
+struct digest_guard {
+  struct xnbd_backend_ops ops;
+  const struct xnbd_backend_ops *inner;
+  void *ih;
+  struct digest_backend *db;
+};
+
+/* What a guarded write's request carried for the front end. */
+struct guard_req {
+  void (*done)(struct xreq *r, int err);
+  void *fe_priv;
+  struct digest_sidecar *sc;
+};
+
+static uint64_t g_get_size(void *h) { struct digest_guard *g = h; return g->inner->get_size(g->ih); }
+static uint16_t g_get_flags(void *h) { struct digest_guard *g = h; return g->inner->get_flags(g->ih); }
+static void g_get_block_size(void *h, uint32_t *mn, uint32_t *pref, uint32_t *mx)
+{
+  struct digest_guard *g = h;
+  g->inner->get_block_size(g->ih, mn, pref, mx);
+}
+static void g_pread(void *h, struct xreq *r) { struct digest_guard *g = h; g->inner->pread(g->ih, r); }
+static void g_flush(void *h, struct xreq *r) { struct digest_guard *g = h; g->inner->flush(g->ih, r); }
+static void g_cache(void *h, struct xreq *r) { struct digest_guard *g = h; g->inner->cache(g->ih, r); }
+static void g_block_status(void *h, struct xreq *r)
+{
+  struct digest_guard *g = h;
+  g->inner->block_status(g->ih, r);
+}
+
+static void g_done(struct xreq *r, int err)
+{
+  struct guard_req *gr = r->fe_priv;
+  r->done = gr->done;
+  r->fe_priv = gr->fe_priv;
+  digest_sidecar_write_end(gr->sc);
+  free(gr);
+  xreq_complete(r, err);
+}
+
+/* Invalidates [offset, offset + length) before the image is written, and
+ * marks the write in flight until it completes (digest-sidecar.h). */
+static void g_write(struct digest_guard *g, struct xreq *r,
+                    void (*op)(void *h, struct xreq *r))
+{
+  struct guard_req *gr;
+  if (!g->db->sc) { op(g->ih, r); return; }
+  gr = malloc(sizeof *gr);
+  if (!gr) { xreq_complete(r, ENOMEM); return; }
+  gr->done = r->done;
+  gr->fe_priv = r->fe_priv;
+  gr->sc = g->db->sc;
+  r->done = g_done;
+  r->fe_priv = gr;
+  digest_sidecar_write_begin(gr->sc, r->offset, r->length);
+  op(g->ih, r);
+}
+
+static void g_pwrite(void *h, struct xreq *r) { struct digest_guard *g = h; g_write(g, r, g->inner->pwrite); }
+static void g_trim(void *h, struct xreq *r) { struct digest_guard *g = h; g_write(g, r, g->inner->trim); }
+static void g_zero(void *h, struct xreq *r) { struct digest_guard *g = h; g_write(g, r, g->inner->zero); }
+
+struct digest_guard *digest_guard_new(const struct xnbd_backend_ops *inner, void *ih,
+                                      struct digest_backend *db)
+{
+  struct digest_guard *g = calloc(1, sizeof *g);
+  if (!g) return NULL;
+  g->inner = inner;
+  g->ih = ih;
+  g->db = db;
+  g->ops = (struct xnbd_backend_ops) {
+    .name = inner->name,
+    .get_size = g_get_size,
+    .get_flags = g_get_flags,
+    .get_block_size = inner->get_block_size ? g_get_block_size : NULL,
+    .pread = g_pread,
+    .pwrite = g_pwrite,
+    .flush = g_flush,
+    .trim = g_trim,
+    .zero = g_zero,
+    .cache = g_cache,
+    .block_status = inner->block_status ? g_block_status : NULL,
+  };
+  return g;
+}
+
+const struct xnbd_backend_ops *digest_guard_ops(struct digest_guard *g) { return &g->ops; }
+void digest_guard_free(struct digest_guard *g) { free(g); }

@@ -2,14 +2,21 @@
  * DIGEST_EXPORT_SUFFIX) as an NBD backend (backend.h).
  *
  * Read-only.  Bytes [32 b, 32 b + 32) are the SHA-256 of block b of the
- * image, computed from the image when read, so a read always reflects the
- * image as it is at that moment (never stale).  A read that starts or ends
+ * image, computed from the image when read, or (with a sidecar) when first
+ * read and kept; never stale (digest-sidecar.h says how, and what a change
+ * behind the server's back while it runs does).  A read that starts or ends
  * inside a digest computes the whole blocks it touches and returns the
  * bytes asked for.  Reads run on the work queue given (never on the event
  * loop), many at once: a request uses up to one thread per online CPU
  * divided by the number of digest reads running at that moment.  Block
  * status says "all data"; writes are refused by the front end (the export
- * is read-only). */
+ * is read-only).
+ *
+ * With a sidecar (digest_backend_use_sidecar, digest-sidecar.h), digests
+ * kept there are served without reading the image, the others computed and
+ * kept; writes to the image must then go through a guard
+ * (digest_guard_new), which invalidates the digests of the blocks they
+ * cover before the image is written. */
 #ifndef XNBD_DIGEST_BACKEND_H
 #define XNBD_DIGEST_BACKEND_H
 
@@ -31,6 +38,22 @@ uint64_t digest_export_size(uint64_t image_size);
  * backend.  Returns NULL with errno (ENOMEM). */
 struct digest_backend *digest_backend_open(int fd, uint64_t image_size,
                                            struct workq *wq);
+/* Keeps computed digests in the sidecar of the image at path (whose
+ * identity is id_hex and gen, image-id.h), if one can be kept (else
+ * logged, and every digest is computed when read). */
+void digest_backend_use_sidecar(struct digest_backend *db, const char *path,
+                                const char *id_hex, uint64_t gen);
+/* Closes the sidecar too (synced): call after the last write to the image
+ * completed.  NULL is allowed. */
 void digest_backend_close(struct digest_backend *db);
+
+/* The image's backend (inner, ih) with its writes, trims and zeroes
+ * invalidating db's kept digests first.  Serve the image through
+ * digest_guard_ops(g); free after db is closed. */
+struct digest_guard;
+struct digest_guard *digest_guard_new(const struct xnbd_backend_ops *inner, void *ih,
+                                      struct digest_backend *db);
+const struct xnbd_backend_ops *digest_guard_ops(struct digest_guard *g);
+void digest_guard_free(struct digest_guard *g);
 
 #endif

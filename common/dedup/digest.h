@@ -19,8 +19,9 @@
 /* The digest export.  For each export NAME, xnbd-server also serves the
  * read-only export NAME DIGEST_EXPORT_SUFFIX, of ceil(size / 4096) x 32
  * bytes: bytes [32 b, 32 b + 32) are the digest of block b of NAME,
- * computed from the image when read (so never stale: a digest read after a
- * write covers that write).  Anything that speaks NBD reaches it the same
+ * computed from the image when first read and kept in a sidecar next to
+ * the image (digest-sidecar.h; never stale: a digest read after a write
+ * through the server covers that write).  Anything that speaks NBD reaches it the same
  * way as the data (plain NBD, xnbd:// with zstd and TLS). */
 #define DIGEST_EXPORT_SUFFIX "@xnbd-sha256"
 
