@@ -57,7 +57,7 @@ static void usage(FILE *f)
 "                            --standby: at the switch-over)\n"
 "      --bg-rate RATE        cap, e.g. 50mbit or 20M (bytes/s); 0 = none\n"
 "      --bg-window SIZE      background bytes in flight, 64K to 256M (default:\n"
-"                            2 x rate x round trip, 256K-256M)\n"
+"                            up to 2 x rate x round trip, 256K-256M)\n"
 "      --max-fetch SIZE      largest single fetch (default 4M)\n"
 "      --detach-when-complete  detach from the source once every block is here\n"
 "      --standby             live migration: until 'xnbd-ctl activate' or the\n"

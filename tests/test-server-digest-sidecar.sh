@@ -24,10 +24,16 @@ sock=$TESTDIR/sock
 # server equal sha256sum's; counts FROM COMPUTED: stop it and check the
 # count it logged.
 serve () { start_server xnbd-server -u "$sock" "$@" "$img"; }
+want_of=   # the image's sha256 when want.bin was computed (it is slow)
 digests_ok ()
 {
   nbdcopy "$(digest_uri "$sock")" "$TESTDIR/got.bin"
-  block_digests "$img" "$TESTDIR/want.bin"
+  local now
+  now=$(sha "$img")
+  if [ "$now" != "$want_of" ]; then
+    block_digests "$img" "$TESTDIR/want.bin"
+    want_of=$now
+  fi
   same_content "$TESTDIR/want.bin" "$TESTDIR/got.bin"
 }
 counts ()

@@ -359,7 +359,6 @@ static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, b
   struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
   if (!j) return NULL;
   c->inflight_bytes += j->len;
-  c->win_peak = MAX(c->win_peak, c->inflight_bytes);
   if (c->rate) c->tokens -= j->len;
   return j;
 }
@@ -444,18 +443,17 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
 
 /* ---------- window ---------- */
 
-/* At each new round-trip sample (window.h says how the window follows
- * the queue on the path).  A fixed --bg-window stays as it is; the queue
- * is measured either way, for the status. */
-static void steer_window(struct engine *e, uint64_t now, const struct source_brief *sb)
+/* The window follows what the path delivers (window.h); a fixed
+ * --bg-window stays as it is.  The queue on the path is measured either
+ * way, for the status. */
+static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
-  bool used = c->win_peak >= c->window / 2;
-  uint64_t w = win_sample(&c->win, now, sb->rtt_ns, sb->rtt_last_ns,
-                          e->bytes_fetched + e->bytes_bridged, used);
+  uint64_t w = win_update(&c->win, now, e->bytes_fetched + e->bytes_bridged,
+                          c->inflight_bytes, sb->rtt_ns, sb->rtt_last_ns,
+                          c->running && !c->paused);
   if (c->window_auto && c->running && !c->paused) c->window = w;
-  c->win_peak = c->inflight_bytes;
   pthread_mutex_unlock(&e->lock);
 }
 
@@ -494,11 +492,8 @@ void copy_tick(void *opaque, uint64_t now)
     query_status(e);
     digests_watch(e, now);
     query_digests(e);
-    if (sb.rtt_seq != c->win_seq) {
-      c->win_seq = sb.rtt_seq;
-      steer_window(e, now, &sb);
-    }
     fill(e, now, cheap);
+    size_window(e, now, &sb);
   }
   if (now - c->last_expire > 100000000u) {
     engine_expire_waiters(e, now);

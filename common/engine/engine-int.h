@@ -123,9 +123,7 @@ struct copy {
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
-  struct winctl win;            /* the window from queueing delay */
-  uint64_t win_seq;             /* round-trip samples used so far */
-  uint64_t win_peak;            /* (under lock) most bytes in flight since */
+  struct winctl win;            /* the window (window.c) */
 };
 
 struct engine {

@@ -28,7 +28,7 @@
 #define MAX_SERVER_ERRORS 3     /* a request the source answered with an error */
 #define LOG_EVERY_NS 10000000000u
 #define RTT_BUCKET_NS 10000000000u
-#define PROBE_GAP_NS 10000000u  /* at most 100 probes a second */
+#define PROBE_EVERY_NS 250000000u
 
 enum conn_state { CONN_DOWN, CONN_CONNECTING, CONN_UP };
 
@@ -697,19 +697,15 @@ static int probe_cb(void *user_data, int *error)
   return 1;
 }
 
-/* A tiny request on the urgent connection when it is idle: its time is one
- * round trip plus the queue on the path that a client's miss would wait
- * behind (nothing queued ahead of it on that connection).  While probing
- * (the background copy's window is sized from these samples), one goes
- * out as soon as the last returned, at most every PROBE_GAP_NS; with one
- * connection it waits behind the copy's own requests, as a miss would.
- * Otherwise one a second keeps the minimum fresh. */
+/* A tiny request on the urgent connection when it is idle, every
+ * PROBE_EVERY_NS while the copy runs: its time is one round trip plus the
+ * queue on the path that a client's miss would wait behind (nothing is
+ * queued ahead of it on that connection). */
 static void maybe_probe(struct source *s, uint64_t now)
 {
   struct sconn *c = &s->c[0];
-  bool fast = atomic_load(&s->probing);
-  if (s->probe_inflight || c->st != CONN_UP || (c->inflight && s->n > 1) ||
-      now - s->probe_at < (fast ? PROBE_GAP_NS : 1000000000u))
+  if (!atomic_load(&s->probing) || s->probe_inflight || c->st != CONN_UP ||
+      c->inflight || now - s->probe_at < PROBE_EVERY_NS)
     return;
   s->probe_at = s->probe_sent = now;
   s->probe_inflight = true;
