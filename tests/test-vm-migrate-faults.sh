@@ -41,7 +41,7 @@ CHECK=$XNBD_SRC/scripts/vm/console-check.py
 QEMU=$(command -v qemu-system-x86_64)
 APPEND="console=ttyS0 panic=-1 quiet xnbd.tick=10"
 CUT_S=10
-RELAY_RATE=$((16 * 1024 * 1024))    # bytes/s from A: the post-copy takes seconds
+RELAY_RATE=$((48 * 1024 * 1024))    # bytes/s from A: the post-copy takes seconds
 
 VM=(-accel tcg -m 128M -smp 1 -nodefaults -display none -no-reboot
     -machine pc,memory-backend=ram0 -kernel "$kernel" -initrd "$initrd" -append "$APPEND")
@@ -93,8 +93,9 @@ START_PIDFILE_OPT=-pidfile start_server "$QEMU" "${VM[@]}" \
   -chardev "socket,id=con,path=$a/con.sock,server=on,wait=on" -serial chardev:con \
   -qmp "unix:$a/qmp.sock,server=on,wait=off"
 a_vm=$SERVER_PID
-wait_n 3 120 "$TESTDIR/a.console"
+wait_n 1 120 "$TESTDIR/a.console"
 wait_n 1 120 "$s/console"
+echo "$SECONDS s: both VMs run"
 
 # A's xnbd-server, and the link to it: the relay.
 start_server xnbd-server -r -u "$a/srv.sock" -e "ram=$a/ram" -e "disk=$a/disk.img"
@@ -157,7 +158,7 @@ kill -USR1 "$relay"
 t_cut=$(date +%s.%N)
 missing=$(json_get "$st" blocks.missing)
 [ "$missing" -gt 0 ] || fail_b "the RAM proxy had no missing block when the link was cut (the copy outran the relay's rate cap)"
-echo "link cut at the switch-over + $(json_get "$st" bytes.fetched) bytes fetched; $missing RAM blocks missing"
+echo "$SECONDS s: link cut at the switch-over + $(json_get "$st" bytes.fetched) bytes fetched; $missing RAM blocks missing"
 # The proxies notice: no connection to A is up.
 lost=
 for (( i = 0; i < 50; i++ )); do
@@ -173,7 +174,7 @@ st=$(status)
 [ "$(json_get "$st" blocks.missing)" -gt 0 ] || fail_b "no RAM block missing at the end of the cut: the link was not cut"
 kill -0 "$mig" || fail_b "vm-migrate ended during the cut"
 kill -USR2 "$relay"
-echo "link back after ${CUT_S} s; $(json_get "$st" blocks.missing) RAM blocks still missing"
+echo "$SECONDS s: link back after ${CUT_S} s; $(json_get "$st" blocks.missing) RAM blocks still missing"
 
 # The migration completes and detaches.
 done_=
@@ -184,6 +185,7 @@ done
 [ -n "$done_" ] || fail_b "vm-migrate did not end 90 s after the link came back"
 rc=0; wait "$mig" || rc=$?
 cat "$TESTDIR/migrate.out"
+echo "$SECONDS s: vm-migrate ended"
 [ "$rc" = 0 ] || fail_b "vm-migrate failed (status $rc) after the cut"
 
 scribbled=$(cat "$TESTDIR/scribbled")
@@ -193,6 +195,7 @@ echo "overwrote $scribbled static data pages in the seed VM's RAM after the prox
 # 9 more rounds at B: all 8 static pieces re-verified there.
 n=$(last_n "$TESTDIR/a.console" "$TESTDIR/b.console")
 wait_n "$(( n + 9 ))" 120 "$TESTDIR/a.console" "$TESTDIR/b.console"
+echo "$SECONDS s: 9 rounds at B"
 server_alive "$seed_vm" || fail_b "the seed VM stopped"
 "$QMP" "$b/vm/qmp.sock" stop >/dev/null
 "$MIGRATE" --stop "$b/vm" >/dev/null

@@ -73,6 +73,7 @@ def pump(src, dst, pair, limited):
 def on_cut(signum, frame):
     global cut
     cut = True
+    print("%.3f cut-relay: cut" % time.time(), file=sys.stderr, flush=True)
     with lock:
         pairs = list(conns)
     for p in pairs:
@@ -82,6 +83,7 @@ def on_cut(signum, frame):
 def on_restore(signum, frame):
     global cut
     cut = False
+    print("%.3f cut-relay: restored" % time.time(), file=sys.stderr, flush=True)
 
 
 signal.signal(signal.SIGUSR1, on_cut)
@@ -96,11 +98,17 @@ ls.listen(64)
 with open(ready + ".tmp", "w") as f:
     f.write("%d\n" % os.getpid())
 os.rename(ready + ".tmp", ready)
+def log(msg):
+    print("%.3f cut-relay: %s" % (time.time(), msg), file=sys.stderr, flush=True)
+
+
 while True:
     c, _ = ls.accept()
     if cut:
+        log("link cut: connection refused")
         c.close()
         continue
+    log("connection forwarded")
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(target)
