@@ -23,6 +23,15 @@
 #                            (64 KiB at K * 64 KiB; starts with "xnbd-disk
 #                            k=K g=G"); printed before the write
 #   FAIL WHAT                a checksum did not match (RAM or disk)
+#   t=K                      with "xnbd.tick=MS" on the kernel command line:
+#                            a second process prints this every MS ms, K
+#                            going up by one (host-side timestamps of these
+#                            lines measure the guest's downtime)
+#
+# The 8 MiB of static RAM data are the same in every guest booted from this
+# initrd (random bytes made once, shipped in it), as shared libraries are
+# in real VMs: a VM's RAM can seed another's.  Every 4 KiB page of it starts
+# with the 64-byte line "xnbd-static s=S p=P" (piece S, page P).
 #
 # Each round rewrites one RAM chunk and one disk block, and verifies one
 # chunk, one 1 MiB piece of the 8 MiB of static RAM data and one disk block
@@ -41,7 +50,7 @@ esac
 . "$HERE/../bench/data/cache.sh"
 # shellcheck source=kernel.sh
 . "$HERE/kernel.sh"
-for tool in busybox gzip; do
+for tool in busybox gzip python3; do
     command -v "$tool" >/dev/null || die "$tool not found; run scripts/install-deps.sh (busybox-static)"
 done
 D=$(bench_cache_dir)/vm-guest
@@ -49,8 +58,10 @@ mkdir -p "$D"
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
 vm_kernel "$D" "${MODULES[@]}" || die "could not get the kernel"
 
-recipe=v2
-if [[ ! -f $D/initrd.gz || $(cat "$D/recipe" 2>/dev/null) != "$recipe" ]]; then
+recipe=v3
+# One file per recipe: trees with an older guest.sh share the cache.
+initrd=$D/initrd-$recipe.gz
+if [[ ! -f $initrd ]]; then
     r=$(mktemp -d "$D/initrd.XXXXXX")
     trap 'rm -rf "$r"' EXIT
     mkdir -p "$r/bin" "$r/proc" "$r/sys" "$r/dev" "$r/tmp" "$r/lib/modules"
@@ -58,6 +69,15 @@ if [[ ! -f $D/initrd.gz || $(cat "$D/recipe" 2>/dev/null) != "$recipe" ]]; then
     ln -s busybox "$r/bin/sh"
     for m in "${MODULES[@]}"; do cp "$D/modules/$m.ko" "$r/lib/modules/"; done
     echo "${MODULES[*]}" > "$r/lib/modules/order"
+    python3 - "$r/static" <<'PY'
+import os, sys
+d = sys.argv[1]
+os.mkdir(d)
+for s in range(8):
+    with open("%s/%d" % (d, s), "wb") as f:
+        for p in range(256):
+            f.write(("xnbd-static s=%d p=%d" % (s, p)).ljust(63).encode() + b"\n" + os.urandom(4032))
+PY
     cat > "$r/init" <<'INIT'
 #!/bin/sh
 /bin/busybox --install -s /bin
@@ -76,11 +96,15 @@ done
 NSTATIC=8 NCHUNK=8 NDISK=32
 sha() { sha256sum "$1" | cut -c1-64; }
 mkdir /tmp/s /tmp/c /tmp/d
-# Static RAM data: 8 x 1 MiB of random bytes.
+# Static RAM data: 8 x 1 MiB, from the initrd (the same in every guest).
 for i in $(seq 0 $((NSTATIC - 1))); do
-    head -c 1048576 /dev/urandom > /tmp/s/$i
+    cp /static/$i /tmp/s/$i
     sha /tmp/s/$i > /tmp/s/$i.sha
 done
+tick=$(sed -n 's/.*xnbd\.tick=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$tick" ]; then
+    ( k=0; while :; do k=$((k + 1)); echo "xnbd-vm: t=$k"; usleep $((tick * 1000)); done ) &
+fi
 # chunk C G: write RAM chunk C, generation G (a new file, then renamed,
 # so the previous generation stays whole until this one is).
 chunk() {
@@ -132,9 +156,8 @@ while :; do
 done
 INIT
     chmod 755 "$r/init"
-    (cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$D/initrd.gz.tmp"
-    mv "$D/initrd.gz.tmp" "$D/initrd.gz"
-    echo "$recipe" > "$D/recipe"
+    (cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$initrd.tmp$$"
+    mv "$initrd.tmp$$" "$initrd"
 fi
 echo "kernel $D/vmlinuz"
-echo "initrd $D/initrd.gz"
+echo "initrd $initrd"
