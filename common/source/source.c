@@ -219,6 +219,21 @@ out_close:
   return NULL;
 }
 
+/* Hands poll's events for h to libnbd.  A hang-up or error goes to the
+ * direction libnbd waits in: a connect that the peer refuses or closes
+ * waits for writing, and libnbd ignores a read notification then (the
+ * connection would never fail, and the loop would spin). */
+static int notify(struct nbd_handle *h, short revents)
+{
+  unsigned dir = nbd_aio_get_direction(h);
+  bool gone = revents & (POLLHUP | POLLERR);
+  if ((revents & POLLIN) || (gone && (dir & LIBNBD_AIO_DIRECTION_READ)))
+    return nbd_aio_notify_read(h);
+  if (revents & POLLOUT || gone)
+    return nbd_aio_notify_write(h);
+  return 0;
+}
+
 /* Drives one handle's connection with poll until ready or the deadline. */
 static int wait_connected(struct source *s, struct nbd_handle *h, uint64_t deadline)
 {
@@ -233,8 +248,7 @@ static int wait_connected(struct source *s, struct nbd_handle *h, uint64_t deadl
     if (dir & LIBNBD_AIO_DIRECTION_WRITE) p.events |= POLLOUT;
     int r = poll(&p, 1, MIN((deadline - now) / 1000000 + 1, 1000u));
     if (r < 0 && errno != EINTR) return -1;
-    if (p.revents & (POLLIN | POLLHUP | POLLERR)) { if (nbd_aio_notify_read(h) < 0) return -1; }
-    else if (p.revents & POLLOUT) { if (nbd_aio_notify_write(h) < 0) return -1; }
+    if (p.revents && notify(h, p.revents) < 0) return -1;
   }
   return nbd_aio_is_ready(h) ? 0 : -1;
 }
@@ -788,8 +802,7 @@ static void *source_main(void *arg)
       }
       struct sconn *c = &s->c[idx[k]];
       if (!c->h) continue;
-      if (p[k].revents & (POLLIN | POLLHUP | POLLERR)) nbd_aio_notify_read(c->h);
-      else if (p[k].revents & POLLOUT) nbd_aio_notify_write(c->h);
+      notify(c->h, p[k].revents);
     }
     process_done(s);
   }
