@@ -24,9 +24,10 @@
  *        "blocks":{"total":N,"present":N,"missing":N,"inflight":N},
  *        "bytes":{"fetched":N,"zero_skipped":N,"local_written":N,
  *                 "bridged":N,"seeded":N,"digests":N},"dedup":B,
- *        "fetches":{"ondemand":N,"background":N,"errors":N},
+ *        "fetches":{"ondemand":N,"background":N,"prepaged":N,"errors":N},
  *        "fetch_rate":N,"ondemand_waiting":N,
- *        "background":{"running":B,"paused":B,"rate":N,"window":N},
+ *        "background":{"running":B,"paused":B,"rate":N,"window":N,
+ *                      "queue_us":N},
  *        "connections":{"up":N,"total":N},
  *        "rtt_us":N,"standby":B,
  *        "wire":{"tx_raw":N,"tx":N,"rx":N,"rx_raw":N},
@@ -39,7 +40,11 @@
  *     bytes copied from local seeds (xnbd-proxy --seed) instead of
  *     fetched, each block verified against the source's digest, and
  *     bytes.digests the digest bytes read from the source; dedup is true
- *     while seeds are in use (the source publishes digests); rtt_us is the measured
+ *     while seeds are in use (the source publishes digests);
+ *     fetches.prepaged counts the background fetches made next to a
+ *     client's miss (also in fetches.background); background.queue_us is
+ *     the queueing delay on the path at the last round-trip sample (that
+ *     round trip minus the smallest recent one); rtt_us is the measured
  *     round trip to the source in microseconds (0: not measured yet);
  *     standby is true until the switch-over (xnbd-proxy --standby, see
  *     activate); wire counts the bytes of the xnbd:// WAN transport, both
