@@ -21,21 +21,7 @@
 # and its ticks go on by one across the move, and it runs 9 more rounds at
 # B after the detach, re-verifying all 8 pieces of its static data there.
 source "$(dirname "$0")/functions.sh"
-case $XNBD_BUILD in
-  *build-asan) skip "the VM migration tests do not run in the sanitizer pass (QEMU TCG is slow; the programs they drive are covered by the other tests)" ;;
-esac
-requires qemu-system-x86_64 nbdfuse fusermount3 mountpoint busybox python3
-requires_path /dev/fuse
-if ! { exec 9<>/dev/fuse; } 2>/dev/null; then
-  skip "/dev/fuse cannot be opened here"
-fi
-exec 9>&-
-
-guest=$("$XNBD_SRC/scripts/vm/guest.sh") || fail "scripts/vm/guest.sh could not build the guest"
-kernel=$(awk '$1 == "kernel" { print $2 }' <<<"$guest")
-initrd=$(awk '$1 == "initrd" { print $2 }' <<<"$guest")
-MIGRATE=$XNBD_SRC/scripts/vm-migrate
-QMP=$XNBD_SRC/scripts/vm/qmp.py
+source "$XNBD_SRC/tests/vm-common.sh"
 STAMP=$XNBD_SRC/scripts/vm/console-stamp.py
 CHECK=$XNBD_SRC/scripts/vm/console-check.py
 QEMU=$(command -v qemu-system-x86_64)

@@ -11,22 +11,8 @@
 # Also checked by vm-migrate at each switch-over: nothing at the new site
 # read the RAM file before the VM stopped at the old one.
 source "$(dirname "$0")/functions.sh"
-case $XNBD_BUILD in
-  *build-asan) skip "the VM migration test does not run in the sanitizer pass (QEMU TCG is slow; the programs it drives are covered by the other tests)" ;;
-esac
-requires qemu-system-x86_64 nbdfuse fusermount3 mountpoint busybox python3
-requires_path /dev/fuse
-if ! { exec 9<>/dev/fuse; } 2>/dev/null; then
-  skip "/dev/fuse cannot be opened here"
-fi
-exec 9>&-
-
-guest=$("$XNBD_SRC/scripts/vm/guest.sh") || fail "scripts/vm/guest.sh could not build the guest"
-kernel=$(awk '$1 == "kernel" { print $2 }' <<<"$guest")
-initrd=$(awk '$1 == "initrd" { print $2 }' <<<"$guest")
+source "$XNBD_SRC/tests/vm-common.sh"
 accel=${VM_ACCEL:-tcg}
-MIGRATE=$XNBD_SRC/scripts/vm-migrate
-QMP=$XNBD_SRC/scripts/vm/qmp.py
 
 vm_args () {  # the machine both sites run; RAM backend and disk added per site
   echo -accel "$accel" -m 128M -smp 1 -nodefaults -display none -no-reboot \
