@@ -11,7 +11,8 @@
 # (the copy is ascending from block 0 over random data: every block from
 # blocks.present to blocks.present + blocks.inflight is in flight).  Then:
 #   - the read returns the source's data;
-#   - the proxy made no on-demand fetch (the read joined the job);
+#   - the proxy made no on-demand fetch (the read joined the job, and
+#     fetches.joined counts it);
 #   - once complete, bytes.fetched is exactly the image size: every block
 #     crossed once;
 #   - the export and the cache image equal the source.
@@ -51,6 +52,8 @@ s=$(ctl_ok "$ctl" status)
 echo "after the read: $s"
 [ "$(json_get "$s" fetches.ondemand)" -eq 0 ] ||
   fail "the read of in-flight block $T made $(json_get "$s" fetches.ondemand) on-demand fetch(es) instead of sharing the background job's (I3)"
+[ "$(json_get "$s" fetches.joined)" -ge 1 ] ||
+  fail "the read of in-flight block $T is not counted in fetches.joined: $s"
 
 echo 1G > "$TESTDIR/rate"        # the rest at full speed (nbdkit rereads it)
 wait_state "$ctl" complete 120

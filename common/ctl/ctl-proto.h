@@ -24,7 +24,8 @@
  *        "blocks":{"total":N,"present":N,"missing":N,"inflight":N},
  *        "bytes":{"fetched":N,"zero_skipped":N,"local_written":N,
  *                 "bridged":N,"seeded":N,"digests":N},"dedup":B,
- *        "fetches":{"ondemand":N,"background":N,"prepaged":N,"errors":N},
+ *        "fetches":{"ondemand":N,"background":N,"prepaged":N,"joined":N,
+ *                   "errors":N},
  *        "fetch_rate":N,"ondemand_waiting":N,
  *        "background":{"running":B,"paused":B,"rate":N,"window":N,
  *                      "queue_us":N},
@@ -42,7 +43,9 @@
  *     bytes.digests the digest bytes read from the source; dedup is true
  *     while seeds are in use (the source publishes digests);
  *     fetches.prepaged counts the background fetches made next to a
- *     client's miss (also in fetches.background); background.queue_us is
+ *     client's miss (also in fetches.background), fetches.joined the
+ *     client reads that waited for a background fetch already on its way
+ *     (no fetch of their own); background.queue_us is
  *     the queueing delay on the path at the last round-trip sample (that
  *     round trip minus the smallest recent one); rtt_us is the measured
  *     round trip to the source in microseconds (0: not measured yet);

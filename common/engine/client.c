@@ -52,8 +52,10 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
       if (!j) return -1;
       made[(*nmade)++] = j;
       copy_hint_locked(e, b);       /* the copy takes what follows next */
-    } else
+    } else {
       b = MIN(j->first + j->count, b1 + 1);
+      if (j->kind == JOB_BACKGROUND) e->fetches_joined++;
+    }
     if (j != last) {
       if (job_add_waiter_locked(j, p) < 0) return -1;
       last = j;

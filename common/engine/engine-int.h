@@ -168,6 +168,7 @@ struct engine {
   uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written, bytes_bridged;
   uint64_t fetches_ondemand, fetches_background, fetch_errors, fetch_rate;
   uint64_t fetches_prepaged;
+  uint64_t fetches_joined;      /* client reads that waited for a background fetch */
   uint64_t local_errors;        /* cache writes that failed (disk full...) */
   uint64_t bytes_seeded, bytes_digests;
 

@@ -433,6 +433,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->fetches_ondemand = e->fetches_ondemand;
   st->fetches_background = e->fetches_background;
   st->fetches_prepaged = e->fetches_prepaged;
+  st->fetches_joined = e->fetches_joined;
   st->fetch_errors = e->fetch_errors;
   st->fetch_rate = e->fetch_rate;
   st->ondemand_waiting = e->nwaiting;

@@ -221,9 +221,11 @@ b = r["ram"]["bytes"]
 print(json.dumps({"downtime_ms": r["downtime_ms"], "needed_ms": int(m.group(1)) if m else None,
                   "wan": int(sys.argv[2]), "wall_ms": int(sys.argv[3]),
                   "stream": int(s.group(1)) if s else 0,
-                  "note": "RAM fetched %d MiB (%d MiB after zstd), seeds %d MiB, zero %d MiB; disk fetched %d MiB"
+                  "note": "RAM fetched %d MiB (%d MiB after zstd), seeds %d MiB, zero %d MiB, "
+                          "%d on-demand fetches, %d reads joined background fetches; disk fetched %d MiB"
                   % (b["fetched"] >> 20, r["ram"]["wire"]["rx"] >> 20, b["seeded"] >> 20,
-                     b["zero_skipped"] >> 20, r["disk"]["bytes"]["fetched"] >> 20)}))
+                     b["zero_skipped"] >> 20, r["ram"]["fetches"]["ondemand"],
+                     r["ram"]["fetches"].get("joined", 0), r["disk"]["bytes"]["fetched"] >> 20)}))
 PY
         "$QMP" "$b_work/qmp.sock" quit >/dev/null 2>&1 || true
         "$MIGRATE" --stop "$b_work" >/dev/null 2>&1 || true
