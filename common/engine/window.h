@@ -4,10 +4,14 @@
  * Every WIN_SAMPLE_NS the copy's delivery rate is sampled (bytes landed,
  * raw); the bottleneck rate is the best sample of the last 10 s (a max
  * filter), the path's delay the smallest recent round trip (source.c's
- * probes, a windowed minimum).  Start-up doubles the window each time the
- * rate grew by a quarter, as TCP's slow start does, while the window is at
- * most 4 x rate x round trip; it ends after three samples without such
- * growth; from then on the window grows by a quarter while the copy
+ * probes, a windowed minimum).  Start-up: from WIN_START the window grows
+ * by twice every byte delivered (more than doubling per round trip on a fat path,
+ * only by the link's rate on a thin one; never past 4 x rate x round trip
+ * once a rate is measured), and also doubles each time a
+ * sample's rate grew by a quarter while the window is at most 4 x rate x
+ * round trip; it ends when a probe sees a queue longer than a round trip
+ * (and WIN_QUEUE_FULL_NS), or after three samples without such growth;
+ * from then on the window grows by a quarter while the copy
  * delivers at its best and uses the window, capped at 2 x rate x round
  * trip.  Floor: 2 MiB, or 100 ms of the best rate if that is less (at
  * least 256 KiB), so that a thin link does not keep seconds of data
@@ -19,7 +23,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define WIN_START ((uint64_t) 16 << 20)
+#define WIN_START ((uint64_t) 1 << 20)
+#define WIN_QUEUE_FULL_NS 20000000u    /* start-up ends at a queue this long */
 #define WIN_FLOOR ((uint64_t) 2 << 20)
 #define WIN_MIN ((uint64_t) 256 << 10)
 #define WIN_MAX ((uint64_t) 256 << 20)
@@ -33,6 +38,9 @@ struct winctl {
   unsigned nrates;
   uint64_t best, flat;          /* start-up: best rate, samples without growth */
   bool startup_over;
+  bool started;                 /* start-up: start_bytes is set */
+  uint64_t start_bytes;         /* bytes delivered when the copy started */
+  uint64_t maxrate;             /* the best rate of the last 10 s */
   uint64_t queue_ns;            /* the last round trip minus the smallest */
 };
 

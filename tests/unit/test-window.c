@@ -1,4 +1,5 @@
 /* Unit tests for common/engine/window.c: the background copy's window
+ * starts small and grows by what the path delivers until the path queues,
  * settles between one and two bandwidth-delay products, keeps only about
  * 100 ms of data in flight on a thin link, stays within its bounds, does
  * not move while the copy is stopped, follows a path that slowed down,
@@ -27,11 +28,29 @@ static void run(struct winctl *w, uint64_t *now, uint64_t *delivered,
   }
 }
 
-Test(window, starts_at_16_mib)
+Test(window, starts_small_and_grows_by_what_was_delivered)
 {
   struct winctl w;
   win_init(&w);
   cr_assert_eq(w.window, WIN_START);
+  win_update(&w, 1 * S, 5 * MB, 0, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_START);
+  win_update(&w, 1 * S + 10 * MS, 8 * MB, WIN_START, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_START + 6 * MB, "window %lu after 3 MB delivered",
+               (unsigned long) w.window);
+}
+
+Test(window, start_up_ends_when_the_path_queues)
+{
+  struct winctl w;
+  win_init(&w);
+  win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
+  /* A probe that waited 45 ms behind the copy's data: the path is full. */
+  win_update(&w, 1 * S + 10 * MS, 4 * MB, WIN_START, 20 * MS, 65 * MS, true);
+  cr_assert(w.startup_over);
+  cr_assert_eq(w.window, WIN_START, "the window grew past a full path");
+  win_update(&w, 1 * S + 20 * MS, 9 * MB, WIN_START, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_START, "start-up growth after it ended");
 }
 
 Test(window, settles_between_one_and_two_products)
