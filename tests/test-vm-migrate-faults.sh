@@ -31,21 +31,6 @@ RELAY_RATE=$((48 * 1024 * 1024))    # bytes/s from A: the post-copy takes second
 
 VM=(-accel tcg -m 128M -smp 1 -nodefaults -display none -no-reboot
     -machine pc,memory-backend=ram0 -kernel "$kernel" -initrd "$initrd" -append "$APPEND")
-last_n () {
-  cat "$@" 2>/dev/null | grep -a -o 'xnbd-vm: n=[0-9]* ' | tail -n 1 | sed 's/.*n=//; s/ //' || true
-}
-wait_n () {  # wait_n MIN SECONDS FILE...
-  local min=$1 secs=$2 i n
-  shift 2
-  for (( i = 0; i < secs * 10; i++ )); do
-    n=$(last_n "$@")
-    [ -n "$n" ] && [ "$n" -ge "$min" ] && return 0
-    ! cat "$@" 2>/dev/null | grep -a -q 'xnbd-vm: FAIL' || break
-    sleep 0.1
-  done
-  tail -n 5 "$@" >&2 || true
-  fail "the guest's counter did not reach $min in $secs s (last: ${n:-none})"
-}
 # stamp NAME SOCKET: the console of a VM, stamped, to $TESTDIR/NAME.console.
 stamp () {
   "$STAMP" "$2" "$TESTDIR/$1.console" 120 2>"$TESTDIR/$1.stamp.server.log" &

@@ -20,24 +20,6 @@ vm_args () {  # the machine both sites run; RAM backend and disk added per site
 }
 APPEND="console=ttyS0 panic=-1 quiet"
 
-# wait_console FILE... PYEXPR SECONDS: until the guest's last counter n
-# (over the concatenated console files) makes PYEXPR true.
-last_n () {
-  cat "$@" 2>/dev/null | grep -a -o 'xnbd-vm: n=[0-9]* ' | tail -n 1 | sed 's/.*n=//; s/ //' || true
-}
-wait_n () {  # wait_n MIN SECONDS FILE...
-  local min=$1 secs=$2 i n
-  shift 2
-  for (( i = 0; i < secs * 10; i++ )); do
-    n=$(last_n "$@")
-    [ -n "$n" ] && [ "$n" -ge "$min" ] && return 0
-    ! cat "$@" 2>/dev/null | grep -a -q 'xnbd-vm: FAIL' || break
-    sleep 0.1
-  done
-  tail -n 5 "$@" >&2 || true
-  fail "the guest's counter did not reach $min in $secs s (last: ${n:-none})"
-}
-
 # A VM whose RAM is not a shared file gets a clear refusal, and nothing is
 # left behind (a QEMU without a kernel is enough: it runs its firmware).
 refused () {  # refused WHAT EXPECTED-TEXT QEMU-MEMORY-ARGS...

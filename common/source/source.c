@@ -75,7 +75,6 @@ struct source {
   atomic_bool probing, quit, cheap;   /* cheap: zeros_cheap, for source_brief */
   atomic_uint_fast64_t rtt_ns;        /* the windowed minimum */
   atomic_uint_fast64_t rtt_last_ns;   /* the latest sample */
-  atomic_uint_fast64_t rtt_seq;       /* samples taken */
   pthread_t thread;
   bool started;
   int wake_fd;
@@ -89,7 +88,6 @@ static void rtt_sample(struct source *s, uint64_t now, uint64_t rtt)
 {
   atomic_store(&s->rtt_ns, minwin_add(&s->rtt_min, now, RTT_BUCKET_NS, rtt));
   atomic_store(&s->rtt_last_ns, rtt);
-  atomic_fetch_add(&s->rtt_seq, 1);
 }
 static void set_error(struct source *s, const char *fmt, ...)
 {
@@ -879,7 +877,6 @@ void source_brief(struct source *s, struct source_brief *b)
   b->up = atomic_load(&s->up);
   b->rtt_ns = atomic_load(&s->rtt_ns);
   b->rtt_last_ns = atomic_load(&s->rtt_last_ns);
-  b->rtt_seq = atomic_load(&s->rtt_seq);
   b->zeros_cheap = atomic_load(&s->cheap);
 }
 
@@ -889,7 +886,6 @@ void source_get_stats(struct source *s, struct source_stats *st)
   st->connections = s->n;
   st->connections_up = atomic_load(&s->up);
   st->rtt_ns = atomic_load(&s->rtt_ns);
-  st->rtt_last_ns = atomic_load(&s->rtt_last_ns);
   st->wire_tx_raw = atomic_load(&s->wire->tx_raw);
   st->wire_tx = atomic_load(&s->wire->tx_wire);
   st->wire_rx = atomic_load(&s->wire->rx_wire);

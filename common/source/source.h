@@ -114,7 +114,6 @@ void source_wake(struct source *s);
 struct source_stats {
   unsigned connections, connections_up;
   uint64_t rtt_ns;             /* smallest recent round trip (0: unknown) */
-  uint64_t rtt_last_ns;        /* the latest round trip sample */
   uint64_t reconnects, dead_stalled, protocol_errors;
   bool zeros_cheap;
   /* xnbd:// transport bytes of this source's connections, both ways,
@@ -129,7 +128,6 @@ struct source_brief {
   unsigned up;                  /* connections up */
   uint64_t rtt_ns;              /* smallest recent round trip (0: unknown) */
   uint64_t rtt_last_ns;         /* the latest sample: rtt_ns + the path's queue */
-  uint64_t rtt_seq;             /* how many samples so far */
   bool zeros_cheap;
 };
 void source_brief(struct source *s, struct source_brief *b);
