@@ -158,6 +158,12 @@ for name in "${failed_names[@]}"; do
   tail -n 100 "$logdir/$name.log"
   echo "----- end of $name -----"
 done
+# The lines that say why, again, last: a CI report may keep only the end.
+for name in "${failed_names[@]}"; do
+  echo "----- why $name failed -----"
+  grep -E '^\[(----|FAIL)\]|Assertion|^FAIL|not ok|ERROR: AddressSanitizer|runtime error|LeakSanitizer|timed out' \
+    "$logdir/$name.log" | head -n 30
+done
 total=$((passed + failed + skipped))
 echo "$passed passed, $failed failed, $skipped skipped"
 if [ "$failed" -gt 0 ]; then
