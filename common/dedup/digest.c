@@ -5,9 +5,11 @@
  * `openssl speed -evp sha256` measures; SHA256() and EVP_Digest() fetch or
  * allocate per call. */
 #include "digest.h"
+#include "util.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +18,7 @@
 
 #include <openssl/evp.h>
 
-#define RUN_BYTES (1u << 20)                     /* one pread */
+#define RUN_BYTES (128u << 10)                   /* one pread: stays in L2 for the hash */
 #define RUN_BLOCKS (RUN_BYTES / DIGEST_BLOCK)
 #define MIN_BLOCKS_PER_THREAD 256                /* 1 MiB: less is not worth a thread */
 
@@ -79,17 +81,20 @@ const uint8_t *digest_zero(void)
   return zero_digest;
 }
 
-/* ---- digest_file ---- */
+/* ---- digest_file ----
+ *
+ * Threads take runs of RUN_BLOCKS from a shared counter, so a sparse image
+ * (data in one part, holes in another) keeps every core busy: fixed
+ * contiguous shares left one thread hashing while the other skipped holes. */
 
-struct part {
+struct hash_job {
   int fd;
   uint64_t size;
   bool holes;                /* the file may have holes: probe them */
   uint64_t first, count;     /* blocks */
   uint8_t *out;              /* count x 32 bytes */
-  int err;                   /* errno of the first failure, or 0 */
-  pthread_t tid;
-  bool started;              /* tid is a thread to join */
+  atomic_uint_fast64_t next; /* next run to take, in blocks from first */
+  atomic_int err;            /* errno of the first failure, or 0 */
 };
 
 /* Where data begins at or after pos, and where it ends: [*data, *hole).
@@ -108,69 +113,79 @@ static int find_data(int fd, uint64_t pos, uint64_t *data, uint64_t *hole)
   return 0;
 }
 
-static int hash_part(struct part *p)
+/* One worker: runs from the counter until none is left or one failed.
+ * Positions only grow for a worker, so what a probe learned ([data, hole),
+ * and no data between the probe and data) stays true for later runs. */
+static void hash_runs(struct hash_job *hj)
 {
   EVP_MD_CTX *c = new_ctx();
   uint8_t *buf = NULL;
-  uint64_t b = p->first, end = p->first + p->count;
-  /* Bytes [data, hole) are known data; before data (from b on), a hole. */
-  bool probe = p->holes;
+  bool probe = hj->holes;
   uint64_t data = 0, hole = probe ? 0 : UINT64_MAX;   /* 0: probe first */
-  int rc = -1;
+  uint64_t end_all = hj->first + hj->count;
 
-  if (posix_memalign((void **) &buf, 4096, RUN_BYTES)) { errno = ENOMEM; goto out; }
-  while (b < end) {
-    uint64_t pos = b * DIGEST_BLOCK, n, got = 0;
-    if (probe && pos >= hole) {
-      if (find_data(p->fd, pos, &data, &hole) < 0) {
-        if (errno != EINVAL && errno != ENOTSUP) goto out;
+  if (posix_memalign((void **) &buf, 4096, RUN_BYTES)) {
+    int zero = 0;
+    atomic_compare_exchange_strong(&hj->err, &zero, ENOMEM);
+    EVP_MD_CTX_free(c);
+    return;
+  }
+  while (atomic_load(&hj->err) == 0) {
+    uint64_t b = hj->first + atomic_fetch_add(&hj->next, RUN_BLOCKS);
+    if (b >= end_all) break;
+    uint64_t end = MIN(end_all, b + RUN_BLOCKS);
+    while (b < end) {
+      uint64_t pos = b * DIGEST_BLOCK, n, got = 0;
+      if (probe && pos >= hole && find_data(hj->fd, pos, &data, &hole) < 0) {
+        if (errno != EINVAL && errno != ENOTSUP) goto fail;
         probe = false;               /* no SEEK_DATA here: all data */
         data = 0; hole = UINT64_MAX;
       }
-    }
-    if (probe && data >= pos + DIGEST_BLOCK) {
-      /* Whole blocks of hole: no read. */
-      uint64_t hb = data == UINT64_MAX ? end : data / DIGEST_BLOCK;
-      if (hb > end) hb = end;
-      for (; b < hb; b++)
-        memcpy(p->out + (b - p->first) * DIGEST_LEN, zero_digest, DIGEST_LEN);
-      continue;
-    }
-    /* A run of data: up to RUN_BLOCKS, up to the block holding the end of
-     * the data (a block partly data is read whole: its hole part reads as
-     * zeros anyway). */
-    n = end - b < RUN_BLOCKS ? end - b : RUN_BLOCKS;
-    if (probe && hole != UINT64_MAX) {
-      uint64_t he = (hole + DIGEST_BLOCK - 1) / DIGEST_BLOCK;
-      if (he > b && he - b < n) n = he - b;
-    }
-    uint64_t want = n * DIGEST_BLOCK;
-    if (pos + want > p->size) want = p->size - pos;
-    while (got < want) {
-      ssize_t r = pread(p->fd, buf + got, want - got, (off_t) (pos + got));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        goto out;
+      if (probe && data >= pos + DIGEST_BLOCK) {
+        /* Whole blocks of hole: no read. */
+        uint64_t hb = data == UINT64_MAX ? end : MIN(end, data / DIGEST_BLOCK);
+        for (; b < hb; b++)
+          memcpy(hj->out + (b - hj->first) * DIGEST_LEN, zero_digest, DIGEST_LEN);
+        continue;
       }
-      if (r == 0) break;             /* past EOF (file shrank): zeros */
-      got += (uint64_t) r;
+      /* Data: up to the run's end, up to the block holding the end of the
+       * data (a block partly data is read whole: its hole part reads as
+       * zeros anyway). */
+      n = end - b;
+      if (probe && hole != UINT64_MAX) {
+        uint64_t he = (hole + DIGEST_BLOCK - 1) / DIGEST_BLOCK;
+        if (he > b && he - b < n) n = he - b;
+      }
+      uint64_t want = n * DIGEST_BLOCK;
+      if (pos + want > hj->size) want = hj->size - pos;
+      while (got < want) {
+        ssize_t r = pread(hj->fd, buf + got, want - got, (off_t) (pos + got));
+        if (r < 0) {
+          if (errno == EINTR) continue;
+          goto fail;
+        }
+        if (r == 0) break;           /* past EOF (file shrank): zeros */
+        got += (uint64_t) r;
+      }
+      if (got < n * DIGEST_BLOCK) memset(buf + got, 0, n * DIGEST_BLOCK - got);
+      for (uint64_t i = 0; i < n; i++)
+        hash_block(c, buf + i * DIGEST_BLOCK, hj->out + (b + i - hj->first) * DIGEST_LEN);
+      b += n;
     }
-    if (got < n * DIGEST_BLOCK) memset(buf + got, 0, n * DIGEST_BLOCK - got);
-    for (uint64_t i = 0; i < n; i++)
-      hash_block(c, buf + i * DIGEST_BLOCK, p->out + (b + i - p->first) * DIGEST_LEN);
-    b += n;
   }
-  rc = 0;
-out:
-  if (rc < 0) p->err = errno ? errno : EIO;
   free(buf);
   EVP_MD_CTX_free(c);
-  return rc;
+  return;
+fail:;
+  int zero = 0;
+  atomic_compare_exchange_strong(&hj->err, &zero, errno ? errno : EIO);
+  free(buf);
+  EVP_MD_CTX_free(c);
 }
 
-static void *part_thread(void *arg)
+static void *hash_thread(void *arg)
 {
-  hash_part(arg);
+  hash_runs(arg);
   return NULL;
 }
 
@@ -179,8 +194,7 @@ int digest_file(int fd, uint64_t size, uint64_t first, uint64_t count,
 {
   uint64_t nblk = size / DIGEST_BLOCK + (size % DIGEST_BLOCK != 0);
   struct stat st;
-  struct part *parts;
-  int err = 0;
+  pthread_t tid[256];
 
   pthread_once(&once, init_once);
   if (fd < 0 || fstat(fd, &st) < 0) { errno = EBADF; return -1; }
@@ -195,33 +209,21 @@ int digest_file(int fd, uint64_t size, uint64_t first, uint64_t count,
   }
   if (threads > count / MIN_BLOCKS_PER_THREAD)
     threads = count / MIN_BLOCKS_PER_THREAD ? (unsigned) (count / MIN_BLOCKS_PER_THREAD) : 1;
-  if (threads > 256) threads = 256;
+  if (threads > ARRAY_SIZE(tid)) threads = ARRAY_SIZE(tid);
 
-  parts = calloc(threads, sizeof *parts);
-  if (!parts) { errno = ENOMEM; return -1; }
-  /* Contiguous shares, whole runs where possible. */
-  uint64_t per = count / threads, extra = count % threads, b = first;
-  for (unsigned i = 0; i < threads; i++) {
-    struct part *p = &parts[i];
-    p->fd = fd;
-    p->size = size;
-    p->holes = S_ISREG(st.st_mode) && (uint64_t) st.st_blocks * 512 < (uint64_t) st.st_size;
-    p->first = b;
-    p->count = per + (i < extra);
-    p->out = out + (b - first) * DIGEST_LEN;
-    b += p->count;
-  }
-  /* Thread 0 is this thread; a failed thread creation hashes inline. */
+  struct hash_job hj = {
+    .fd = fd, .size = size, .first = first, .count = count, .out = out,
+    .holes = S_ISREG(st.st_mode) && (uint64_t) st.st_blocks * 512 < (uint64_t) st.st_size,
+  };
+  atomic_init(&hj.next, 0);
+  atomic_init(&hj.err, 0);
+  /* This thread is one of the workers; a failed creation means fewer. */
+  unsigned started = 0;
   for (unsigned i = 1; i < threads; i++)
-    parts[i].started = pthread_create(&parts[i].tid, NULL, part_thread, &parts[i]) == 0;
-  for (unsigned i = 1; i < threads; i++)
-    if (!parts[i].started) hash_part(&parts[i]);
-  hash_part(&parts[0]);
-  for (unsigned i = 0; i < threads; i++) {
-    if (parts[i].started) pthread_join(parts[i].tid, NULL);
-    if (!err && parts[i].err) err = parts[i].err;
-  }
-  free(parts);
+    if (pthread_create(&tid[started], NULL, hash_thread, &hj) == 0) started++;
+  hash_runs(&hj);
+  for (unsigned i = 0; i < started; i++) pthread_join(tid[i], NULL);
+  int err = atomic_load(&hj.err);
   if (err) { errno = err; return -1; }
   return 0;
 }
