@@ -49,7 +49,7 @@ c=$(cat "$counters")
 echo "source counters: $c"
 [ "$(json_get "$c" misbehaved)" -gt 0 ] ||
   fail "the source never sent a zero-length extent (the proxy asked no block status?): $c"
-# 4 ranges of 16 MiB are asked; a few tries each is plenty.  Far more is the livelock.
+# One range of 64 MiB is asked; a few tries each is plenty.  Far more is the livelock.
 bs=$(json_get "$c" requests.block_status)
 [ "$bs" -le 100 ] || failures+=("the source got $bs block-status requests for a 64 MiB export")
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed (I6)"

@@ -3,10 +3,12 @@
 # at any offset, are copied from it instead of crossing the link; each is
 # re-read and checked against the source's SHA-256 before use, so a seed
 # changed after it was indexed never yields wrong data.  The source image
-# (32 MiB): 8 MiB of the seed's second half, 4 MiB new, a 4 MiB hole,
-# 8 MiB of the seed's first half, 8 MiB new.
-#   run 1: bytes.seeded = 16 MiB, bytes.fetched = 12 MiB, zero 4 MiB;
-#          the disk equals the source; the seed is unchanged (read-only).
+# (32 MiB): 8 MiB of the seed's second half, 4 MiB new, 2 MiB of zeros
+# written as data (block status says data; the digests say zero), a 2 MiB
+# hole, 8 MiB of the seed's first half, 8 MiB new.
+#   run 1: bytes.seeded = 16 MiB, bytes.fetched = 12 MiB, zero 4 MiB (the
+#          written zeros are not fetched either); the disk equals the
+#          source; the seed is unchanged (read-only).
 #   run 2: the index file is reused (no hashing), then 1 MiB of the seed is
 #          overwritten before the copy: those blocks are fetched instead,
 #          and the disk still equals the source.
@@ -16,10 +18,16 @@
 #          used; a digest file made for another image is refused.
 #   run 5: a slow background copy (--bg-rate): once the digests are in, a
 #          client's read of seeded blocks far ahead of the copy is served
-#          from the seed, with no on-demand fetch.
+#          from the seed, and one of the written zeros as zeros, with no
+#          on-demand fetch.
 #   run 6: the VM moves back: run 1's cache (a full older copy), a new
 #          bitmap, and 1 MiB changed at the source since: only that MiB
 #          crosses; the rest is kept from the cache after its digest check.
+#   run 7: a 2 GiB source that is a hole but for 1 MiB at the start and 1 MiB
+#          of the seed at 1900 MiB: block status lands the hole at once and
+#          the copy's cursor jumps past digest chunks not asked yet (64 MiB
+#          of image each, asked up to 16 chunks ahead of the cursor); they
+#          must still be asked, or the copy waits for them forever.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img nbdkit
 
@@ -29,6 +37,7 @@ head -c $((16 * M)) /dev/urandom >"$seed"
 truncate -s $((32 * M)) "$src"
 dd if="$seed" of="$src" bs=1M skip=8 seek=0 count=8 conv=notrunc status=none
 head -c $((4 * M)) /dev/urandom | dd of="$src" bs=1M seek=8 conv=notrunc status=none
+dd if=/dev/zero of="$src" bs=1M seek=12 count=2 conv=notrunc status=none
 dd if="$seed" of="$src" bs=1M skip=0 seek=16 count=8 conv=notrunc status=none
 head -c $((8 * M)) /dev/urandom | dd of="$src" bs=1M seek=24 conv=notrunc status=none
 seed_sha=$(sha "$seed")
@@ -126,10 +135,13 @@ hexdump_of () {   # FILE-OR-URI OFF LEN: the bytes as qemu-io prints them
 [ "$(hexdump_of "$(nbd_unix_uri "$TESTDIR/r5.sock")" $((17 * M)) 1M)" = \
   "$(hexdump_of "$src" $((17 * M)) 1M)" ] ||
   fail "run 5: the read served from the seed differs from the source"
+[ "$(hexdump_of "$(nbd_unix_uri "$TESTDIR/r5.sock")" $((12 * M)) 1M)" = \
+  "$(hexdump_of "$src" $((12 * M)) 1M)" ] ||
+  fail "run 5: the read of written zeros differs from the source"
 s=$(ctl_ok "$TESTDIR/r5.ctl" status)
 echo "run 5: $s"
 [ "$(json_get "$s" fetches.ondemand)" -eq "$before" ] ||
-  fail "run 5: the read of seeded blocks went to the source: $s"
+  fail "run 5: the read of seeded blocks or written zeros went to the source: $s"
 [ "$(json_get "$s" bytes.seeded)" -ge $((1 * M)) ] || fail "run 5: nothing seeded: $s"
 stop_ok "$PROXY_PID" xnbd-proxy
 
@@ -148,4 +160,22 @@ fetched=$(json_get "$s" bytes.fetched) seeded=$(json_get "$s" bytes.seeded)
 [ "$fetched" -le $((2 * M)) ] && [ "$fetched" -ge $((1 * M)) ] ||
   fail "run 6: fetched $fetched bytes, expected the changed MiB (at most 2 MiB): $s"
 [ "$seeded" -ge $((26 * M)) ] || fail "run 6: only $seeded bytes kept from the older copy: $s"
+stop_ok "$PROXY_PID" xnbd-proxy
+
+# Run 7.
+src7=$TESTDIR/src7.img
+truncate -s $((2048 * M)) "$src7"
+head -c $((1 * M)) /dev/urandom | dd of="$src7" bs=1M conv=notrunc status=none
+dd if="$seed" of="$src7" bs=1M skip=4 seek=1900 count=1 conv=notrunc status=none
+start_server xnbd-server -r -u "$TESTDIR/src7.sock" "$src7"
+start_proxy --target "$(nbd_unix_uri "$TESTDIR/src7.sock")" --cache "$TESTDIR/r7.cache" \
+  --bitmap "$TESTDIR/r7.bitmap" --control "$TESTDIR/r7.ctl" -u "$TESTDIR/r7.sock" \
+  --seed "$seed" --index "$idx" --cache-all
+wait_state "$TESTDIR/r7.ctl" complete 60
+s=$(ctl_ok "$TESTDIR/r7.ctl" status)
+echo "run 7: $s"
+[ "$(json_get "$s" bytes.seeded)" -eq $((1 * M)) ] || fail "run 7: the seeded MiB was not seeded: $s"
+[ "$(json_get "$s" bytes.fetched)" -eq $((1 * M)) ] || fail "run 7: bytes.fetched is not 1 MiB: $s"
+qemu-img compare -q -f raw -F raw "$src7" "$(nbd_unix_uri "$TESTDIR/r7.sock")" ||
+  fail "run 7: the proxy's disk differs from the source"
 echo OK

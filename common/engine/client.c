@@ -35,7 +35,14 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
     if (bitmap_test(e->bm, b)) { b++; continue; }
     j = inflight_get(e, b);
     struct index_loc loc;
-    if (!j && seed_hit(e, b, &loc)) {
+    if (!j && digest_says_zero(e, b)) {
+      /* Its digest says zero: no round trip, no seed. */
+      if (*nmade == maxmade) return -1;
+      j = digest_zero_job_locked(e, b, b1 + 1);
+      if (!j) return -1;
+      made[(*nmade)++] = j;
+      b = j->first + j->count;
+    } else if (!j && seed_hit(e, b, &loc)) {
       /* Its digest is known and a seed has it: no round trip. */
       if (*nmade == maxmade) return -1;
       j = local_job_locked(e, b);
@@ -46,7 +53,7 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
       uint64_t s = b;
       if (*nmade == maxmade) return -1;
       while (b <= b1 && b - s < per_job && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
-             (b == s || !seed_hit(e, b, &loc)))
+             (b == s || !local_hit(e, b)))
         b++;
       j = job_make_locked(e, JOB_ONDEMAND, s, b - s);
       if (!j) return -1;

@@ -12,7 +12,10 @@
 #include <inttypes.h>
 #include <stdio.h>
 
-#define STATUS_CHUNK (UINT64_C(16) << 20)  /* block status asked per query */
+/* Block status is asked up to 1 GiB ahead of the copy: zero runs land as
+ * the answers come (most in holes: no job, no write), so a copy that ends
+ * in a long hole does not spend its last round trips learning of it. */
+#define STATUS_CHUNK (UINT64_C(64) << 20)  /* block status asked per query */
 #define STATUS_QUERIES 16                    /* block status queries in flight */
 #define BRIDGE_MAX 32
 
@@ -220,8 +223,9 @@ static void read_digest_file(struct engine *e)
   for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
     if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   bool run = c->running && !c->paused && !e->standby && !c->dig_off;
+  uint64_t from = MIN(cur, c->dig_until / DIG_CHUNK_BLOCKS);   /* as query_digests */
   pthread_mutex_unlock(&e->lock);
-  for (uint64_t k = cur; run && k < c->ndchunks && k < cur + 2 * DIG_QUERIES; k++) {
+  for (uint64_t k = from; run && k < c->ndchunks && k < cur + 2 * DIG_QUERIES; k++) {
     if (c->dig_done[k]) continue;
     uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
     uint8_t *buf = malloc(nb * DIGEST_LEN);
@@ -255,7 +259,10 @@ static void query_digests(struct engine *e)
   for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
     if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   if (c->running && !c->paused && !e->standby) {
-    for (uint64_t k = cur; k < c->ndchunks && k < cur + 2 * DIG_QUERIES &&
+    /* From the first chunk not in yet: the copy waits there (dig_until),
+     * even when the cursor is past it. */
+    for (uint64_t k = MIN(cur, c->dig_until / DIG_CHUNK_BLOCKS);
+         k < c->ndchunks && k < cur + 2 * DIG_QUERIES &&
                            c->dig_outstanding < DIG_QUERIES; k++) {
       if (c->dig_done[k] || c->dig_asking[k]) continue;
       uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
@@ -343,6 +350,7 @@ static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, b
 {
   struct copy *c = &e->copy;
   struct index_loc loc;
+  if (digest_says_zero(e, b)) return digest_zero_job_locked(e, b, lim);
   if (seed_hit(e, b, &loc)) {
     if (c->local_inflight >= LOCAL_INFLIGHT) return NULL;
     return local_job_locked(e, b);
@@ -350,7 +358,7 @@ static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, b
   uint64_t s = b;
   for (;;) {
     while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b) &&
-           (b == s || !seed_hit(e, b, &loc)))
+           (b == s || !local_hit(e, b)))
       b++;
     uint64_t g = bridge_gap(e, b, lim, cheap);
     if (g == b) break;
@@ -429,6 +437,10 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
       wrapped = true;
       continue;
     }
+    /* Everything before b is present or in flight: the cursor moves on
+     * even when nothing is made (a run of zeros landed without a job), so
+     * block status and digests are asked ahead of where the copy is. */
+    c->cursor = b;
     if (b * e->bs >= c->status_until) break;
     if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
     uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, b + per_job);

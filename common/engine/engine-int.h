@@ -136,6 +136,7 @@ struct engine {
   struct bitmap *bm;
   struct source *src;           /* NULL once detached (or complete at start) */
   struct source *dsrc;          /* the source's digest export, or NULL */
+  struct dig_opener *dig_opener; /* opening dsrc while the rest opens */
   struct index *ix;             /* the seeds' index, or NULL */
   struct digest_file *dfile;    /* the source's digests from a file, or NULL */
   /* Blocks not present whose cache holds data from before (an older copy
@@ -193,6 +194,9 @@ struct job *inflight_get(struct engine *e, uint64_t block);
 #define DIG_CHUNK_BLOCKS 16384          /* digests asked per query: 512 KiB */
 const uint8_t *digest_of(struct engine *e, uint64_t b);
 bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc);
+bool digest_says_zero(struct engine *e, uint64_t b);
+struct job *digest_zero_job_locked(struct engine *e, uint64_t b, uint64_t lim);
+bool local_hit(struct engine *e, uint64_t b);
 struct job *local_job_locked(struct engine *e, uint64_t b);
 int job_add_waiter_locked(struct job *j, struct pend *p);
 void pend_waiting_locked(struct engine *e, struct pend *p);

@@ -224,21 +224,86 @@ static void find_old_data(struct engine *e)
            e->cache_path, old);
 }
 
+/* The digest export is opened on a thread of its own while the data
+ * source opens and the seeds are indexed: each open costs several round
+ * trips (connect, negotiation), which on a WAN is most of the start-up. */
+struct dig_opener {
+  pthread_t thread;
+  struct source_config dc;
+  struct source_info info;
+  struct source *s;
+  char why[512];
+};
+
+static void digest_config(struct engine *e, struct source_config *dc, uint64_t expected)
+{
+  *dc = (struct source_config) {
+    .target = e->target, .export_name = e->target_export, .connections = 1,
+    .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
+    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
+    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
+    .export_suffix = DIGEST_EXPORT_SUFFIX, .expected_size = expected,
+  };
+}
+
+static void *dig_opener_main(void *arg)
+{
+  struct dig_opener *o = arg;
+  o->s = source_open(&o->dc, &o->info, o->why, sizeof o->why);
+  return NULL;
+}
+
+/* Starts opening the digest export when seeds will want it. */
+static void dig_opener_start(struct engine *e)
+{
+  if (!e->cfg.nseeds || e->cfg.digests_path || e->bs != DIGEST_BLOCK || !e->target) return;
+  struct dig_opener *o = calloc(1, sizeof *o);
+  if (!o) return;                 /* opened later, in turn */
+  digest_config(e, &o->dc, SOURCE_SIZE_UNCHECKED);
+  if (pthread_create(&o->thread, NULL, dig_opener_main, o) != 0) { free(o); return; }
+  e->dig_opener = o;
+}
+
+/* Waits for the opener; its source, or NULL with why.  A digest export of
+ * the wrong size for this image is refused here. */
+static struct source *dig_opener_join(struct engine *e, char *why, size_t whylen)
+{
+  struct dig_opener *o = e->dig_opener;
+  e->dig_opener = NULL;
+  pthread_join(o->thread, NULL);
+  struct source *s = o->s;
+  uint64_t expected = (e->size + DIGEST_BLOCK - 1) / DIGEST_BLOCK * DIGEST_LEN;
+  if (!s)
+    snprintf(why, whylen, "%s", o->why);
+  else if (o->info.size != expected) {
+    snprintf(why, whylen, "source %s: export %s has %" PRIu64 " bytes, not the "
+             "%" PRIu64 " expected", e->target, DIGEST_EXPORT_SUFFIX, o->info.size,
+             expected);
+    source_close(s);
+    s = NULL;
+  }
+  free(o);
+  return s;
+}
+
 /* The source's digest export, when seeds or an older copy can use it. */
 static void open_digests(struct engine *e)
 {
   struct source_info info;
   char why[512];
-  if ((!e->ix && !e->old_data) || e->dfile) return;
-  struct source_config dc = {
-    .target = e->target, .export_name = e->target_export, .connections = 1,
-    .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
-    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
-    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
-    .export_suffix = DIGEST_EXPORT_SUFFIX,
-    .expected_size = (e->size + DIGEST_BLOCK - 1) / DIGEST_BLOCK * DIGEST_LEN,
-  };
-  e->dsrc = source_open(&dc, &info, why, sizeof why);
+  bool tried = e->dig_opener != NULL;
+  struct source *pre = tried ? dig_opener_join(e, why, sizeof why) : NULL;
+  if ((!e->ix && !e->old_data) || e->dfile) {
+    source_close(pre);
+    return;
+  }
+  if (tried)
+    e->dsrc = pre;                /* the opener's answer stands (NULL: why) */
+  else {
+    struct source_config dc;
+    digest_config(e, &dc, (e->size + DIGEST_BLOCK - 1) / DIGEST_BLOCK * DIGEST_LEN);
+    e->dsrc = source_open(&dc, &info, why, sizeof why);
+  }
   if (!e->dsrc) {
     log_warn("the source publishes no block digests (%s): %s cannot be used "
              "(xnbd-server publishes them; see xnbd-proxy(8))", why,
@@ -333,8 +398,10 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
                bi.block_size);
       goto fail;
     }
-  } else if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0)
-    goto fail;
+  } else {
+    dig_opener_start(e);
+    if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0) goto fail;
+  }
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
   /* Seeds and digests before any file is made: a refusal leaves nothing. */
   if (!complete && open_dedup(e, err, errlen) < 0) goto fail;
@@ -379,6 +446,10 @@ void engine_close(struct engine *e)
 {
   if (!e) return;
   atomic_store(&e->stopping, true);
+  if (e->dig_opener) {            /* engine_open failed before it was joined */
+    char why[512];
+    source_close(dig_opener_join(e, why, sizeof why));
+  }
   source_stop(e->src);            /* jobs at the source land as failures */
   source_stop(e->dsrc);
   pthread_mutex_lock(&e->lock);   /* ... and every landing has run */

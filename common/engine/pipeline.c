@@ -219,6 +219,35 @@ const uint8_t *digest_of(struct engine *e, uint64_t b)
   return d ? d + (b % DIG_CHUNK_BLOCKS) * DIGEST_LEN : NULL;
 }
 
+/* Under lock: whether the source's digest of block b is that of a block
+ * of zeros (a block the source holds as data that is all zeros: an ext4
+ * journal, a guest's zeroed pages).  Such a block needs neither the WAN
+ * nor a seed: it becomes present as a zero job. */
+bool digest_says_zero(struct engine *e, uint64_t b)
+{
+  if (!e->ix && !e->old_data) return false;
+  const uint8_t *d = digest_of(e, b);
+  return d && memcmp(d, digest_zero(), DIGEST_LEN) == 0;
+}
+
+/* Under lock: a JOB_ZERO job for the run of missing, not in-flight blocks
+ * from b (whose digest says zero) to at most lim whose digests say zero. */
+struct job *digest_zero_job_locked(struct engine *e, uint64_t b, uint64_t lim)
+{
+  uint64_t s = b;
+  while (b < lim && !bitmap_test(e->bm, b) && !inflight_get(e, b) && digest_says_zero(e, b))
+    b++;
+  return job_make_locked(e, JOB_ZERO, s, MAX(b - s, 1));
+}
+
+/* Under lock: whether block b is resolved at the destination (a seed holds
+ * it, or its digest says zero): a fetch run stops before it. */
+bool local_hit(struct engine *e, uint64_t b)
+{
+  struct index_loc loc;
+  return digest_says_zero(e, b) || seed_hit(e, b, &loc);
+}
+
 /* Under lock: a seed block for missing block b (a candidate: verified
  * when used). */
 bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc)
