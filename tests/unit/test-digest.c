@@ -1,7 +1,8 @@
 /* Unit tests for common/dedup/digest.c: block digests checked against
  * sha256sum(1) of the same blocks (an independent implementation), the
  * same results with 1 and 4 threads and on any sub-range, holes not read,
- * and the errors for bad descriptors and ranges. */
+ * and the errors for bad descriptors and ranges; the two-at-once SHA-NI
+ * hash (sha256-x2.c) against OpenSSL, and digest_file without it. */
 #include <criterion/criterion.h>
 
 #include <errno.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include "digest.h"
+#include "sha256-x2.h"
 
 static char dir[64];
 
@@ -176,6 +178,43 @@ Test(digest, whole_file_matches_sha256sum)
   cr_assert_neq(memcmp(d + 21 * DIGEST_LEN, digest_zero(), DIGEST_LEN), 0);
   free(d);
   free_sums(s, n);
+}
+
+Test(digest, openssl_only_path_matches_sha256sum)
+{
+  setenv("XNBD_SHA256", "openssl", 1);      /* read once, at the first digest */
+  const char *path = make_file();
+  size_t n;
+  char **s = expected_sums(path, &n);
+  char h[65];
+  uint8_t *d = digests(path, 0, TOTAL_BLK, 2);
+  for (size_t b = 0; b < n; b++) {
+    hex(d + b * DIGEST_LEN, h);
+    cr_assert_str_eq(h, s[b], "block %zu", b);
+  }
+  free(d);
+  free_sums(s, n);
+}
+
+Test(digest, sha256_x2_matches_openssl)
+{
+  if (!sha256_x2_available()) cr_skip_test("this CPU has no SHA-NI");
+  static uint8_t a[DIGEST_BLOCK], b[DIGEST_BLOCK];
+  uint8_t da[DIGEST_LEN], db[DIGEST_LEN], ea[DIGEST_LEN], eb[DIGEST_LEN];
+  for (uint64_t k = 0; k < 300; k++) {
+    /* Patterns, a block differing from its partner in one byte, zeros,
+     * all ones. */
+    for (size_t i = 0; i < DIGEST_BLOCK; i++) {
+      a[i] = k % 50 == 3 ? 0 : k % 50 == 4 ? 0xff : pattern(k, i);
+      b[i] = k % 3 == 0 ? a[i] : pattern(k + 1000, i);
+    }
+    if (k % 3 == 0) b[k * 13 % DIGEST_BLOCK] ^= 1;
+    sha256_x2(a, b, da, db);
+    digest_block(a, ea);
+    digest_block(b, eb);
+    cr_assert_eq(memcmp(da, ea, DIGEST_LEN), 0, "first block of pair %" PRIu64, k);
+    cr_assert_eq(memcmp(db, eb, DIGEST_LEN), 0, "second block of pair %" PRIu64, k);
+  }
 }
 
 Test(digest, threads_and_subranges_agree)
