@@ -402,6 +402,34 @@ static unsigned prepage_locked(struct engine *e, uint64_t per_job, bool cheap,
   return n;
 }
 
+/* Under lock: when seed jobs are at their limit at the cursor, the link
+ * need not wait for them: fetches of the blocks after them that no seed
+ * holds, from where the last such pass stopped (c->ahead; each block is
+ * looked at once).  The seeded blocks passed stay for the cursor. */
+static unsigned fill_ahead_locked(struct engine *e, uint64_t per_job, bool cheap,
+                                  struct job **list, unsigned n, unsigned max)
+{
+  struct copy *c = &e->copy;
+  uint64_t a = MAX(c->ahead, c->cursor);
+  struct index_loc loc;
+  while (n < max && room_locked(c)) {
+    a = bitmap_next_clear(e->bm, a);
+    for (struct job *ij; a < e->nblocks && (ij = inflight_get(e, a)); )
+      a = bitmap_next_clear(e->bm, ij->first + ij->count);
+    if (a >= e->nblocks || a * e->bs >= c->status_until ||
+        (!c->dig_off && a >= c->dig_until))
+      break;
+    if (seed_hit(e, a, &loc)) { a++; continue; }
+    uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, a + per_job);
+    struct job *j = job_from_locked(e, a, lim, cheap);
+    if (!j) break;
+    a = j->first + j->count;
+    list[n++] = j;
+  }
+  c->ahead = a;
+  return n;
+}
+
 static void fill(struct engine *e, uint64_t now, bool cheap)
 {
   struct copy *c = &e->copy;
@@ -444,6 +472,12 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     if (b * e->bs >= c->status_until) break;
     if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
     uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, b + per_job);
+    struct index_loc loc;
+    if (c->local_inflight >= LOCAL_INFLIGHT && !digest_says_zero(e, b) &&
+        seed_hit(e, b, &loc)) {
+      n = fill_ahead_locked(e, per_job, cheap, list, n, ARRAY_SIZE(list));
+      break;
+    }
     struct job *j = job_from_locked(e, b, lim, cheap);
     if (!j) break;
     c->cursor = j->first + j->count;

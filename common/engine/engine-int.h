@@ -97,6 +97,8 @@ struct copy {
   bool running, paused;
   uint64_t rate;                /* cap, bytes/s (0: none) */
   uint64_t cursor;              /* next block to look at */
+  uint64_t ahead;               /* fetches made past seeded blocks waiting
+                                 * for room among the seed jobs, up to here */
   uint64_t inflight_bytes;
   uint64_t window;
   bool window_auto;
