@@ -15,14 +15,17 @@
 # of blocks in the last 40 % of its image, all N clients at once), p50 /
 # p99 against 2 x RTT + 5 ms.
 # Round "capped": the same, with `xnbd-ctl rate` capping proxy 1 at
-# BENCH_MULTI_CAP as soon as it runs: its rate against the cap, and the
-# others' share of the rest.
+# BENCH_MULTI_CAP as soon as it runs, until the others complete: its rate
+# (NBD bytes read from the source, as the cap counts them: fetched blocks
+# and the zero blocks a background read spans) against the cap, and the
+# others' rates.
 #
 # Environment:
 #   BENCH_MULTI_N        migrations (default 4)
 #   BENCH_MULTI_MIB      image size each (default 512)
 #   BENCH_MULTI_SETTING  RTT:RATE (default 20ms:200mbit)
 #   BENCH_MULTI_CAP      the cap of round "capped" (default 2M bytes/s)
+#   BENCH_MULTI_ROUNDS   which rounds (default "equal capped")
 #   BENCH_LAT_N          reads per proxy (default 100)
 #   BENCH_PEER_CAP       seconds after which a round is stopped (default 600)
 #   BENCH_TMPDIR         scratch directory (default $TMPDIR or /tmp)
@@ -47,6 +50,7 @@ SETTING=${BENCH_MULTI_SETTING:-20ms:200mbit}
 RCAP=${BENCH_MULTI_CAP:-2M}
 LAT_N=${BENCH_LAT_N:-100}
 CAP=${BENCH_PEER_CAP:-600}
+ROUNDS=${BENCH_MULTI_ROUNDS:-equal capped}
 ZSTD_LEVEL=3
 
 for v in N MIB LAT_N CAP; do
@@ -127,7 +131,7 @@ round() {
         pids+=("$p")
     done
     if [[ -n $capped ]]; then
-        for (( i = 0; i < 200 && ! -S $tmp/${name}1.ctl; i++ )); do sleep 0.01; done
+        for (( i = 0; i < 500; i++ )); do [[ -S $tmp/${name}1.ctl ]] && break; sleep 0.01; done
         "$CTL" -c "$tmp/${name}1.ctl" rate "$RCAP" >/dev/null || echo "$ME: xnbd-ctl rate failed" >&2
     fi
     # Misses while all copy: once every proxy has moved 1/12 of the
@@ -151,13 +155,15 @@ while time.monotonic() < deadline:
 PY
     for (( i = 1; i <= N; i++ )); do
         start_bg p "$LAT" -n "$LAT_N" -f "$tmp/s$i/lat-copy.off" -o "$tmp/$name$i.lat" \
-            "nbd+unix:///?socket=$tmp/$name$i.sock"
+            "nbd+unix:///?socket=$tmp/$name$i.sock" >/dev/null
         lpids+=("$p")
     done
-    # Samples every 100 ms until all complete: t rx1 state1 rx2 state2 ...
-    python3 - "$tmp" "$name" "$N" "$t0" "$CAP" > "$tmp/$name.samples" <<'PY'
+    # Samples every 100 ms: t, then rx fetched state of each proxy; until
+    # all complete (round capped: all but the capped one).
+    python3 - "$tmp" "$name" "$N" "$t0" "$CAP" "${capped:+1}" > "$tmp/$name.samples" <<'PY'
 import json, socket, sys, time
 tmp, name, n, t0, cap = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+skip = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] else 0
 conns = {}
 def status(i):
     try:
@@ -176,23 +182,24 @@ while True:
     for i in range(1, n + 1):
         j = status(i)
         st = j["state"] if j else "-"
-        done += st in ("complete", "detached")
-        row += [str(j["wire"]["rx"] if j else -1), st]
+        done += i != skip and st in ("complete", "detached")
+        row += [str(j["wire"]["rx"] if j else -1), str(j["bytes"]["fetched"] + j["bytes"]["bridged"] if j else -1), st]
     print(" ".join(row), flush=True)
-    if done == n or t > cap:
+    if done == n - (1 if skip else 0) or t > cap:
         break
     time.sleep(0.1)
 PY
     for p in "${lpids[@]}"; do wait "$p" 2>/dev/null || true; stop_pid "$p" lat; done
     for p in "${pids[@]}"; do stop_pid "$p" "$name proxy"; done
-    { echo "# $name: t rx_i state_i (i = 1..$N)"; cat "$tmp/$name.samples"; } >> "$TRACE"
+    { echo "# $name: t, then rx_i fetched_i state_i (i = 1..$N)"; cat "$tmp/$name.samples"; } >> "$TRACE"
     python3 - "$tmp" "$name" "$N" "$rtt_s" "$LIMIT" <<'PY'
 import json, sys
 tmp, name, n, rtt, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 rows = [l.split() for l in open("%s/%s.samples" % (tmp, name)) if l.strip()]
 t = [float(r[0]) for r in rows]
-rx = [[int(r[1 + 2 * i]) for r in rows] for i in range(n)]
-st = [[r[2 + 2 * i] for r in rows] for i in range(n)]
+rx = [[int(r[1 + 3 * i]) for r in rows] for i in range(n)]
+fe = [[int(r[2 + 3 * i]) for r in rows] for i in range(n)]
+st = [[r[3 + 3 * i] for r in rows] for i in range(n)]
 done = []
 for i in range(n):
     k = next((k for k, s in enumerate(st[i]) if s in ("complete", "detached")), None)
@@ -209,6 +216,7 @@ if start is not None and end > start:
     if kb > ka:
         rates = [(rx[i][kb] - rx[i][ka]) / (t[kb] - t[ka]) for i in range(n)]
         res["rates_Bps"] = [int(r) for r in rates]
+        res["fetch_Bps"] = [int((fe[i][kb] - fe[i][ka]) / (t[kb] - t[ka])) for i in range(n)]
         res["window_s"] = [round(t[ka], 2), round(t[kb], 2)]
 # Misses: reads that took at least half an RTT and started before that
 # proxy completed.
@@ -231,10 +239,14 @@ PY
 
 results=$tmp/results.jsonl
 : > "$results"
-echo "multi: round equal ($N migrations at once)"
-round equal | tee -a "$results"
-echo "multi: round capped (proxy 1 capped at $RCAP with xnbd-ctl rate)"
-round capped 1 | tee -a "$results"
+if [[ " $ROUNDS " == *" equal "* ]]; then
+    echo "multi: round equal ($N migrations at once)"
+    round equal | tee -a "$results"
+fi
+if [[ " $ROUNDS " == *" capped "* ]]; then
+    echo "multi: round capped (proxy 1 capped at $RCAP with xnbd-ctl rate)"
+    round capped 1 | tee -a "$results"
+fi
 
 python3 - "$results" "$N" "$MIB" "$SETTING" "$mode_line" "$rtt_s" "$RCAP" "$load_before" \
     "$(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT" <<'PY'
@@ -251,18 +263,23 @@ print("targets: total <= 1.15 x the combined limit; rates within +-20 %% of thei
 for r in rows:
     tot, lim = r.get("total_s"), r["limit_s"]
     print("")
-    print("round %s: total %s s, combined limit %.2f s, ratio %s" % (
-        r["round"], "%.2f" % tot if tot else "FAIL", lim, "%.2f" % (tot / lim) if tot else "-"))
+    if r["round"] == "capped":
+        print("round capped: stopped when the %d others completed" % (n - 1))
+    else:
+        print("round %s: total %s s, combined limit %.2f s, ratio %s" % (
+            r["round"], "%.2f" % tot if tot else "FAIL", lim, "%.2f" % (tot / lim) if tot else "-"))
     rates = r.get("rates_Bps")
     if rates:
         if r["round"] == "capped":
             others = rates[1:]
             mean = sum(others) / len(others)
             dev = max(abs(x - mean) / mean for x in others) if mean else 0
-            print("  rates while all ran (%s s): capped %.2f MB/s (cap %.2f MB/s, %.2f x);"
-                  " others %s MB/s, largest deviation from their mean %.0f %%" % (
-                      "-".join(str(x) for x in r["window_s"]), rates[0] / 1e6, cap / 1e6,
-                      rates[0] / cap, ", ".join("%.2f" % (x / 1e6) for x in others), dev * 100))
+            f0 = r["fetch_Bps"][0]
+            print("  rates while all ran (%s s): capped one read %.2f MB/s of NBD data (fetched +"
+                  " bridged zeros, what the cap counts: %.2f MB/s, %.2f x), %.2f MB/s on the wire; others %s MB/s"
+                  " on the wire, largest deviation from their mean %.0f %%" % (
+                      "-".join(str(x) for x in r["window_s"]), f0 / 1e6, cap / 1e6, f0 / cap,
+                      rates[0] / 1e6, ", ".join("%.2f" % (x / 1e6) for x in others), dev * 100))
         else:
             mean = sum(rates) / len(rates)
             dev = max(abs(x - mean) / mean for x in rates) if mean else 0
