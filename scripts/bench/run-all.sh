@@ -17,10 +17,11 @@ builddir=$1
 # xnbd-proxy and nbdkit file; migrate: migration over an emulated WAN (root; long:
 # BENCH_QUICK=1 runs one setting on a 256 MiB image); dedup: deduplication
 # on debootstrap'd Debian images and VM RAM images over an emulated WAN
-# (root; builds its data once, then keeps it in BENCH_CACHE); vm: a whole
-# running VM moved over an emulated WAN, QEMU pre-copy vs xnbd without and
-# with seeds (root, /dev/fuse; TCG).
-benches=(server-io proxy plugin-io migrate dedup vm)
+# (root; builds its data once, then keeps it in BENCH_CACHE); multi: four
+# migrations from one xnbd-server sharing one emulated link (root); vm: a
+# whole running VM moved over an emulated WAN, QEMU pre-copy vs xnbd
+# without and with seeds (root, /dev/fuse; TCG).
+benches=(server-io proxy plugin-io migrate dedup multi vm)
 
 failed=()
 for b in "${benches[@]}"; do
