@@ -254,7 +254,10 @@ import json, re, sys
 path, n, mib, setting, mode, rtt, rcap, lb, la = sys.argv[1:10]
 n, rtt = int(n), float(rtt)
 m = re.fullmatch(r"([0-9.]+)([kKmMgG]?)(bit)?", rcap)
-cap = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()] / (8 if m.group(3) else 1)
+if m.group(3):       # as xnbd-ctl reads it: kbit/mbit/gbit are decimal bits, K/M/G binary bytes
+    cap = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()] / 8
+else:
+    cap = float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 print("%d migrations of %s MiB (gen-image.py: 40%% random, 30%% zero, 30%% text) from one"
       " xnbd-server, one link %s (%s); load before %s, after %s" % (n, mib, setting, mode, lb, la))
