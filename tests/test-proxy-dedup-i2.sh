@@ -5,9 +5,11 @@
 # files the migration completes with the source's data plus the writes.
 #
 # Source (64 MiB): each MiB is 15 pieces of 64 KiB from a random 64 MiB
-# seed (shuffled) and one piece of new data.  --bg-rate 256K caps only what
+# seed (shuffled) and one piece of new data.  --bg-rate 64K caps only what
 # is fetched (the new pieces; --max-fetch 64K keeps its bucket small), so
-# the background copy crawls (4 MiB/s at most), installing seed jobs in
+# the background copy crawls (1 MiB/s at most: the whole copy would take a
+# minute, several times what the four runs take even under ASan on a busy
+# machine; 4 MiB/s was too fast there), installing seed jobs in
 # bursts behind each fetched piece; --persist-interval 50 persists the
 # bitmap often.  Each of 4 runs: a fresh proxy on the same cache and bitmap
 # (--cache-all); a few client writes (whole blocks, parts of blocks,
@@ -59,7 +61,7 @@ puri=$(nbd_unix_uri "$TESTDIR/px.sock")
 proxy_up () {
   start_proxy --target "$(nbd_unix_uri "$TESTDIR/src.sock")" --cache "$TESTDIR/cache" \
     --bitmap "$TESTDIR/bm" --control "$ctl" -u "$TESTDIR/px.sock" --seed "$seed" \
-    --cache-all --bg-rate 256K --max-fetch 64K --persist-interval 50
+    --cache-all --bg-rate 64K --max-fetch 64K --persist-interval 50
   wait_state "$ctl" proxying 30
 }
 gen_writes () {   # RUN: a few writes (whole, partial, straddling) and a flush
