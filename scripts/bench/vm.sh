@@ -6,6 +6,10 @@
 #   qemu-precopy   QEMU's own live migration (pre-copy, default settings:
 #                  no multifd, no compression); RAM in the migration stream;
 #                  the disk on storage both sites share (it does not cross)
+#   qemu-postcopy  the same with the postcopy-ram capability on both sides
+#                  and migrate-start-postcopy as soon as the migration
+#                  runs: the guest moves to B at once and pulls its pages
+#                  from A (QEMU's own post-copy; not in the default runs)
 #   xnbd           scripts/vm-migrate: device state by QEMU
 #                  (x-ignore-shared), RAM and disk through xnbd-proxy over
 #                  xnbd:// (zstd 3), post-copy
@@ -34,7 +38,7 @@
 # Environment: BENCH_VM_RAM (MiB), BENCH_VM_SETTING (RTT:RATE, default
 # 20ms:200mbit), BENCH_VM_ACCEL (tcg), BENCH_TMPDIR (default /dev/shm: the
 # VMs' RAM files live there), BENCH_VM_RUNS (default "qemu-precopy xnbd
-# xnbd-seeds").  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
+# xnbd-seeds"; qemu-postcopy on request).  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
 # not a test: it fails only when it cannot run.
 set -euo pipefail
 
@@ -163,7 +167,7 @@ for run in $RUNS; do
     wait_n "$d/a/a.console" 3 240
     [[ -z $seed_vm ]] || wait_n "$d/seed/seed.console" 1 240
     case $run in
-    qemu-precopy)
+    qemu-precopy|qemu-postcopy)
         mkdir -p "$d/b"
         bg host "$d/b/b.stamp.log" "$STAMP" "$d/b/b.sock" "$d/b/b.console" 60
         # shellcheck disable=SC2046
@@ -174,8 +178,24 @@ for run in $RUNS; do
             -incoming "tcp:0.0.0.0:$MIG_PORT"
         b_vm=$BG
         for (( i = 0; i < 300; i++ )); do [[ -S $d/b/qmp.sock ]] && break; sleep 0.1; done
+        if [[ $run == qemu-postcopy ]]; then
+            for q in "$d/a/qmp.sock" "$d/b/qmp.sock"; do
+                "$QMP" "$q" migrate-set-capabilities \
+                    '{"capabilities":[{"capability":"postcopy-ram","state":true}]}' >/dev/null ||
+                    die "postcopy-ram refused by $q"
+            done
+        fi
         l0=$(link_bytes); t0=$(date +%s%N)
         "$QMP" "$d/a/qmp.sock" migrate "{\"uri\":\"tcp:$b_mig\"}" >/dev/null
+        if [[ $run == qemu-postcopy ]]; then
+            # Post-copy may start only once the migration is active.
+            for (( i = 0; i < 200; i++ )); do
+                st=$("$QMP" "$d/a/qmp.sock" query-migrate 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("status",""))' || true)
+                [[ $st == active ]] && break
+                sleep 0.01
+            done
+            "$QMP" "$d/a/qmp.sock" migrate-start-postcopy >/dev/null || die "migrate-start-postcopy failed"
+        fi
         m=$("$QMP" "$d/a/qmp.sock" --wait-migrate completed 600) || die "QEMU's migration failed: $m"
         t1=$(date +%s%N); l1=$(link_bytes)
         wait_n "$d/b/b.console" "$(( $(last_n "$d/a/a.console") + 3 ))" 120
@@ -232,7 +252,7 @@ PY
         b_work=''
         stop_pid "$server"; stop_pid "$a_vm"
         ;;
-    *) die "unknown run '$run' (BENCH_VM_RUNS: qemu-precopy xnbd xnbd-seeds)" ;;
+    *) die "unknown run '$run' (BENCH_VM_RUNS: qemu-precopy qemu-postcopy xnbd xnbd-seeds)" ;;
     esac
     [[ -z $seed_vm ]] || stop_pid "$seed_vm"
     proof=$("$CHECK" "$d/a/a.console" "$d/b/b.console") || true
