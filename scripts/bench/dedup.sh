@@ -222,15 +222,7 @@ done
 # ---------------------------------------------------------------- WAN
 rtt=${SETTING%%:*} rate=${SETTING#*:}
 SETTING_LABEL="rtt $rtt rate $rate"
-read -r rtt_s rate_bps < <(python3 - "$rtt" "$rate" <<'PY'
-import re, sys
-m = re.fullmatch(r"([0-9.]+)(ms|us|s)?", sys.argv[1])
-rtt = float(m.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1e-3}[m.group(2)]
-m = re.fullmatch(r"([0-9.]+)([kmg]?)bit", sys.argv[2])
-rate = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
-print(rtt, int(rate))
-PY
-)
+read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
 NONZERO=$(( $(jget "$A_NEW" nonzero) * 4096 ))     # for run_lat
 echo "dedup: wan-emu up --rtt $rtt --rate $rate"
 up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10810,10811,10812,10813 2>&1) ||

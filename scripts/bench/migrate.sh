@@ -123,15 +123,7 @@ for setting in $SETTINGS; do
     mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
     mode_line=${mode_line#wan-emu: }
     echo "  $mode_line"
-    read -r rtt_s rate_bps < <(python3 - "$rtt" "$rate" <<'PY'
-import re, sys
-m = re.fullmatch(r"([0-9.]+)(ms|us|s)?", sys.argv[1])
-rtt = float(m.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1e-3}[m.group(2)]
-m = re.fullmatch(r"([0-9.]+)([kmg]?)bit", sys.argv[2])
-rate = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
-print(rtt, int(rate))
-PY
-)
+    read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
     lim_z=$(awk -v b="$ZSTD_BYTES" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", b * 8 / r + 2 * t }')
     lim_p=$(awk -v b="$NONZERO" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", b * 8 / r + 2 * t }')
 

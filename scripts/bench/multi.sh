@@ -92,15 +92,7 @@ done
 sync
 
 rtt=${SETTING%%:*} rate=${SETTING#*:}
-read -r rtt_s rate_bps < <(python3 - "$rtt" "$rate" <<'PY'
-import re, sys
-m = re.fullmatch(r"([0-9.]+)(ms|us|s)?", sys.argv[1])
-rtt = float(m.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1e-3}[m.group(2)]
-m = re.fullmatch(r"([0-9.]+)([kmg]?)bit", sys.argv[2])
-rate = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
-print(rtt, int(rate))
-PY
-)
+read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
 LIMIT=$(awk -v b="$ZSUM" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", b * 8 / r + 2 * t }')
 echo "multi: zstd -$ZSTD_LEVEL of the images' non-zero blocks $ZSUM B; combined limit $LIMIT s"
 

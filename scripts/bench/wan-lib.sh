@@ -32,6 +32,19 @@ stop_all() {
 
 wan() { "$WAN" --name "$WNAME" "$@"; }
 
+# setting_numbers RTT RATE: "RTT_SECONDS RATE_BITS_PER_SECOND" for e.g.
+# 20ms 200mbit (as wan-emu takes them).
+setting_numbers() {
+    python3 - "$1" "$2" <<'PY'
+import re, sys
+m = re.fullmatch(r"([0-9.]+)(ms|us|s)?", sys.argv[1])
+rtt = float(m.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1e-3}[m.group(2)]
+m = re.fullmatch(r"([0-9.]+)([kmg]?)bit", sys.argv[2])
+rate = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
+print(rtt, int(rate))
+PY
+}
+
 bench_cleanup_extra() {
     stop_all
     if (( wan_up )); then wan down >/dev/null 2>&1 || echo "$ME: 'wan-emu --name $WNAME down' failed" >&2; fi
