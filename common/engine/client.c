@@ -58,10 +58,15 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
       j = job_make_locked(e, JOB_ONDEMAND, s, b - s);
       if (!j) return -1;
       made[(*nmade)++] = j;
+      log_debug("miss: blocks %" PRIu64 "+%" PRIu64 " fetched on demand", s, b - s);
       copy_hint_locked(e, b);       /* the copy takes what follows next */
     } else {
       b = MIN(j->first + j->count, b1 + 1);
-      if (j->kind == JOB_BACKGROUND) e->fetches_joined++;
+      if (j->kind == JOB_BACKGROUND) {
+        e->fetches_joined++;
+        log_debug("miss: blocks %" PRIu64 "+%" PRIu64 " wait for a background fetch",
+                  j->first, j->count);
+      }
     }
     if (j != last) {
       if (job_add_waiter_locked(j, p) < 0) return -1;
