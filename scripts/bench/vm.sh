@@ -38,7 +38,11 @@
 # Environment: BENCH_VM_RAM (MiB), BENCH_VM_SETTING (RTT:RATE, default
 # 20ms:200mbit), BENCH_VM_ACCEL (tcg), BENCH_TMPDIR (default /dev/shm: the
 # VMs' RAM files live there), BENCH_VM_RUNS (default "qemu-precopy xnbd
-# xnbd-seeds"; qemu-postcopy on request).  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
+# xnbd-seeds"; qemu-postcopy on request), BENCH_VM_HOTSET=1 (xnbd runs:
+# the proxies log each miss, and the details say how many of the RAM
+# misses at B were pages A's QEMU wrote since the migration began --
+# scripts/vm/hotset.py, soft-dirty bits: would prefetching those at the
+# switch-over cut the guest's stall?).  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
 # not a test: it fails only when it cannot run.
 set -euo pipefail
 
@@ -58,6 +62,8 @@ SETTING=${BENCH_VM_SETTING:-20ms:200mbit}
 RTT=${SETTING%%:*} RATE=${SETTING#*:}
 ACCEL=${BENCH_VM_ACCEL:-tcg}
 RUNS=${BENCH_VM_RUNS:-qemu-precopy xnbd xnbd-seeds}
+HOTSET=${BENCH_VM_HOTSET:-0}
+HOTPY=$REPO/scripts/vm/hotset.py
 WNAME=xbvm$$
 WAN_PORT=10810 MIG_PORT=4444
 APPEND="console=ttyS0 panic=-1 quiet xnbd.tick=10"
@@ -219,9 +225,16 @@ PY
         seeds=()
         [[ -z $seed_vm ]] || seeds=(--seed "$d/seed/ram")
         b_work=$d/b/vm
+        popts=
+        if [[ $HOTSET == 1 ]]; then   # see BENCH_VM_HOTSET above
+            a_qemu=$(pgrep -f "mem-path=$d/a/ram" | head -n 1)
+            [[ -n $a_qemu ]] || die "A's QEMU not found"
+            "$HOTPY" clear "$a_qemu"
+            popts=-v
+        fi
         l0=$(link_bytes); t0=$(date +%s%N)
         # shellcheck disable=SC2046
-        wan exec dst "$MIGRATE" --xnbd-bin "$BUILD" --a-qmp "$d/a/qmp.sock" --a-ram-uri "xnbd://$a_wan/ram" \
+        wan exec dst env VM_MIGRATE_PROXY_OPTS="$popts" "$MIGRATE" --xnbd-bin "$BUILD" --a-qmp "$d/a/qmp.sock" --a-ram-uri "xnbd://$a_wan/ram" \
             --a-disk-uri "xnbd://$a_wan/disk" "${seeds[@]}" --migrate-uri "tcp:$b_mig" \
             --incoming "tcp:0.0.0.0:$MIG_PORT" --work "$b_work" --timeout 600 -- \
             qemu-system-x86_64 $(vm_args) -append "$APPEND" \
@@ -231,10 +244,17 @@ PY
             >"$d/migrate.out" 2>&1 || { cat "$d/migrate.out" >&2; die "vm-migrate failed ($run)"; }
         t1=$(date +%s%N); l1=$(link_bytes)
         wait_n "$d/b/b.console" "$(( $(last_n "$d/a/a.console") + 3 ))" 120
-        python3 - "$d/b/vm/report.json" "$((l1 - l0))" "$(( (t1 - t0) / 1000000 ))" "$d/migrate.out" >"$d/fig.json" <<'PY'
+        hot=
+        if [[ $HOTSET == 1 ]]; then
+            "$HOTPY" written "$a_qemu" "$d/a/ram" "$d/written.txt" >/dev/null
+            hot=$("$HOTPY" cover "$d/written.txt" "$b_work/ram-proxy.log")
+            echo "$ME: $run: pages A's QEMU wrote since the migration began vs B's misses: $hot"
+        fi
+        python3 - "$d/b/vm/report.json" "$((l1 - l0))" "$(( (t1 - t0) / 1000000 ))" "$d/migrate.out" "$hot" >"$d/fig.json" <<'PY'
 import json, re, sys
 r = json.load(open(sys.argv[1]))
 out = open(sys.argv[4]).read()
+hot = json.loads(sys.argv[5]) if sys.argv[5] else None
 m = re.search(r"\((\d+) ms in all\)", out)
 s = re.search(r"migration stream (\d+) bytes", out)
 b = r["ram"]["bytes"]
@@ -245,7 +265,11 @@ print(json.dumps({"downtime_ms": r["downtime_ms"], "needed_ms": int(m.group(1)) 
                           "%d on-demand fetches, %d reads joined background fetches; disk fetched %d MiB"
                   % (b["fetched"] >> 20, r["ram"]["wire"]["rx"] >> 20, b["seeded"] >> 20,
                      b["zero_skipped"] >> 20, r["ram"]["fetches"]["ondemand"],
-                     r["ram"]["fetches"].get("joined", 0), r["disk"]["bytes"]["fetched"] >> 20)}))
+                     r["ram"]["fetches"].get("joined", 0), r["disk"]["bytes"]["fetched"] >> 20)
+                  + ("; of the RAM misses, %d of %d on-demand and %d of %d joined were pages A's QEMU"
+                     " wrote since the migration began (%d pages)"
+                     % (hot["ondemand_in_written"], hot["ondemand_misses"], hot["joined_in_written"],
+                        hot["joined_misses"], hot["written_pages"]) if hot else "")}))
 PY
         "$QMP" "$b_work/qmp.sock" quit >/dev/null 2>&1 || true
         "$MIGRATE" --stop "$b_work" >/dev/null 2>&1 || true
