@@ -3,6 +3,9 @@
 migrated guest's first misses at B they cover (a measuring aid for the
 whole-VM benchmark, BENCH_VM_HOTSET=1 in scripts/bench/vm.sh; Linux, root).
 
+    hotset.py check                     whether this kernel keeps soft-dirty
+                                        bits (CONFIG_MEM_SOFT_DIRTY); exit 1
+                                        and a message if not
     hotset.py clear PID                 start tracking: clear the soft-dirty
                                         bits of PID's pages (clear_refs 4)
     hotset.py written PID RAMFILE OUT   the pages of RAMFILE that PID wrote
@@ -27,6 +30,24 @@ PAGE = 4096
 def die(msg):
     sys.stderr.write("hotset.py: %s\n" % msg)
     sys.exit(1)
+
+
+def check():
+    """Writes a page of its own after clearing the bits: is it marked?"""
+    import ctypes
+    import mmap
+    m = mmap.mmap(-1, PAGE)
+    m[0] = 1
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("4")
+    m[0] = 2
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        (e,) = struct.unpack("<Q", f.read(8))
+    if not e >> 55 & 1:
+        die("this kernel keeps no soft-dirty bits (built without CONFIG_MEM_SOFT_DIRTY): "
+            "the pages a process wrote cannot be told")
 
 
 def clear(pid):
@@ -90,14 +111,16 @@ def cover(wfile, log):
 
 def main():
     a = sys.argv[1:]
-    if len(a) == 2 and a[0] == "clear":
+    if a == ["check"]:
+        check()
+    elif len(a) == 2 and a[0] == "clear":
         clear(int(a[1]))
     elif len(a) == 4 and a[0] == "written":
         written(int(a[1]), a[2], a[3])
     elif len(a) == 3 and a[0] == "cover":
         cover(a[1], a[2])
     else:
-        die("usage: hotset.py clear PID | written PID RAMFILE OUT | cover WRITTEN PROXYLOG")
+        die("usage: hotset.py check | clear PID | written PID RAMFILE OUT | cover WRITTEN PROXYLOG")
 
 
 if __name__ == "__main__":
