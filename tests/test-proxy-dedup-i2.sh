@@ -4,12 +4,14 @@
 # data), and flushed client writes survive; after restarts with the same
 # files the migration completes with the source's data plus the writes.
 #
-# Source (64 MiB): each MiB is 15 pieces of 64 KiB from a random 64 MiB
+# Source (128 MiB): each MiB is 15 pieces of 64 KiB from a random 128 MiB
 # seed (shuffled) and one piece of new data.  --bg-rate 64K caps only what
 # is fetched (the new pieces; --max-fetch 64K keeps its bucket small), so
-# the background copy crawls (1 MiB/s at most: the whole copy would take a
-# minute, several times what the four runs take even under ASan on a busy
-# machine; 4 MiB/s was too fast there), installing seed jobs in
+# the background copy crawls (1 MiB/s at most: the 128 MiB take two
+# minutes, twice what the four runs took under ASan on a busy machine,
+# 56 s; with 64 MiB at 4 MiB/s, and then at 1 MiB/s, the copy completed
+# before the last kill there, and a slower crawl leaves too few jobs in
+# flight to catch in a fast build), installing seed jobs in
 # bursts behind each fetched piece; --persist-interval 50 persists the
 # bitmap often.  Each of 4 runs: a fresh proxy on the same cache and bitmap
 # (--cache-all); a few client writes (whole blocks, parts of blocks,
@@ -29,7 +31,7 @@ source "$(dirname "$0")/functions.sh"
 requires qemu-io qemu-img python3
 
 M=$((1024 * 1024))
-SIZE=$((64 * M))
+SIZE=$((128 * M))
 rseed=${I2_SEED:-$(( $(date +%s%N) / 1000 % 1000000 ))}
 echo "seed $rseed (reproduce with I2_SEED=$rseed)"
 seed=$TESTDIR/seed.img src=$TESTDIR/src.img model=$TESTDIR/model.img
