@@ -45,7 +45,7 @@ out = bytearray()
 for mib in range(len(s) >> 20):
     new = r.randrange(16)
     for k in range(16):
-        out += os.urandom(P) if k == new else s[pieces[mib * 16 + k] * P:][:P]
+        out += os.urandom(P) if k == new else s[pieces[mib * 16 + k] * P:(pieces[mib * 16 + k] + 1) * P]
 with open(src, "wb") as f:
     f.write(out)
 EOF

@@ -49,7 +49,7 @@ with open(src, "wb") as f:
     for mib in range(len(s) >> 20):
         new = r.randrange(16)
         for k in range(16):
-            f.write(os.urandom(P) if k == new else s[pieces[mib * 16 + k] * P:][:P])
+            f.write(os.urandom(P) if k == new else s[pieces[mib * 16 + k] * P:(pieces[mib * 16 + k] + 1) * P])
 EOF
 cp "$src" "$model"
 SOCKCMD=$XNBD_BUILD/tests/sockcmd
