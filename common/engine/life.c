@@ -3,6 +3,7 @@
 #include "engine-int.h"
 #include "identity.h"
 #include "digest.h"
+#include "digest-backend.h"
 #include "workq.h"
 #include "wan.h"
 #include "log.h"
@@ -235,17 +236,6 @@ struct dig_opener {
   char why[512];
 };
 
-static void digest_config(struct engine *e, struct source_config *dc, uint64_t expected)
-{
-  *dc = (struct source_config) {
-    .target = e->target, .export_name = e->target_export, .connections = 1,
-    .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
-    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
-    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
-    .export_suffix = DIGEST_EXPORT_SUFFIX, .expected_size = expected,
-  };
-}
-
 static void *dig_opener_main(void *arg)
 {
   struct dig_opener *o = arg;
@@ -253,13 +243,19 @@ static void *dig_opener_main(void *arg)
   return NULL;
 }
 
-/* Starts opening the digest export when seeds will want it. */
+/* Starts opening the digest export (its size is checked at the join: the
+ * image's size may not be known yet). */
 static void dig_opener_start(struct engine *e)
 {
-  if (!e->cfg.nseeds || e->cfg.digests_path || e->bs != DIGEST_BLOCK || !e->target) return;
   struct dig_opener *o = calloc(1, sizeof *o);
-  if (!o) return;                 /* opened later, in turn */
-  digest_config(e, &o->dc, SOURCE_SIZE_UNCHECKED);
+  if (!o) return;
+  o->dc = (struct source_config) {
+    .target = e->target, .export_name = e->target_export, .connections = 1,
+    .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
+    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
+    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
+    .export_suffix = DIGEST_EXPORT_SUFFIX, .expected_size = SOURCE_SIZE_UNCHECKED,
+  };
   if (pthread_create(&o->thread, NULL, dig_opener_main, o) != 0) { free(o); return; }
   e->dig_opener = o;
 }
@@ -270,9 +266,13 @@ static struct source *dig_opener_join(struct engine *e, char *why, size_t whylen
 {
   struct dig_opener *o = e->dig_opener;
   e->dig_opener = NULL;
+  if (!o) {
+    snprintf(why, whylen, "cannot start a thread to connect to it");
+    return NULL;
+  }
   pthread_join(o->thread, NULL);
   struct source *s = o->s;
-  uint64_t expected = (e->size + DIGEST_BLOCK - 1) / DIGEST_BLOCK * DIGEST_LEN;
+  uint64_t expected = digest_export_size(e->size);
   if (!s)
     snprintf(why, whylen, "%s", o->why);
   else if (o->info.size != expected) {
@@ -286,24 +286,19 @@ static struct source *dig_opener_join(struct engine *e, char *why, size_t whylen
   return s;
 }
 
-/* The source's digest export, when seeds or an older copy can use it. */
+/* The source's digest export, when seeds or an older copy can use it
+ * (with seeds, engine_open started opening it already). */
 static void open_digests(struct engine *e)
 {
-  struct source_info info;
   char why[512];
-  bool tried = e->dig_opener != NULL;
-  struct source *pre = tried ? dig_opener_join(e, why, sizeof why) : NULL;
-  if ((!e->ix && !e->old_data) || e->dfile) {
-    source_close(pre);
+  bool want = (e->ix || e->old_data) && !e->dfile;
+  if (want && !e->dig_opener) dig_opener_start(e);
+  struct source *s = e->dig_opener || want ? dig_opener_join(e, why, sizeof why) : NULL;
+  if (!want) {
+    source_close(s);
     return;
   }
-  if (tried)
-    e->dsrc = pre;                /* the opener's answer stands (NULL: why) */
-  else {
-    struct source_config dc;
-    digest_config(e, &dc, (e->size + DIGEST_BLOCK - 1) / DIGEST_BLOCK * DIGEST_LEN);
-    e->dsrc = source_open(&dc, &info, why, sizeof why);
-  }
+  e->dsrc = s;
   if (!e->dsrc) {
     log_warn("the source publishes no block digests (%s): %s cannot be used "
              "(xnbd-server publishes them; see xnbd-proxy(8))", why,
@@ -399,7 +394,9 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
       goto fail;
     }
   } else {
-    dig_opener_start(e);
+    /* Seeds will want the digest export: its round trips overlap these. */
+    if (cfg->nseeds && !cfg->digests_path && e->bs == DIGEST_BLOCK && e->target)
+      dig_opener_start(e);
     if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0) goto fail;
   }
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
