@@ -6,7 +6,9 @@
 # block's real content, whether it comes from a seed or the source.
 #
 # Source (32 MiB): each MiB is 15 pieces of 64 KiB taken from a random
-# 32 MiB seed at shuffled offsets and one 64 KiB piece of new data.  The
+# 32 MiB seed at shuffled offsets and one 64 KiB piece of new data; in
+# every fourth MiB one of the seed's pieces is written zeros instead (data
+# to block status, zero by digest: zero jobs race the writes too).  The
 # proxy starts with --cache-all --bg-rate 192K --max-fetch 64K: the copy
 # fetches a new piece only as the rate allows, and installs the seeded run
 # behind it from the seed, so installs go on for about ten seconds.
@@ -45,7 +47,12 @@ out = bytearray()
 for mib in range(len(s) >> 20):
     new = r.randrange(16)
     for k in range(16):
-        out += os.urandom(P) if k == new else s[pieces[mib * 16 + k] * P:(pieces[mib * 16 + k] + 1) * P]
+        if k == new:
+            out += os.urandom(P)
+        elif mib % 4 == 0 and k == (new + 1) % 16:
+            out += bytes(P)
+        else:
+            out += s[pieces[mib * 16 + k] * P:(pieces[mib * 16 + k] + 1) * P]
 with open(src, "wb") as f:
     f.write(out)
 EOF
