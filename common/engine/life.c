@@ -254,7 +254,7 @@ static void dig_opener_start(struct engine *e)
     .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
     .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
     .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
-    .export_suffix = DIGEST_EXPORT_SUFFIX, .expected_size = SOURCE_SIZE_UNCHECKED,
+    .export_suffix = DIGEST_EXPORT_SUFFIX,
   };
   if (pthread_create(&o->thread, NULL, dig_opener_main, o) != 0) { free(o); return; }
   e->dig_opener = o;

@@ -334,14 +334,6 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   }
   memset(info, 0, sizeof *info);
   s->size = info->size = sz;
-  if (s->cfg.export_suffix && s->cfg.expected_size != SOURCE_SIZE_UNCHECKED &&
-      (uint64_t) sz != s->cfg.expected_size) {
-    snprintf(err, errlen, "source %s: export %s has %" PRId64 " bytes, not the "
-             "%" PRIu64 " expected", s->target, s->cfg.export_suffix, sz,
-             s->cfg.expected_size);
-    nbd_close(h);
-    goto fail;
-  }
   /* I5: the image id the source publishes, or digests of sampled blocks. */
   if (s->cfg.export_suffix)
     info->id[0] = '\0';          /* a companion: the main export has the identity */

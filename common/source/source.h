@@ -70,11 +70,9 @@ struct source_config {
   bool tls_verify;
   /* A companion export: its name is the target's export name followed by
    * this (e.g. the digest export, dedup/digest.h); NULL: the export itself.
-   * Such a source checks only its size (expected_size) and publishes no
-   * identity.  SOURCE_SIZE_UNCHECKED: the caller checks the size
-   * (source_info.size) itself. */
+   * Such a source publishes no identity; the caller checks its size
+   * (source_info.size). */
   const char *export_suffix;
-  uint64_t expected_size;
   /* Called on the source thread at every turn of its loop (at least every
    * 100 ms) while the source runs: the engine's copy policy lives there. */
   void (*tick)(void *opaque, uint64_t now_ns);
@@ -94,8 +92,6 @@ struct source_info {
 /* Connects once, synchronously (up to timeout_s), to learn the export's
  * size and identity; that connection is kept as connection 0.  Returns
  * NULL with a message (cause and fix) in err. */
-#define SOURCE_SIZE_UNCHECKED UINT64_MAX
-
 struct source *source_open(const struct source_config *cfg, struct source_info *info,
                            char *err, size_t errlen);
 /* Starts the source thread. */
