@@ -29,6 +29,15 @@ struct status_query {
   uint64_t reached;             /* end of the last run the reply gave */
 };
 
+struct digest_query {
+  struct source_req sr;
+  struct engine *e;
+  uint64_t chunk;
+  uint8_t *buf;
+};
+
+static void adopt_prefetch_locked(struct engine *e);
+
 int copy_init(struct engine *e)
 {
   struct copy *c = &e->copy;
@@ -49,6 +58,9 @@ int copy_init(struct engine *e)
     c->dig_done = calloc(c->ndchunks + 1, sizeof *c->dig_done);
     if (!c->dig || !c->dig_asking || !c->dig_done) return -1;
   }
+  pthread_mutex_lock(&e->lock);
+  adopt_prefetch_locked(e);
+  pthread_mutex_unlock(&e->lock);
   return 0;
 }
 
@@ -61,6 +73,10 @@ void copy_free(struct engine *e)
   free(e->copy.status_known);
   free(e->copy.status_asking);
   free(e->copy.zero_known);
+  if (e->copy.pre_q) {            /* a prefetch answered, never adopted */
+    free(e->copy.pre_q->buf);
+    free(e->copy.pre_q);
+  }
 }
 
 /* ---------- block status ---------- */
@@ -170,13 +186,6 @@ static void query_status(struct engine *e)
 
 /* ---------- digests (deduplication) ---------- */
 
-struct digest_query {
-  struct source_req sr;
-  struct engine *e;
-  uint64_t chunk;
-  uint8_t *buf;
-};
-
 /* Under lock: the contiguous prefix of chunks whose digests are in. */
 static void dig_advance_locked(struct engine *e)
 {
@@ -186,32 +195,91 @@ static void dig_advance_locked(struct engine *e)
   c->dig_until = MIN(k * DIG_CHUNK_BLOCKS, e->nblocks);
 }
 
+/* Under lock: a digest query's answer goes into the copy; frees q. */
+static void land_digests_locked(struct engine *e, struct digest_query *q, int err)
+{
+  struct copy *c = &e->copy;
+  if (err) {                      /* no dedup there: fetched as usual */
+    snprintf(e->last_error, sizeof e->last_error, "digests of blocks %" PRIu64
+             "+%u from the source failed (%s): copying them without "
+             "deduplication", q->chunk * DIG_CHUNK_BLOCKS, DIG_CHUNK_BLOCKS,
+             strerror(err));
+    free(q->buf);
+  } else {
+    c->dig[q->chunk] = q->buf;
+    e->bytes_digests += q->sr.len;
+  }
+  c->dig_done[q->chunk] = true;
+  dig_advance_locked(e);
+  free(q);
+}
+
 static void digests_done(struct source_req *r, int err)
 {
   struct digest_query *q = r->opaque;
   struct engine *e = q->e;
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
-  c->dig_asking[q->chunk] = false;
-  c->dig_outstanding--;
   if (err == ESHUTDOWN) {
+    if (c->dig) {
+      c->dig_asking[q->chunk] = false;
+      c->dig_outstanding--;
+    } else
+      c->pre_inflight = false;
     free(q->buf);
+    free(q);
+  } else if (!c->dig) {           /* the prefetch, before copy_init: kept */
+    c->pre_inflight = false;
+    c->pre_q = q;
+    c->pre_err = err;
   } else {
-    if (err) {                    /* no dedup there: fetched as usual */
-      snprintf(e->last_error, sizeof e->last_error, "digests of blocks %" PRIu64
-               "+%u from the source failed (%s): copying them without "
-               "deduplication", q->chunk * DIG_CHUNK_BLOCKS, DIG_CHUNK_BLOCKS,
-               strerror(err));
-      free(q->buf);
-    } else {
-      c->dig[q->chunk] = q->buf;
-      e->bytes_digests += r->len;
-    }
-    c->dig_done[q->chunk] = true;
-    dig_advance_locked(e);
+    c->dig_asking[q->chunk] = false;
+    c->dig_outstanding--;
+    land_digests_locked(e, q, err);
   }
   pthread_mutex_unlock(&e->lock);
-  free(q);
+}
+
+/* On the digest opener's thread, as soon as the digest export is open
+ * and its source started: asks the first chunk's digests, one round trip
+ * before the copy could (it waits for the data connection).  Only for a
+ * copy that starts at block 0 and may read digests at once (not standby).
+ * The answer lands through digests_done: kept until copy_init adopts it. */
+void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size)
+{
+  struct copy *c = &e->copy;
+  uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, export_size / DIGEST_LEN);
+  if (!nb) return;
+  struct digest_query *q = calloc(1, sizeof *q);
+  uint8_t *buf = malloc(nb * DIGEST_LEN);
+  if (!q || !buf) { free(q); free(buf); return; }
+  *q = (struct digest_query) { .e = e, .chunk = 0, .buf = buf };
+  q->sr = (struct source_req) {
+    .kind = SOURCE_READ, .off = 0, .len = nb * DIGEST_LEN, .buf = buf,
+    .done = digests_done, .opaque = q,
+  };
+  pthread_mutex_lock(&e->lock);
+  c->pre_inflight = true;
+  pthread_mutex_unlock(&e->lock);
+  source_submit(dsrc, &q->sr);
+}
+
+/* Under lock, in copy_init: the prefetch's answer (or the prefetch still
+ * in flight) becomes chunk 0's query.  Dropped when the digest export was
+ * refused after all (no dsrc, or a size that does not match). */
+static void adopt_prefetch_locked(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  struct digest_query *q = c->pre_q;
+  c->pre_q = NULL;
+  bool fits = c->dig && e->dsrc &&
+              (!q || q->sr.len == MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks) * DIGEST_LEN);
+  if (q && fits) land_digests_locked(e, q, c->pre_err);
+  else if (q) { free(q->buf); free(q); }
+  else if (c->pre_inflight && fits) {
+    c->dig_asking[0] = true;
+    c->dig_outstanding++;
+  }
 }
 
 /* Digests from an xnbd-digest file: read (locally) ahead of the copy. */

@@ -114,6 +114,11 @@ struct copy {
   bool *dig_asking, *dig_done;
   uint64_t ndchunks, dig_until;
   unsigned dig_outstanding;
+  /* The first chunk's digests, asked by the digest opener as soon as its
+   * connection is up (copy_digest_prefetch), before the copy exists. */
+  bool pre_inflight;
+  struct digest_query *pre_q;   /* that query, answered before copy_init */
+  int pre_err;
   uint64_t local_inflight;      /* bytes in JOB_LOCAL jobs */
   /* Pre-paging: the blocks after the latest client misses, copied before
    * the ascending sweep goes on (newest last). */
@@ -222,5 +227,6 @@ int copy_init(struct engine *e);
 void copy_free(struct engine *e);
 void copy_tick(void *opaque, uint64_t now);
 void copy_hint_locked(struct engine *e, uint64_t block);
+void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size);
 
 #endif

@@ -230,6 +230,8 @@ static void find_old_data(struct engine *e)
  * trips (connect, negotiation), which on a WAN is most of the start-up. */
 struct dig_opener {
   pthread_t thread;
+  struct engine *e;
+  bool prefetch;                /* ask the first digests once connected */
   struct source_config dc;
   struct source_info info;
   struct source *s;
@@ -240,15 +242,20 @@ static void *dig_opener_main(void *arg)
 {
   struct dig_opener *o = arg;
   o->s = source_open(&o->dc, &o->info, o->why, sizeof o->why);
+  if (o->s && o->prefetch && source_start(o->s, o->why, sizeof o->why) == 0)
+    copy_digest_prefetch(o->e, o->s, o->info.size);
   return NULL;
 }
 
 /* Starts opening the digest export (its size is checked at the join: the
- * image's size may not be known yet). */
-static void dig_opener_start(struct engine *e)
+ * image's size may not be known yet); with prefetch, the first digests
+ * are asked as soon as it is open (see copy_digest_prefetch). */
+static void dig_opener_start(struct engine *e, bool prefetch)
 {
   struct dig_opener *o = calloc(1, sizeof *o);
   if (!o) return;
+  o->e = e;
+  o->prefetch = prefetch;
   o->dc = (struct source_config) {
     .target = e->target, .export_name = e->target_export, .connections = 1,
     .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
@@ -292,7 +299,7 @@ static void open_digests(struct engine *e)
 {
   char why[512];
   bool want = (e->ix || e->old_data) && !e->dfile;
-  if (want && !e->dig_opener) dig_opener_start(e);
+  if (want && !e->dig_opener) dig_opener_start(e, false);
   struct source *s = e->dig_opener || want ? dig_opener_join(e, why, sizeof why) : NULL;
   if (!want) {
     source_close(s);
@@ -396,7 +403,7 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   } else {
     /* Seeds will want the digest export: its round trips overlap these. */
     if (cfg->nseeds && !cfg->digests_path && e->bs == DIGEST_BLOCK && e->target)
-      dig_opener_start(e);
+      dig_opener_start(e, !have_bitmap && cfg->cache_all && !cfg->standby);
     if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0) goto fail;
   }
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);

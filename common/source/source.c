@@ -175,7 +175,11 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     return NULL;
   }
   nbd_set_handle_name(h, "source");
-  nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  /* A companion export (digests) is only read: without structured replies
+   * and block status its handshake is one option (GO), two round trips
+   * less on the path to the first digest, which the seeded copy waits on. */
+  if (s->cfg.export_suffix) nbd_set_request_structured_replies(h, false);
+  else nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
   nbd_set_full_info(h, true);
   switch (t.kind) {
   case TARGET_XNBD: {
@@ -825,6 +829,7 @@ static void *source_main(void *arg)
 
 int source_start(struct source *s, char *err, size_t errlen)
 {
+  if (s->started) return 0;
   if (pthread_create(&s->thread, NULL, source_main, s) != 0) {
     snprintf(err, errlen, "cannot start the source thread");
     return -1;
