@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A whole VM (RAM and disk) moves through scripts/vm-migrate from site A to
 # site B, then on from B to site C, all on this host over unix sockets.
+# The first hop pre-copies (--precopy): what B copied while the VM still
+# ran at A is kept only where it matches A's digests once the VM stopped.
 # The second hop starts from what the first left (RAM on the nbdfuse file,
 # disk on the detached proxy) and gives C's RAM proxy a seed: A's RAM as
 # the first hop left it (pages must come from it).  The guest
@@ -78,8 +80,10 @@ hop () {
   wait_n "$(( n + 6 ))" 60 "$a/console" "$b/console" "$c/console"
 }
 
-# First hop: A's RAM file and disk image, served by vm-migrate.
-hop first "$a" "$b" --a-ram "$a/ram" --a-disk "$a/disk.img"
+# First hop: A's RAM file and disk image, served by vm-migrate, copied to
+# B first while the VM runs at A (--precopy): B keeps only the pages and
+# blocks that still match A's digests after the VM stopped there.
+hop first "$a" "$b" --a-ram "$a/ram" --a-disk "$a/disk.img" --precopy
 # Second hop, from B's FUSE-mapped RAM and its disk proxy (what a VM moved
 # by vm-migrate runs on), with A's RAM as left by the first hop as the
 # RAM proxy's seed: most pages are still the same.
@@ -169,6 +173,9 @@ for hop, report in (("first", report1), ("second", report2)):
         fail("blocks still missing at the %s hop's detach" % hop)
     if hop == "second" and b["seeded"] <= 0:
         fail("no RAM page came from the seed in the second hop")
+    if hop == "first" and (r.get("precopy_fetched", 0) <= 0 or b["seeded"] <= 0):
+        fail("--precopy: %d bytes pre-copied, %d B of RAM kept from it (both must be > 0)"
+             % (r.get("precopy_fetched", 0), b["seeded"]))
 PY
 stop_server "$SERVER_PID" >/dev/null || true
 echo OK

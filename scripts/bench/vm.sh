@@ -44,7 +44,8 @@
 # scripts/vm/hotset.py, soft-dirty bits: would prefetching those at the
 # switch-over cut the guest's stall?  Needs a kernel with
 # CONFIG_MEM_SOFT_DIRTY, as Debian's has; without it only the misses are
-# logged, in the RAM proxy's log).  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
+# logged, in the RAM proxy's log), BENCH_VM_KEEP=DIR (xnbd runs: B's logs
+# are copied to DIR/RUN).  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
 # not a test: it fails only when it cannot run.
 set -euo pipefail
 
@@ -170,7 +171,7 @@ for run in $RUNS; do
     d=$tmp/$run
     mkdir -p "$d"
     seed_vm=''
-    if [[ $run == xnbd-seeds ]]; then
+    if [[ $run == *-seeds ]]; then
         boot dst "$d/seed" seed
         seed_vm=$VM
     fi
@@ -221,7 +222,7 @@ print(json.dumps({"downtime_ms": m.get("downtime"), "needed_ms": m.get("total-ti
 PY
         stop_pid "$b_vm"; stop_pid "$a_vm"
         ;;
-    xnbd|xnbd-seeds)
+    xnbd|xnbd-seeds|xnbd-precopy|xnbd-precopy-seeds)
         bg src "$d/a/server.log" "$BUILD/xnbd-server" -r -e "ram=$d/a/ram" -e "disk=$d/a/disk.img" \
             -u "$d/a/srv.sock" -l 127.0.0.1:0 -W "$(wan addr src):$WAN_PORT" --pidfile "$d/a/server.pid"
         server=$BG
@@ -238,10 +239,12 @@ PY
             "$HOTPY" clear "$a_qemu"
         fi
         [[ $HOTSET == 0 ]] || popts=-v
+        pre=()
+        [[ $run != xnbd-precopy* ]] || pre=(--precopy)
         l0=$(link_bytes); t0=$(date +%s%N)
         # shellcheck disable=SC2046
         wan exec dst env VM_MIGRATE_PROXY_OPTS="$popts" "$MIGRATE" --xnbd-bin "$BUILD" --a-qmp "$d/a/qmp.sock" --a-ram-uri "xnbd://$a_wan/ram" \
-            --a-disk-uri "xnbd://$a_wan/disk" "${seeds[@]}" --migrate-uri "tcp:$b_mig" \
+            --a-disk-uri "xnbd://$a_wan/disk" "${seeds[@]}" "${pre[@]}" --migrate-uri "tcp:$b_mig" \
             --incoming "tcp:0.0.0.0:$MIG_PORT" --work "$b_work" --timeout 600 -- \
             qemu-system-x86_64 $(vm_args) -append "$APPEND" \
             -object "memory-backend-file,id=ram0,size=${RAM_MIB}M,mem-path=@RAM@,share=on" \
@@ -277,12 +280,15 @@ print(json.dumps({"downtime_ms": r["downtime_ms"], "needed_ms": int(m.group(1)) 
                      % (hot["ondemand_in_written"], hot["ondemand_misses"], hot["joined_in_written"],
                         hot["joined_misses"], hot["written_pages"]) if hot else "")}))
 PY
+        if [[ -n ${BENCH_VM_KEEP:-} ]]; then   # the logs, for a closer look
+            mkdir -p "$BENCH_VM_KEEP/$run" && cp "$b_work"/*.log "$d/migrate.out" "$BENCH_VM_KEEP/$run/" || true
+        fi
         "$QMP" "$b_work/qmp.sock" quit >/dev/null 2>&1 || true
         "$MIGRATE" --stop "$b_work" >/dev/null 2>&1 || true
         b_work=''
         stop_pid "$server"; stop_pid "$a_vm"
         ;;
-    *) die "unknown run '$run' (BENCH_VM_RUNS: qemu-precopy qemu-postcopy xnbd xnbd-seeds)" ;;
+    *) die "unknown run '$run' (BENCH_VM_RUNS: qemu-precopy qemu-postcopy xnbd xnbd-seeds xnbd-precopy xnbd-precopy-seeds)" ;;
     esac
     [[ -z $seed_vm ]] || stop_pid "$seed_vm"
     proof=$("$CHECK" "$d/a/a.console" "$d/b/b.console") || true
@@ -318,7 +324,7 @@ for r in rows:
 base = by.get("qemu-precopy")
 if base:
     print()
-    for k in ("xnbd", "xnbd-seeds"):
+    for k in ("xnbd", "xnbd-seeds", "xnbd-precopy", "xnbd-precopy-seeds"):
         r = by.get(k)
         if not r:
             continue
