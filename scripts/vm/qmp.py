@@ -16,12 +16,13 @@
       x-ignore-shared), wait (at most SECONDS) until A's migration pauses
       before the switch-over (A's VM stopped, capability
       pause-before-switchover); check that the RAM proxy (control socket
-      RAM-CTL) served no read and took no write so far; let A finish; wait
-      until B has the device state; activate both proxies; run the VM at B.
-      Prints one JSON line: A's final query-migrate and "switch_ms" (A seen
-      stopped -> B running).  Exit 1: failed before the proxies were
-      activated (the VM can go on at A); exit 3: failed after that (the VM
-      is B's now).
+      RAM-CTL) served no read and took no write so far; activate both
+      proxies (A's RAM and disk no longer change); let A finish; wait until
+      B has the device state; run the VM at B.  Prints one JSON line: A's
+      final query-migrate and "switch_ms" (A seen stopped -> B running).
+      Exit 1: failed before B's VM was told to run (the VM can go on at A;
+      B's images are to be removed); exit 3: failed after that (the VM is
+      B's now).
 
 ADDR: a unix socket path, or HOST:PORT (TCP).  Every reply waits at most
 30 s.
@@ -130,13 +131,18 @@ def switchover(a_addr, b_addr, ram_ctl, disk_ctl, uri, secs):
         die("B touched the RAM file before A's VM stopped (%d on-demand fetches, %d bytes "
             "written, standby %s): B's page cache may hold stale pages"
             % (st["fetches"]["ondemand"], st["bytes"]["local_written"], st.get("standby")))
+    # A's VM has stopped and its disk is flushed: its RAM and disk are
+    # final.  The proxies keep what they read from now on and start their
+    # background copies (digests, older data, seeds) while QEMU sends the
+    # device state.  Should the migration still fail, B's VM never ran and
+    # vm-migrate removes B's images: nothing kept here is used.
+    ctl(ram_ctl, "activate")
+    ctl(disk_ctl, "activate")
     a.cmd("migrate-continue", {"state": "pre-switchover"})
     deadline = time.monotonic() + 60
     r = wait_migrate(a, "completed", deadline)
     wait_migrate(b, "completed", deadline)
     try:
-        ctl(ram_ctl, "activate")
-        ctl(disk_ctl, "activate")
         b.cmd("cont")
     except SystemExit:
         sys.exit(3)
