@@ -613,9 +613,15 @@ void job_start(struct engine *e, struct job *j)
     return;
   }
   if (j->kind == JOB_LOCAL) {
+    /* A client's miss first; the copy's seed jobs only take CPU: behind
+     * the landings of fetched data (the link's window waits on those). */
     j->state = JOB_LANDING;
     j->work.fn = resolve_local;
-    workq_submit(e->cfg.wq, &j->work);
+    pthread_mutex_lock(&e->lock);
+    bool urgent = j->waiters != NULL;
+    pthread_mutex_unlock(&e->lock);
+    if (urgent) workq_submit_first(e->cfg.wq, &j->work);
+    else workq_submit_low(e->cfg.wq, &j->work);
     return;
   }
   fetch(e, j);

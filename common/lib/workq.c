@@ -11,6 +11,8 @@ struct workq {
   pthread_mutex_t lock;        /* protects everything below */
   pthread_cond_t cond;
   struct xwork *head, *tail;
+  struct xwork *lhead, *ltail;  /* the low lane (workq_submit_low) */
+  unsigned low_running, low_max;
   bool stopping;
   unsigned nthreads;
   pthread_t *threads;
@@ -22,18 +24,31 @@ static void *worker(void *arg)
   pthread_mutex_lock(&wq->lock);
   for (;;) {
     struct xwork *w = wq->head;
-    if (!w) {
-      if (wq->stopping)
+    bool low = false;
+    if (w) {
+      wq->head = w->next;
+      if (!wq->head)
+        wq->tail = NULL;
+    } else if (wq->lhead && (wq->low_running < wq->low_max || wq->stopping)) {
+      w = wq->lhead;
+      wq->lhead = w->next;
+      if (!wq->lhead)
+        wq->ltail = NULL;
+      low = true;
+      wq->low_running++;
+    } else {
+      if (wq->stopping && !wq->lhead)
         break;
       pthread_cond_wait(&wq->cond, &wq->lock);
       continue;
     }
-    wq->head = w->next;
-    if (!wq->head)
-      wq->tail = NULL;
     pthread_mutex_unlock(&wq->lock);
     w->fn(w);
     pthread_mutex_lock(&wq->lock);
+    if (low) {
+      wq->low_running--;
+      if (wq->lhead) pthread_cond_signal(&wq->cond);   /* a waiter may take it */
+    }
   }
   pthread_mutex_unlock(&wq->lock);
   return NULL;
@@ -45,6 +60,7 @@ struct workq *workq_new(unsigned nthreads, const char *name)
   if (!wq) return NULL;
   pthread_mutex_init(&wq->lock, NULL);
   pthread_cond_init(&wq->cond, NULL);
+  wq->low_max = nthreads / 2 ? nthreads / 2 : 1;
   wq->threads = calloc(nthreads, sizeof *wq->threads);
   if (!wq->threads) { free(wq); return NULL; }
   for (unsigned i = 0; i < nthreads; i++) {
@@ -82,6 +98,17 @@ void workq_submit_first(struct workq *wq, struct xwork *w)
   w->next = wq->head;
   wq->head = w;
   if (!wq->tail) wq->tail = w;
+  pthread_cond_signal(&wq->cond);
+  pthread_mutex_unlock(&wq->lock);
+}
+
+void workq_submit_low(struct workq *wq, struct xwork *w)
+{
+  w->next = NULL;
+  pthread_mutex_lock(&wq->lock);
+  if (wq->ltail) wq->ltail->next = w;
+  else wq->lhead = w;
+  wq->ltail = w;
   pthread_cond_signal(&wq->cond);
   pthread_mutex_unlock(&wq->lock);
 }

@@ -19,6 +19,11 @@ struct workq *workq_new(unsigned nthreads, const char *name);
 void workq_submit(struct workq *wq, struct xwork *w);
 /* Ahead of everything queued (a client waits on it). */
 void workq_submit_first(struct workq *wq, struct xwork *w);
+/* Behind everything: run only when nothing else is queued, by at most
+ * half the threads at once (at least one), so that work that only uses
+ * the CPU (hashing seed blocks) does not hold up the landings of data a
+ * link delivers, nor take every core from the threads feeding that link. */
+void workq_submit_low(struct workq *wq, struct xwork *w);
 /* Runs every queued item, joins the threads and frees the pool. */
 void workq_free(struct workq *wq);
 

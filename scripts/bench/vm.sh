@@ -44,7 +44,9 @@
 # scripts/vm/hotset.py, soft-dirty bits: would prefetching those at the
 # switch-over cut the guest's stall?  Needs a kernel with
 # CONFIG_MEM_SOFT_DIRTY, as Debian's has; without it only the misses are
-# logged, in the RAM proxy's log), BENCH_VM_KEEP=DIR (xnbd runs: B's logs
+# logged, in the RAM proxy's log), BENCH_VM_DIRTY=MIB (the guest rewrites
+# MIB MiB of its RAM with random bytes without pause: a memory-writing
+# workload; default 0, idle), BENCH_VM_KEEP=DIR (xnbd runs: B's logs
 # are copied to DIR/RUN).  Saves the table to BUILDDIR/bench-vm.txt.  A benchmark,
 # not a test: it fails only when it cannot run.
 set -euo pipefail
@@ -73,7 +75,9 @@ if [[ $HOTSET == 1 ]] && ! "$HOTPY" check; then
 fi
 WNAME=xbvm$$
 WAN_PORT=10810 MIG_PORT=4444
-APPEND="console=ttyS0 panic=-1 quiet xnbd.tick=10"
+DIRTY=${BENCH_VM_DIRTY:-0}
+[[ $DIRTY =~ ^[0-9]+$ ]] || { echo "vm.sh: BENCH_VM_DIRTY must be a whole number of MiB, not '$DIRTY'" >&2; exit 2; }
+APPEND="console=ttyS0 panic=-1 quiet xnbd.tick=10 xnbd.dirty=$DIRTY"
 
 die() { echo "$ME: $*" >&2; exit 1; }
 (( EUID == 0 )) || die "run as root (network namespaces)"
@@ -191,6 +195,14 @@ for run in $RUNS; do
             -incoming "tcp:0.0.0.0:$MIG_PORT"
         b_vm=$BG
         for (( i = 0; i < 300; i++ )); do [[ -S $d/b/qmp.sock ]] && break; sleep 0.1; done
+        if [[ $run == qemu-precopy && $DIRTY != 0 ]]; then
+            # A guest that dirties RAM faster than the link carries it never
+            # converges: auto-converge throttles its vCPU, as an operator
+            # would have QEMU do.
+            "$QMP" "$d/a/qmp.sock" migrate-set-capabilities \
+                '{"capabilities":[{"capability":"auto-converge","state":true}]}' >/dev/null ||
+                die "auto-converge refused"
+        fi
         if [[ $run == qemu-postcopy ]]; then
             for q in "$d/a/qmp.sock" "$d/b/qmp.sock"; do
                 "$QMP" "$q" migrate-set-capabilities \
@@ -304,12 +316,12 @@ PY
     stop_all
 done
 
-python3 - "$results" "$RTT" "$RATE" "$RAM_MIB" "$ACCEL" <<'PY' | tee "$OUT"
+python3 - "$results" "$RTT" "$RATE" "$RAM_MIB" "$ACCEL" "$DIRTY" <<'PY' | tee "$OUT"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-rtt, rate, ram, accel = sys.argv[2:]
-print("Whole-VM migration, wan-emu %s RTT / %s; VM %s MiB RAM + 16 MiB disk, %s, test guest"
-      % (rtt, rate, ram, accel))
+rtt, rate, ram, accel, dirty = sys.argv[2:]
+print("Whole-VM migration, wan-emu %s RTT / %s; VM %s MiB RAM + 16 MiB disk, %s, test guest%s"
+      % (rtt, rate, ram, accel, ", rewriting %s MiB of RAM without pause" % dirty if dirty != "0" else " (idle)"))
 print("(guest figures: gaps between the guest's 10 ms ticks on the host's clock; the usual gap in [])")
 print()
 print("| method | downtime QEMU | guest: last tick at A -> first at B | guest: longest gap (where) | A needed for | WAN bytes | guest proof | details |")

@@ -27,6 +27,9 @@
 #                            a second process prints this every MS ms, K
 #                            going up by one (host-side timestamps of these
 #                            lines measure the guest's downtime)
+#   (nothing)                with "xnbd.dirty=MIB": a third process rewrites
+#                            MIB MiB of RAM (a tmpfs file) with random
+#                            bytes, in place, without pause
 #
 # The 8 MiB of static RAM data are the same in every guest booted from this
 # initrd (random bytes made once, shipped in it), as shared libraries are
@@ -58,7 +61,7 @@ mkdir -p "$D"
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
 vm_kernel "$D" "${MODULES[@]}" || die "could not get the kernel"
 
-recipe=v3
+recipe=v4
 # One file per recipe: trees with an older guest.sh share the cache.
 initrd=$D/initrd-$recipe.gz
 if [[ ! -f $initrd ]]; then
@@ -104,6 +107,12 @@ done
 tick=$(sed -n 's/.*xnbd\.tick=\([0-9]*\).*/\1/p' /proc/cmdline)
 if [ -n "$tick" ]; then
     ( k=0; while :; do k=$((k + 1)); echo "xnbd-vm: t=$k"; usleep $((tick * 1000)); done ) &
+fi
+# A memory-writing workload: "xnbd.dirty=MIB" rewrites MIB MiB of tmpfs
+# pages with random bytes, in place, over and over, as fast as it can.
+dirty=$(sed -n 's/.*xnbd\.dirty=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$dirty" ] && [ "$dirty" -gt 0 ]; then
+    ( while :; do dd if=/dev/urandom of=/tmp/dirty bs=1048576 count=$dirty conv=notrunc 2>/dev/null; done ) &
 fi
 # chunk C G: write RAM chunk C, generation G (a new file, then renamed,
 # so the previous generation stays whole until this one is).
