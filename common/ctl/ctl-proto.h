@@ -28,7 +28,7 @@
  *                   "errors":N},
  *        "fetch_rate":N,"ondemand_waiting":N,
  *        "background":{"running":B,"paused":B,"rate":N,"window":N,
- *                      "queue_us":N},
+ *                      "inflight":N,"seeding":N,"queue_us":N},
  *        "connections":{"up":N,"total":N},
  *        "rtt_us":N,"standby":B,
  *        "wire":{"tx_raw":N,"tx":N,"rx":N,"rx_raw":N},
@@ -45,7 +45,9 @@
  *     fetches.prepaged counts the background fetches made next to a
  *     client's miss (also in fetches.background), fetches.joined the
  *     client reads that waited for a background fetch already on its way
- *     (no fetch of their own); background.queue_us is
+ *     (no fetch of their own); background.inflight is the bytes of
+ *     background fetches on their way (at most window), background.seeding
+ *     the bytes of copies from seeds under way; background.queue_us is
  *     the queueing delay on the path at the last round-trip sample (that
  *     round trip minus the smallest recent one); rtt_us is the measured
  *     round trip to the source in microseconds (0: not measured yet);

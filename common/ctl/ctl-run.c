@@ -63,9 +63,10 @@ void ctl_put_status(FILE *f, const struct engine_stats *st)
   fprintf(f, ",\"fetch_rate\":%" PRIu64 ",\"ondemand_waiting\":%" PRIu64,
           st->fetch_rate, st->ondemand_waiting);
   fprintf(f, ",\"background\":{\"running\":%s,\"paused\":%s,\"rate\":%" PRIu64
-          ",\"window\":%" PRIu64 ",\"queue_us\":%" PRIu64 "}",
+          ",\"window\":%" PRIu64 ",\"inflight\":%" PRIu64 ",\"seeding\":%" PRIu64
+          ",\"queue_us\":%" PRIu64 "}",
           st->bg_running ? "true" : "false", st->bg_paused ? "true" : "false",
-          st->bg_rate, st->bg_window, st->bg_queue_us);
+          st->bg_rate, st->bg_window, st->bg_inflight, st->bg_seeding, st->bg_queue_us);
   fprintf(f, ",\"connections\":{\"up\":%u,\"total\":%u}",
           st->connections_up, st->connections);
   fprintf(f, ",\"rtt_us\":%" PRIu64 ",\"standby\":%s", st->rtt_us,

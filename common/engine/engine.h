@@ -92,6 +92,8 @@ struct engine_stats {
   bool bg_running, bg_paused;
   uint64_t bg_rate;              /* current cap, bytes/s (0: none) */
   uint64_t bg_window;            /* bytes in flight allowed (auto-sized) */
+  uint64_t bg_inflight;          /* background fetch bytes in flight now */
+  uint64_t bg_seeding;           /* bytes of seed jobs (copies from seeds) now */
   uint64_t bg_queue_us;          /* queueing delay on the path at the last
                                   * round-trip sample (what a miss waits) */
   uint64_t rtt_us;               /* measured round trip to the source */

@@ -517,6 +517,8 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->bg_paused = e->copy.paused;
   st->bg_rate = e->copy.rate;
   st->bg_window = e->copy.window;
+  st->bg_inflight = e->copy.inflight_bytes;
+  st->bg_seeding = e->copy.local_inflight;
   st->bg_queue_us = e->copy.win.queue_ns / 1000;
   st->rtt_us = ss.rtt_ns / 1000;
   st->connections = e->state == ENGINE_DETACHED ? 0 : e->cfg.connections;
