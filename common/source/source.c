@@ -236,21 +236,42 @@ static int notify(struct nbd_handle *h, short revents)
   return 0;
 }
 
-/* Drives one handle's connection with poll until ready or the deadline. */
+static bool handshaking(struct nbd_handle *h)
+{
+  return nbd_aio_is_connecting(h) || nbd_aio_is_negotiating(h);
+}
+
+/* Drives h's connection with poll until ready or the deadline; the other
+ * connections' handshakes (s->c[1..], started with it) are driven along
+ * with it, so that they are up when it is: background requests then need
+ * not share connection 0 with the first client misses.  Their failures
+ * are left to drive_connections. */
 static int wait_connected(struct source *s, struct nbd_handle *h, uint64_t deadline)
 {
   bool go_sent = false;
-  while (nbd_aio_is_connecting(h) || nbd_aio_is_negotiating(h)) {
+  while (handshaking(h)) {
     if (go_when_negotiating(s, h, &go_sent) < 0) return -1;
-    struct pollfd p = { .fd = nbd_aio_get_fd(h) };
-    unsigned dir = nbd_aio_get_direction(h);
+    struct pollfd p[MAX_CONNS];
+    struct nbd_handle *hs[MAX_CONNS];
+    unsigned np = 0;
+    for (unsigned i = 0; i < s->n; i++) {
+      struct nbd_handle *x = i ? s->c[i].h : h;
+      if (!x || (i && (s->c[i].st != CONN_CONNECTING || !handshaking(x)))) continue;
+      if (i && go_when_negotiating(s, x, &s->c[i].go_sent) < 0) continue;
+      unsigned dir = nbd_aio_get_direction(x);
+      p[np] = (struct pollfd) { .fd = nbd_aio_get_fd(x) };
+      if (dir & LIBNBD_AIO_DIRECTION_READ) p[np].events |= POLLIN;
+      if (dir & LIBNBD_AIO_DIRECTION_WRITE) p[np].events |= POLLOUT;
+      hs[np++] = x;
+    }
     uint64_t now = now_ns();
     if (now >= deadline) { errno = ETIMEDOUT; return -1; }
-    if (dir & LIBNBD_AIO_DIRECTION_READ) p.events |= POLLIN;
-    if (dir & LIBNBD_AIO_DIRECTION_WRITE) p.events |= POLLOUT;
-    int r = poll(&p, 1, MIN((deadline - now) / 1000000 + 1, 1000u));
+    int r = poll(p, np, MIN((deadline - now) / 1000000 + 1, 1000u));
     if (r < 0 && errno != EINTR) return -1;
-    if (p.revents && notify(h, p.revents) < 0) return -1;
+    for (unsigned k = 0; r > 0 && k < np; k++) {
+      if (!p[k].revents) continue;
+      if (notify(hs[k], p[k].revents) < 0 && hs[k] == h) return -1;
+    }
   }
   return nbd_aio_is_ready(h) ? 0 : -1;
 }
@@ -321,6 +342,12 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   struct nbd_handle *h = make_handle(s, s->target, err, errlen);
   uint64_t deadline = now_ns() + (uint64_t) s->cfg.timeout_s * 1000000000u;
   if (!h) goto fail;
+  /* The other connections start now too (wait_connected drives them). */
+  for (unsigned i = 1; i < s->n; i++) {
+    char e2[256];
+    s->c[i].h = make_handle(s, s->target, e2, sizeof e2);
+    if (s->c[i].h) s->c[i].st = CONN_CONNECTING;
+  }
   if (wait_connected(s, h, deadline) < 0) {
     snprintf(err, errlen, "cannot connect to source %s: %s (is the source "
              "server running and reachable? the proxy needs it at start-up "
@@ -654,7 +681,12 @@ static int pick_conn(struct source *s, bool urgent)
     if (s->c[i].st != CONN_UP) continue;
     if (best < 0 || s->c[i].inflight < s->c[best].inflight) best = i;
   }
-  if (best < 0 && s->c[0].st == CONN_UP) best = 0;
+  /* Background requests take connection 0 only when no other connection
+   * is on its way: a client's miss must not queue behind them there. */
+  bool coming = false;
+  for (unsigned i = 1; i < s->n && !urgent; i++)
+    coming = coming || s->c[i].st == CONN_CONNECTING;
+  if (best < 0 && s->c[0].st == CONN_UP && !coming) best = 0;
   return best;
 }
 

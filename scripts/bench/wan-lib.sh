@@ -215,7 +215,9 @@ run_lat() {
         return 0
     fi
     if [[ " $* " == *" --cache-all "* ]]; then
-        for (( i = 0; i < CAP * 10; i++ )); do
+        # LAT_AT_START=1: the reads start with the copy (its start-up, when
+        # the window is still being sized); else once 1/12 of it is in.
+        for (( i = 0; i < CAP * 10 && ${LAT_AT_START:-0} != 1; i++ )); do
             fetched=$(sockcmd_status "$tmp/$name.ctl" bytes.fetched)
             [[ $fetched =~ ^[0-9]+$ ]] && (( fetched >= NONZERO / 12 )) && break
             kill -0 "$pid" 2>/dev/null || break
@@ -226,11 +228,15 @@ run_lat() {
             >"$tmp/$name.done" 2>/dev/null
     fi
     before=$(sockcmd_status "$tmp/$name.ctl" fetches.ondemand)
+    local rt0 rt1
+    rt0=$(retrans)
     L_RESULT=$("$LAT" -n "$LAT_N" -f "$offs" -o "$tmp/$name.samples" \
                "nbd+unix:///?socket=$tmp/$name.sock" 2>&1) ||
         { echo "$ME: lat against $name failed: $L_RESULT" >&2; L_RESULT=FAIL; }
     after=$(sockcmd_status "$tmp/$name.ctl" fetches.ondemand)
+    rt1=$(retrans)
     L_STATE="$(sockcmd_status "$tmp/$name.ctl" state) at progress $(sockcmd_status "$tmp/$name.ctl" progress)"
+    [[ $rt0 =~ ^[0-9]+$ && $rt1 =~ ^[0-9]+$ ]] && L_STATE="$L_STATE; TCP retransmissions during the reads $((rt1 - rt0))"
     [[ $before =~ ^[0-9]+$ && $after =~ ^[0-9]+$ ]] && L_MISSES=$((after - before))
     stop_pid "$pid" "$name proxy"
     if [[ -n $wpid ]]; then
@@ -274,6 +280,18 @@ PY
         cat "$tmp/$name.samples" 2>/dev/null || true
     } >> "$TRACE"
     rm -f "$tmp/$name.img" "$tmp/$name.bm"
+}
+
+# retrans: TCP segments retransmitted so far in both sites' namespaces
+# (drops at the emulated bottleneck show up here), or "-".
+retrans() {
+    local n=0 v ns
+    for ns in src dst; do
+        v=$(wan exec "$ns" nstat -az TcpRetransSegs 2>/dev/null | awk '$1 == "TcpRetransSegs" { print $2 }')
+        [[ $v =~ ^[0-9]+$ ]] || { echo -; return; }
+        n=$((n + v))
+    done
+    echo "$n"
 }
 
 # sockcmd_status CTL KEY.KEY: one member of a proxy's status now, or "-".
