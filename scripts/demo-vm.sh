@@ -10,6 +10,8 @@
 #   DEMO_RTT=50ms DEMO_RATE=100mbit    another emulated WAN
 #   DEMO_KEEP=1                        keep the temporary directory
 #   DEMO_AFTER=8                       rounds the guest runs at B after the detach
+#   DEMO_PRECOPY=1                     vm-migrate --precopy: RAM and disk copied
+#                                      to B while the VM still runs at A
 #
 # What happens:
 #   1. Two network namespaces, site A and site B, joined by the WAN emulator
@@ -226,15 +228,18 @@ echo "  siteA\$ xnbd-server -r -e ram=\$T/a/ram -e disk=\$T/a/disk.img -W $(wan 
 step "Migrate: vm-migrate at B"
 b_work=$b/vm
 bg host "$b/stamp.log" "$STAMP" "$b/con.sock" "$b/console" 300
+precopy=()
+[[ ${DEMO_PRECOPY:-0} != 1 ]] || precopy=(--precopy)
 mig=("$MIGRATE" --xnbd-bin "$BUILD" --a-qmp "$a/qmp.sock" --a-ram-uri "xnbd://$a_wan/ram"
      --a-disk-uri "xnbd://$a_wan/disk" --seed "$s/ram" --migrate-uri "tcp:$b_mig"
-     --incoming "tcp:0.0.0.0:$MIG_PORT" --work "$b_work" --timeout 300 --quit-a --
+     --incoming "tcp:0.0.0.0:$MIG_PORT" --work "$b_work" --timeout 300 --quit-a
+     "${precopy[@]}" --
      qemu-system-x86_64 $(vm_args "$accel") -append "$APPEND xnbd.tick=10"
      -object "memory-backend-file,id=ram0,size=${RAM_MIB}M,mem-path=@RAM@,share=on"
      -drive "file=@DISK@,format=raw,if=virtio"
      -chardev "socket,id=con,path=$b/con.sock,server=on,wait=on" -serial chardev:con)
 printf '  siteB$ vm-migrate --a-qmp \$T/a/qmp.sock --a-ram-uri xnbd://%s/ram --a-disk-uri xnbd://%s/disk \\\n' "$a_wan" "$a_wan"
-printf '           --seed \$T/seed/ram --migrate-uri tcp:%s --incoming tcp:0.0.0.0:%s --work \$T/b/vm --quit-a \\\n' "$b_mig" "$MIG_PORT"
+printf '           --seed \$T/seed/ram --migrate-uri tcp:%s --incoming tcp:0.0.0.0:%s --work \$T/b/vm --quit-a%s \\\n' "$b_mig" "$MIG_PORT" "${precopy[*]:+ ${precopy[*]}}"
 printf '           -- qemu-system-x86_64 ... mem-path=@RAM@,share=on ... file=@DISK@ ...\n'
 n_before=$(last_n "$a/console")
 l0=$(link_bytes)
@@ -283,10 +288,15 @@ print("  switch-over -> detach          %s ms: A is no longer needed (vm-migrate
       % (rep["detach_ms"], total_ms))
 print("  bytes on the WAN (wan0 at B)   %s in all, both directions" % mib(link))
 print("    migration stream (QEMU)      %s (device state only: x-ignore-shared)" % mib(stream))
+pre = rep.get("precopy_fetched", 0)
+if pre:
+    print("    pre-copy (--precopy)         %s of RAM and disk (%s on the wire, zstd), while the VM ran at A"
+          % (mib(pre), mib(rep.get("precopy_wire_rx", 0))))
 for name, j in (("RAM", r), ("disk", d)):
     b, w = j["bytes"], j["wire"]
-    print("    %-4s %9s: fetched %s (%s on the wire, zstd), from seeds at B %s, zero %s, digests %s"
+    print("    %-4s %9s: fetched %s (%s on the wire, zstd), from seeds at B %s%s, zero %s, digests %s"
           % (name, mib(j["image_size"]), mib(b["fetched"]), mib(w["rx"]), mib(b["seeded"]),
+             " (with the pre-copy's blocks that still matched)" if pre else "",
              mib(b["zero_skipped"]), mib(b["digests"])))
 print("  the guest's proof: %s" % ("OK" if proof["ok"] else "FAILED"))
 print("    counter n=%s..%s, one by one across the move (%s rounds at A, %s at B)"
