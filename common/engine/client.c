@@ -66,7 +66,8 @@ static int wait_for_blocks_locked(struct engine *e, struct pend *p, uint64_t b0,
         e->fetches_joined++;
         log_debug("miss: blocks %" PRIu64 "+%" PRIu64 " wait for a background fetch",
                   j->first, j->count);
-      }
+      } else if (j->kind == JOB_LOCAL)
+        workq_promote(e->cfg.wq, &j->work);   /* out of the low lane, if there */
     }
     if (j != last) {
       if (job_add_waiter_locked(j, p) < 0) return -1;

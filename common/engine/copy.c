@@ -51,14 +51,28 @@ int copy_init(struct engine *e)
   c->zero_known = calloc(e->nblocks / 64 + 1, sizeof *c->zero_known);
   if (!c->zero_known) return -1;
   c->rate_at = c->tokens_at = now_ns();
+  uint64_t nd = 0;
+  uint8_t **dig = NULL;
+  bool *asking = NULL, *done = NULL;
   if (e->dsrc || e->dfile) {
-    c->ndchunks = (e->nblocks + DIG_CHUNK_BLOCKS - 1) / DIG_CHUNK_BLOCKS;
-    c->dig = calloc(c->ndchunks + 1, sizeof *c->dig);
-    c->dig_asking = calloc(c->ndchunks + 1, sizeof *c->dig_asking);
-    c->dig_done = calloc(c->ndchunks + 1, sizeof *c->dig_done);
-    if (!c->dig || !c->dig_asking || !c->dig_done) return -1;
+    nd = (e->nblocks + DIG_CHUNK_BLOCKS - 1) / DIG_CHUNK_BLOCKS;
+    dig = calloc(nd + 1, sizeof *dig);
+    asking = calloc(nd + 1, sizeof *asking);
+    done = calloc(nd + 1, sizeof *done);
+    if (!dig || !asking || !done) {
+      free(dig);
+      free(asking);
+      free(done);
+      return -1;
+    }
   }
+  /* Published together under the lock: the digest prefetch may land on
+   * the source thread right now, and tells "before copy_init" by c->dig. */
   pthread_mutex_lock(&e->lock);
+  c->ndchunks = nd;
+  c->dig_asking = asking;
+  c->dig_done = done;
+  c->dig = dig;
   adopt_prefetch_locked(e);
   pthread_mutex_unlock(&e->lock);
   return 0;

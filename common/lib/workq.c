@@ -113,6 +113,24 @@ void workq_submit_low(struct workq *wq, struct xwork *w)
   pthread_mutex_unlock(&wq->lock);
 }
 
+void workq_promote(struct workq *wq, struct xwork *w)
+{
+  pthread_mutex_lock(&wq->lock);
+  struct xwork *prev = NULL;
+  for (struct xwork *x = wq->lhead; x; prev = x, x = x->next) {
+    if (x != w) continue;
+    if (prev) prev->next = w->next;
+    else wq->lhead = w->next;
+    if (wq->ltail == w) wq->ltail = prev;
+    w->next = wq->head;
+    wq->head = w;
+    if (!wq->tail) wq->tail = w;
+    pthread_cond_signal(&wq->cond);
+    break;
+  }
+  pthread_mutex_unlock(&wq->lock);
+}
+
 void workq_free(struct workq *wq)
 {
   if (!wq) return;

@@ -24,6 +24,9 @@ void workq_submit_first(struct workq *wq, struct xwork *w);
  * the CPU (hashing seed blocks) does not hold up the landings of data a
  * link delivers, nor take every core from the threads feeding that link. */
 void workq_submit_low(struct workq *wq, struct xwork *w);
+/* If w still waits in the low lane, moves it to the head of the queue (a
+ * client now waits on it); else does nothing. */
+void workq_promote(struct workq *wq, struct xwork *w);
 /* Runs every queued item, joins the threads and frees the pool. */
 void workq_free(struct workq *wq);
 

@@ -22,6 +22,8 @@
 #include <libnbd.h>
 
 #define MAX_CONNS 16
+#define COMING_NS UINT64_C(2000000000)  /* how long background requests wait
+                                         * for a connection still opening */
 #define BACKOFF_MIN_MS 250
 #define BACKOFF_MAX_MS 10000
 #define MAX_ATTEMPTS 8          /* a request whose connection died this often fails */
@@ -40,6 +42,7 @@ struct sconn {
   uint64_t progress_ns;         /* last reply (or first request after idle) */
   bool proven;                  /* completed a request since it connected */
   bool go_sent;                 /* companion export asked for (option mode) */
+  uint64_t connecting_at;       /* when its handshake began */
   struct source_req *submitted;
 };
 
@@ -346,7 +349,7 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   for (unsigned i = 1; i < s->n; i++) {
     char e2[256];
     s->c[i].h = make_handle(s, s->target, e2, sizeof e2);
-    if (s->c[i].h) s->c[i].st = CONN_CONNECTING;
+    if (s->c[i].h) s->c[i].st = CONN_CONNECTING, s->c[i].connecting_at = now_ns();
   }
   if (wait_connected(s, h, deadline) < 0) {
     snprintf(err, errlen, "cannot connect to source %s: %s (is the source "
@@ -609,6 +612,7 @@ static void drive_connections(struct source *s, uint64_t now)
         continue;
       }
       c->st = CONN_CONNECTING;
+      c->connecting_at = now;
       c->go_sent = false;
       pthread_mutex_lock(&s->lock);
       s->reconnects++;
@@ -648,6 +652,12 @@ static void drive_connections(struct source *s, uint64_t now)
       } else if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
         trouble(s, "connecting to source %s failed: %s", s->target, nbd_get_error());
         conn_close(s, i);
+      } else if (now - c->connecting_at > (uint64_t) s->cfg.timeout_s * 1000000000u) {
+        /* A server that never answers (one that serves one client at a
+         * time leaves the connection in its listen queue). */
+        trouble(s, "connecting to source %s: no handshake in %u s (the server may "
+                "take fewer connections than --connections)", s->target, s->cfg.timeout_s);
+        conn_close(s, i);
       }
     }
     if (c->st == CONN_UP && (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h))) {
@@ -682,10 +692,12 @@ static int pick_conn(struct source *s, bool urgent)
     if (best < 0 || s->c[i].inflight < s->c[best].inflight) best = i;
   }
   /* Background requests take connection 0 only when no other connection
-   * is on its way: a client's miss must not queue behind them there. */
+   * is on its way (began its handshake less than COMING_NS ago): a
+   * client's miss must not queue behind them there. */
   bool coming = false;
-  for (unsigned i = 1; i < s->n && !urgent; i++)
-    coming = coming || s->c[i].st == CONN_CONNECTING;
+  uint64_t now = urgent || best >= 0 ? 0 : now_ns();
+  for (unsigned i = 1; i < s->n && now; i++)
+    coming = coming || (s->c[i].st == CONN_CONNECTING && now - s->c[i].connecting_at < COMING_NS);
   if (best < 0 && s->c[0].st == CONN_UP && !coming) best = 0;
   return best;
 }

@@ -133,3 +133,32 @@ Test(workq, free_runs_every_queued_low_item)
   workq_free(wq);
   cr_assert_eq(done_count, 5);
 }
+
+Test(workq, a_promoted_low_item_runs_first)
+{
+  reset();
+  struct workq *wq = workq_new(1, "t");
+  cr_assert_not_null(wq);
+  struct item block = { .w.fn = run, .tag = 'B', .gated = true };
+  struct item low1 = { .w.fn = run, .tag = 'L', .low = true };
+  struct item low2 = { .w.fn = run, .tag = 'P', .low = true };
+  struct item fifo = { .w.fn = run, .tag = 'N' };
+  workq_submit(wq, &block.w);
+  pthread_mutex_lock(&mu);
+  want_started = 1;
+  cr_assert(wait_until(started_enough), "the blocking item did not start");
+  pthread_mutex_unlock(&mu);
+  workq_submit_low(wq, &low1.w);
+  workq_submit_low(wq, &low2.w);
+  workq_submit(wq, &fifo.w);
+  workq_promote(wq, &low2.w);         /* a client now waits on it */
+  workq_promote(wq, &block.w);        /* not in the low lane: nothing happens */
+  pthread_mutex_lock(&mu);
+  gate_open = true;
+  pthread_cond_broadcast(&cv);
+  want_done = 4;
+  cr_assert(wait_until(done_enough), "only %u of 4 items ran", done_count);
+  pthread_mutex_unlock(&mu);
+  cr_assert_str_eq(order, "BPNL");
+  workq_free(wq);
+}
