@@ -63,6 +63,28 @@ static unsigned want_started, want_done;
 static bool started_enough(void) { return norder >= want_started; }
 static bool done_enough(void) { return done_count >= want_done; }
 
+/* Runs a gated item on the (one-thread) queue and waits until it runs:
+ * what is queued next waits behind it. */
+static void occupy(struct workq *wq, struct item *block)
+{
+  workq_submit(wq, &block->w);
+  pthread_mutex_lock(&mu);
+  want_started = 1;
+  cr_assert(wait_until(started_enough), "the blocking item did not start");
+  pthread_mutex_unlock(&mu);
+}
+
+/* Opens the gate and waits until n items have run. */
+static void release_and_wait(unsigned n)
+{
+  pthread_mutex_lock(&mu);
+  gate_open = true;
+  pthread_cond_broadcast(&cv);
+  want_done = n;
+  cr_assert(wait_until(done_enough), "only %u of %u items ran", done_count, n);
+  pthread_mutex_unlock(&mu);
+}
+
 Test(workq, low_items_run_after_everything_else_queued)
 {
   reset();
@@ -72,20 +94,11 @@ Test(workq, low_items_run_after_everything_else_queued)
   struct item low = { .w.fn = run, .tag = 'L', .low = true };
   struct item fifo = { .w.fn = run, .tag = 'N' };
   struct item first = { .w.fn = run, .tag = 'F' };
-  workq_submit(wq, &block.w);
-  pthread_mutex_lock(&mu);
-  want_started = 1;
-  cr_assert(wait_until(started_enough), "the blocking item did not start");
-  pthread_mutex_unlock(&mu);
+  occupy(wq, &block);
   workq_submit_low(wq, &low.w);       /* queued first, runs last */
   workq_submit(wq, &fifo.w);
   workq_submit_first(wq, &first.w);
-  pthread_mutex_lock(&mu);
-  gate_open = true;
-  pthread_cond_broadcast(&cv);
-  want_done = 4;
-  cr_assert(wait_until(done_enough), "only %u of 4 items ran", done_count);
-  pthread_mutex_unlock(&mu);
+  release_and_wait(4);
   cr_assert_str_eq(order, "BFNL");
   workq_free(wq);
 }
@@ -143,22 +156,13 @@ Test(workq, a_promoted_low_item_runs_first)
   struct item low1 = { .w.fn = run, .tag = 'L', .low = true };
   struct item low2 = { .w.fn = run, .tag = 'P', .low = true };
   struct item fifo = { .w.fn = run, .tag = 'N' };
-  workq_submit(wq, &block.w);
-  pthread_mutex_lock(&mu);
-  want_started = 1;
-  cr_assert(wait_until(started_enough), "the blocking item did not start");
-  pthread_mutex_unlock(&mu);
+  occupy(wq, &block);
   workq_submit_low(wq, &low1.w);
   workq_submit_low(wq, &low2.w);
   workq_submit(wq, &fifo.w);
   workq_promote(wq, &low2.w);         /* a client now waits on it */
   workq_promote(wq, &block.w);        /* not in the low lane: nothing happens */
-  pthread_mutex_lock(&mu);
-  gate_open = true;
-  pthread_cond_broadcast(&cv);
-  want_done = 4;
-  cr_assert(wait_until(done_enough), "only %u of 4 items ran", done_count);
-  pthread_mutex_unlock(&mu);
+  release_and_wait(4);
   cr_assert_str_eq(order, "BPNL");
   workq_free(wq);
 }
