@@ -233,6 +233,7 @@ static void digests_done(struct source_req *r, int err)
   struct digest_query *q = r->opaque;
   struct engine *e = q->e;
   struct copy *c = &e->copy;
+  bool landed = false;
   pthread_mutex_lock(&e->lock);
   if (err == ESHUTDOWN) {
     if (c->dig) {
@@ -250,8 +251,12 @@ static void digests_done(struct source_req *r, int err)
     c->dig_asking[q->chunk] = false;
     c->dig_outstanding--;
     land_digests_locked(e, q, err);
+    landed = true;
   }
   pthread_mutex_unlock(&e->lock);
+  /* The copy may be waiting for exactly these digests: its policy runs on
+   * the data source's thread, which nothing else may wake for a while. */
+  if (landed) source_wake(e->src);
 }
 
 /* On the digest opener's thread, as soon as the digest export is open

@@ -189,8 +189,17 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     /* Our WAN transport: NBD inside zstd (inside TLS for xnbds://). */
     int level = s->cfg.compress_level;
     unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (t.tls ? WAN_F_TLS : 0);
+    /* The options libnbd will ask (see set_export, and the meta context
+     * above), sent ahead by the WAN pump. */
+    char name[1024];
+    snprintf(name, sizeof name, "%s%s", t.export_name ? t.export_name : "",
+             s->cfg.export_suffix ? s->cfg.export_suffix : "");
+    struct wan_nego_cfg nc = {
+      .export_name = name, .structured = !s->cfg.export_suffix,
+      .base_alloc = !s->cfg.export_suffix,
+    };
     int fd = wan_connect(t.host, t.port, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
-                         s->wan_tls, s->cfg.timeout_s, s->wire, err, errlen);
+                         s->wan_tls, s->cfg.timeout_s, s->wire, &nc, err, errlen);
     if (fd < 0) goto out_close;
     if (set_export(s, h, t.export_name) < 0 || nbd_aio_connect_socket(h, fd) < 0)
       goto fail;

@@ -2,6 +2,7 @@
  * zstd streaming, run by one pump thread per connection between the WAN
  * socket and a local socketpair. */
 #include "wan.h"
+#include "nego.h"
 #include "log.h"
 #include "util.h"
 
@@ -251,6 +252,7 @@ struct pump {
   bool dpending;                  /* zstd may hold more output for us */
   bool cpending;                  /* the compressor holds unflushed input */
   struct wan_counters *ctr;       /* the owner's counters (a reference), or NULL */
+  struct nego *nego;              /* client: the NBD handshake sent ahead, or NULL */
 };
 
 static void pump_free(struct pump *p)
@@ -262,6 +264,7 @@ static void pump_free(struct pump *p)
   ZSTD_freeDCtx(p->dctx);
   free(p->lin); free(p->wout); free(p->win); free(p->lout);
   wan_counters_put(p->ctr);
+  nego_free(p->nego);
   free(p);
 }
 
@@ -433,6 +436,21 @@ static int pump_step(struct pump *p)
    * reply is never held back waiting for the next one. */
   if (p->wout_len == 0 && !p->local_eof) {
     n = read(p->local, p->lin, CHUNK);
+    if (n > 0 && p->nego) {         /* libnbd's handshake: answered here */
+      size_t taken;
+      if (nego_from_local(p->nego, p->lin, n, &taken) < 0) {
+        log_warn("WAN connection to %s: NBD handshake sent ahead: %s", p->host,
+                 nego_error(p->nego));
+        return -1;
+      }
+      memmove(p->lin, p->lin + taken, n - taken);
+      n -= taken;
+      if (n == 0) {
+        moved = 1;
+        n = -1;
+        errno = EAGAIN;               /* nothing to send: as if nothing was read */
+      }
+    }
     if (n > 0) {
       COUNT(p, tx_raw, n);
       if (p->zstd) {
@@ -506,6 +524,33 @@ static int pump_step(struct pump *p)
     p->lout_off = 0;
     COUNT(p, rx_raw, p->lout_len);
     moved = 1;
+    if (p->nego) {                  /* the server's answers, for libnbd in turn */
+      if (nego_from_server(p->nego, p->lout, p->lout_len) < 0) {
+        log_warn("WAN connection to %s: NBD handshake sent ahead: %s", p->host,
+                 nego_error(p->nego));
+        return -1;
+      }
+      p->lout_len = 0;
+    }
+  }
+  /* nego -> local (before anything else reaches libnbd) */
+  if (p->nego) {
+    size_t len;
+    const uint8_t *b = nego_to_local(p->nego, &len);
+    if (len) {
+      n = write(p->local, b, len);
+      if (n > 0) {
+        nego_delivered(p->nego, n);
+        moved = 1;
+      } else if (n < 0 && errno != EAGAIN && errno != EINTR)
+        return -1;
+    }
+    if (nego_over(p->nego)) {
+      log_debug("WAN connection to %s: NBD handshake (sent ahead) done", p->host);
+      nego_free(p->nego);
+      p->nego = NULL;
+      moved = 1;
+    }
   }
   /* lout -> local */
   if (p->lout_len) {
@@ -517,7 +562,8 @@ static int pump_step(struct pump *p)
     } else if (n < 0 && errno != EAGAIN && errno != EINTR)
       return -1;
   }
-  if (p->wan_eof && !p->win_len && !p->lout_len && !p->dpending && !p->local_wr_shut) {
+  if (p->wan_eof && !p->win_len && !p->lout_len && !p->dpending && !p->local_wr_shut &&
+      !p->nego) {
     shutdown(p->local, SHUT_WR);
     p->local_wr_shut = true;
     moved = 1;
@@ -550,6 +596,18 @@ static void *pump_main(void *arg)
     if (!p->cctx || !p->dctx) goto out;
     ZSTD_CCtx_setParameter(p->cctx, ZSTD_c_compressionLevel, p->level);
   }
+  if (p->nego) {                    /* the NBD handshake goes first, at once */
+    size_t len;
+    const uint8_t *pre = nego_preamble(p->nego, &len);
+    COUNT(p, tx_raw, len);
+    if (p->zstd) {
+      if (compress(p, pre, len, ZSTD_e_flush) < 0) goto out;
+    } else {
+      memcpy(p->wout, pre, len);
+      p->wout_len = len;
+    }
+    p->wout_off = 0;
+  }
   for (;;) {
     int r = pump_step(p);
     if (r < 0) break;
@@ -557,7 +615,9 @@ static void *pump_main(void *arg)
     if (r > 0 || (p->ssl && SSL_pending(p->ssl) > 0 && !p->win_len)) continue;
     struct pollfd pf[2] = { { .fd = p->local }, { .fd = p->wan } };
     if (!p->wout_len && !p->local_eof) pf[0].events |= POLLIN;
-    if (p->lout_len) pf[0].events |= POLLOUT;
+    size_t nl = 0;
+    if (p->nego) nego_to_local(p->nego, &nl);
+    if (p->lout_len || nl) pf[0].events |= POLLOUT;
     if (p->wout_len || p->ssl_want_write) pf[1].events |= POLLOUT;
     if ((!p->win_len && !p->wan_eof) || p->ssl_want_read) pf[1].events |= POLLIN;
     p->ssl_want_read = p->ssl_want_write = false;
@@ -635,7 +695,8 @@ int wan_serve(int wan_fd, struct wan_tls *tls, bool require_tls,
 
 int wan_connect(const char *host, const char *port, unsigned flags, int level,
                 struct wan_tls *tls, unsigned timeout_s,
-                struct wan_counters *counters, char *err, size_t errlen)
+                struct wan_counters *counters, const struct wan_nego_cfg *nego,
+                char *err, size_t errlen)
 {
   struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res;
   struct pump *p;
@@ -664,6 +725,11 @@ int wan_connect(const char *host, const char *port, unsigned flags, int level,
   p->flags = flags;
   p->level = level;
   p->tls = tls;
+  const char *pl = getenv("XNBD_WAN_PIPELINE");
+  if (nego && !(pl && strcmp(pl, "0") == 0)) {
+    p->nego = nego_new(nego);
+    if (!p->nego) { pump_free(p); snprintf(err, errlen, "out of memory"); return -1; }
+  }
   if (counters) {
     atomic_fetch_add(&counters->refs, 1);
     p->ctr = counters;

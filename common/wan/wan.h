@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "target.h"
+#include "nego.h"
 
 #define WAN_MAGIC "XNBDWAN"          /* 8 bytes with the NUL */
 #define WAN_VERSION 1
@@ -87,10 +88,14 @@ int wan_serve(int wan_fd, struct wan_tls *tls, bool require_tls,
 
 /* Client side: connects to host:port (non-blocking connect done by the
  * pump), handshakes with the given flags and zstd level, and returns the
- * local end of a socketpair carrying NBD, or -1 with a message in err. */
+ * local end of a socketpair carrying NBD, or -1 with a message in err.
+ * nego: the NBD options the client on the socketpair will ask, sent ahead
+ * right after the hello (nego.h; NULL: none; XNBD_WAN_PIPELINE=0 in the
+ * environment turns it off). */
 int wan_connect(const char *host, const char *port, unsigned flags,
                 int level, struct wan_tls *tls, unsigned timeout_s,
-                struct wan_counters *counters, char *err, size_t errlen);
+                struct wan_counters *counters, const struct wan_nego_cfg *nego,
+                char *err, size_t errlen);
 
 /* Waits until every pump thread has finished (their peers see EOF once
  * the local ends are closed), at most timeout_ms; returns how many are

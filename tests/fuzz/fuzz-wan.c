@@ -121,8 +121,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     wan_peer = sv[1];
   } else {
     char err[256];
+    /* mode & 8: with the NBD handshake sent ahead (the server's bytes
+     * then go through its parser first). */
+    struct wan_nego_cfg nc = { .export_name = "x", .structured = true, .base_alloc = true };
     local = wan_connect("127.0.0.1", listen_port, (mode & 4) ? WAN_F_ZSTD : 0,
-                        WAN_DEFAULT_LEVEL, NULL, 10, NULL, err, sizeof err);
+                        WAN_DEFAULT_LEVEL, NULL, 10, NULL, (mode & 8) ? &nc : NULL,
+                        err, sizeof err);
     FUZZ_CHECK(local >= 0, "wan_connect: %s", err);
     do wan_peer = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
     while (wan_peer < 0 && errno == EINTR);
