@@ -15,6 +15,7 @@ struct buf { uint8_t *p; size_t len, cap; };
 
 static int buf_add(struct buf *b, const void *d, size_t n)
 {
+  if (n == 0) return 0;             /* d may be NULL (an empty payload) */
   if (b->len + n > b->cap) {
     size_t cap = MAX(b->cap * 2, b->len + n + 256);
     uint8_t *p = realloc(b->p, cap);
@@ -249,7 +250,7 @@ int nego_from_local(struct nego *n, const uint8_t *b, size_t len, size_t *taken)
 const uint8_t *nego_to_local(struct nego *n, size_t *len)
 {
   *len = n->out.len - n->out_off;
-  return n->out.p + n->out_off;
+  return *len ? n->out.p + n->out_off : NULL;
 }
 
 void nego_delivered(struct nego *n, size_t len)
