@@ -191,7 +191,7 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (t.tls ? WAN_F_TLS : 0);
     /* The options libnbd will ask (see set_export, and the meta context
      * above), sent ahead by the WAN pump. */
-    char name[1024];
+    char name[4200];                /* as set_export's */
     snprintf(name, sizeof name, "%s%s", t.export_name ? t.export_name : "",
              s->cfg.export_suffix ? s->cfg.export_suffix : "");
     struct wan_nego_cfg nc = {

@@ -10,8 +10,9 @@
 #define META_BASE_ALLOC "base:allocation"
 #define MAX_OPTS 3
 #define MAX_PAYLOAD 65536             /* an option or a reply, more is refused */
+#define MAX_HELD (UINT64_C(1) << 20)  /* server bytes held for libnbd, at most */
 
-struct buf { uint8_t *p; size_t len, cap; };
+struct buf { uint8_t *p; size_t len, cap; bool oom; };
 
 static int buf_add(struct buf *b, const void *d, size_t n)
 {
@@ -19,7 +20,7 @@ static int buf_add(struct buf *b, const void *d, size_t n)
   if (b->len + n > b->cap) {
     size_t cap = MAX(b->cap * 2, b->len + n + 256);
     uint8_t *p = realloc(b->p, cap);
-    if (!p) return -1;
+    if (!p) { b->oom = true; return -1; }
     b->p = p;
     b->cap = cap;
   }
@@ -101,8 +102,9 @@ struct nego *nego_new(const struct wan_nego_cfg *cfg)
   put_be16(info + 6, NBD_INFO_BLOCK_SIZE);
   buf_add(&p, info, sizeof info);
   put_opt(n, NBD_OPT_GO, &p);
+  bool oom = p.oom || n->pre.oom;
   free(p.p);
-  if (n->pre.len == 0) { nego_free(n); return NULL; }   /* out of memory */
+  if (oom) { nego_free(n); return NULL; }
   return n;
 }
 
@@ -153,6 +155,10 @@ int nego_from_server(struct nego *n, const uint8_t *b, size_t len)
   if (n->deliver == n->nopt)            /* over: straight through */
     return buf_add(&n->out, b, len) < 0 ? fail(n, "out of memory") : 0;
   if (buf_add(&n->sin, b, len) < 0) return fail(n, "out of memory");
+  size_t held = n->sin.len + n->out.len;
+  for (unsigned i = 0; i < n->nopt; i++) held += n->o[i].ans.len;
+  if (held > MAX_HELD)
+    return fail(n, "the server sent more than 1 MiB during the NBD handshake");
   for (;;) {
     if (!n->greeted) {
       if (n->sin.len < 18) break;
@@ -201,6 +207,9 @@ static int match(struct nego *n, uint32_t opt, const uint8_t *p, uint32_t len)
   if (opt != NBD_OPT_STRUCTURED_REPLY &&
       (len < 4 + nl || get_be32(p) != nl || memcmp(p + 4, n->name, nl) != 0))
     return fail(n, "libnbd asked for another export than the one sent ahead");
+  if (opt == NBD_OPT_GO &&
+      (len < 4 + nl + 2 || len != 4 + nl + 2 + 2 * (uint32_t) get_be16(p + 4 + nl)))
+    return fail(n, "libnbd's GO option is malformed");
   if (opt == NBD_OPT_SET_META_CONTEXT) {
     size_t ql = strlen(META_BASE_ALLOC);
     if (len != 4 + nl + 8 + ql || get_be32(p + 4 + nl) != 1 ||
@@ -258,6 +267,8 @@ void nego_delivered(struct nego *n, size_t len)
   n->out_off += len;
   if (n->out_off == n->out.len) n->out_off = n->out.len = 0;
 }
+
+bool nego_server_done(const struct nego *n) { return n->srv_k == n->nopt; }
 
 bool nego_over(const struct nego *n)
 {

@@ -49,6 +49,8 @@ void nego_delivered(struct nego *n, size_t len);
 /* True once GO's answer and everything after it went to libnbd: from then
  * on the pump passes bytes through and may free n. */
 bool nego_over(const struct nego *n);
+/* True once the server has answered every option sent ahead. */
+bool nego_server_done(const struct nego *n);
 const char *nego_error(const struct nego *n);
 
 #endif

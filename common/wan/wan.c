@@ -545,7 +545,15 @@ static int pump_step(struct pump *p)
       } else if (n < 0 && errno != EAGAIN && errno != EINTR)
         return -1;
     }
-    if (nego_over(p->nego)) {
+    if (p->local_eof && p->nego) {   /* libnbd is gone: nothing more to answer */
+      nego_free(p->nego);
+      p->nego = NULL;
+      moved = 1;
+    } else if (p->wan_eof && !p->win_len && !p->dpending && !nego_server_done(p->nego)) {
+      log_warn("WAN connection to %s: the server closed the connection during the "
+               "NBD handshake", p->host);
+      return -1;                    /* libnbd sees the end at once */
+    } else if (nego_over(p->nego)) {
       log_debug("WAN connection to %s: NBD handshake (sent ahead) done", p->host);
       nego_free(p->nego);
       p->nego = NULL;

@@ -222,3 +222,35 @@ Test(nego, refuses_a_malformed_server_reply)
   cr_assert_eq(nego_from_server(n, bad.b, bad.n), -1);
   nego_free(n);
 }
+
+Test(nego, holds_at_most_a_mebibyte_of_server_replies)
+{
+  struct nego *n = make("vm1");
+  struct bytes g = { .n = 0 }, r = { .n = 0 };
+  greeting(&g);
+  cr_assert_eq(nego_from_server(n, g.b, g.n), 0);
+  reply(&r, NBD_OPT_STRUCTURED_REPLY, NBD_REP_INFO, "endless, never final");
+  int rc = 0;
+  for (unsigned i = 0; i < 200000 && rc == 0; i++)   /* about 8 MB at most */
+    rc = nego_from_server(n, r.b, r.n);
+  cr_assert_eq(rc, -1, "a server that never ends its replies was held without bound");
+  cr_assert(strstr(nego_error(n), "1 MiB"), "error: %s", nego_error(n));
+  cr_assert_not(nego_server_done(n));
+  nego_free(n);
+}
+
+Test(nego, refuses_a_malformed_go)
+{
+  struct nego *n = make("vm1");
+  struct bytes lib = { .n = 0 }, go = { .n = 0 };
+  add32(&lib, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+  name_payload(&go, "vm1");
+  uint8_t info[2];
+  put_be16(info, 5);                              /* five infos announced, none sent */
+  add(&go, info, 2);
+  option(&lib, NBD_OPT_GO, &go);
+  size_t taken;
+  cr_assert_eq(nego_from_local(n, lib.b, lib.n, &taken), -1);
+  cr_assert(strstr(nego_error(n), "GO"), "error: %s", nego_error(n));
+  nego_free(n);
+}
