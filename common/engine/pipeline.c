@@ -522,17 +522,25 @@ static void land(struct xwork *w)
   pthread_mutex_unlock(&e->lock);
 }
 
-/* A job a client waits on lands ahead of background landings (a 4 MiB
- * cache write each): the miss's latency must not include them. */
-static void to_land(struct engine *e, struct job *j)
+/* Queues j's work (j->work.fn set): a job a client waits on goes ahead
+ * of everything (landings are 4 MiB cache writes each, seed checks hash
+ * 1 MiB: the miss's latency must not include them); else in the main
+ * queue, or the low lane for work that only takes CPU. */
+static void submit_job(struct engine *e, struct job *j, bool low)
 {
   j->state = JOB_LANDING;
-  j->work.fn = land;
   pthread_mutex_lock(&e->lock);
   bool urgent = j->waiters != NULL;
   pthread_mutex_unlock(&e->lock);
   if (urgent) workq_submit_first(e->cfg.wq, &j->work);
+  else if (low) workq_submit_low(e->cfg.wq, &j->work);
   else workq_submit(e->cfg.wq, &j->work);
+}
+
+static void to_land(struct engine *e, struct job *j)
+{
+  j->work.fn = land;
+  submit_job(e, j, false);
 }
 
 static void fetched(struct source_req *r, int err)
@@ -613,15 +621,10 @@ void job_start(struct engine *e, struct job *j)
     return;
   }
   if (j->kind == JOB_LOCAL) {
-    /* A client's miss first; the copy's seed jobs only take CPU: behind
-     * the landings of fetched data (the link's window waits on those). */
-    j->state = JOB_LANDING;
+    /* The copy's seed jobs only take CPU: behind the landings of fetched
+     * data (the link's window waits on those). */
     j->work.fn = resolve_local;
-    pthread_mutex_lock(&e->lock);
-    bool urgent = j->waiters != NULL;
-    pthread_mutex_unlock(&e->lock);
-    if (urgent) workq_submit_first(e->cfg.wq, &j->work);
-    else workq_submit_low(e->cfg.wq, &j->work);
+    submit_job(e, j, true);
     return;
   }
   fetch(e, j);

@@ -18,6 +18,15 @@ struct workq {
   pthread_t *threads;
 };
 
+/* Under lock: takes the first item of a non-empty lane. */
+static struct xwork *pop_front_locked(struct xwork **head, struct xwork **tail)
+{
+  struct xwork *w = *head;
+  *head = w->next;
+  if (!*head) *tail = NULL;
+  return w;
+}
+
 static void *worker(void *arg)
 {
   struct workq *wq = arg;
@@ -26,14 +35,9 @@ static void *worker(void *arg)
     struct xwork *w = wq->head;
     bool low = false;
     if (w) {
-      wq->head = w->next;
-      if (!wq->head)
-        wq->tail = NULL;
+      pop_front_locked(&wq->head, &wq->tail);
     } else if (wq->lhead && (wq->low_running < wq->low_max || wq->stopping)) {
-      w = wq->lhead;
-      wq->lhead = w->next;
-      if (!wq->lhead)
-        wq->ltail = NULL;
+      w = pop_front_locked(&wq->lhead, &wq->ltail);
       low = true;
       wq->low_running++;
     } else {
@@ -81,35 +85,44 @@ struct workq *workq_new(unsigned nthreads, const char *name)
   return wq;
 }
 
-void workq_submit(struct workq *wq, struct xwork *w)
+/* Under lock: w at the end of the lane head/tail, or at the head of the
+ * main queue; a waiting worker is woken. */
+static void push_back_locked(struct workq *wq, struct xwork **head, struct xwork **tail,
+                             struct xwork *w)
 {
   w->next = NULL;
-  pthread_mutex_lock(&wq->lock);
-  if (wq->tail) wq->tail->next = w;
-  else wq->head = w;
-  wq->tail = w;
+  if (*tail) (*tail)->next = w;
+  else *head = w;
+  *tail = w;
   pthread_cond_signal(&wq->cond);
+}
+
+static void push_front_locked(struct workq *wq, struct xwork *w)
+{
+  w->next = wq->head;
+  wq->head = w;
+  if (!wq->tail) wq->tail = w;
+  pthread_cond_signal(&wq->cond);
+}
+
+void workq_submit(struct workq *wq, struct xwork *w)
+{
+  pthread_mutex_lock(&wq->lock);
+  push_back_locked(wq, &wq->head, &wq->tail, w);
   pthread_mutex_unlock(&wq->lock);
 }
 
 void workq_submit_first(struct workq *wq, struct xwork *w)
 {
   pthread_mutex_lock(&wq->lock);
-  w->next = wq->head;
-  wq->head = w;
-  if (!wq->tail) wq->tail = w;
-  pthread_cond_signal(&wq->cond);
+  push_front_locked(wq, w);
   pthread_mutex_unlock(&wq->lock);
 }
 
 void workq_submit_low(struct workq *wq, struct xwork *w)
 {
-  w->next = NULL;
   pthread_mutex_lock(&wq->lock);
-  if (wq->ltail) wq->ltail->next = w;
-  else wq->lhead = w;
-  wq->ltail = w;
-  pthread_cond_signal(&wq->cond);
+  push_back_locked(wq, &wq->lhead, &wq->ltail, w);
   pthread_mutex_unlock(&wq->lock);
 }
 
@@ -122,10 +135,7 @@ void workq_promote(struct workq *wq, struct xwork *w)
     if (prev) prev->next = w->next;
     else wq->lhead = w->next;
     if (wq->ltail == w) wq->ltail = prev;
-    w->next = wq->head;
-    wq->head = w;
-    if (!wq->tail) wq->tail = w;
-    pthread_cond_signal(&wq->cond);
+    push_front_locked(wq, w);
     break;
   }
   pthread_mutex_unlock(&wq->lock);

@@ -138,13 +138,20 @@ void source_wake(struct source *s)
 
 /* ---------- connecting ---------- */
 
+#define EXPORT_NAME_MAX 4200
+
 /* The export name to ask for: the target's, or its companion's. */
+static const char *export_name(struct source *s, const char *name, char buf[EXPORT_NAME_MAX])
+{
+  snprintf(buf, EXPORT_NAME_MAX, "%s%s", name ? name : "",
+           s->cfg.export_suffix ? s->cfg.export_suffix : "");
+  return buf;
+}
+
 static int set_export(struct source *s, struct nbd_handle *h, const char *name)
 {
-  char buf[4200];
-  if (!s->cfg.export_suffix) return nbd_set_export_name(h, name ? name : "");
-  snprintf(buf, sizeof buf, "%s%s", name ? name : "", s->cfg.export_suffix);
-  return nbd_set_export_name(h, buf);
+  char buf[EXPORT_NAME_MAX];
+  return nbd_set_export_name(h, export_name(s, name, buf));
 }
 
 /* Option mode (companion export over an NBD URI): once negotiating, ask
@@ -191,11 +198,9 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (t.tls ? WAN_F_TLS : 0);
     /* The options libnbd will ask (see set_export, and the meta context
      * above), sent ahead by the WAN pump. */
-    char name[4200];                /* as set_export's */
-    snprintf(name, sizeof name, "%s%s", t.export_name ? t.export_name : "",
-             s->cfg.export_suffix ? s->cfg.export_suffix : "");
+    char name[EXPORT_NAME_MAX];
     struct wan_nego_cfg nc = {
-      .export_name = name, .structured = !s->cfg.export_suffix,
+      .export_name = export_name(s, t.export_name, name), .structured = !s->cfg.export_suffix,
       .base_alloc = !s->cfg.export_suffix,
     };
     int fd = wan_connect(t.host, t.port, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,

@@ -182,27 +182,30 @@ Test(nego, an_option_libnbd_skips_is_dropped_with_its_answer)
   nego_free(n);
 }
 
-Test(nego, refuses_another_export)
+/* libnbd's bytes lib, against options sent ahead for export "vm1", are
+ * refused with an error that says want. */
+static void refused(const struct bytes *lib, const char *want)
 {
   struct nego *n = make("vm1");
+  size_t taken;
+  cr_assert_eq(nego_from_local(n, lib->b, lib->n, &taken), -1);
+  cr_assert(strstr(nego_error(n), want), "error: %s", nego_error(n));
+  nego_free(n);
+}
+
+Test(nego, refuses_another_export)
+{
   struct bytes lib = { .n = 0 };
   libnbd_options(&lib, "vm2", true);
-  size_t taken;
-  cr_assert_eq(nego_from_local(n, lib.b, lib.n, &taken), -1);
-  cr_assert(strstr(nego_error(n), "export"), "error: %s", nego_error(n));
-  nego_free(n);
+  refused(&lib, "export");
 }
 
 Test(nego, refuses_an_option_not_sent_ahead)
 {
-  struct nego *n = make("vm1");
   struct bytes lib = { .n = 0 }, empty = { .n = 0 };
   add32(&lib, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
   option(&lib, NBD_OPT_LIST, &empty);
-  size_t taken;
-  cr_assert_eq(nego_from_local(n, lib.b, lib.n, &taken), -1);
-  cr_assert(strstr(nego_error(n), "not sent ahead"), "error: %s", nego_error(n));
-  nego_free(n);
+  refused(&lib, "not sent ahead");
 }
 
 Test(nego, refuses_a_malformed_server_reply)
@@ -241,7 +244,6 @@ Test(nego, holds_at_most_a_mebibyte_of_server_replies)
 
 Test(nego, refuses_a_malformed_go)
 {
-  struct nego *n = make("vm1");
   struct bytes lib = { .n = 0 }, go = { .n = 0 };
   add32(&lib, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
   name_payload(&go, "vm1");
@@ -249,8 +251,5 @@ Test(nego, refuses_a_malformed_go)
   put_be16(info, 5);                              /* five infos announced, none sent */
   add(&go, info, 2);
   option(&lib, NBD_OPT_GO, &go);
-  size_t taken;
-  cr_assert_eq(nego_from_local(n, lib.b, lib.n, &taken), -1);
-  cr_assert(strstr(nego_error(n), "GO"), "error: %s", nego_error(n));
-  nego_free(n);
+  refused(&lib, "GO");
 }
