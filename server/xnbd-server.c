@@ -4,6 +4,7 @@
 #include "file-backend.h"
 #include "digest.h"
 #include "digest-backend.h"
+#include "read-map.h"
 #include "image-id.h"
 #include "wan.h"
 #include "workq.h"
@@ -51,6 +52,9 @@ static void usage(FILE *f)
 "      --max-connections N   connections served at once (default 1024)\n"
 "      --no-digests          do not serve NAME@xnbd-sha256, the SHA-256 of each\n"
 "                            4 KiB block of export NAME (for deduplication)\n"
+"      --no-read-map         do not serve NAME@xnbd-reads, which 1 MiB regions of\n"
+"                            export NAME clients read most recently (xnbd-proxy\n"
+"                            copies those first)\n"
 "      --image-id=sidecar|stat|off  the identity published as each export's\n"
 "                            description, which xnbd-proxy checks: kept in\n"
 "                            IMAGE.xnbd-id (default), derived from the file's\n"
@@ -92,10 +96,12 @@ struct server_opts {
   int id_mode;                          /* enum image_id_mode, or -1: off */
   bool readonly;
   bool no_digests;
+  bool no_read_map;
 };
 
 enum { OPT_HS_TIMEOUT = 256, OPT_MAX_CONN, OPT_WAN_PORT_FILE, OPT_COMPRESS, OPT_TLS,
-       OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID, OPT_NO_DIGESTS };
+       OPT_TLS_CERTS, OPT_TLS_PSK, OPT_IMAGE_ID, OPT_NO_DIGESTS,
+       OPT_NO_READ_MAP };
 
 static const struct option longopts[] = {
   { "export", required_argument, 0, 'e' },
@@ -112,6 +118,7 @@ static const struct option longopts[] = {
   { "max-connections", required_argument, 0, OPT_MAX_CONN },
   { "image-id", required_argument, 0, OPT_IMAGE_ID },
   { "no-digests", no_argument, 0, OPT_NO_DIGESTS },
+  { "no-read-map", no_argument, 0, OPT_NO_READ_MAP },
   SERVE_LONGOPTS,
   { "help", no_argument, 0, 'h' },
   { "version", no_argument, 0, 'V' },
@@ -158,6 +165,7 @@ static bool server_option(struct server_opts *o, int c, const char *arg)
     o->cfg.max_connections = cli_uint("--max-connections", arg, 1, 1000000);
     return true;
   case OPT_NO_DIGESTS: o->no_digests = true; return true;
+  case OPT_NO_READ_MAP: o->no_read_map = true; return true;
   case OPT_IMAGE_ID:
     if (strcmp(arg, "sidecar") == 0) o->id_mode = IMAGE_ID_SIDECAR;
     else if (strcmp(arg, "stat") == 0) o->id_mode = IMAGE_ID_STAT;
@@ -235,33 +243,49 @@ static void open_digests(struct server_opts *o, struct file_backend *fb, unsigne
              "digests are computed at each read", o->export_names[i]);
 }
 
-/* Export NAME@xnbd-sha256, left out of export lists. */
-static int add_digest_export(struct server_opts *o, struct xnbd_server *srv,
-                             unsigned i, struct digest_backend **dbs)
+/* Export i's companion NAME+suffix (ops, h), left out of export lists;
+ * what names the option that turns it off. */
+static int add_companion(struct server_opts *o, struct xnbd_server *srv, unsigned i,
+                         const char *suffix, const struct xnbd_backend_ops *ops, void *h,
+                         const char *what, const char *off_option)
 {
   char name[4096];
-  if (snprintf(name, sizeof name, "%s%s", o->export_names[i], DIGEST_EXPORT_SUFFIX)
-      >= (int) sizeof name)
+  if (snprintf(name, sizeof name, "%s%s", o->export_names[i], suffix) >= (int) sizeof name)
     fatal("export name '%.64s...' is too long", o->export_names[i]);
-  if (xnbd_server_add_export(srv, name, NULL, &digest_backend_ops, dbs[i]) < 0) {
-    log_error("export '%s' is also the name of the digest export of '%s': rename "
-              "the export, or serve without digests (--no-digests)",
-              name, o->export_names[i]);
+  if (xnbd_server_add_export(srv, name, NULL, ops, h) < 0) {
+    log_error("export '%s' is also the name of the %s of '%s': rename the export, "
+              "or serve without it (%s)", name, what, o->export_names[i], off_option);
     return -1;
   }
   xnbd_server_unlist_export(srv, name);
-  log_debug("export '%s': the SHA-256 of each 4 KiB block of '%s'", name,
-            o->export_names[i]);
+  log_debug("export '%s': the %s of '%s'", name, what, o->export_names[i]);
+  return 0;
+}
+
+static void note_read(void *m, uint64_t off, uint64_t len) { read_map_note(m, off, len); }
+
+/* Export NAME@xnbd-reads: which regions of export i its clients (not
+ * copiers) read most recently. */
+static int add_read_map(struct server_opts *o, struct xnbd_server *srv, unsigned i,
+                        uint64_t size, struct read_map **rms)
+{
+  rms[i] = read_map_new(size);
+  if (!rms[i]) fatal("out of memory");
+  if (add_companion(o, srv, i, READ_MAP_SUFFIX, &read_map_ops, rms[i], "read map",
+                    "--no-read-map") < 0)
+    return -1;
+  xnbd_server_note_reads(srv, o->export_names[i], note_read, rms[i]);
   return 0;
 }
 
 /* The exports, each with the identity xnbd-proxy records with its cache
  * (I5), published as the export's description, and (unless --no-digests)
- * its digest export; then the WAN listeners. */
+ * its digest export and (unless --no-read-map) its read map; then the
+ * WAN listeners. */
 static int setup_exports(struct server_opts *o, struct xnbd_server *srv,
                          struct file_backend **fbs, struct image_id **ids,
                          struct digest_backend **dbs, struct workq **dwq,
-                         struct digest_guard **gs)
+                         struct digest_guard **gs, struct read_map **rms)
 {
   for (unsigned i = 0; i < o->nexp; i++) {
     const struct xnbd_backend_ops *ops = &file_backend_ops;
@@ -288,7 +312,11 @@ static int setup_exports(struct server_opts *o, struct xnbd_server *srv,
              o->readonly ? " (read-only)" : "");
   }
   for (unsigned i = 0; i < o->nexp && !o->no_digests; i++)
-    if (add_digest_export(o, srv, i, dbs) < 0) return -1;
+    if (add_companion(o, srv, i, DIGEST_EXPORT_SUFFIX, &digest_backend_ops, dbs[i],
+                      "digest export", "--no-digests") < 0)
+      return -1;
+  for (unsigned i = 0; i < o->nexp && !o->no_read_map; i++)
+    if (add_read_map(o, srv, i, file_backend_ops.get_size(fbs[i]), rms) < 0) return -1;
   if (o->cfg.handshake_timeout_s) wan_hs_timeout = o->cfg.handshake_timeout_s;
   for (unsigned i = 0; i < o->nwan; i++) {
     int port = xnbd_server_listen_tcp_hook(srv, o->wanl[i], WAN_DEFAULT_PORT, wan_hook, NULL);
@@ -306,6 +334,7 @@ int main(int argc, char **argv)
   struct image_id *ids[MAX_EXPORTS] = { 0 };
   struct digest_backend *dbs[MAX_EXPORTS] = { 0 };
   struct digest_guard *gs[MAX_EXPORTS] = { 0 };
+  struct read_map *rms[MAX_EXPORTS] = { 0 };
   struct workq *dwq = NULL;
   struct xnbd_server *srv;
   int rc;
@@ -316,7 +345,7 @@ int main(int argc, char **argv)
   setup_tls(&o);
   srv = xnbd_server_new(o.sv.base, &o.cfg);
   if (!srv) fatal("out of memory");
-  rc = setup_exports(&o, srv, fbs, ids, dbs, &dwq, gs) < 0 ? 1 : serve_run(&o.sv, srv);
+  rc = setup_exports(&o, srv, fbs, ids, dbs, &dwq, gs, rms) < 0 ? 1 : serve_run(&o.sv, srv);
 
   xnbd_server_free(srv);
   wan_wait_idle(3000);      /* WAN pumps end once their NBD side closed */
@@ -327,6 +356,7 @@ int main(int argc, char **argv)
   /* Kept digests synced before the identity records a clean stop. */
   for (unsigned i = 0; i < o.nexp; i++) digest_backend_close(dbs[i]);
   for (unsigned i = 0; i < o.nexp; i++) digest_guard_free(gs[i]);
+  for (unsigned i = 0; i < o.nexp; i++) read_map_free(rms[i]);
   for (unsigned i = 0; i < o.nexp; i++) {
     if (!fbs[i]) continue;
     /* Data durable first, then the stamp that says "our own writes". */

@@ -24,11 +24,12 @@
  *        "blocks":{"total":N,"present":N,"missing":N,"inflight":N},
  *        "bytes":{"fetched":N,"zero_skipped":N,"local_written":N,
  *                 "bridged":N,"seeded":N,"digests":N},"dedup":B,
- *        "fetches":{"ondemand":N,"background":N,"prepaged":N,"joined":N,
- *                   "errors":N},
+ *        "fetches":{"ondemand":N,"background":N,"prepaged":N,"recent":N,
+ *                   "joined":N,"errors":N},
  *        "fetch_rate":N,"ondemand_waiting":N,
  *        "background":{"running":B,"paused":B,"rate":N,"window":N,
- *                      "inflight":N,"seeding":N,"queue_us":N},
+ *                      "inflight":N,"seeding":N,"queue_us":N,
+ *                      "recent_regions":N,"recent_done":N},
  *        "connections":{"up":N,"total":N},
  *        "rtt_us":N,"standby":B,
  *        "wire":{"tx_raw":N,"tx":N,"rx":N,"rx_raw":N},
@@ -43,7 +44,11 @@
  *     bytes.digests the digest bytes read from the source; dedup is true
  *     while seeds are in use (the source publishes digests);
  *     fetches.prepaged counts the background fetches made next to a
- *     client's miss (also in fetches.background), fetches.joined the
+ *     client's miss (also in fetches.background), fetches.recent those
+ *     of regions the source's clients read last (its read map, also in
+ *     fetches.background; background.recent_regions is how many regions
+ *     the map named, background.recent_done how many are copied),
+ *     fetches.joined the
  *     client reads that waited for a background fetch already on its way
  *     (no fetch of their own); background.inflight is the bytes of
  *     background fetches on their way (at most window), background.seeding

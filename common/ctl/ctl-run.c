@@ -57,16 +57,19 @@ void ctl_put_status(FILE *f, const struct engine_stats *st)
           st->bytes_bridged, st->bytes_seeded, st->bytes_digests);
   fprintf(f, ",\"dedup\":%s", st->digests ? "true" : "false");
   fprintf(f, ",\"fetches\":{\"ondemand\":%" PRIu64 ",\"background\":%" PRIu64
-          ",\"prepaged\":%" PRIu64 ",\"joined\":%" PRIu64 ",\"errors\":%" PRIu64 "}",
+          ",\"prepaged\":%" PRIu64 ",\"recent\":%" PRIu64 ",\"joined\":%" PRIu64
+          ",\"errors\":%" PRIu64 "}",
           st->fetches_ondemand, st->fetches_background, st->fetches_prepaged,
-          st->fetches_joined, st->fetch_errors);
+          st->fetches_recent, st->fetches_joined, st->fetch_errors);
   fprintf(f, ",\"fetch_rate\":%" PRIu64 ",\"ondemand_waiting\":%" PRIu64,
           st->fetch_rate, st->ondemand_waiting);
   fprintf(f, ",\"background\":{\"running\":%s,\"paused\":%s,\"rate\":%" PRIu64
           ",\"window\":%" PRIu64 ",\"inflight\":%" PRIu64 ",\"seeding\":%" PRIu64
-          ",\"queue_us\":%" PRIu64 "}",
+          ",\"queue_us\":%" PRIu64 ",\"recent_regions\":%" PRIu64
+          ",\"recent_done\":%" PRIu64 "}",
           st->bg_running ? "true" : "false", st->bg_paused ? "true" : "false",
-          st->bg_rate, st->bg_window, st->bg_inflight, st->bg_seeding, st->bg_queue_us);
+          st->bg_rate, st->bg_window, st->bg_inflight, st->bg_seeding, st->bg_queue_us,
+          st->bg_recent_regions, st->bg_recent_done);
   fprintf(f, ",\"connections\":{\"up\":%u,\"total\":%u}",
           st->connections_up, st->connections);
   fprintf(f, ",\"rtt_us\":%" PRIu64 ",\"standby\":%s", st->rtt_us,

@@ -2,9 +2,11 @@
  * block status asked ahead of the copy (zero runs become JOB_ZERO jobs),
  * background jobs made in ascending order within a window of bytes in
  * flight (sized from the measured rate and round trip) and a token-bucket
- * rate cap, zero gaps bridged where zeros are cheap on the wire. */
+ * rate cap, zero gaps bridged where zeros are cheap on the wire; the
+ * regions the source's VM read last first (its read map). */
 #include "engine-int.h"
 #include "digest.h"
+#include "read-map.h"
 #include "log.h"
 #include "util.h"
 
@@ -51,6 +53,7 @@ int copy_init(struct engine *e)
   c->zero_known = calloc(e->nblocks / 64 + 1, sizeof *c->zero_known);
   if (!c->zero_known) return -1;
   c->rate_at = c->tokens_at = now_ns();
+  c->recent_dig = UINT64_MAX;
   uint64_t nd = 0;
   uint8_t **dig = NULL;
   bool *asking = NULL, *done = NULL;
@@ -87,6 +90,8 @@ void copy_free(struct engine *e)
   free(e->copy.status_known);
   free(e->copy.status_asking);
   free(e->copy.zero_known);
+  free(e->copy.map_buf);
+  free(e->copy.recent);
   if (e->copy.pre_q) {            /* a prefetch answered, never adopted */
     free(e->copy.pre_q->buf);
     free(e->copy.pre_q);
@@ -301,7 +306,28 @@ static void adopt_prefetch_locked(struct engine *e)
   }
 }
 
-/* Digests from an xnbd-digest file: read (locally) ahead of the copy. */
+/* Chunk k's digests from the --digests file (locally). */
+static void read_digest_chunk(struct engine *e, uint64_t k)
+{
+  struct copy *c = &e->copy;
+  uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
+  uint8_t *buf = malloc(nb * DIGEST_LEN);
+  int rc = buf ? digest_file_read(e->dfile, k * DIG_CHUNK_BLOCKS, nb, buf) : -1;
+  pthread_mutex_lock(&e->lock);
+  if (rc < 0) {
+    snprintf(e->last_error, sizeof e->last_error, "reading digests of blocks %"
+             PRIu64 "+%" PRIu64 " from --digests failed (%s): copying them "
+             "without deduplication", k * DIG_CHUNK_BLOCKS, nb, strerror(errno));
+    free(buf);
+  } else
+    c->dig[k] = buf;
+  c->dig_done[k] = true;
+  dig_advance_locked(e);
+  pthread_mutex_unlock(&e->lock);
+}
+
+/* Digests from an xnbd-digest file: read ahead of the copy, and for the
+ * read map's next region. */
 static void read_digest_file(struct engine *e)
 {
   struct copy *c = &e->copy;
@@ -311,33 +337,39 @@ static void read_digest_file(struct engine *e)
     if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   bool run = c->running && !c->paused && !e->standby && !c->dig_off;
   uint64_t from = MIN(cur, c->dig_until / DIG_CHUNK_BLOCKS);   /* as query_digests */
+  uint64_t rk = c->recent_dig;
   pthread_mutex_unlock(&e->lock);
-  for (uint64_t k = from; run && k < c->ndchunks && k < cur + 2 * DIG_QUERIES; k++) {
-    if (c->dig_done[k]) continue;
-    uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
-    uint8_t *buf = malloc(nb * DIGEST_LEN);
-    int rc = buf ? digest_file_read(e->dfile, k * DIG_CHUNK_BLOCKS, nb, buf) : -1;
-    pthread_mutex_lock(&e->lock);
-    if (rc < 0) {
-      snprintf(e->last_error, sizeof e->last_error, "reading digests of blocks %"
-               PRIu64 "+%" PRIu64 " from --digests failed (%s): copying them "
-               "without deduplication", k * DIG_CHUNK_BLOCKS, nb, strerror(errno));
-      free(buf);
-    } else
-      c->dig[k] = buf;
-    c->dig_done[k] = true;
-    dig_advance_locked(e);
-    pthread_mutex_unlock(&e->lock);
-  }
+  for (uint64_t k = from; run && k < c->ndchunks && k < cur + 2 * DIG_QUERIES; k++)
+    if (!c->dig_done[k]) read_digest_chunk(e, k);
+  if (run && rk < c->ndchunks && !c->dig_done[rk]) read_digest_chunk(e, rk);
 }
 
 /* Digests are asked only while the copy runs, which is never in standby:
  * a digest read while the VM still ran (and wrote) at the source is never
  * used.  Buffers behind the copy are dropped. */
+/* Under lock: a query for chunk k's digests, marked asked; NULL if out of
+ * memory. */
+static struct digest_query *dig_query_locked(struct engine *e, uint64_t k)
+{
+  struct copy *c = &e->copy;
+  uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
+  struct digest_query *q = calloc(1, sizeof *q);
+  uint8_t *buf = malloc(nb * DIGEST_LEN);
+  if (!q || !buf) { free(q); free(buf); return NULL; }
+  *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf };
+  q->sr = (struct source_req) {
+    .kind = SOURCE_READ, .off = k * DIG_CHUNK_BLOCKS * DIGEST_LEN,
+    .len = nb * DIGEST_LEN, .buf = buf, .done = digests_done, .opaque = q,
+  };
+  c->dig_asking[k] = true;
+  c->dig_outstanding++;
+  return q;
+}
+
 static void query_digests(struct engine *e)
 {
   struct copy *c = &e->copy;
-  struct digest_query *qs[DIG_QUERIES];
+  struct digest_query *qs[DIG_QUERIES + 1], *q;
   unsigned nq = 0;
   if (e->dfile) { read_digest_file(e); return; }
   if (!e->dsrc || c->dig_off) return;
@@ -352,19 +384,14 @@ static void query_digests(struct engine *e)
          k < c->ndchunks && k < cur + 2 * DIG_QUERIES &&
                            c->dig_outstanding < DIG_QUERIES; k++) {
       if (c->dig_done[k] || c->dig_asking[k]) continue;
-      uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
-      struct digest_query *q = calloc(1, sizeof *q);
-      uint8_t *buf = malloc(nb * DIGEST_LEN);
-      if (!q || !buf) { free(q); free(buf); break; }
-      *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf };
-      q->sr = (struct source_req) {
-        .kind = SOURCE_READ, .off = k * DIG_CHUNK_BLOCKS * DIGEST_LEN,
-        .len = nb * DIGEST_LEN, .buf = buf, .done = digests_done, .opaque = q,
-      };
-      c->dig_asking[k] = true;
-      c->dig_outstanding++;
+      if (!(q = dig_query_locked(e, k))) break;
       qs[nq++] = q;
     }
+    /* The chunk the read map's next region waits on (recent_locked). */
+    uint64_t k = c->recent_dig;
+    if (k < c->ndchunks && !c->dig_done[k] && !c->dig_asking[k] &&
+        (q = dig_query_locked(e, k)))
+      qs[nq++] = q;
   }
   pthread_mutex_unlock(&e->lock);
   for (unsigned i = 0; i < nq; i++) source_submit(e->dsrc, &qs[i]->sr);
@@ -388,6 +415,120 @@ static void digests_watch(struct engine *e, uint64_t now)
            e->cfg.source_timeout_s, ds.last_error);
   pthread_mutex_unlock(&e->lock);
   log_warn("%s", e->last_error);
+}
+
+/* ---------- the source's read map ---------- */
+
+#define MAP_PIECE (UINT64_C(1) << 20)   /* bytes of the map per request */
+
+struct map_query {
+  struct source_req sr;
+  struct engine *e;
+};
+
+/* A piece of the map is in (or failed). */
+static void map_piece(struct engine *e, int err)
+{
+  struct copy *c = &e->copy;
+  pthread_mutex_lock(&e->lock);
+  if (err && !c->map_err) c->map_err = err;
+  if (--c->map_pending == 0) c->map_state = MAP_IN;
+  pthread_mutex_unlock(&e->lock);
+  source_wake(e->src);
+}
+
+static void map_done(struct source_req *r, int err)
+{
+  struct map_query *q = r->opaque;
+  struct engine *e = q->e;
+  free(q);
+  map_piece(e, err);
+}
+
+/* Under lock: the regions of the map, most recent first, become the copy's
+ * first work (after pre-paging).  Takes regions. */
+static void use_map_locked(struct engine *e, uint64_t *regions, uint64_t n, unsigned shift)
+{
+  struct copy *c = &e->copy;
+  c->recent = regions;
+  c->nrecent = n;
+  c->recent_pos = 0;
+  c->recent_next = 0;
+  c->recent_shift = shift;
+}
+
+/* On the tick: joins the read map's opener once it is done (never waits),
+ * reads the map once the copy runs -- in --standby only after 'activate',
+ * when the VM at the source has stopped reading -- and orders the copy by
+ * it.  A source without a map, or a map that fails a check, leaves the
+ * copy in ascending order (logged). */
+static void read_map_tick(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  char why[512];
+  if (e->map_opener && companion_finished(e->map_opener)) {
+    struct source *s = companion_join(e, e->map_opener, read_map_export_size(e->size),
+                                      why, sizeof why);
+    e->map_opener = NULL;
+    if (s && source_start(s, why, sizeof why) < 0) {
+      source_close(s);
+      s = NULL;
+    }
+    if (!s)
+      log_info("the source has no read map (%s): the copy goes in ascending order", why);
+    pthread_mutex_lock(&e->lock);
+    e->msrc = s;
+    pthread_mutex_unlock(&e->lock);
+  }
+  if (!e->msrc) return;
+  pthread_mutex_lock(&e->lock);
+  int state = c->map_state;
+  bool ask = state == MAP_NONE && c->running && !c->paused && !e->standby;
+  if (ask) {
+    c->map_len = read_map_export_size(e->size);
+    c->map_buf = malloc(c->map_len);
+    if (c->map_buf) {
+      c->map_state = MAP_ASKED;
+      c->map_pending = (unsigned) ((c->map_len + MAP_PIECE - 1) / MAP_PIECE);
+    } else
+      c->map_state = MAP_USED;
+  }
+  pthread_mutex_unlock(&e->lock);
+  if (ask && c->map_buf) {
+    for (uint64_t off = 0; off < c->map_len; off += MAP_PIECE) {
+      struct map_query *q = calloc(1, sizeof *q);
+      if (!q) { map_piece(e, ENOMEM); continue; }
+      q->e = e;
+      q->sr = (struct source_req) {
+        .kind = SOURCE_READ, .off = off, .len = MIN(MAP_PIECE, c->map_len - off),
+        .buf = c->map_buf + off, .done = map_done, .opaque = q,
+      };
+      source_submit(e->msrc, &q->sr);
+    }
+    return;
+  }
+  if (state != MAP_IN) return;
+  uint64_t *regions = NULL, n = 0;
+  unsigned shift = 0;
+  int rc = -1;
+  if (c->map_err)
+    snprintf(why, sizeof why, "reading it failed: %s", strerror(c->map_err));
+  else
+    rc = read_map_order(c->map_buf, c->map_len, e->size, &regions, &n, &shift,
+                        why, sizeof why);
+  pthread_mutex_lock(&e->lock);
+  c->map_state = MAP_USED;
+  free(c->map_buf);
+  c->map_buf = NULL;
+  if (rc == 0) use_map_locked(e, regions, n, shift);
+  pthread_mutex_unlock(&e->lock);
+  if (rc < 0)
+    log_warn("the source's read map %s: %s; the copy goes in ascending order",
+             READ_MAP_SUFFIX, why);
+  else
+    log_info("the source's read map: %" PRIu64 " region%s of %u KiB read by its "
+             "clients, copied first, most recent first", n, n == 1 ? "" : "s",
+             1u << (shift - 10));
 }
 
 /* ---------- background jobs ---------- */
@@ -489,6 +630,39 @@ static unsigned prepage_locked(struct engine *e, uint64_t per_job, bool cheap,
   return n;
 }
 
+/* Under lock: jobs for the regions the source's clients read last, most
+ * recent first.  Where deduplication needs digests not in yet, the copy
+ * asks them (query_digests, c->recent_dig) and goes on with the sweep
+ * meanwhile. */
+static unsigned recent_locked(struct engine *e, uint64_t per_job, bool cheap,
+                              struct job **list, unsigned n, unsigned max)
+{
+  struct copy *c = &e->copy;
+  uint64_t rb = MAX(1, (UINT64_C(1) << c->recent_shift) / e->bs);   /* per region */
+  c->recent_dig = UINT64_MAX;
+  while (c->recent_pos < c->nrecent && n < max && room_locked(c)) {
+    uint64_t start = c->recent[c->recent_pos] * rb, end = MIN(e->nblocks, start + rb);
+    uint64_t b = bitmap_next_clear(e->bm, MAX(start, c->recent_next));
+    for (struct job *ij; b < end && (ij = inflight_get(e, b)); )
+      b = bitmap_next_clear(e->bm, ij->first + ij->count);
+    if (b >= end) {
+      c->recent_pos++;
+      c->recent_next = 0;
+      continue;
+    }
+    if ((e->dsrc || e->dfile) && !c->dig_off && !c->dig_done[b / DIG_CHUNK_BLOCKS]) {
+      c->recent_dig = b / DIG_CHUNK_BLOCKS;
+      break;
+    }
+    struct job *j = job_from_locked(e, b, MIN(end, b + per_job), cheap);
+    if (!j) break;
+    j->recent = j->kind == JOB_BACKGROUND;
+    c->recent_next = j->first + j->count;
+    list[n++] = j;
+  }
+  return n;
+}
+
 /* Under lock: when seed jobs are at their limit at the cursor, the link
  * need not wait for them: fetches of the blocks after them that no seed
  * holds, from where the last such pass stopped (c->ahead; each block is
@@ -542,6 +716,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
   c->debt = 0;
   c->tokens_at = now;
   n = prepage_locked(e, per_job, cheap, list, n, ARRAY_SIZE(list));
+  n = recent_locked(e, per_job, cheap, list, n, ARRAY_SIZE(list));
   while (n < ARRAY_SIZE(list) && room_locked(c)) {
     uint64_t b = bitmap_next_clear(e->bm, c->cursor);
     for (struct job *ij; b < e->nblocks && (ij = inflight_get(e, b)); )
@@ -622,6 +797,7 @@ void copy_tick(void *opaque, uint64_t now)
   source_set_probing(e->src, probing);
 
   if (up) {
+    read_map_tick(e);
     query_status(e);
     digests_watch(e, now);
     query_digests(e);

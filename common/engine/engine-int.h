@@ -72,6 +72,7 @@ struct job {
   uint8_t *digests;             /* ... and the source's digest of it */
   bool fell_back;               /* JOB_LOCAL fetched from the source */
   bool prepage;                 /* JOB_BACKGROUND made next to a miss */
+  bool recent;                  /* JOB_BACKGROUND from the source's read map */
 };
 
 /* A client request waiting for jobs; resumed when pending reaches 0. */
@@ -124,6 +125,19 @@ struct copy {
    * the ascending sweep goes on (newest last). */
   struct { uint64_t next, end; } hint[PREPAGE_HINTS];
   unsigned nhint;
+  /* The source's read map (read-map.h): the regions its VM read most
+   * recently, copied after the pre-paging hints, before the sweep. */
+  enum { MAP_NONE, MAP_ASKED, MAP_IN, MAP_USED } map_state;
+  uint8_t *map_buf;             /* MAP_ASKED, MAP_IN: the export's bytes */
+  uint64_t map_len;
+  unsigned map_pending;         /* reads of it not answered yet */
+  int map_err;
+  uint64_t *recent;             /* region numbers, most recent first */
+  uint64_t nrecent, recent_pos; /* regions; the first not fully copied */
+  uint64_t recent_next;         /* in that region: blocks before this are done */
+  unsigned recent_shift;        /* log2 of the region size */
+  uint64_t recent_dig;          /* digest chunk the next region waits on, or
+                                 * UINT64_MAX */
   uint64_t debt;                /* fallback fetches not yet charged to tokens */
   bool dig_off;                 /* digest export unreachable: dedup given up */
   uint64_t dig_down_at;         /* source thread: digest export down since */
@@ -143,7 +157,9 @@ struct engine {
   struct bitmap *bm;
   struct source *src;           /* NULL once detached (or complete at start) */
   struct source *dsrc;          /* the source's digest export, or NULL */
-  struct dig_opener *dig_opener; /* opening dsrc while the rest opens */
+  struct companion *dig_opener; /* opening dsrc while the rest opens */
+  struct companion *map_opener; /* opening msrc (joined on the tick) */
+  struct source *msrc;          /* the source's read map export, or NULL */
   struct index *ix;             /* the seeds' index, or NULL */
   struct digest_file *dfile;    /* the source's digests from a file, or NULL */
   /* Blocks not present whose cache holds data from before (an older copy
@@ -176,6 +192,7 @@ struct engine {
   uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written, bytes_bridged;
   uint64_t fetches_ondemand, fetches_background, fetch_errors, fetch_rate;
   uint64_t fetches_prepaged;
+  uint64_t fetches_recent;      /* background fetches from the read map */
   uint64_t fetches_joined;      /* client reads that waited for a background fetch */
   uint64_t local_errors;        /* cache writes that failed (disk full...) */
   uint64_t bytes_seeded, bytes_digests;
@@ -221,6 +238,14 @@ void engine_set_error(struct engine *e, const char *fmt, ...)
   __attribute__((format(printf, 2, 3)));
 void engine_check_complete(struct engine *e);
 void engine_local_failure(struct engine *e, const char *what, uint64_t off, int err);
+
+/* life.c: the source's companion exports, opened on threads of their own */
+struct companion;
+bool companion_finished(struct companion *o);
+/* Waits for the opener (NULL: none could start); its source, or NULL with
+ * why.  An export whose size is not expected is refused. */
+struct source *companion_join(struct engine *e, struct companion *o, uint64_t expected,
+                              char *why, size_t whylen);
 
 /* copy.c */
 int copy_init(struct engine *e);

@@ -86,6 +86,10 @@ struct engine_stats {
   uint64_t bytes_local_written;  /* bytes written by clients */
   uint64_t fetches_ondemand, fetches_background, fetch_errors;
   uint64_t fetches_prepaged;      /* background fetches made next to a miss */
+  uint64_t fetches_recent;        /* background fetches of regions the source's
+                                   * clients read last (read map) */
+  uint64_t bg_recent_regions;     /* regions the read map named */
+  uint64_t bg_recent_done;        /* of them, copied (or found present) */
   uint64_t fetches_joined;        /* client reads that joined a background fetch */
   uint64_t fetch_rate;           /* bytes/s over the last few seconds */
   uint64_t ondemand_waiting;     /* client requests waiting on the source */

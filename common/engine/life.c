@@ -3,6 +3,7 @@
 #include "engine-int.h"
 #include "identity.h"
 #include "digest.h"
+#include "read-map.h"
 #include "digest-backend.h"
 #include "workq.h"
 #include "wan.h"
@@ -225,72 +226,88 @@ static void find_old_data(struct engine *e)
            e->cache_path, old);
 }
 
-/* The digest export is opened on a thread of its own while the data
- * source opens and the seeds are indexed: each open costs several round
- * trips (connect, negotiation), which on a WAN is most of the start-up. */
-struct dig_opener {
+/* The source's companion exports (the digests, the read map) are opened
+ * on threads of their own while the data source opens and the seeds are
+ * indexed: each open costs several round trips (connect, negotiation),
+ * which on a WAN is most of the start-up. */
+struct companion {
   pthread_t thread;
   struct engine *e;
-  bool prefetch;                /* ask the first digests once connected */
+  bool prefetch;                /* digests: ask the first once connected */
+  atomic_bool finished;         /* the thread is done: the join will not wait */
   struct source_config dc;
   struct source_info info;
   struct source *s;
   char why[512];
 };
 
-static void *dig_opener_main(void *arg)
+static void *companion_main(void *arg)
 {
-  struct dig_opener *o = arg;
+  struct companion *o = arg;
   o->s = source_open(&o->dc, &o->info, o->why, sizeof o->why);
   if (o->s && o->prefetch && source_start(o->s, o->why, sizeof o->why) == 0)
     copy_digest_prefetch(o->e, o->s, o->info.size);
+  atomic_store(&o->finished, true);
   return NULL;
 }
 
-/* Starts opening the digest export (its size is checked at the join: the
- * image's size may not be known yet); with prefetch, the first digests
- * are asked as soon as it is open (see copy_digest_prefetch). */
-static void dig_opener_start(struct engine *e, bool prefetch)
+/* Starts opening export target_export + suffix (its size is checked at
+ * the join: the image's size may not be known yet); with prefetch, the
+ * first digests are asked as soon as it is open (copy_digest_prefetch).
+ * NULL if no thread could be started. */
+static struct companion *companion_start(struct engine *e, const char *suffix, bool prefetch)
 {
-  struct dig_opener *o = calloc(1, sizeof *o);
-  if (!o) return;
+  struct companion *o = calloc(1, sizeof *o);
+  if (!o) return NULL;
   o->e = e;
   o->prefetch = prefetch;
+  atomic_init(&o->finished, false);
   o->dc = (struct source_config) {
     .target = e->target, .export_name = e->target_export, .connections = 1,
     .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
     .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
     .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
-    .export_suffix = DIGEST_EXPORT_SUFFIX,
+    .export_suffix = suffix,
   };
-  if (pthread_create(&o->thread, NULL, dig_opener_main, o) != 0) { free(o); return; }
-  e->dig_opener = o;
+  if (pthread_create(&o->thread, NULL, companion_main, o) != 0) { free(o); return NULL; }
+  return o;
 }
 
-/* Waits for the opener; its source, or NULL with why.  A digest export of
- * the wrong size for this image is refused here. */
-static struct source *dig_opener_join(struct engine *e, char *why, size_t whylen)
+bool companion_finished(struct companion *o) { return atomic_load(&o->finished); }
+
+struct source *companion_join(struct engine *e, struct companion *o, uint64_t expected,
+                              char *why, size_t whylen)
 {
-  struct dig_opener *o = e->dig_opener;
-  e->dig_opener = NULL;
   if (!o) {
     snprintf(why, whylen, "cannot start a thread to connect to it");
     return NULL;
   }
   pthread_join(o->thread, NULL);
   struct source *s = o->s;
-  uint64_t expected = digest_export_size(e->size);
   if (!s)
     snprintf(why, whylen, "%s", o->why);
   else if (o->info.size != expected) {
     snprintf(why, whylen, "source %s: export %s has %" PRIu64 " bytes, not the "
-             "%" PRIu64 " expected", e->target, DIGEST_EXPORT_SUFFIX, o->info.size,
+             "%" PRIu64 " expected", e->target, o->dc.export_suffix, o->info.size,
              expected);
     source_close(s);
     s = NULL;
   }
   free(o);
   return s;
+}
+
+static void dig_opener_start(struct engine *e, bool prefetch)
+{
+  e->dig_opener = companion_start(e, DIGEST_EXPORT_SUFFIX, prefetch);
+}
+
+/* Waits for the digest export's opener; its source, or NULL with why. */
+static struct source *dig_opener_join(struct engine *e, char *why, size_t whylen)
+{
+  struct companion *o = e->dig_opener;
+  e->dig_opener = NULL;
+  return companion_join(e, o, digest_export_size(e->size), why, whylen);
 }
 
 /* The source's digest export, when seeds or an older copy can use it
@@ -405,6 +422,10 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
     if (cfg->nseeds && !cfg->digests_path && e->bs == DIGEST_BLOCK && e->target)
       dig_opener_start(e, !have_bitmap && cfg->cache_all && !cfg->standby);
     if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0) goto fail;
+    /* An xnbd-server tells which regions its VM read last (read-map.h);
+     * other servers have no such export: not asked. */
+    if (strstr(e->live_id, " xnbd-id="))
+      e->map_opener = companion_start(e, READ_MAP_SUFFIX, false);
   }
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
   /* Seeds and digests before any file is made: a refusal leaves nothing. */
@@ -455,7 +476,13 @@ void engine_close(struct engine *e)
     source_close(dig_opener_join(e, why, sizeof why));
   }
   source_stop(e->src);            /* jobs at the source land as failures */
+  if (e->map_opener) {            /* the tick never joined it (stopped now) */
+    char why[512];
+    e->msrc = companion_join(e, e->map_opener, read_map_export_size(e->size), why, sizeof why);
+    e->map_opener = NULL;
+  }
   source_stop(e->dsrc);
+  source_stop(e->msrc);
   pthread_mutex_lock(&e->lock);   /* ... and every landing has run */
   while (e->jobs_live)
     pthread_cond_wait(&e->jobs_cond, &e->lock);
@@ -470,6 +497,7 @@ void engine_close(struct engine *e)
     log_error("final flush of %s failed: %s", e->cache_path, strerror(errno));
   source_close(e->src);
   source_close(e->dsrc);
+  source_close(e->msrc);
   if (e->ix) index_close(e->ix);
   if (e->dfile) digest_file_close(e->dfile);
   free(e->old_data);
@@ -508,6 +536,9 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->fetches_ondemand = e->fetches_ondemand;
   st->fetches_background = e->fetches_background;
   st->fetches_prepaged = e->fetches_prepaged;
+  st->fetches_recent = e->fetches_recent;
+  st->bg_recent_regions = e->copy.nrecent;
+  st->bg_recent_done = e->copy.recent_pos;
   st->fetches_joined = e->fetches_joined;
   st->fetch_errors = e->fetch_errors;
   st->fetch_rate = e->fetch_rate;
@@ -533,13 +564,15 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   snprintf(st->last_error, sizeof st->last_error, "%s",
            e->last_error[0] ? e->last_error : ss.last_error);
   pthread_mutex_unlock(&e->lock);
-  /* This engine's own WAN bytes: its data and digest connections. */
-  struct source_stats ds = { 0 };
+  /* This engine's own WAN bytes: its data, digest and read map
+   * connections. */
+  struct source_stats ds = { 0 }, ms = { 0 };
   if (e->dsrc) source_get_stats(e->dsrc, &ds);
-  st->wire_tx_raw = ss.wire_tx_raw + ds.wire_tx_raw;
-  st->wire_tx = ss.wire_tx + ds.wire_tx;
-  st->wire_rx = ss.wire_rx + ds.wire_rx;
-  st->wire_rx_raw = ss.wire_rx_raw + ds.wire_rx_raw;
+  if (e->msrc) source_get_stats(e->msrc, &ms);
+  st->wire_tx_raw = ss.wire_tx_raw + ds.wire_tx_raw + ms.wire_tx_raw;
+  st->wire_tx = ss.wire_tx + ds.wire_tx + ms.wire_tx;
+  st->wire_rx = ss.wire_rx + ds.wire_rx + ms.wire_rx;
+  st->wire_rx_raw = ss.wire_rx_raw + ds.wire_rx_raw + ms.wire_rx_raw;
 }
 
 static bool attached(struct engine *e, char *err, size_t errlen)

@@ -500,6 +500,7 @@ static void land(struct xwork *w)
       if (j->kind == JOB_ONDEMAND) e->fetches_ondemand++;
       else e->fetches_background++;
       if (j->prepage) e->fetches_prepaged++;
+      if (j->recent) e->fetches_recent++;
     }
   }
   struct waiter *ready = release_waiters_locked(e, j, err ? EIO : local_err);

@@ -127,5 +127,6 @@ int engine_detach(struct engine *e, bool force, char *err, size_t errlen)
     log_info("detached from the source: every block is local");
   source_stop(e->src);            /* no request touches the source after this (I7) */
   source_stop(e->dsrc);
+  source_stop(e->msrc);
   return 0;
 }

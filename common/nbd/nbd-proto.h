@@ -120,4 +120,9 @@
 /* Limits from the protocol document */
 #define NBD_MAX_STRING  4096       /* export names, context names, messages */
 
+/* Ours: a meta context xnbd-proxy asks on every connection to its source
+ * and xnbd-server never selects; it only tells the server "a copier, not a
+ * VM": its reads stay out of the read map (read-map.h). */
+#define XNBD_META_COPIER "xnbd:copier"
+
 #endif

@@ -224,8 +224,16 @@ static void opt_meta(struct nbd_conn *c, uint32_t opt, const uint8_t *p, uint32_
   }
   if (set) {              /* replaces every earlier selection */
     c->meta_base_alloc = false;
+    c->copier = false;
     free(c->meta_export);
     c->meta_export = strndup(m.name, m.name_len);
+  }
+  for (uint32_t i = 0; set && i < m.n_queries; i++) {
+    const char *q;
+    uint32_t ql;
+    nbd_meta_query(&m, i, &q, &ql);
+    if (ql == strlen(XNBD_META_COPIER) && memcmp(q, XNBD_META_COPIER, ql) == 0)
+      c->copier = true;       /* noted, never selected (read-map.h) */
   }
   if (e->ops->block_status) {
     if (m.n_queries == 0 && !set)

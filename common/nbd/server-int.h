@@ -28,6 +28,8 @@ struct xnbd_export {
   const struct xnbd_backend_ops *ops;
   void *handle;
   bool unlisted;                 /* left out of NBD_OPT_LIST replies */
+  void (*on_read)(void *arg, uint64_t off, uint64_t len);   /* or NULL */
+  void *on_read_arg;
   struct xnbd_export *next;
 };
 
@@ -49,6 +51,7 @@ struct nbd_conn {
 
   /* Negotiated state. */
   bool fixed_newstyle, no_zeroes, structured, meta_base_alloc;
+  bool copier;                   /* asked XNBD_META_COPIER: reads not noted */
   bool tls;                      /* STARTTLS done (bev is a TLS filter), or
                                   * the transport in front secures it */
   bool tls_filter;               /* bev is a TLS filter: no raw socket reads */

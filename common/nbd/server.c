@@ -89,6 +89,16 @@ int xnbd_server_unlist_export(struct xnbd_server *srv, const char *name)
   return 0;
 }
 
+int xnbd_server_note_reads(struct xnbd_server *srv, const char *name,
+                           void (*fn)(void *arg, uint64_t off, uint64_t len), void *arg)
+{
+  struct xnbd_export *e = server_find_export(srv, name, strlen(name));
+  if (!e) return -1;
+  e->on_read = fn;
+  e->on_read_arg = arg;
+  return 0;
+}
+
 struct xnbd_export *server_find_export(struct xnbd_server *srv,
                                        const char *name, size_t len)
 {

@@ -43,6 +43,13 @@ int xnbd_server_add_export(struct xnbd_server *srv, const char *name,
  * served to clients that name it).  Returns 0, or -1 (no such export). */
 int xnbd_server_unlist_export(struct xnbd_server *srv, const char *name);
 
+/* Calls fn(arg, offset, length) on the event loop for each read and
+ * NBD_CMD_CACHE of the export, except on connections of copiers (clients
+ * that asked the meta context XNBD_META_COPIER, read-map.h).  Returns 0, or
+ * -1 (no such export). */
+int xnbd_server_note_reads(struct xnbd_server *srv, const char *name,
+                           void (*fn)(void *arg, uint64_t off, uint64_t len), void *arg);
+
 /* Listeners.  "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses).  Port 0
  * picks a free port; xnbd_server_tcp_port() tells which.  Return 0, or -1
  * with a message already logged. */

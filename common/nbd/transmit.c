@@ -257,6 +257,8 @@ static void dispatch(struct nbd_conn *c, struct treq *t)
   if (r->type == XREQ_READ || r->type == XREQ_WRITE)
     c->inflight_bytes += r->length;
   c->nreq++;
+  if ((r->type == XREQ_READ || r->type == XREQ_CACHE) && c->exp->on_read && !c->copier)
+    c->exp->on_read(c->exp->on_read_arg, r->offset, r->length);
   if (!op) {
     xreq_complete(r, ENOTSUP);
     return;

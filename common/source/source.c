@@ -6,6 +6,7 @@
 #include "log.h"
 #include "util.h"
 #include "identity.h"
+#include "nbd-proto.h"   /* XNBD_META_COPIER */
 #include "target.h"
 #include "wan.h"
 
@@ -189,7 +190,13 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
    * and block status its handshake is one option (GO), two round trips
    * less on the path to the first digest, which the seeded copy waits on. */
   if (s->cfg.export_suffix) nbd_set_request_structured_replies(h, false);
-  else nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  else {
+    nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+    /* "A copier": an xnbd-server keeps our reads out of its read map
+     * (read-map.h); other servers ignore a context they do not know.
+     * After base:allocation: the WAN pump sends them in this order. */
+    nbd_add_meta_context(h, XNBD_META_COPIER);
+  }
   nbd_set_full_info(h, true);
   switch (t.kind) {
   case TARGET_XNBD: {

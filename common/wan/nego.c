@@ -44,6 +44,7 @@ struct opt {
 struct nego {
   char *name;
   struct buf pre;               /* flags and options, sent ahead */
+  struct buf meta;              /* SET_META_CONTEXT's payload sent ahead */
   struct opt o[MAX_OPTS];
   unsigned nopt;
   unsigned srv_k;               /* option whose replies come next */
@@ -87,9 +88,12 @@ struct nego *nego_new(const struct wan_nego_cfg *cfg)
   if (cfg->structured && cfg->base_alloc) {
     put32(&p, (uint32_t) nl);
     buf_add(&p, n->name, nl);
-    put32(&p, 1);
+    put32(&p, 2);               /* the copier mark, as source.c asks it */
     put32(&p, (uint32_t) strlen(META_BASE_ALLOC));
     buf_add(&p, META_BASE_ALLOC, strlen(META_BASE_ALLOC));
+    put32(&p, (uint32_t) strlen(XNBD_META_COPIER));
+    buf_add(&p, XNBD_META_COPIER, strlen(XNBD_META_COPIER));
+    buf_add(&n->meta, p.p, p.len);
     put_opt(n, NBD_OPT_SET_META_CONTEXT, &p);
     p.len = 0;
   }
@@ -102,7 +106,7 @@ struct nego *nego_new(const struct wan_nego_cfg *cfg)
   put_be16(info + 6, NBD_INFO_BLOCK_SIZE);
   buf_add(&p, info, sizeof info);
   put_opt(n, NBD_OPT_GO, &p);
-  bool oom = p.oom || n->pre.oom;
+  bool oom = p.oom || n->pre.oom || n->meta.oom;
   free(p.p);
   if (oom) { nego_free(n); return NULL; }
   return n;
@@ -113,6 +117,7 @@ void nego_free(struct nego *n)
   if (!n) return;
   for (unsigned i = 0; i < MAX_OPTS; i++) free(n->o[i].ans.p);
   free(n->pre.p);
+  free(n->meta.p);
   free(n->sin.p);
   free(n->lin.p);
   free(n->out.p);
@@ -210,12 +215,10 @@ static int match(struct nego *n, uint32_t opt, const uint8_t *p, uint32_t len)
   if (opt == NBD_OPT_GO &&
       (len < 4 + nl + 2 || len != 4 + nl + 2 + 2 * (uint32_t) get_be16(p + 4 + nl)))
     return fail(n, "libnbd's GO option is malformed");
-  if (opt == NBD_OPT_SET_META_CONTEXT) {
-    size_t ql = strlen(META_BASE_ALLOC);
-    if (len != 4 + nl + 8 + ql || get_be32(p + 4 + nl) != 1 ||
-        get_be32(p + 8 + nl) != ql || memcmp(p + 12 + nl, META_BASE_ALLOC, ql) != 0)
-      return fail(n, "libnbd asked for other meta contexts than base:allocation");
-  }
+  if (opt == NBD_OPT_SET_META_CONTEXT &&
+      (len != n->meta.len || memcmp(p, n->meta.p, len) != 0))
+    return fail(n, "libnbd asked for other meta contexts than base:allocation and "
+                XNBD_META_COPIER);
   for (unsigned i = n->loc_m; i < j; i++) n->o[i].skipped = true;
   n->o[j].asked = true;
   n->loc_m = j + 1;

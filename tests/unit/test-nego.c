@@ -60,9 +60,11 @@ static void libnbd_options(struct bytes *x, const char *name, bool meta)
   option(x, NBD_OPT_STRUCTURED_REPLY, &empty);
   if (meta) {
     name_payload(&m, name);
-    add32(&m, 1);
+    add32(&m, 2);
     add32(&m, 15);
     add(&m, "base:allocation", 15);
+    add32(&m, 11);
+    add(&m, "xnbd:copier", 11);
     option(x, NBD_OPT_SET_META_CONTEXT, &m);
   }
   name_payload(&go, name);
