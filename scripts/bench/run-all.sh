@@ -20,8 +20,10 @@ builddir=$1
 # (root; builds its data once, then keeps it in BENCH_CACHE); multi: four
 # migrations from one xnbd-server sharing one emulated link (root); vm: a
 # whole running VM moved over an emulated WAN, QEMU pre-copy vs xnbd
-# without and with seeds (root, /dev/fuse; TCG).
-benches=(server-io proxy plugin-io migrate dedup multi vm)
+# without and with seeds (root, /dev/fuse; TCG); read-order: the disk
+# regions the VM at the source read last, copied first (the server's read
+# map) against the ascending copy (root).
+benches=(server-io proxy plugin-io migrate dedup multi vm read-order)
 
 failed=()
 for b in "${benches[@]}"; do
