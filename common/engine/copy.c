@@ -705,7 +705,10 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     return;
   }
   /* Several jobs per window, so replies stream back to back. */
+  /* At least 256 KiB (fewer, larger requests), but at most half a small
+   * window: a thin link's window of 100-200 KiB is not one burst. */
   uint64_t job_bytes = MIN((uint64_t) e->cfg.max_fetch, MAX(c->window / 16, (uint64_t) 256 << 10));
+  job_bytes = MIN(job_bytes, MAX(c->window / 2, (uint64_t) 64 << 10));
   uint64_t per_job = MAX(1, job_bytes / e->bs);
   if (c->rate) {
     int64_t cap = MAX((int64_t) e->cfg.max_fetch, (int64_t) (c->rate / 10));

@@ -21,14 +21,45 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       w->started = true;
       w->start_bytes = delivered;
     }
-    if (min_rtt_ns && w->queue_ns > MAX(min_rtt_ns, (uint64_t) WIN_QUEUE_FULL_NS))
+    /* The start-up clock starts with the first bytes delivered (their
+     * request left a round trip before): the time the copy waited for
+     * its connection or for digests is not the path's. */
+    if (!w->flowing && delivered > w->start_bytes) {
+      w->flowing = true;
+      w->start_at = now > min_rtt_ns ? now - min_rtt_ns : 0;
+      w->snap_at = w->start_at;
+      w->snap_bytes = w->start_bytes;
+    }
+    /* The best rate of a round trip since then (what arrived in it): it
+     * stands in for the rate before the first sample (a thin link shows
+     * itself within a round trip or two, long before the sample) and
+     * after it while it is higher (the first sample may hold time
+     * without data; while the rate doubles each round trip, the latest
+     * round trip is what counts). */
+    if (w->flowing && now >= w->snap_at + MAX(min_rtt_ns, (uint64_t) 5000000u)) {
+      double r = (double) (delivered - w->snap_bytes) * 1e9 / (double) (now - w->snap_at);
+      w->early = MAX(w->early, (uint64_t) r);
+      w->snap_at = now;
+      w->snap_bytes = delivered;
+    }
+    double early = (double) w->early;
+    if (min_rtt_ns && w->queue_ns > MAX(min_rtt_ns, (uint64_t) WIN_QUEUE_FULL_NS)) {
+      /* The path is full: what start-up added beyond twice what it
+       * carries in a round trip (its rate so far) is queue, handed back
+       * now rather than at the next rate sample. */
       w->startup_over = true;
-    else if (delivered >= w->start_bytes) {
+      if (early > 0) {
+        double rate = MAX(early, (double) w->maxrate);
+        uint64_t bdp2 = 2 * (uint64_t) (rate * (double) min_rtt_ns / 1e9);
+        w->window = MAX(WIN_MIN, MIN(w->window, bdp2));
+      }
+    } else if (delivered >= w->start_bytes) {
       /* ... but not past 4 x the product measured so far (the rate
        * lags a round trip or two, not more). */
-      uint64_t bound = w->maxrate && min_rtt_ns
-        ? MAX(w->window, 4 * (uint64_t) ((double) w->maxrate * (double) min_rtt_ns / 1e9))
-        : WIN_MAX;
+      uint64_t bound = WIN_MAX;
+      double rate = MAX(early, (double) w->maxrate);
+      if (min_rtt_ns && rate > 0)
+        bound = MAX(w->window, 4 * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
       uint64_t grown = WIN_START + 2 * (delivered - w->start_bytes);
       w->window = MIN(MAX(w->window, MIN(grown, bound)), WIN_MAX);
     }
@@ -56,6 +87,11 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
     win = doubling ? win * 2 : w->startup_over ? win * 5 / 4 : win;
   if (w->startup_over) win = MIN(win, cap);
   uint64_t floor = MAX(WIN_MIN, MIN(WIN_FLOOR, maxrate / 10));
+  /* The floor keeps a window from shrinking below it; it lifts one that
+   * is below only while the path shows no queue (a jump into a queued
+   * path is a burst that a client's miss waits behind). */
+  if (w->queue_ns > MAX(min_rtt_ns / 2, (uint64_t) 5000000u))
+    floor = MAX(WIN_MIN, MIN(floor, w->window));
   w->window = MIN(MAX(win, floor), WIN_MAX);
   return w->window;
 }

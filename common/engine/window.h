@@ -4,18 +4,24 @@
  * Every WIN_SAMPLE_NS the copy's delivery rate is sampled (bytes landed,
  * raw); the bottleneck rate is the best sample of the last 10 s (a max
  * filter), the path's delay the smallest recent round trip (source.c's
- * probes, a windowed minimum).  Start-up: from WIN_START the window grows
- * by twice every byte delivered (more than doubling per round trip on a fat path,
- * only by the link's rate on a thin one; never past 4 x rate x round trip
- * once a rate is measured), and also doubles each time a
- * sample's rate grew by a quarter while the window is at most 4 x rate x
- * round trip; it ends when a probe sees a queue longer than a round trip
- * (and WIN_QUEUE_FULL_NS), or after three samples without such growth;
- * from then on the window grows by a quarter while the copy
- * delivers at its best and uses the window, capped at 2 x rate x round
- * trip.  Floor: 2 MiB, or 100 ms of the best rate if that is less (at
- * least 256 KiB), so that a thin link does not keep seconds of data
- * queued ahead of a client's miss; ceiling 256 MiB.  Pure arithmetic, no
+ * probes every other round trip, and small misses alone on the reserved
+ * connection, a windowed minimum).  Start-up: from WIN_START the window
+ * grows by twice every byte delivered (more than doubling per round trip
+ * on a fat path), but never past 4 x rate x round trip -- the rate being
+ * the best of the samples and of what arrived in each round trip since
+ * the first bytes (before the first sample, a thin link shows itself
+ * within a round trip or two) -- and also
+ * doubles each time a sample's rate grew by a quarter while the window is
+ * at most 4 x rate x round trip; it ends when a probe sees a queue longer
+ * than a round trip (and WIN_QUEUE_FULL_NS), the window then falling to
+ * twice the product of the rate so far (the queue start-up built is
+ * handed back at once), or after three samples without such growth; from
+ * then on the window grows by a quarter while the copy delivers at its
+ * best and uses the window, capped at 2 x rate x round trip.  Floor: 2
+ * MiB, or 100 ms of the best rate if that is less (at least 64 KiB); it
+ * keeps the window from shrinking below it, and lifts a window below it
+ * only while the probes see no queue (a jump into a queued path is a burst
+ * a client's miss waits behind).  Ceiling 256 MiB.  Pure arithmetic, no
  * locks: copy.c calls it on the source thread. */
 #ifndef XNBD_WINDOW_H
 #define XNBD_WINDOW_H
@@ -26,7 +32,7 @@
 #define WIN_START ((uint64_t) 1 << 20)
 #define WIN_QUEUE_FULL_NS 20000000u    /* start-up ends at a queue this long */
 #define WIN_FLOOR ((uint64_t) 2 << 20)
-#define WIN_MIN ((uint64_t) 256 << 10)
+#define WIN_MIN ((uint64_t) 64 << 10)
 #define WIN_MAX ((uint64_t) 256 << 20)
 #define WIN_SAMPLE_NS 250000000u
 #define WIN_RATES 40                   /* 10 s of samples */
@@ -40,6 +46,10 @@ struct winctl {
   bool startup_over;
   bool started;                 /* start-up: start_bytes is set */
   uint64_t start_bytes;         /* bytes delivered when the copy started */
+  bool flowing;                 /* start-up: bytes have been delivered */
+  uint64_t start_at;            /* a round trip before the first of them */
+  uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
+  uint64_t early;               /* start-up: the best round trip's rate */
   uint64_t maxrate;             /* the best rate of the last 10 s */
   uint64_t queue_ns;            /* the last round trip minus the smallest */
 };

@@ -32,6 +32,7 @@
 #define LOG_EVERY_NS 10000000000u
 #define RTT_BUCKET_NS 10000000000u
 #define PROBE_EVERY_NS 250000000u
+#define MISS_PROBE_MAX 8192u           /* a miss this small counts as a probe */
 
 enum conn_state { CONN_DOWN, CONN_CONNECTING, CONN_UP };
 
@@ -467,6 +468,7 @@ static int req_cb(void *user_data, int *error)
   conn_unlink(c, r);
   c->progress_ns = now_ns();
   if (!*error && !r->err) c->proven = true;
+  if (r->probe_ns && !*error && !r->err) rtt_sample(s, c->progress_ns, c->progress_ns - r->probe_ns);
   if (!r->err) r->err = *error;
   r->conn = -2;                   /* completed, waiting in s->done */
   r->next = s->done;
@@ -509,6 +511,10 @@ static bool send_req(struct source *s, struct source_req *r, unsigned i)
   r->conn = i;
   r->gen = c->gen;
   r->attempts++;
+  /* A small miss alone on the reserved connection sees what a probe
+   * would (a round trip and the queue on the path): the copy's window
+   * needs those samples most while misses keep the probes away. */
+  r->probe_ns = i == 0 && !c->inflight && r->len <= MISS_PROBE_MAX ? now_ns() : 0;
   if (!c->inflight) c->progress_ns = now_ns();
   r->next = NULL;
   r->cprev = NULL;
@@ -778,8 +784,11 @@ static int probe_cb(void *user_data, int *error)
 static void maybe_probe(struct source *s, uint64_t now)
 {
   struct sconn *c = &s->c[0];
+  /* Every other round trip (at most PROBE_EVERY_NS apart): the copy's
+   * start-up must see a queue within a round trip or two of making it. */
+  uint64_t every = MIN((uint64_t) PROBE_EVERY_NS, MAX(2 * atomic_load(&s->rtt_ns), (uint64_t) 10000000u));
   if (!atomic_load(&s->probing) || s->probe_inflight || c->st != CONN_UP ||
-      c->inflight || now - s->probe_at < PROBE_EVERY_NS)
+      c->inflight || now - s->probe_at < every)
     return;
   s->probe_at = s->probe_sent = now;
   s->probe_inflight = true;

@@ -3,7 +3,9 @@
  * settles between one and two bandwidth-delay products, keeps only about
  * 100 ms of data in flight on a thin link, stays within its bounds, does
  * not move while the copy is stopped, follows a path that slowed down,
- * and reports the queue of the last round-trip sample. */
+ * reports the queue of the last round-trip sample, keeps a thin link's
+ * start-up to what it delivers, hands back the queue start-up built, and
+ * does not lift a window into a queued path. */
 #include <criterion/criterion.h>
 
 #include "window.h"
@@ -53,6 +55,80 @@ Test(window, start_up_ends_when_the_path_queues)
   cr_assert_eq(w.window, WIN_START, "start-up growth after it ended");
 }
 
+Test(window, start_up_on_a_thin_link_grows_by_its_rate)
+{
+  /* 10 Mbit/s (1.25 MB/s), 20 ms: before the first rate sample (250 ms)
+   * the window grows no further than 4 x what was delivered per round
+   * trip, not by twice every byte delivered. */
+  struct winctl w;
+  win_init(&w);
+  uint64_t now = 1 * S, delivered = 0;
+  win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+  for (unsigned i = 0; i < 20; i++) {      /* 200 ms, the link full */
+    now += 10 * MS;
+    delivered += 12500;
+    win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
+  }
+  cr_assert(w.window <= WIN_START + 4 * 25000, "window %lu on a 25 kB path",
+            (unsigned long) w.window);
+}
+
+Test(window, start_up_does_not_count_the_wait_before_data)
+{
+  /* 200 ms with the copy running but nothing delivered (connections,
+   * digests), then a 100 MB/s, 20 ms path (2 MB in flight fill it): the
+   * window still fills it within a second. */
+  struct winctl w;
+  win_init(&w);
+  uint64_t now = 1 * S, delivered = 0;
+  for (unsigned i = 0; i < 20; i++, now += 10 * MS)
+    win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
+  run(&w, &now, &delivered, 100 * MB, 20 * MS, 1, true);
+  cr_assert_geq(w.window, 2 * MB, "window %lu after a second on a 2 MB path",
+                (unsigned long) w.window);
+}
+
+Test(window, start_up_ending_in_a_queue_hands_it_back)
+{
+  /* 250 kB delivered in 100 ms (2.5 MB/s; the first bytes 20 ms in, a
+   * round trip after their request) at 20 ms: a probe that waited
+   * 30 ms more ends start-up and the window falls to twice the product
+   * of that rate (100 kB). */
+  struct winctl w;
+  win_init(&w);
+  win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
+  win_update(&w, 1 * S + 20 * MS, 50000, w.window, 20 * MS, 20 * MS, true);
+  w.window = 1000000;
+  win_update(&w, 1 * S + 100 * MS, 250000, w.window, 20 * MS, 50 * MS, true);
+  cr_assert(w.startup_over);
+  cr_assert(w.window >= 100000 * 9 / 10 && w.window <= 100000 * 11 / 10,
+            "window %lu, want about 100 kB", (unsigned long) w.window);
+}
+
+Test(window, the_floor_does_not_lift_a_window_into_a_queue)
+{
+  /* A window below the floor (100 ms of 2.5 MB/s: 250 kB) stays where it
+   * is while the probes see a queue, and is lifted once they do not. */
+  struct winctl w;
+  win_init(&w);
+  w.startup_over = true;
+  w.started = true;
+  w.window = 100000;
+  uint64_t now = 1 * S, delivered = 0;
+  for (unsigned i = 0; i < 4; i++) {       /* 1 s at 2.5 MB/s, 25 ms queued */
+    now += WIN_SAMPLE_NS;
+    delivered += 625000;
+    win_update(&w, now, delivered, w.window, 20 * MS, 45 * MS, true);
+  }
+  cr_assert_lt(w.window, 250000 * 9 / 10, "window %lu lifted into a queue",
+               (unsigned long) w.window);
+  now += WIN_SAMPLE_NS;
+  delivered += 625000;
+  win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
+  cr_assert_geq(w.window, 250000 * 9 / 10, "window %lu not lifted once the queue was gone",
+                (unsigned long) w.window);
+}
+
 Test(window, settles_between_one_and_two_products)
 {
   struct winctl w;
@@ -69,9 +145,11 @@ Test(window, keeps_about_100_ms_on_a_thin_link)
   struct winctl w;
   uint64_t now = 1 * S, delivered = 0;
   win_init(&w);
-  /* 20 Mbit/s (2.5 MB/s), 20 ms: 50 kB fill it; 16 MiB would be 6.7 s. */
+  /* 20 Mbit/s (2.5 MB/s), 20 ms: 50 kB fill it; 16 MiB would be 6.7 s.
+   * The floor is 100 ms of rate: 250 kB. */
   run(&w, &now, &delivered, 2500000, 20 * MS, 20, true);
-  cr_assert_eq(w.window, WIN_MIN, "window %lu on a 50 kB path", (unsigned long) w.window);
+  cr_assert(w.window >= 250000 * 9 / 10 && w.window <= 250000 * 11 / 10,
+            "window %lu on a 50 kB path", (unsigned long) w.window);
   struct winctl w2;
   now = 1 * S, delivered = 0;
   win_init(&w2);
