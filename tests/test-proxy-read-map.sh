@@ -11,7 +11,8 @@
 #    the map's 3 regions are done, the source is stopped; the 3 regions read
 #    right from the cache alone, a far region fails with EIO (never
 #    fetched).  The map still names 3 regions: the proxy's reads (its
-#    sweep, the map itself) are not noted.
+#    sweep, the map itself) are not noted.  Twice: with 4 KiB blocks, and
+#    with 4 MiB blocks (larger than a region).
 # 3. A --standby proxy: a client reads region 10 at the source after the
 #    proxy started; 'activate' then reads the map (the restarted server's:
 #    region 10 alone) and the proxy copies it first.
@@ -43,42 +44,62 @@ v = struct.unpack(">%dI" % n, b[16:])
 print(" ".join("%d" % r for r in sorted((r for r in range(n) if v[r]), key=lambda r: v[r])))'
 }
 
+# The VM at the source: reads in regions 40 and 52, then 20.
+client_reads ()
+{
+  qio "$suri" "read $((40 * M + 8192)) 4096" "read $((52 * M)) 4096" >/dev/null
+  qio "$suri" "read $((20 * M + 65536)) 65536" >/dev/null
+}
+
+# copy_first BS TAG: a slow proxy with cache blocks of BS bytes copies the
+# map's 3 regions first; then, the source stopped, they read right from the
+# cache and a far region fails with EIO.
+copy_first ()
+{
+  local bs=$1 tag=$2 status present map out puri p1
+  start_proxy --target "$suri" --cache "$TESTDIR/cache$tag.img" --block-size "$bs" \
+    --bitmap "$TESTDIR/cache$tag.bitmap" --control "$TESTDIR/ctl$tag" -u "$TESTDIR/p$tag.sock" \
+    --bg-rate 2M --bg-window 16M --source-timeout 2
+  p1=$PROXY_PID
+  wait_state "$TESTDIR/ctl$tag" proxying 30
+  ctl_ok "$TESTDIR/ctl$tag" cache-all >/dev/null
+  wait_status "$TESTDIR/ctl$tag" 60 'j["background"]["recent_regions"] == 3 and j["background"]["recent_done"] == 3'
+  status=$(ctl_ok "$TESTDIR/ctl$tag" status)
+  echo "block size $bs, after the read map's regions: $status"
+  (( $(json_get "$status" fetches.recent) >= 3 )) || fail "no fetch counted as from the read map"
+  present=$(json_get "$status" blocks.present)
+  (( present * bs < 32 * M )) || fail "the sweep copied $present blocks already: too fast to tell"
+  map=$(read_map) || fail "reading the map failed"
+  [ "$map" = "20 52 40" ] || fail "the proxy's reads reached the map: '$map'"
+
+  stop_ok "$src_pid" xnbd-server
+  puri=$(nbd_unix_uri "$TESTDIR/p$tag.sock")
+  for r in 20 52 40; do
+    dd if="$src" of="$TESTDIR/want.bin" bs=$M skip=$r count=1 status=none
+    # (qemu-img dd counts skipped blocks in count)
+    timeout 30 qemu-img dd -f raw -O raw if="$puri" of="$TESTDIR/got.bin" bs=$M \
+      skip=$r count=$((r + 1)) >"$TESTDIR/dd.out" 2>&1 ||
+      { cat "$TESTDIR/dd.out"; fail "block size $bs: region $r does not read without the source: not copied first"; }
+    cmp "$TESTDIR/got.bin" "$TESTDIR/want.bin" || fail "region $r differs from the source"
+  done
+  out=$(timeout 30 qemu-io -f raw -c "read $((60 * M)) 4096" "$puri" 2>&1) || true
+  grep -qi 'Input/output error' <<<"$out" || fail "a region never fetched read without the source: $out"
+  assert_alive "$p1"
+  stop_ok "$p1" xnbd-proxy
+}
+
 # 1. The client's reads, ranked.
-qio "$suri" "read $((40 * M + 8192)) 4096" "read $((52 * M)) 4096" >/dev/null
-qio "$suri" "read $((20 * M + 65536)) 65536" >/dev/null
+client_reads
 map=$(read_map) || fail "reading the map failed"
 [ "$map" = "20 52 40" ] || fail "map ranks '$map', expected '20 52 40'"
 
-# 2. A proxy copies those regions first.
-start_proxy --target "$suri" --cache "$TESTDIR/cache.img" \
-  --bitmap "$TESTDIR/cache.bitmap" --control "$TESTDIR/ctl" -u "$TESTDIR/p.sock" \
-  --bg-rate 2M --bg-window 16M --source-timeout 2
-p1=$PROXY_PID
-wait_state "$TESTDIR/ctl" proxying 30
-ctl_ok "$TESTDIR/ctl" cache-all >/dev/null
-wait_status "$TESTDIR/ctl" 60 'j["background"]["recent_regions"] == 3 and j["background"]["recent_done"] == 3'
-status=$(ctl_ok "$TESTDIR/ctl" status)
-echo "after the read map's regions: $status"
-(( $(json_get "$status" fetches.recent) >= 3 )) || fail "no fetch counted as from the read map"
-present=$(json_get "$status" blocks.present)
-[ "$present" -lt $((32 * M / 4096)) ] || fail "the sweep copied $present blocks already: too fast to tell"
-map=$(read_map) || fail "reading the map failed"
-[ "$map" = "20 52 40" ] || fail "the proxy's reads reached the map: '$map'"
-
-stop_ok "$src_pid" xnbd-server
-puri=$(nbd_unix_uri "$TESTDIR/p.sock")
-for r in 20 52 40; do
-  dd if="$src" of="$TESTDIR/want.bin" bs=$M skip=$r count=1 status=none
-  # (qemu-img dd counts skipped blocks in count)
-  timeout 30 qemu-img dd -f raw -O raw if="$puri" of="$TESTDIR/got.bin" bs=$M \
-    skip=$r count=$((r + 1)) >"$TESTDIR/dd.out" 2>&1 ||
-    { cat "$TESTDIR/dd.out"; fail "region $r does not read without the source: not copied first"; }
-  cmp "$TESTDIR/got.bin" "$TESTDIR/want.bin" || fail "region $r differs from the source"
-done
-out=$(timeout 30 qemu-io -f raw -c "read $((60 * M)) 4096" "$puri" 2>&1) || true
-grep -qi 'Input/output error' <<<"$out" || fail "a region never fetched read without the source: $out"
-assert_alive "$p1"
-stop_ok "$p1" xnbd-proxy
+# 2. A proxy copies those regions first; again with blocks larger than the
+#    map's regions (4 MiB: each region is part of one block).
+copy_first 4096 a
+start_server xnbd-server -u "$ssock" "$src"
+src_pid=$SERVER_PID
+client_reads
+copy_first $((4 * M)) b
 
 # 3. --standby: the map is read at 'activate', not when the proxy starts.
 start_server xnbd-server -u "$ssock" "$src"

@@ -22,6 +22,7 @@
 #define BRIDGE_MAX 32
 
 #define DIG_QUERIES 8                         /* digest queries in flight */
+#define RECENT_DIG_CHUNKS 16                  /* digest chunks asked for the read map */
 #define LOCAL_INFLIGHT (UINT64_C(64) << 20)   /* bytes being copied from seeds */
 
 struct status_query {
@@ -341,7 +342,12 @@ static void read_digest_file(struct engine *e)
   pthread_mutex_unlock(&e->lock);
   for (uint64_t k = from; run && k < c->ndchunks && k < cur + 2 * DIG_QUERIES; k++)
     if (!c->dig_done[k]) read_digest_chunk(e, k);
-  if (run && rk < c->ndchunks && !c->dig_done[rk]) read_digest_chunk(e, rk);
+  if (run && rk < c->ndchunks && !c->dig_done[rk]) {
+    read_digest_chunk(e, rk);
+    pthread_mutex_lock(&e->lock);
+    c->recent_chunks++;
+    pthread_mutex_unlock(&e->lock);
+  }
 }
 
 /* Digests are asked only while the copy runs, which is never in standby:
@@ -390,8 +396,10 @@ static void query_digests(struct engine *e)
     /* The chunk the read map's next region waits on (recent_locked). */
     uint64_t k = c->recent_dig;
     if (k < c->ndchunks && !c->dig_done[k] && !c->dig_asking[k] &&
-        (q = dig_query_locked(e, k)))
+        (q = dig_query_locked(e, k))) {
       qs[nq++] = q;
+      c->recent_chunks++;
+    }
   }
   pthread_mutex_unlock(&e->lock);
   for (unsigned i = 0; i < nq; i++) source_submit(e->dsrc, &qs[i]->sr);
@@ -638,10 +646,12 @@ static unsigned recent_locked(struct engine *e, uint64_t per_job, bool cheap,
                               struct job **list, unsigned n, unsigned max)
 {
   struct copy *c = &e->copy;
-  uint64_t rb = MAX(1, (UINT64_C(1) << c->recent_shift) / e->bs);   /* per region */
   c->recent_dig = UINT64_MAX;
   while (c->recent_pos < c->nrecent && n < max && room_locked(c)) {
-    uint64_t start = c->recent[c->recent_pos] * rb, end = MIN(e->nblocks, start + rb);
+    /* The blocks the region touches (a block may be larger than it). */
+    uint64_t r = c->recent[c->recent_pos], sh = c->recent_shift;
+    uint64_t start = (r << sh) / e->bs;
+    uint64_t end = MIN(e->nblocks, (((r + 1) << sh) + e->bs - 1) / e->bs);
     uint64_t b = bitmap_next_clear(e->bm, MAX(start, c->recent_next));
     for (struct job *ij; b < end && (ij = inflight_get(e, b)); )
       b = bitmap_next_clear(e->bm, ij->first + ij->count);
@@ -650,9 +660,18 @@ static unsigned recent_locked(struct engine *e, uint64_t per_job, bool cheap,
       c->recent_next = 0;
       continue;
     }
-    if ((e->dsrc || e->dfile) && !c->dig_off && !c->dig_done[b / DIG_CHUNK_BLOCKS]) {
-      c->recent_dig = b / DIG_CHUNK_BLOCKS;
-      break;
+    uint64_t k = b / DIG_CHUNK_BLOCKS;
+    if ((e->dsrc || e->dfile) && !c->dig_off && !c->dig_done[k]) {
+      /* Digests ahead of the sweep are kept until it passes them: at
+       * most RECENT_DIG_CHUNKS chunks (8 MiB) are asked for the map's
+       * regions; a region beyond that is left to the sweep. */
+      if (c->dig_asking[k] || c->recent_chunks < RECENT_DIG_CHUNKS) {
+        c->recent_dig = k;
+        break;
+      }
+      c->recent_pos++;
+      c->recent_next = 0;
+      continue;
     }
     struct job *j = job_from_locked(e, b, MIN(end, b + per_job), cheap);
     if (!j) break;

@@ -138,6 +138,7 @@ struct copy {
   unsigned recent_shift;        /* log2 of the region size */
   uint64_t recent_dig;          /* digest chunk the next region waits on, or
                                  * UINT64_MAX */
+  unsigned recent_chunks;       /* digest chunks asked for the map's regions */
   uint64_t debt;                /* fallback fetches not yet charged to tokens */
   bool dig_off;                 /* digest export unreachable: dedup given up */
   uint64_t dig_down_at;         /* source thread: digest export down since */
@@ -242,6 +243,9 @@ void engine_local_failure(struct engine *e, const char *what, uint64_t off, int 
 /* life.c: the source's companion exports, opened on threads of their own */
 struct companion;
 bool companion_finished(struct companion *o);
+/* Nobody will join it: the thread closes what it opens and frees it (the
+ * engine may be gone by then).  NULL is allowed. */
+void companion_abandon(struct companion *o);
 /* Waits for the opener (NULL: none could start); its source, or NULL with
  * why.  An export whose size is not expected is refused. */
 struct source *companion_join(struct engine *e, struct companion *o, uint64_t expected,

@@ -234,12 +234,27 @@ struct companion {
   pthread_t thread;
   struct engine *e;
   bool prefetch;                /* digests: ask the first once connected */
-  atomic_bool finished;         /* the thread is done: the join will not wait */
-  struct source_config dc;
+  /* RUNNING, then DONE (the thread finished: a join will not wait) or
+   * ABANDONED (nobody will join: the thread closes what it opened and
+   * frees the companion itself). */
+  atomic_int state;
+  struct source_config dc;      /* its strings are the companion's own */
   struct source_info info;
   struct source *s;
   char why[512];
 };
+
+enum { COMP_RUNNING, COMP_DONE, COMP_ABANDONED };
+
+static void companion_free(struct companion *o)
+{
+  free((char *) o->dc.target);
+  free((char *) o->dc.export_name);
+  free((char *) o->dc.tls_certificates);
+  free((char *) o->dc.tls_psk);
+  free((char *) o->dc.tls_username);
+  free(o);
+}
 
 static void *companion_main(void *arg)
 {
@@ -247,33 +262,62 @@ static void *companion_main(void *arg)
   o->s = source_open(&o->dc, &o->info, o->why, sizeof o->why);
   if (o->s && o->prefetch && source_start(o->s, o->why, sizeof o->why) == 0)
     copy_digest_prefetch(o->e, o->s, o->info.size);
-  atomic_store(&o->finished, true);
+  if (atomic_exchange(&o->state, COMP_DONE) == COMP_ABANDONED) {
+    source_close(o->s);
+    companion_free(o);
+  }
   return NULL;
+}
+
+static char *dup_or_null(const char *s, bool *oom)
+{
+  char *d = s ? strdup(s) : NULL;
+  if (s && !d) *oom = true;
+  return d;
 }
 
 /* Starts opening export target_export + suffix (its size is checked at
  * the join: the image's size may not be known yet); with prefetch, the
- * first digests are asked as soon as it is open (copy_digest_prefetch).
- * NULL if no thread could be started. */
+ * first digests are asked as soon as it is open (copy_digest_prefetch;
+ * such a companion must be joined, not abandoned).  NULL if no thread
+ * could be started. */
 static struct companion *companion_start(struct engine *e, const char *suffix, bool prefetch)
 {
   struct companion *o = calloc(1, sizeof *o);
+  bool oom = false;
   if (!o) return NULL;
   o->e = e;
   o->prefetch = prefetch;
-  atomic_init(&o->finished, false);
+  atomic_init(&o->state, COMP_RUNNING);
   o->dc = (struct source_config) {
-    .target = e->target, .export_name = e->target_export, .connections = 1,
-    .timeout_s = e->cfg.source_timeout_s, .compress_level = e->cfg.compress_level,
-    .tls_certificates = e->cfg.tls_certificates, .tls_psk = e->cfg.tls_psk,
-    .tls_username = e->cfg.tls_username, .tls_verify = e->cfg.tls_verify,
-    .export_suffix = suffix,
+    .target = dup_or_null(e->target, &oom), .export_name = dup_or_null(e->target_export, &oom),
+    .connections = 1, .timeout_s = e->cfg.source_timeout_s,
+    .compress_level = e->cfg.compress_level,
+    .tls_certificates = dup_or_null(e->cfg.tls_certificates, &oom),
+    .tls_psk = dup_or_null(e->cfg.tls_psk, &oom),
+    .tls_username = dup_or_null(e->cfg.tls_username, &oom),
+    .tls_verify = e->cfg.tls_verify, .export_suffix = suffix,
   };
-  if (pthread_create(&o->thread, NULL, companion_main, o) != 0) { free(o); return NULL; }
+  if (oom || pthread_create(&o->thread, NULL, companion_main, o) != 0) {
+    companion_free(o);
+    return NULL;
+  }
   return o;
 }
 
-bool companion_finished(struct companion *o) { return atomic_load(&o->finished); }
+bool companion_finished(struct companion *o) { return atomic_load(&o->state) == COMP_DONE; }
+
+void companion_abandon(struct companion *o)
+{
+  if (!o) return;
+  pthread_t t = o->thread;        /* o may be freed by the thread from here */
+  if (atomic_exchange(&o->state, COMP_ABANDONED) == COMP_DONE) {
+    pthread_join(t, NULL);
+    source_close(o->s);
+    companion_free(o);
+  } else
+    pthread_detach(t);
+}
 
 struct source *companion_join(struct engine *e, struct companion *o, uint64_t expected,
                               char *why, size_t whylen)
@@ -293,7 +337,7 @@ struct source *companion_join(struct engine *e, struct companion *o, uint64_t ex
     source_close(s);
     s = NULL;
   }
-  free(o);
+  companion_free(o);
   return s;
 }
 
@@ -476,11 +520,8 @@ void engine_close(struct engine *e)
     source_close(dig_opener_join(e, why, sizeof why));
   }
   source_stop(e->src);            /* jobs at the source land as failures */
-  if (e->map_opener) {            /* the tick never joined it (stopped now) */
-    char why[512];
-    e->msrc = companion_join(e, e->map_opener, read_map_export_size(e->size), why, sizeof why);
-    e->map_opener = NULL;
-  }
+  companion_abandon(e->map_opener);   /* the tick never joined it (stopped now) */
+  e->map_opener = NULL;
   source_stop(e->dsrc);
   source_stop(e->msrc);
   pthread_mutex_lock(&e->lock);   /* ... and every landing has run */
@@ -567,8 +608,11 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   /* This engine's own WAN bytes: its data, digest and read map
    * connections. */
   struct source_stats ds = { 0 }, ms = { 0 };
+  pthread_mutex_lock(&e->lock);
+  struct source *msrc = e->msrc;  /* set by the tick, under the lock */
+  pthread_mutex_unlock(&e->lock);
   if (e->dsrc) source_get_stats(e->dsrc, &ds);
-  if (e->msrc) source_get_stats(e->msrc, &ms);
+  if (msrc) source_get_stats(msrc, &ms);
   st->wire_tx_raw = ss.wire_tx_raw + ds.wire_tx_raw + ms.wire_tx_raw;
   st->wire_tx = ss.wire_tx + ds.wire_tx + ms.wire_tx;
   st->wire_rx = ss.wire_rx + ds.wire_rx + ms.wire_rx;

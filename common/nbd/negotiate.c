@@ -299,6 +299,7 @@ static void handle_option(struct nbd_conn *c, uint32_t opt, const uint8_t *p,
       /* Everything negotiated in plain text is forgotten. */
       c->structured = false;
       c->meta_base_alloc = false;
+      c->copier = false;
       free(c->meta_export);
       c->meta_export = NULL;
       if (nbd_conn_start_tls(c) < 0) nbd_conn_close(c, "cannot start TLS");

@@ -514,7 +514,8 @@ static bool send_req(struct source *s, struct source_req *r, unsigned i)
   /* A small miss alone on the reserved connection sees what a probe
    * would (a round trip and the queue on the path): the copy's window
    * needs those samples most while misses keep the probes away. */
-  r->probe_ns = i == 0 && !c->inflight && r->len <= MISS_PROBE_MAX ? now_ns() : 0;
+  r->probe_ns = i == 0 && !c->inflight && !s->probe_inflight && r->len <= MISS_PROBE_MAX
+    ? now_ns() : 0;
   if (!c->inflight) c->progress_ns = now_ns();
   r->next = NULL;
   r->cprev = NULL;
