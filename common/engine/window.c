@@ -55,13 +55,14 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       }
     } else if (delivered >= w->start_bytes) {
       /* ... but not past 4 x the product measured so far (the rate
-       * lags a round trip or two, not more). */
+       * lags a round trip or two, not more): once a round trip's rate is
+       * known, a start window larger than that is brought down to it. */
       uint64_t bound = WIN_MAX;
       double rate = MAX(early, (double) w->maxrate);
       if (min_rtt_ns && rate > 0)
-        bound = MAX(w->window, 4 * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
+        bound = MAX(WIN_MIN, 4 * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
       uint64_t grown = WIN_START + 2 * (delivered - w->start_bytes);
-      w->window = MIN(MAX(w->window, MIN(grown, bound)), WIN_MAX);
+      w->window = MIN(MIN(MAX(w->window, grown), bound), WIN_MAX);
     }
   }
   if (now - w->at < WIN_SAMPLE_NS) return w->window;

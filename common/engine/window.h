@@ -10,7 +10,8 @@
  * on a fat path), but never past 4 x rate x round trip -- the rate being
  * the best of the samples and of what arrived in each round trip since
  * the first bytes (before the first sample, a thin link shows itself
- * within a round trip or two) -- and also
+ * within a round trip or two; a start window larger than that is brought
+ * down to it) -- and also
  * doubles each time a sample's rate grew by a quarter while the window is
  * at most 4 x rate x round trip; it ends when a probe sees a queue longer
  * than a round trip (and WIN_QUEUE_FULL_NS), the window then falling to
