@@ -225,11 +225,7 @@ SETTING_LABEL="rtt $rtt rate $rate"
 read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
 NONZERO=$(( $(jget "$A_NEW" nonzero) * 4096 ))     # for run_lat
 echo "dedup: wan-emu up --rtt $rtt --rate $rate"
-up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10810,10811,10812,10813 2>&1) ||
-    { echo "$up_out" >&2; die "wan-emu up failed"; }
-wan_up=1
-mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
-mode_line=${mode_line#wan-emu: }
+wan_start "$rtt" "$rate" 10810,10811,10812,10813
 
 # Sources in src: xnbd-server of new (WAN transport), nbdkit file of new,
 # xnbd-server of new-inplace.  --image-id=stat: nothing written beside the

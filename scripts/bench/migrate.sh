@@ -118,11 +118,7 @@ for setting in $SETTINGS; do
     rtt=${setting%%:*} rate=${setting#*:}
     SETTING_LABEL="rtt $rtt rate $rate"
     echo "migrate: setting RTT $rtt, rate $rate"
-    up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10809,10810,10811 2>&1) ||
-        { echo "$up_out" >&2; die "wan-emu up failed"; }
-    wan_up=1
-    mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
-    mode_line=${mode_line#wan-emu: }
+    wan_start "$rtt" "$rate" 10809,10810,10811
     echo "  $mode_line"
     read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
     lim_z=$(awk -v b="$ZSTD_BYTES" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", b * 8 / r + 2 * t }')

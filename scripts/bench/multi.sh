@@ -97,11 +97,7 @@ LIMIT=$(awk -v b="$ZSUM" -v r="$rate_bps" -v t="$rtt_s" 'BEGIN { printf "%.2f", 
 echo "multi: zstd -$ZSTD_LEVEL of the images' non-zero blocks $ZSUM B; combined limit $LIMIT s"
 
 echo "multi: wan-emu up --rtt $rtt --rate $rate"
-up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10810 2>&1) ||
-    { echo "$up_out" >&2; die "wan-emu up failed"; }
-wan_up=1
-mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
-mode_line=${mode_line#wan-emu: }
+wan_start "$rtt" "$rate" 10810
 start_bg spid "$WAN" --name "$WNAME" exec src "$XNBD" -r --image-id=stat -W 10.254.0.1:10810 \
     -l 127.0.0.1:0 -p "$tmp/src.pid" "${exports[@]}" 2>"$tmp/src.log"
 wait_file_ready "$tmp/src.pid" "$spid" 10 || die "xnbd-server in src did not start: $(cat "$tmp/src.log")"

@@ -91,11 +91,7 @@ sync
 rtt=${SETTING%%:*} rate=${SETTING#*:}
 read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
 echo "read-order: wan-emu up --rtt $rtt --rate $rate"
-up_out=$(wan up --rtt "$rtt" --rate "$rate" --forward 10810 2>&1) ||
-    { echo "$up_out" >&2; die "wan-emu up failed"; }
-wan_up=1
-mode_line=$(grep -m1 '^wan-emu: mode' <<< "$up_out" || echo "wan-emu: mode unknown")
-mode_line=${mode_line#wan-emu: }
+wan_start "$rtt" "$rate" 10810
 a=$(wan relay-addr 10810)
 
 # round NAME [SERVER OPTIONS...]: one JSON line.

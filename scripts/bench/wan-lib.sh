@@ -32,6 +32,17 @@ stop_all() {
 
 wan() { "$WAN" --name "$WNAME" "$@"; }
 
+# wan_start RTT RATE PORTS: brings the emulated link up (dies if it cannot)
+# and sets wan_up=1 and mode_line (how the delay is made).
+wan_start() {
+    local out
+    out=$(wan up --rtt "$1" --rate "$2" --forward "$3" 2>&1) ||
+        { echo "$out" >&2; die "wan-emu up failed"; }
+    wan_up=1
+    mode_line=$(grep -m1 '^wan-emu: mode' <<< "$out" || echo "wan-emu: mode unknown")
+    mode_line=${mode_line#wan-emu: }
+}
+
 # setting_numbers RTT RATE: "RTT_SECONDS RATE_BITS_PER_SECOND" for e.g.
 # 20ms 200mbit (as wan-emu takes them).
 setting_numbers() {
