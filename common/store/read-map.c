@@ -73,36 +73,27 @@ static uint32_t entry(struct read_map *m, uint64_t r, uint64_t now)
   return !t ? 0 : now - t >= UINT32_MAX - 1 ? UINT32_MAX : (uint32_t) (now - t) + 1;
 }
 
-/* Byte i of the export, with the clock read once per request (now). */
-static uint8_t rm_byte(struct read_map *m, uint64_t i, uint64_t now)
-{
-  if (i < READ_MAP_HEADER) {
-    uint8_t h[READ_MAP_HEADER] = { 0 };
-    memcpy(h, READ_MAP_MAGIC, 8);
-    put_be32(h + 8, READ_MAP_SHIFT);
-    return h[i];
-  }
-  uint8_t b[4];
-  put_be32(b, entry(m, (i - READ_MAP_HEADER) / 4, now));
-  return b[(i - READ_MAP_HEADER) % 4];
-}
-
 /* Small (4 bytes per MiB of image): answered at once, on the caller's
- * thread. */
+ * thread, with the clock read once per request. */
 static void rm_pread(void *h, struct xreq *r)
 {
   struct read_map *m = h;
   uint64_t now = atomic_load_explicit(&m->clock, memory_order_relaxed);
-  uint8_t *out = r->buf;
-  uint64_t i = 0;
-  for (; i < r->length && r->offset + i < READ_MAP_HEADER; i++)
-    out[i] = rm_byte(m, r->offset + i, now);
-  /* Whole entries at once where the request is aligned to them. */
-  while (i + 4 <= r->length && (r->offset + i - READ_MAP_HEADER) % 4 == 0) {
-    put_be32(out + i, entry(m, (r->offset + i - READ_MAP_HEADER) / 4, now));
-    i += 4;
+  uint8_t hdr[READ_MAP_HEADER] = { 0 }, *out = r->buf;
+  memcpy(hdr, READ_MAP_MAGIC, 8);
+  put_be32(hdr + 8, READ_MAP_SHIFT);
+  for (uint64_t i = 0; i < r->length; ) {
+    uint64_t o = r->offset + i;
+    if (o < READ_MAP_HEADER) {
+      out[i++] = hdr[o];
+      continue;
+    }
+    uint8_t e[4];                 /* the entry o falls in, from its byte o % 4 on */
+    uint64_t k = (o - READ_MAP_HEADER) % 4, n = MIN(4 - k, r->length - i);
+    put_be32(e, entry(m, (o - READ_MAP_HEADER) / 4, now));
+    memcpy(out + i, e + k, n);
+    i += n;
   }
-  for (; i < r->length; i++) out[i] = rm_byte(m, r->offset + i, now);
   xreq_complete(r, 0);
 }
 
