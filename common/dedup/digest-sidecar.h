@@ -55,6 +55,10 @@
  * bump its generation, which discards the whole sidecar.  At a clean stop
  * the sidecar is fsync'ed before the identity records the clean stop.
  *
+ * A run checks an entry's tag once: one bit per block in RAM (32 KiB per
+ * GiB of image) records the entries that passed (or were stored) since
+ * the last invalidation; the file is the server's own while it runs.
+ *
  * Thread-safe: lookups and stores from many work-queue threads, write
  * begin/end from the I/O threads. */
 #ifndef XNBD_DIGEST_SIDECAR_H

@@ -51,14 +51,19 @@ static void init_once(void)
   EVP_MD_CTX_free(c);
 }
 
-/* One block with a context the caller keeps. */
-static void hash_block(EVP_MD_CTX *c, const void *buf, uint8_t *out)
+/* len bytes with a context the caller keeps. */
+static void hash_bytes(EVP_MD_CTX *c, const void *buf, size_t n, uint8_t *out)
 {
   unsigned len = 0;
   if (!EVP_DigestInit_ex2(c, sha256_md, NULL) ||
-      !EVP_DigestUpdate(c, buf, DIGEST_BLOCK) ||
+      !EVP_DigestUpdate(c, buf, n) ||
       !EVP_DigestFinal_ex(c, out, &len) || len != DIGEST_LEN)
     abort();                        /* only on memory exhaustion in OpenSSL */
+}
+
+static void hash_block(EVP_MD_CTX *c, const void *buf, uint8_t *out)
+{
+  hash_bytes(c, buf, DIGEST_BLOCK, out);
 }
 
 /* Whether a (8-byte aligned) block is all zeros: its digest is known
@@ -80,7 +85,8 @@ static EVP_MD_CTX *new_ctx(void)
   return c;
 }
 
-void digest_block(const void *buf, uint8_t out[DIGEST_LEN])
+/* This thread's context, made at its first use. */
+static EVP_MD_CTX *thread_ctx(void)
 {
   EVP_MD_CTX *c;
   pthread_once(&once, init_once);
@@ -89,7 +95,17 @@ void digest_block(const void *buf, uint8_t out[DIGEST_LEN])
     c = new_ctx();
     pthread_setspecific(ctx_key, c);
   }
-  hash_block(c, buf, out);
+  return c;
+}
+
+void digest_block(const void *buf, uint8_t out[DIGEST_LEN])
+{
+  hash_block(thread_ctx(), buf, out);
+}
+
+void digest_bytes(const void *buf, size_t len, uint8_t out[DIGEST_LEN])
+{
+  hash_bytes(thread_ctx(), buf, len, out);
 }
 
 const uint8_t *digest_zero(void)

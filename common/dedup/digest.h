@@ -27,6 +27,9 @@
 
 /* The digest of one block of DIGEST_BLOCK bytes. */
 void digest_block(const void *buf, uint8_t out[DIGEST_LEN]);
+/* SHA-256 of len bytes (short messages: tags, keys), with this thread's
+ * reused context (SHA256() fetches the algorithm at every call). */
+void digest_bytes(const void *buf, size_t len, uint8_t out[DIGEST_LEN]);
 /* SHA-256 of DIGEST_BLOCK zero bytes (computed once). */
 const uint8_t *digest_zero(void);
 

@@ -21,14 +21,17 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       w->started = true;
       w->start_bytes = delivered;
     }
-    /* The start-up clock starts with the first bytes delivered (their
-     * request left a round trip before): the time the copy waited for
-     * its connection or for digests is not the path's. */
+    /* The start-up clock starts with the first bytes delivered: the
+     * time the copy waited for its connection or for digests is not the
+     * path's.  Its first round trip is the one that follows them (what
+     * the path brings in a round trip, the first replies left out);
+     * counted from a round trip before them, it would hold only those
+     * first replies, and a fast path would look thin. */
     if (!w->flowing && delivered > w->start_bytes) {
       w->flowing = true;
-      w->start_at = now > min_rtt_ns ? now - min_rtt_ns : 0;
-      w->snap_at = w->start_at;
-      w->snap_bytes = w->start_bytes;
+      w->start_at = now;
+      w->snap_at = now;
+      w->snap_bytes = delivered;
     }
     /* The best rate of a round trip since then (what arrived in it): it
      * stands in for the rate before the first sample (a thin link shows

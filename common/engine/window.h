@@ -48,7 +48,7 @@ struct winctl {
   bool started;                 /* start-up: start_bytes is set */
   uint64_t start_bytes;         /* bytes delivered when the copy started */
   bool flowing;                 /* start-up: bytes have been delivered */
-  uint64_t start_at;            /* a round trip before the first of them */
+  uint64_t start_at;            /* when the first of them arrived */
   uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
   uint64_t early;               /* start-up: the best round trip's rate */
   uint64_t maxrate;             /* the best rate of the last 10 s */

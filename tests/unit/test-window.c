@@ -4,8 +4,9 @@
  * 100 ms of data in flight on a thin link, stays within its bounds, does
  * not move while the copy is stopped, follows a path that slowed down,
  * reports the queue of the last round-trip sample, keeps a thin link's
- * start-up to what it delivers, hands back the queue start-up built, and
- * does not lift a window into a queued path. */
+ * start-up to what it delivers, hands back the queue start-up built,
+ * does not lift a window into a queued path, and does not take the first
+ * replies alone for a round trip's rate. */
 #include <criterion/criterion.h>
 
 #include "window.h"
@@ -210,4 +211,29 @@ Test(minwin, keeps_the_least_until_it_ages_out)
   cr_assert_eq(minwin_add(&m, 25 * S, 10 * S, 60 * MS), 20 * MS, "aged out too early");
   cr_assert_eq(minwin_add(&m, 35 * S, 10 * S, 60 * MS), 60 * MS, "never aged out");
   cr_assert_eq(minwin_add(&m, 200 * S, 10 * S, 90 * MS), 90 * MS);
+}
+
+Test(window, the_first_replies_alone_do_not_make_a_fast_path_look_thin)
+{
+  /* 50 MB/s, 20 ms (1 MB fills the path): the first reply, 24 kB, lands
+   * alone, the rest of the start window over the next round trip.  The
+   * first round trip's rate is what that round trip brings, not the
+   * first reply over a round trip: the window stays at least the start
+   * window. */
+  struct winctl w;
+  win_init(&w);
+  uint64_t now = 1 * S, delivered = 0;
+  win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+  now += 20 * MS;
+  delivered += 24000;
+  win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
+  cr_assert_geq(w.window, WIN_START, "window %lu after the first reply",
+                (unsigned long) w.window);
+  for (unsigned i = 0; i < 10; i++) {      /* 100 ms at 50 MB/s */
+    now += 2 * MS;
+    delivered += 100000;
+    win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
+    cr_assert_geq(w.window, WIN_START, "window %lu at %u ms on a 1 MB path",
+                  (unsigned long) w.window, 2 * (i + 1));
+  }
 }
