@@ -775,12 +775,15 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
 
 /* The window follows what the path delivers (window.h); a fixed
  * --bg-window stays as it is.  The queue on the path is measured either
- * way, for the status. */
+ * way, for the status.  Digests cross the same path ahead of the data:
+ * they count as delivered, so the start-up has grown by them, and knows
+ * the path's rate, by the time the first fetches go out. */
 static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
-  uint64_t w = win_update(&c->win, now, e->bytes_fetched + e->bytes_bridged,
+  uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;
+  uint64_t w = win_update(&c->win, now, delivered,
                           c->inflight_bytes, sb->rtt_ns, sb->rtt_last_ns,
                           c->running && !c->paused);
   if (c->window_auto && c->running && !c->paused) c->window = w;

@@ -235,7 +235,9 @@ void wan_tls_free(struct wan_tls *t)
 
 struct pump {
   int wan, local;
-  bool server, zstd;
+  bool server;
+  bool zstd_tx, zstd_rx;          /* what this end sends / receives is zstd */
+  bool early_sent;                /* client: the NBD options left with the hello */
   unsigned flags;                 /* client: requested */
   int level;
   struct wan_tls *tls;
@@ -316,6 +318,9 @@ static int tls_handshake(struct pump *p)
   }
 }
 
+static int start_stream(struct pump *p);
+static int send_preamble(struct pump *p);
+
 static int handshake(struct pump *p)
 {
   uint8_t h[HELLO_SIZE];
@@ -333,6 +338,10 @@ static int handshake(struct pump *p)
     if (p->level < 1 || p->level > 19) p->level = WAN_DEFAULT_LEVEL;
     accept = want & (WAN_F_ZSTD | WAN_F_TLS);
     if (!p->allow_zstd) accept &= ~WAN_F_ZSTD;
+    /* Early bytes (no TLS): the client's stream is already framed as it
+     * asked, whatever this end accepts for its own direction. */
+    bool early = (want & WAN_F_EARLY) && !(want & WAN_F_TLS);
+    if (early) accept |= WAN_F_EARLY;
     if ((want & WAN_F_TLS) && !p->tls) st = WAN_ST_TLS_UNAVAILABLE;
     if (!(want & WAN_F_TLS) && p->require_tls) st = WAN_ST_TLS_REQUIRED;
     memcpy(h, WAN_MAGIC, 8);
@@ -347,16 +356,30 @@ static int handshake(struct pump *p)
       errno = EACCES;
       return -1;
     }
-    p->zstd = accept & WAN_F_ZSTD;
+    p->zstd_tx = accept & WAN_F_ZSTD;
+    p->zstd_rx = early ? want & WAN_F_ZSTD : p->zstd_tx;
     if ((accept & WAN_F_TLS) && tls_handshake(p) < 0) return -1;
     return 0;
   }
+  /* Client.  With NBD options to send ahead and no TLS, they leave with
+   * the hello (WAN_F_EARLY), framed as asked: one round trip less. */
+  bool early = p->nego && !(p->flags & WAN_F_TLS);
+  if (early) p->flags |= WAN_F_EARLY;
   memcpy(h, WAN_MAGIC, 8);
   put_be32(h + 8, WAN_VERSION);
   put_be32(h + 12, p->flags);
   put_be32(h + 16, p->level);
   uint64_t sent = now_ns();
   if (io_exact(p->wan, h, sizeof h, true, p->deadline) < 0) return -1;
+  if (early) {
+    p->zstd_tx = p->flags & WAN_F_ZSTD;
+    if (start_stream(p) < 0 || send_preamble(p) < 0 ||
+        io_exact(p->wan, p->wout, p->wout_len, true, p->deadline) < 0)
+      return -1;
+    COUNT(p, tx_wire, p->wout_len);
+    p->wout_len = 0;
+    p->early_sent = true;
+  }
   if (io_exact(p->wan, h, sizeof h, false, p->deadline) < 0) return -1;
   uint64_t rtt = now_ns() - sent, old = atomic_load(&hello_rtt_min);
   while ((!old || rtt < old) &&
@@ -376,7 +399,18 @@ static int handshake(struct pump *p)
     errno = EACCES;
     return -1;
   }
-  p->zstd = get_be32(h + 12) & WAN_F_ZSTD;
+  unsigned got = get_be32(h + 12);
+  p->zstd_rx = got & WAN_F_ZSTD;
+  if (early && !(got & WAN_F_EARLY) && p->zstd_rx != p->zstd_tx) {
+    /* A server from before early bytes reads ours as its own framing. */
+    log_warn("WAN connection to %s: the server predates early handshakes and "
+             "turned compression %s, so it misreads the NBD options sent with the "
+             "hello: upgrade xnbd-server, or set XNBD_WAN_PIPELINE=0 here", p->host,
+             p->zstd_rx ? "on" : "off");
+    errno = EPROTO;
+    return -1;
+  }
+  if (!early) p->zstd_tx = p->zstd_rx;
   if ((p->flags & WAN_F_TLS) && tls_handshake(p) < 0) return -1;
   return 0;
 }
@@ -423,6 +457,33 @@ static int compress(struct pump *p, const void *buf, size_t len, ZSTD_EndDirecti
   return 0;
 }
 
+/* The zstd contexts the directions need (made once). */
+static int start_stream(struct pump *p)
+{
+  if (p->zstd_tx && !p->cctx) {
+    if (!(p->cctx = ZSTD_createCCtx())) return -1;
+    ZSTD_CCtx_setParameter(p->cctx, ZSTD_c_compressionLevel, p->level);
+  }
+  if (p->zstd_rx && !p->dctx && !(p->dctx = ZSTD_createDCtx())) return -1;
+  return 0;
+}
+
+/* The NBD options sent ahead, framed for the WAN, into the empty wout. */
+static int send_preamble(struct pump *p)
+{
+  size_t len;
+  const uint8_t *pre = nego_preamble(p->nego, &len);
+  COUNT(p, tx_raw, len);
+  if (p->zstd_tx) {
+    if (compress(p, pre, len, ZSTD_e_flush) < 0) return -1;
+  } else {
+    memcpy(p->wout, pre, len);
+    p->wout_len = len;
+  }
+  p->wout_off = 0;
+  return 0;
+}
+
 /* One pass over both directions; returns 1 if anything moved, 0 if not,
  * -1 on error. */
 static int pump_step(struct pump *p)
@@ -453,7 +514,7 @@ static int pump_step(struct pump *p)
     }
     if (n > 0) {
       COUNT(p, tx_raw, n);
-      if (p->zstd) {
+      if (p->zstd_tx) {
         if (compress(p, p->lin, n, n < CHUNK ? ZSTD_e_flush : ZSTD_e_continue) < 0)
           return -1;
       } else {
@@ -503,7 +564,7 @@ static int pump_step(struct pump *p)
   }
   /* win -> (decompress) -> lout */
   if ((p->win_len || p->dpending) && !p->lout_len) {
-    if (p->zstd) {
+    if (p->zstd_rx) {
       ZSTD_inBuffer in = { p->win + p->win_off, p->win_len, 0 };
       ZSTD_outBuffer out = { p->lout, CHUNK, 0 };
       size_t r = ZSTD_decompressStream(p->dctx, &out, &in);
@@ -598,24 +659,9 @@ static void *pump_main(void *arg)
       log_warn("WAN handshake with %s timed out", p->server ? "a client" : p->host);
     goto out;
   }
-  if (p->zstd) {
-    p->cctx = ZSTD_createCCtx();
-    p->dctx = ZSTD_createDCtx();
-    if (!p->cctx || !p->dctx) goto out;
-    ZSTD_CCtx_setParameter(p->cctx, ZSTD_c_compressionLevel, p->level);
-  }
-  if (p->nego) {                    /* the NBD handshake goes first, at once */
-    size_t len;
-    const uint8_t *pre = nego_preamble(p->nego, &len);
-    COUNT(p, tx_raw, len);
-    if (p->zstd) {
-      if (compress(p, pre, len, ZSTD_e_flush) < 0) goto out;
-    } else {
-      memcpy(p->wout, pre, len);
-      p->wout_len = len;
-    }
-    p->wout_off = 0;
-  }
+  if (start_stream(p) < 0) goto out;
+  /* the NBD handshake goes first, at once (unless it left with the hello) */
+  if (p->nego && !p->early_sent && send_preamble(p) < 0) goto out;
   for (;;) {
     int r = pump_step(p);
     if (r < 0) break;

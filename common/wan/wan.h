@@ -12,6 +12,12 @@
  *     inside TLS, so data is compressed before it is encrypted).
  *     The server answers with the flags it accepted; status 0 = go on,
  *     else one of WAN_ST_* and the connection is closed.
+ *     WAN_F_EARLY (client, without TLS): the client's stream (its NBD
+ *     options, nego.h) follows the hello at once, framed as its flags ask,
+ *     without waiting for the answer; a server that knows it answers with
+ *     WAN_F_EARLY too and reads the client's direction as the client asked
+ *     (its own direction is compressed only if it accepted WAN_F_ZSTD).
+ *     This saves the round trip of the hello.
  *
  * Both ends run a pump thread between the WAN socket and a local
  * socketpair: the NBD server core, or libnbd in the proxy
@@ -32,6 +38,7 @@
 #define WAN_VERSION 1
 #define WAN_F_ZSTD (1u << 0)
 #define WAN_F_TLS  (1u << 1)
+#define WAN_F_EARLY (1u << 2)
 #define WAN_ST_OK 0
 #define WAN_ST_TLS_REQUIRED 1        /* server requires TLS, client did not ask */
 #define WAN_ST_TLS_UNAVAILABLE 2     /* client asked for TLS, server has none */
