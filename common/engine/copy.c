@@ -777,54 +777,16 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
  * --bg-window stays as it is.  The queue on the path is measured either
  * way, for the status.  Digests cross the same path ahead of the data:
  * they count as delivered, so the start-up has grown by them, and knows
- * the path's rate, by the time the first fetches go out.
- *
- * Once start-up is over, the controller counts wire bytes: over zstd, a
- * run of data that compresses 4:1 more than the data before it (a file of
- * few distinct bytes after random data) is fetched with a window 4 times
- * larger, for the same bytes on the link.  The ratio (image bytes per
- * wire byte, of the bytes received since the start-up ended, moving
- * average of pieces of WIN_RATIO_WIRE bytes, or WIN_RATIO_RAW bytes of
- * the image where that comes first) counts only relative to
- * the ratio when start-up ended, at most WIN_RATIO_MAX times: a ratio
- * that falls (compressible data, then random) can have put at most that
- * many times the window on the link once.  During start-up, the window
- * grows by what arrives and is bounded by the rate seen, in image bytes,
- * as before (block status replies alone would make a ratio that data
- * does not have). */
-#define WIN_RATIO_WIRE (256u << 10)
-#define WIN_RATIO_RAW (2u << 20)       /* or this much of the image, if sooner */
-#define WIN_RATIO_MAX 4.0
+ * the path's rate, by the time the first fetches go out. */
 static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
-  if (!c->win.startup_over || !c->ratio_base) {
-    /* the base: what the ratio is relative to (from start-up's end on) */
-    c->ratio = 1;
-    c->ratio_base = 0;
-    c->ratio_wire = sb->wire_rx;
-    c->ratio_raw = sb->wire_rx_raw;
-    if (c->win.startup_over) c->ratio_base = -1;   /* measure it first */
-  } else if (sb->wire_rx > c->ratio_wire && sb->wire_rx_raw >= c->ratio_raw &&
-             (sb->wire_rx >= c->ratio_wire + WIN_RATIO_WIRE ||
-              sb->wire_rx_raw >= c->ratio_raw + WIN_RATIO_RAW)) {
-    double r = (double) (sb->wire_rx_raw - c->ratio_raw) / (double) (sb->wire_rx - c->ratio_wire);
-    c->ratio_wire = sb->wire_rx;
-    c->ratio_raw = sb->wire_rx_raw;
-    if (c->ratio_base < 0) c->ratio_base = MAX(r, 1.0), c->ratio_avg = c->ratio_base;
-    else c->ratio_avg = (c->ratio_avg + r) / 2;
-    c->ratio = MIN(MAX(c->ratio_avg / c->ratio_base, 1.0), WIN_RATIO_MAX);
-  }
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;
-  if (delivered > c->delivered_raw)
-    c->delivered_wire += (double) (delivered - c->delivered_raw) / c->ratio;
-  c->delivered_raw = delivered;
-  uint64_t w = win_update(&c->win, now, (uint64_t) c->delivered_wire,
-                          (uint64_t) ((double) c->inflight_bytes / c->ratio),
-                          sb->rtt_ns, sb->rtt_last_ns, c->running && !c->paused);
-  if (c->window_auto && c->running && !c->paused)
-    c->window = MIN((uint64_t) ((double) w * c->ratio), (uint64_t) WIN_MAX);
+  uint64_t w = win_update(&c->win, now, delivered,
+                          c->inflight_bytes, sb->rtt_ns, sb->rtt_last_ns,
+                          c->running && !c->paused);
+  if (c->window_auto && c->running && !c->paused) c->window = w;
   pthread_mutex_unlock(&e->lock);
 }
 

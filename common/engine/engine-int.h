@@ -145,15 +145,7 @@ struct copy {
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
-  struct winctl win;            /* the window (window.c), in wire bytes */
-  /* Compression on the link (copy.c, size_window): after start-up the
-   * controller counts what crosses it, relative to the compression seen
-   * when start-up ended; the copy's window is in bytes of the image. */
-  double ratio;                       /* the window's factor: avg / base, 1..max */
-  double ratio_base, ratio_avg;       /* image per wire bytes: at start-up's end, lately */
-  uint64_t ratio_wire, ratio_raw;     /* source counters at the last update */
-  double delivered_wire;              /* delivered, in wire bytes */
-  uint64_t delivered_raw;             /* delivered, in image bytes, then */
+  struct winctl win;            /* the window (window.c) */
 };
 
 struct engine {
