@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -64,7 +65,12 @@ struct workq *workq_new(unsigned nthreads, const char *name)
   if (!wq) return NULL;
   pthread_mutex_init(&wq->lock, NULL);
   pthread_cond_init(&wq->cond, NULL);
+  /* CPU-only work: half the threads, and at most half the cores (the
+   * pump threads and, on a shared machine, the other end need the rest). */
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  unsigned half_cpus = cpus >= 4 ? (unsigned) (cpus / 2) : 1;
   wq->low_max = nthreads / 2 ? nthreads / 2 : 1;
+  if (wq->low_max > half_cpus) wq->low_max = half_cpus;
   wq->threads = calloc(nthreads, sizeof *wq->threads);
   if (!wq->threads) { free(wq); return NULL; }
   for (unsigned i = 0; i < nthreads; i++) {
@@ -118,6 +124,8 @@ void workq_submit_first(struct workq *wq, struct xwork *w)
   push_front_locked(wq, w);
   pthread_mutex_unlock(&wq->lock);
 }
+
+unsigned workq_low_max(const struct workq *wq) { return wq->low_max; }
 
 void workq_submit_low(struct workq *wq, struct xwork *w)
 {

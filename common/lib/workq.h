@@ -20,10 +20,13 @@ void workq_submit(struct workq *wq, struct xwork *w);
 /* Ahead of everything queued (a client waits on it). */
 void workq_submit_first(struct workq *wq, struct xwork *w);
 /* Behind everything: run only when nothing else is queued, by at most
- * half the threads at once (at least one), so that work that only uses
+ * half the threads and half the online CPUs at once (at least one), so
+ * that work that only uses
  * the CPU (hashing seed blocks) does not hold up the landings of data a
  * link delivers, nor take every core from the threads feeding that link. */
 void workq_submit_low(struct workq *wq, struct xwork *w);
+/* How many low-lane items may run at once. */
+unsigned workq_low_max(const struct workq *wq);
 /* If w still waits in the low lane, moves it to the head of the queue (a
  * client now waits on it); else does nothing. */
 void workq_promote(struct workq *wq, struct xwork *w);
