@@ -230,8 +230,10 @@ static void open_digests(struct server_opts *o, struct file_backend *fb, unsigne
                          struct workq **dwq)
 {
   if (!*dwq) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    *dwq = workq_new(n > 2 ? (unsigned) n : 2, "digest");
+    /* One request at a time, hashed over every core (digest_file's
+     * threads): the chunks a copy asks ahead come back in its order, the
+     * one it waits on first, rather than all together at the end. */
+    *dwq = workq_new(1, "digest");
     if (!*dwq) fatal("cannot start the digest threads: %s", strerror(errno));
   }
   dbs[i] = digest_backend_open(file_backend_fd(fb), file_backend_ops.get_size(fb), *dwq);

@@ -37,6 +37,9 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$BENCH_DIR/server-io.sh"
 
 # proxy_wait_complete CTL START_NS TIMEOUT_S STATUSFILE [SAMPLEFILE]
+#   START_NS may be @FILE: the poller starts first, creates FILE.ready, and
+#   reads the start time from FILE once it appears (so that its own start,
+#   tens of ms of Python on a busy CPU, is not inside the timed copy).
 #   Polls the proxy's control socket CTL (status every 10 ms over one
 #   connection, waiting for the socket to appear) until "state" is complete
 #   or detached; prints the seconds since START_NS (date +%s%N) at which that
@@ -47,7 +50,20 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 proxy_wait_complete() {
     python3 - "$@" <<'PY'
 import json, socket, sys, time
-ctl, start_ns, timeout, statusfile = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+ctl, start_arg, timeout, statusfile = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+if start_arg.startswith("@"):
+    open(start_arg[1:] + ".ready", "w").close()
+    wait_until = time.monotonic() + 60
+    while True:
+        try:
+            start_ns = int(open(start_arg[1:]).read())
+            break
+        except (OSError, ValueError):
+            if time.monotonic() > wait_until:
+                print("FAIL"); sys.exit(1)
+            time.sleep(0.001)
+else:
+    start_ns = int(start_arg)
 samplefile = sys.argv[5] if len(sys.argv) > 5 else None
 deadline = time.monotonic() + timeout
 def fail(why, j=None):
