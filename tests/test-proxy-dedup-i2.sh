@@ -107,7 +107,8 @@ for (( run = 1; run <= 4; run++ )); do
     # next range (the copy itself crawls, rarely in flight at a poll).
     if ! kill -0 "$reader" 2>/dev/null && (( rereads < 5 )); then
       wait "$reader" || echo "run $run: reader: $(tr '\n' ' ' < "$TESTDIR/read.out")"
-      rereads=$((rereads + 1)) roff=$((roff - 6 * M))
+      # below every run's own range (the last 4 x 6 MiB), one set per run
+      rereads=$((rereads + 1)) roff=$((SIZE - 24 * M - ((run - 1) * 5 + rereads) * 6 * M))
       timeout 60 qemu-io -f raw -r -c "read $roff 6M" "$puri" >"$TESTDIR/read.out" 2>&1 &
       reader=$!
     fi

@@ -18,7 +18,9 @@ with open(sys.argv[1], "wb") as f:
         f.write((line * 90)[:4096] if i % 2 else bytes([i % 251 + 1]) * 4096)
 PY
 
-# hello_probe NAME [ENV...] -- [PROXY OPTIONS...]: a listener that takes
+stop_quiet() { kill "$1" 2>/dev/null || true; }   # for cleanup: may be gone
+
+# hello_probe NAME [ENV...] -- SCHEME [PROXY OPTIONS...]: a listener that takes
 # one connection, reads the 20-byte hello and, if it asks EARLY, without
 # answering, the first bytes that follow (at most 10 s); writes "FLAGS
 # EXTRA_BYTES FIRST4_HEX" to $TESTDIR/NAME.probe.  A hello without EARLY
@@ -59,7 +61,7 @@ open(out + ".tmp", "w").write("%d %d %s\n" % (flags, len(extra), extra[:4].hex()
 os.rename(out + ".tmp", out)
 PY
   local probe=$!
-  cleanup_fn kill "$probe"
+  cleanup_fn stop_quiet "$probe"
   wait_for test -s "$pf" || fail "$name: the probe listener did not start"
   local d=$TESTDIR/$name
   mkdir -p "$d"
@@ -67,29 +69,31 @@ PY
       --cache "$d/cache" --bitmap "$d/bm" -u "$d/px.sock" --control "$d/ctl" "${@:2}" \
       </dev/null >"$d/proxy.log" 2>&1 &
   local px=$!
-  cleanup_fn kill "$px"
+  cleanup_fn stop_quiet "$px"
   wait_for test -s "$out" || fail "$name: the probe saw no hello"
   kill "$px" 2>/dev/null || true
   wait "$px" 2>/dev/null || true
   wait "$probe" 2>/dev/null || true
-  cat "$out"
 }
 
 # 1. xnbd://: EARLY (4) with ZSTD (1); the options follow at once, a zstd frame.
-read -r flags extra first < <(hello_probe early -- xnbd)
+hello_probe early -- xnbd
+read -r flags extra first < "$TESTDIR/early.probe"
 echo "xnbd://: hello flags $flags, $extra bytes before any answer, starting $first"
 (( flags >= 0 && (flags & 4) && (flags & 1) )) || fail "xnbd://: hello flags $flags lack EARLY and ZSTD"
 (( extra > 0 )) || fail "xnbd://: no NBD options arrived before the server answered"
 [[ $first == 28b52ffd ]] || fail "xnbd://: early bytes start $first, not a zstd frame"
 
 # 2. XNBD_WAN_PIPELINE=0: no options sent ahead, so no EARLY.
-read -r flags extra first < <(hello_probe nopipe XNBD_WAN_PIPELINE=0 -- xnbd)
+hello_probe nopipe XNBD_WAN_PIPELINE=0 -- xnbd
+read -r flags extra first < "$TESTDIR/nopipe.probe"
 echo "XNBD_WAN_PIPELINE=0: hello flags $flags"
 (( flags >= 0 && !(flags & 4) )) || fail "XNBD_WAN_PIPELINE=0: hello flags $flags ask EARLY"
 
 # 3. xnbds:// (TLS first): no EARLY.
 psktool -u alice -p "$TESTDIR/keys.psk" >/dev/null 2>&1 || fail "psktool failed"
-read -r flags extra first < <(hello_probe tls -- xnbds --tls-psk "$TESTDIR/keys.psk")
+hello_probe tls -- xnbds --tls-psk "$TESTDIR/keys.psk"
+read -r flags extra first < "$TESTDIR/tls.probe"
 echo "xnbds://: hello flags $flags"
 (( flags >= 0 && (flags & 2) && !(flags & 4) )) || fail "xnbds://: hello flags $flags"
 
@@ -101,7 +105,7 @@ rm -f "$TESTDIR/tap.port"
 python3 "$XNBD_SRC/tests/tools/tap-relay.py" "$TESTDIR/tap.port" 127.0.0.1 \
     "$(cat "$TESTDIR/wan.port")" "$TESTDIR/cap" &
 tap=$!
-cleanup_fn kill "$tap"
+cleanup_fn stop_quiet "$tap"
 wait_for test -s "$TESTDIR/tap.port" || fail "the relay did not start"
 d=$TESTDIR/off
 mkdir -p "$d"
@@ -111,8 +115,10 @@ wait_state "$d/ctl" complete 60
 qemu-img compare -q -f raw -F raw "$img" "nbd+unix:///?socket=$d/px.sock" ||
   fail "--compress=off server: the proxy's copy differs from the image"
 rx=$(proxy_status "$d/ctl" wire.rx) raw=$(proxy_status "$d/ctl" wire.rx_raw)
-echo "--compress=off: wire rx $rx bytes for $raw bytes of NBD"
+tx=$(proxy_status "$d/ctl" wire.tx) txraw=$(proxy_status "$d/ctl" wire.tx_raw)
+echo "--compress=off: wire rx $rx bytes for $raw bytes of NBD, tx $tx for $txraw"
 (( rx == raw )) || fail "--compress=off: the server's direction was compressed ($rx of $raw)"
+(( tx < txraw )) || fail "--compress=off: the proxy's direction was not compressed ($tx of $txraw)"
 stop_server "$PROXY_PID" >/dev/null
 n=$(grep -c -a "EARLY-HELLO-MARKER" "$TESTDIR/cap" || true)
 (( n > 0 )) || fail "--compress=off: the image's text did not cross in the clear"

@@ -277,15 +277,25 @@ uint64_t digest_sidecar_lookup(struct digest_sidecar *sc, uint64_t first,
   if (broken || first >= sc->blocks || count > sc->blocks - first) return 0;
   buf = malloc(count * DIGEST_SIDECAR_ENTRY);
   if (!buf) return 0;
+  /* The checked bits as they were before the entries were read (a bit
+   * set while they were read may be for a newer entry than the one read),
+   * trusted only if nothing was invalidated meanwhile. */
+  for (uint64_t i = 0; i < count; i++) have[i] = checked_get(sc, first + i);
   /* A file shortened behind our back reads as zeros: invalid entries. */
-  if (pread_all(sc->fd, buf, count * DIGEST_SIDECAR_ENTRY, entry_off(first)) == 0)
+  int rc = pread_all(sc->fd, buf, count * DIGEST_SIDECAR_ENTRY, entry_off(first));
+  pthread_mutex_lock(&sc->lock);
+  bool same = sc->epoch == epoch;
+  pthread_mutex_unlock(&sc->lock);
+  if (rc == 0)
     for (uint64_t i = 0; i < count; i++) {
       static const uint8_t none[8];
       const uint8_t *e = buf + i * DIGEST_SIDECAR_ENTRY;
+      bool checked = have[i] && same;
+      have[i] = false;
       /* Never written or invalidated (zeroed): no need to hash.  (A real
        * tag of eight zero bytes is then merely computed again.) */
       if (memcmp(e + DIGEST_LEN, none, 8) == 0) continue;
-      if (!checked_get(sc, first + i)) {
+      if (!checked) {
         entry_tag(salt, first + i, e, tag);
         if (memcmp(tag, e + DIGEST_LEN, 8) != 0) continue;
         tagged++;
@@ -294,6 +304,8 @@ uint64_t digest_sidecar_lookup(struct digest_sidecar *sc, uint64_t first,
       have[i] = true;
       found++;
     }
+  else
+    memset(have, 0, count * sizeof *have);
   free(buf);
   if (tagged) {
     /* The entries that passed their tag, if nothing was invalidated

@@ -776,13 +776,15 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
 /* The window follows what the path delivers (window.h); a fixed
  * --bg-window stays as it is.  The queue on the path is measured either
  * way, for the status.  Digests cross the same path ahead of the data:
- * they count as delivered, so the start-up has grown by them, and knows
- * the path's rate, by the time the first fetches go out. */
+ * they count as delivered, so the start-up knows the path's rate, and has
+ * grown by them, by the time the first fetches go out (they land in
+ * lumps of 512 KiB: counted as such, window.h). */
 static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;
+  c->win.lumps = e->bytes_digests;
   uint64_t w = win_update(&c->win, now, delivered,
                           c->inflight_bytes, sb->rtt_ns, sb->rtt_last_ns,
                           c->running && !c->paused);

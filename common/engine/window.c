@@ -11,6 +11,10 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
                     uint64_t min_rtt_ns, uint64_t last_rtt_ns, bool active)
 {
   w->queue_ns = last_rtt_ns > min_rtt_ns ? last_rtt_ns - min_rtt_ns : 0;
+  if (delivered != w->moved_bytes) {
+    w->moved_bytes = delivered;
+    w->moved_at = now;
+  }
   if (active && !w->startup_over) {
     /* Start-up grows by what was delivered (about doubling per round
      * trip, as TCP's slow start does), so a thin link is not handed the
@@ -20,6 +24,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
     if (!w->started) {
       w->started = true;
       w->start_bytes = delivered;
+      w->start_lumps = w->lumps;
     }
     /* The start-up clock starts with the first bytes delivered: the
      * time the copy waited for its connection or for digests is not the
@@ -32,6 +37,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       w->start_at = now;
       w->snap_at = now;
       w->snap_bytes = delivered;
+      w->snap_moved = now;
     }
     /* The best rate of a round trip since then (what arrived in it): it
      * stands in for the rate before the first sample (a thin link shows
@@ -39,11 +45,28 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
      * after it while it is higher (the first sample may hold time
      * without data; while the rate doubles each round trip, the latest
      * round trip is what counts). */
+    /* A round trip's bytes are counted from the last delivery before it
+     * began: bytes land in lumps (a 512 KiB chunk of digests, a large
+     * job), and a lump that took 400 ms to cross a thin link, landing
+     * within one round trip, would read as 20 times the link's rate. */
     if (w->flowing && now >= w->snap_at + MAX(min_rtt_ns, (uint64_t) 5000000u)) {
-      double r = (double) (delivered - w->snap_bytes) * 1e9 / (double) (now - w->snap_at);
+      uint64_t from = MIN(w->snap_at, w->snap_moved);
+      double r = (double) (delivered - w->snap_bytes) * 1e9 / (double) (now - from);
       w->early = MAX(w->early, (uint64_t) r);
       w->snap_at = now;
       w->snap_bytes = delivered;
+      w->snap_moved = w->moved_at;
+    }
+    /* Lumps asked back to back time the path too: the bytes of one over
+     * the time since the one before it (a lower bound when the source
+     * took longer to make it than the path to carry it). */
+    if (w->lumps != w->lump_seen) {
+      if (w->lump_at && now >= w->lump_at + WIN_LUMP_GAP_NS && w->lumps > w->lump_seen) {
+        double r = (double) (w->lumps - w->lump_seen) * 1e9 / (double) (now - w->lump_at);
+        w->early = MAX(w->early, (uint64_t) r);
+      }
+      w->lump_seen = w->lumps;
+      w->lump_at = now;
     }
     double early = (double) w->early;
     if (min_rtt_ns && w->queue_ns > MAX(min_rtt_ns, (uint64_t) WIN_QUEUE_FULL_NS)) {
@@ -64,7 +87,14 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       double rate = MAX(early, (double) w->maxrate);
       if (min_rtt_ns && rate > 0)
         bound = MAX(WIN_MIN, 4 * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
-      uint64_t grown = WIN_START + 2 * (delivered - w->start_bytes);
+      /* Until a round trip's rate is known, lumps (digests) do not grow
+       * the window: one says nothing of the link's speed yet. */
+      uint64_t got = delivered - w->start_bytes;
+      if (!(rate > 0)) {
+        uint64_t lumps = w->lumps > w->start_lumps ? w->lumps - w->start_lumps : 0;
+        got = got > lumps ? got - lumps : 0;
+      }
+      uint64_t grown = WIN_START + 2 * got;
       w->window = MIN(MIN(MAX(w->window, grown), bound), WIN_MAX);
     }
   }

@@ -36,6 +36,7 @@
 #define WIN_MIN ((uint64_t) 64 << 10)
 #define WIN_MAX ((uint64_t) 256 << 20)
 #define WIN_SAMPLE_NS 250000000u
+#define WIN_LUMP_GAP_NS 2000000u       /* two lumps closer than this: no timing */
 #define WIN_RATES 40                   /* 10 s of samples */
 
 struct winctl {
@@ -50,6 +51,13 @@ struct winctl {
   bool flowing;                 /* start-up: bytes have been delivered */
   uint64_t start_at;            /* when the first of them arrived */
   uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
+  uint64_t snap_moved;          /* the last delivery before it began */
+  uint64_t moved_at, moved_bytes; /* when delivered last changed, and to what */
+  /* Set by the caller before win_update: how much of delivered came in
+   * lumps (chunks of digests), which start-up does not grow by before a
+   * round trip's rate is known; start_lumps: that when the copy started. */
+  uint64_t lumps, start_lumps;
+  uint64_t lump_seen, lump_at;  /* start-up: lumps at the last one, and when it landed */
   uint64_t early;               /* start-up: the best round trip's rate */
   uint64_t maxrate;             /* the best rate of the last 10 s */
   uint64_t queue_ns;            /* the last round trip minus the smallest */

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <unistd.h>
 #include <stdio.h>
 #include <string.h>
@@ -67,7 +68,9 @@ struct workq *workq_new(unsigned nthreads, const char *name)
   pthread_cond_init(&wq->cond, NULL);
   /* CPU-only work: half the threads, and at most half the cores (the
    * pump threads and, on a shared machine, the other end need the rest). */
-  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  cpu_set_t set;                  /* the CPUs this process may use */
+  long cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
+                                                          : sysconf(_SC_NPROCESSORS_ONLN);
   unsigned half_cpus = cpus >= 4 ? (unsigned) (cpus / 2) : 1;
   wq->low_max = nthreads / 2 ? nthreads / 2 : 1;
   if (wq->low_max > half_cpus) wq->low_max = half_cpus;

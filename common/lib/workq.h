@@ -20,7 +20,8 @@ void workq_submit(struct workq *wq, struct xwork *w);
 /* Ahead of everything queued (a client waits on it). */
 void workq_submit_first(struct workq *wq, struct xwork *w);
 /* Behind everything: run only when nothing else is queued, by at most
- * half the threads and half the online CPUs at once (at least one), so
+ * half the threads and half the CPUs this process may use at once (at
+ * least one), so
  * that work that only uses
  * the CPU (hashing seed blocks) does not hold up the landings of data a
  * link delivers, nor take every core from the threads feeding that link. */

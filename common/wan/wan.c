@@ -46,6 +46,7 @@ void wan_counters_put(struct wan_counters *c)
   } while (0)
 static atomic_uint_fast64_t hello_rtt_min;
 static atomic_uint live_pumps;
+static atomic_bool early_refused;     /* a server misread early options */
 
 uint64_t wan_handshake_rtt_ns(void) { return atomic_load(&hello_rtt_min); }
 
@@ -363,7 +364,7 @@ static int handshake(struct pump *p)
   }
   /* Client.  With NBD options to send ahead and no TLS, they leave with
    * the hello (WAN_F_EARLY), framed as asked: one round trip less. */
-  bool early = p->nego && !(p->flags & WAN_F_TLS);
+  bool early = p->nego && !(p->flags & WAN_F_TLS) && !atomic_load(&early_refused);
   if (early) p->flags |= WAN_F_EARLY;
   memcpy(h, WAN_MAGIC, 8);
   put_be32(h + 8, WAN_VERSION);
@@ -402,10 +403,13 @@ static int handshake(struct pump *p)
   unsigned got = get_be32(h + 12);
   p->zstd_rx = got & WAN_F_ZSTD;
   if (early && !(got & WAN_F_EARLY) && p->zstd_rx != p->zstd_tx) {
-    /* A server from before early bytes reads ours as its own framing. */
+    /* A server from before early bytes reads ours as its own framing:
+     * this connection is lost, the next ones wait for the answer. */
+    atomic_store(&early_refused, true);
     log_warn("WAN connection to %s: the server predates early handshakes and "
-             "turned compression %s, so it misreads the NBD options sent with the "
-             "hello: upgrade xnbd-server, or set XNBD_WAN_PIPELINE=0 here", p->host,
+             "turned compression %s, so it misread the NBD options sent with the "
+             "hello; connections from now on send them after its answer "
+             "(upgrading xnbd-server saves that round trip)", p->host,
              p->zstd_rx ? "on" : "off");
     errno = EPROTO;
     return -1;

@@ -237,3 +237,50 @@ Test(window, the_first_replies_alone_do_not_make_a_fast_path_look_thin)
                   (unsigned long) w.window, 2 * (i + 1));
   }
 }
+
+Test(window, lumps_on_a_thin_link_read_at_the_link_s_rate)
+{
+  /* 10 Mbit/s, 20 ms: chunks of digests, 512 KiB each (~130 kB on the
+   * wire), land every 100 ms.  Each lump counts over the time since the
+   * one before it, not as 512 KiB in one round trip (25 MB/s); and before
+   * a rate is known the lumps do not grow the window. */
+  struct winctl w;
+  win_init(&w);
+  uint64_t now = 1 * S, delivered = 0;
+  win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+  for (unsigned i = 0; i < 4; i++) {
+    now += 100 * MS;
+    delivered += 512 << 10;
+    w.lumps = delivered;
+    win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+    if (i == 0)
+      cr_assert_eq(w.window, WIN_START, "window %lu after the first lump", (unsigned long) w.window);
+    for (unsigned k = 0; k < 9; k++) {   /* the source thread's ticks in between */
+      now += 10 * MS;
+      win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+    }
+    now -= 90 * MS;
+  }
+  cr_assert_leq(w.early, 6000000, "start-up rate %lu B/s for 5.2 MB/s of lumps",
+                (unsigned long) w.early);
+  cr_assert_leq(w.window, 4 * 6000000 / 50, "window %lu", (unsigned long) w.window);
+}
+
+Test(window, lumps_back_to_back_time_a_fat_path)
+{
+  /* 200 Mbit/s: chunks of digests (512 KiB) land 5 ms apart, before any
+   * data is fetched.  The second one gives the rate (~100 MB/s), and the
+   * window grows by the lumps at once rather than a round trip later. */
+  struct winctl w;
+  win_init(&w);
+  uint64_t now = 1 * S, delivered = 0;
+  win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+  for (unsigned i = 0; i < 2; i++) {
+    now += 5 * MS;
+    delivered += 512 << 10;
+    w.lumps = delivered;
+    win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+  }
+  cr_assert(w.early >= 90000000 && w.early <= 120000000, "rate %lu B/s", (unsigned long) w.early);
+  cr_assert_eq(w.window, WIN_START + 2 * (1024 << 10), "window %lu", (unsigned long) w.window);
+}
