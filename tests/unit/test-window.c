@@ -238,6 +238,19 @@ Test(window, the_first_replies_alone_do_not_make_a_fast_path_look_thin)
   }
 }
 
+/* A lump of 512 KiB (a chunk of digests) lands gap after the last one,
+ * then the source thread ticks every 10 ms until the next one is due
+ * (20 ms round trips). */
+static void land_lump(struct winctl *w, uint64_t *now, uint64_t *delivered, uint64_t gap)
+{
+  *now += gap;
+  *delivered += 512 << 10;
+  w->lumps = *delivered;
+  win_update(w, *now, *delivered, 0, 20 * MS, 20 * MS, true);
+  for (uint64_t t = 10 * MS; t < gap; t += 10 * MS)
+    win_update(w, *now + t, *delivered, 0, 20 * MS, 20 * MS, true);
+}
+
 Test(window, lumps_on_a_thin_link_read_at_the_link_s_rate)
 {
   /* 10 Mbit/s, 20 ms: chunks of digests, 512 KiB each (~130 kB on the
@@ -248,19 +261,9 @@ Test(window, lumps_on_a_thin_link_read_at_the_link_s_rate)
   win_init(&w);
   uint64_t now = 1 * S, delivered = 0;
   win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
-  for (unsigned i = 0; i < 4; i++) {
-    now += 100 * MS;
-    delivered += 512 << 10;
-    w.lumps = delivered;
-    win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
-    if (i == 0)
-      cr_assert_eq(w.window, WIN_START, "window %lu after the first lump", (unsigned long) w.window);
-    for (unsigned k = 0; k < 9; k++) {   /* the source thread's ticks in between */
-      now += 10 * MS;
-      win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
-    }
-    now -= 90 * MS;
-  }
+  land_lump(&w, &now, &delivered, 100 * MS);
+  cr_assert_eq(w.window, WIN_START, "window %lu after the first lump", (unsigned long) w.window);
+  for (unsigned i = 0; i < 3; i++) land_lump(&w, &now, &delivered, 100 * MS);
   cr_assert_leq(w.early, 6000000, "start-up rate %lu B/s for 5.2 MB/s of lumps",
                 (unsigned long) w.early);
   cr_assert_leq(w.window, 4 * 6000000 / 50, "window %lu", (unsigned long) w.window);
@@ -275,12 +278,7 @@ Test(window, lumps_back_to_back_time_a_fat_path)
   win_init(&w);
   uint64_t now = 1 * S, delivered = 0;
   win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
-  for (unsigned i = 0; i < 2; i++) {
-    now += 5 * MS;
-    delivered += 512 << 10;
-    w.lumps = delivered;
-    win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
-  }
+  for (unsigned i = 0; i < 2; i++) land_lump(&w, &now, &delivered, 5 * MS);
   cr_assert(w.early >= 90000000 && w.early <= 120000000, "rate %lu B/s", (unsigned long) w.early);
   cr_assert_eq(w.window, WIN_START + 2 * (1024 << 10), "window %lu", (unsigned long) w.window);
 }
