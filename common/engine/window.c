@@ -111,10 +111,15 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
   uint64_t win = w->window;
   uint64_t cap = 2 * (uint64_t) ((double) maxrate * (double) min_rtt_ns / 1e9);
   bool grew = w->best && rate > w->best + w->best / 4;
+  /* A sample with the window mostly unused (the copy waited for digests,
+   * block status or the CPU, not for the path) says nothing of the path:
+   * it does not count towards ending start-up, whose window would then
+   * settle at twice a rate the path was never asked for. */
+  bool used = inflight >= win * 3 / 4;
   if (!w->best || grew) {
     w->best = rate;
     w->flat = 0;
-  } else if (w->flat < 3 && ++w->flat == 3)
+  } else if (used && w->flat < 3 && ++w->flat == 3)
     w->startup_over = true;
   bool doubling = grew && !w->startup_over && win <= 2 * cap;
   if (rate >= maxrate * 85 / 100 && inflight >= win * 3 / 4)

@@ -282,3 +282,27 @@ Test(window, lumps_back_to_back_time_a_fat_path)
   cr_assert(w.early >= 90000000 && w.early <= 120000000, "rate %lu B/s", (unsigned long) w.early);
   cr_assert_eq(w.window, WIN_START + 2 * (1024 << 10), "window %lu", (unsigned long) w.window);
 }
+
+Test(window, samples_with_the_window_unused_do_not_end_start_up)
+{
+  /* 1.5 s of a copy that waits for digests (the source hashes them): 2.5
+   * MB per sample, flat, with little in flight.  Those samples say
+   * nothing of the path: start-up goes on, and ends (three flat samples)
+   * only once the window is in use. */
+  struct winctl w;
+  win_init(&w);
+  uint64_t now = 1 * S, delivered = 0;
+  win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
+  for (unsigned i = 0; i < 6; i++) {
+    now += WIN_SAMPLE_NS;
+    delivered += 2500000;
+    win_update(&w, now, delivered, 100000, 20 * MS, 20 * MS, true);
+  }
+  cr_assert(!w.startup_over, "start-up ended on samples of an idle window");
+  for (unsigned i = 0; i < 4; i++) {
+    now += WIN_SAMPLE_NS;
+    delivered += 2500000;
+    win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
+  }
+  cr_assert(w.startup_over, "start-up went on with the window in use and the rate flat");
+}
