@@ -354,6 +354,18 @@ static int handshake(struct pump *p)
       log_warn("WAN connection refused: %s", st == WAN_ST_TLS_REQUIRED
                ? "TLS is required (--tls=require) and the client did not ask for it"
                : "the client asked for TLS but this server has no TLS configured");
+      if (early) {
+        /* Closing with its early bytes unread would reset the connection,
+         * and the answer could be lost with it: end this direction and
+         * read what the client sent until it closes (at most 1 s). */
+        uint8_t junk[4096];
+        uint64_t until = MIN(p->deadline, now_ns() + 1000000000u);
+        shutdown(p->wan, SHUT_WR);
+        while (wait_fd(p->wan, POLLIN, until) == 0) {
+          ssize_t n = recv(p->wan, junk, sizeof junk, 0);
+          if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) break;
+        }
+      }
       errno = EACCES;
       return -1;
     }
