@@ -147,6 +147,16 @@ def wan_seeds():
     yield "server-zstd", bytes([0]) + hello(1, 3) + frames["nbd"]
     yield "client-zstd", (bytes([5]) + b"XNBDWAN\0" + struct.pack(">III", 1, 1, 0) +
                           frames["greeting"])
+    # Early NBD options (WAN_F_EARLY = 4): a server that reads the client's
+    # zstd whether or not it compresses itself (role byte 4: --compress=off);
+    # a client (role 13: zstd, options sent ahead) answered by a server that
+    # echoes EARLY, and by one from before it that turned compression off.
+    yield "server-early", bytes([0]) + hello(5, 3) + frames["nbd"]
+    yield "server-early-compress-off", bytes([4]) + hello(5, 3) + frames["nbd"]
+    yield "client-early", (bytes([13]) + b"XNBDWAN\0" + struct.pack(">III", 1, 5, 0) +
+                           frames["greeting"])
+    yield "client-early-old-server", (bytes([13]) + b"XNBDWAN\0" +
+                                      struct.pack(">III", 1, 0, 0) + b"NBDMAGIC" + bytes(10))
 
 
 def wan_zstd_frames():
