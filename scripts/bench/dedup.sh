@@ -12,6 +12,10 @@
 #   seed-old        --seed old.img --index (built beforehand, see below)
 #   inplace-seed    (when new-inplace.img exists) new-inplace migrated with
 #                   --seed old.img: the same-offset case
+#   inplace-warm    the same from a server whose digest sidecar is filled
+#                   (a copy of the image in the scratch directory, its
+#                   digests read once before): a source that served them
+#                   before, where the others hash them at the first read
 #   nbdcopy         nbdcopy of new from `nbdkit file` in src to a file in dst
 #   ram-no-seeds,   (when scripts/bench/data/vm-ram.sh can make them) the RAM
 #   ram-seed        of a small VM's second run, without seeds and with
@@ -234,7 +238,7 @@ SETTING_LABEL="rtt $rtt rate $rate"
 read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
 NONZERO=$(( $(jget "$A_NEW" nonzero) * 4096 ))     # for run_lat
 echo "dedup: wan-emu up --rtt $rtt --rate $rate"
-wan_start "$rtt" "$rate" 10810,10811,10812,10813
+wan_start "$rtt" "$rate" 10810,10811,10812,10813,10814
 
 # Sources in src: xnbd-server of new (WAN transport), nbdkit file of new,
 # xnbd-server of new-inplace.  --image-id=stat: nothing written beside the
@@ -249,6 +253,15 @@ if [[ -n $INPLACE ]]; then
     start_bg ipid "$WAN" --name "$WNAME" exec src "$XNBD" -r --image-id=stat -W 10.254.0.1:10812 \
         -l 127.0.0.1:0 -p "$tmp/src-inp.pid" "$INPLACE" 2>"$tmp/src-inp.log"
     wait_file_ready "$tmp/src-inp.pid" "$ipid" 10 || die "xnbd-server (new-inplace) did not start: $(cat "$tmp/src-inp.log")"
+    # The warm source: a copy with an identity and a sidecar, filled by one
+    # read of its digest export (on its local port).
+    cp --sparse=always "$INPLACE" "$tmp/inplace-warm-src.img"
+    start_bg wpid_src "$WAN" --name "$WNAME" exec src "$XNBD" -r -W 10.254.0.1:10814 \
+        -l 127.0.0.1:0 --port-file "$tmp/src-warm.port" -p "$tmp/src-warm.pid" \
+        "$tmp/inplace-warm-src.img" 2>"$tmp/src-warm.log"
+    wait_file_ready "$tmp/src-warm.pid" "$wpid_src" 10 || die "xnbd-server (warm new-inplace) did not start: $(cat "$tmp/src-warm.log")"
+    "$WAN" --name "$WNAME" exec src nbdcopy "nbd://127.0.0.1:$(cat "$tmp/src-warm.port")/@xnbd-sha256" null: ||
+        die "reading the warm source's digests failed: $(tail -3 "$tmp/src-warm.log")"
 fi
 if [[ -n $VM2 ]]; then
     start_bg vpid "$WAN" --name "$WNAME" exec src "$XNBD" -r --image-id=stat -W 10.254.0.1:10813 \
@@ -285,6 +298,7 @@ one_xnbd() {
 one_xnbd no-seeds "$NEW" "xnbd://$a_new/"
 one_xnbd seed-old "$NEW" "xnbd://$a_new/" --seed "$OLD" --index "$IDX"
 [[ -n $INPLACE ]] && one_xnbd inplace-seed "$INPLACE" "xnbd://$a_inp/" --seed "$OLD" --index "$IDX"
+[[ -n $INPLACE ]] && one_xnbd inplace-warm "$INPLACE" "xnbd://$(wan relay-addr 10814)/" --seed "$OLD" --index "$IDX"
 if [[ -n $VM2 ]]; then
     a_vm=$(wan relay-addr 10813)
     one_xnbd ram-no-seeds "$VM2" "xnbd://$a_vm/"
@@ -387,7 +401,7 @@ echo "    $L_RESULT (on-demand fetches $L_MISSES)"
 {
     echo "# latency samples (offset us start_s), seeded then source"
     cat "$tmp/lat-seed.samples" "$tmp/lat-source.samples" 2>/dev/null || true
-    for n in no-seeds seed-old inplace-seed lat-seed; do
+    for n in no-seeds seed-old inplace-seed inplace-warm lat-seed; do
         [[ -f $tmp/$n.log ]] || continue
         echo "# log of $n:"
         sed 's/^/#   /' "$tmp/$n.log"
@@ -443,6 +457,7 @@ def limit(a, seeds):
 runs = [("no-seeds", "xnbd-proxy, no seeds", A, False),
         ("seed-old", "xnbd-proxy --seed old", A, True),
         ("inplace-seed", "xnbd-proxy --seed old (in-place)", I, True),
+        ("inplace-warm", "  the same, digests warm at A", I, True),
         ("nbdcopy", "nbdcopy from nbdkit file", A, None),
         ("ram-no-seeds", "VM RAM vm2: no seeds", R, False),
         ("ram-seed", "VM RAM vm2: --seed vm1.ram", R, True)]
