@@ -34,7 +34,6 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
      * first replies, and a fast path would look thin. */
     if (!w->flowing && delivered > w->start_bytes) {
       w->flowing = true;
-      w->start_at = now;
       w->snap_at = now;
       w->snap_bytes = delivered;
       w->snap_moved = now;
@@ -44,11 +43,11 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
      * itself within a round trip or two, long before the sample) and
      * after it while it is higher (the first sample may hold time
      * without data; while the rate doubles each round trip, the latest
-     * round trip is what counts). */
-    /* A round trip's bytes are counted from the last delivery before it
-     * began: bytes land in lumps (a 512 KiB chunk of digests, a large
-     * job), and a lump that took 400 ms to cross a thin link, landing
-     * within one round trip, would read as 20 times the link's rate. */
+     * round trip is what counts).  A round trip's bytes are counted from
+     * the last delivery before it began: bytes land in lumps (a 512 KiB
+     * chunk of digests, a large job), and a lump that took 400 ms to
+     * cross a thin link, landing within one round trip, would read as 20
+     * times the link's rate. */
     if (w->flowing && now >= w->snap_at + MAX(min_rtt_ns, (uint64_t) 5000000u)) {
       uint64_t from = MIN(w->snap_at, w->snap_moved);
       double r = (double) (delivered - w->snap_bytes) * 1e9 / (double) (now - from);
@@ -122,7 +121,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
   } else if (used && w->flat < 3 && ++w->flat == 3)
     w->startup_over = true;
   bool doubling = grew && !w->startup_over && win <= 2 * cap;
-  if (rate >= maxrate * 85 / 100 && inflight >= win * 3 / 4)
+  if (rate >= maxrate * 85 / 100 && used)
     win = doubling ? win * 2 : w->startup_over ? win * 5 / 4 : win;
   if (w->startup_over) win = MIN(win, cap);
   uint64_t floor = MAX(WIN_MIN, MIN(WIN_FLOOR, maxrate / 10));

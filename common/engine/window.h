@@ -49,7 +49,6 @@ struct winctl {
   bool started;                 /* start-up: start_bytes is set */
   uint64_t start_bytes;         /* bytes delivered when the copy started */
   bool flowing;                 /* start-up: bytes have been delivered */
-  uint64_t start_at;            /* when the first of them arrived */
   uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
   uint64_t snap_moved;          /* the last delivery before it began */
   uint64_t moved_at, moved_bytes; /* when delivered last changed, and to what */
