@@ -331,6 +331,44 @@ make_sparse_image ()
   truncate -s "$(to_bytes "$2")" "$1"
 }
 
+# make_text_image FILE MARKER BLOCKS: BLOCKS 4 KiB blocks alternating one
+# byte repeated and lines of text carrying MARKER (what an eavesdropper on
+# the link could grep for; text compresses, so compression shows too).
+make_text_image ()
+{
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys
+line = sys.argv[2].encode() + b" 0123456789 the quick brown fox\n"
+with open(sys.argv[1], "wb") as f:
+    for i in range(int(sys.argv[3])):
+        f.write((line * 90)[:4096] if i % 2 else bytes([i % 251 + 1]) * 4096)
+PY
+}
+
+# start_tap TARGET_PORT|SOCKET CAPTURE: a relay (tests/tools/tap-relay.py)
+# to TARGET that appends every byte it forwards, both ways, to CAPTURE;
+# sets TAP_PORT and TAP_PID.  stop_tap ends it.
+start_tap ()
+{
+  local host=127.0.0.1 port=$1
+  [[ $1 == /* ]] && host=$1 port=0
+  rm -f "$TESTDIR/tap.port"
+  python3 "$XNBD_SRC/tests/tools/tap-relay.py" "$TESTDIR/tap.port" "$host" "$port" "$2" &
+  TAP_PID=$!
+  cleanup_fn stop_tap "$TAP_PID"
+  wait_for test -s "$TESTDIR/tap.port" || fail "the recording relay did not start"
+  TAP_PORT=$(cat "$TESTDIR/tap.port")
+}
+
+stop_tap ()
+{
+  local pid=${1:-$TAP_PID}
+  [ -n "$pid" ] || return 0
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  [ "$pid" != "${TAP_PID:-}" ] || TAP_PID=
+}
+
 sha ()
 {
   sha256sum "$1" | cut -d' ' -f1

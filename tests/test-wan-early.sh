@@ -10,13 +10,7 @@ source "$(dirname "$0")/functions.sh"
 requires python3 qemu-img psktool
 
 img=$TESTDIR/src.img
-python3 - "$img" <<'PY'
-import sys
-line = b"EARLY-HELLO-MARKER 0123456789 the quick brown fox\n"
-with open(sys.argv[1], "wb") as f:
-    for i in range(1024):                       # 4 MiB
-        f.write((line * 90)[:4096] if i % 2 else bytes([i % 251 + 1]) * 4096)
-PY
+make_text_image "$img" EARLY-HELLO-MARKER 1024     # 4 MiB
 
 stop_quiet() { kill "$1" 2>/dev/null || true; }   # for cleanup: may be gone
 
@@ -101,15 +95,10 @@ echo "xnbds://: hello flags $flags"
 start_server xnbd-server -r -W 127.0.0.1:0 --wan-port-file "$TESTDIR/wan.port" \
     -u "$TESTDIR/srv.sock" --compress=off "$img"
 srv=$SERVER_PID
-rm -f "$TESTDIR/tap.port"
-python3 "$XNBD_SRC/tests/tools/tap-relay.py" "$TESTDIR/tap.port" 127.0.0.1 \
-    "$(cat "$TESTDIR/wan.port")" "$TESTDIR/cap" &
-tap=$!
-cleanup_fn stop_quiet "$tap"
-wait_for test -s "$TESTDIR/tap.port" || fail "the relay did not start"
+start_tap "$(cat "$TESTDIR/wan.port")" "$TESTDIR/cap"
 d=$TESTDIR/off
 mkdir -p "$d"
-start_proxy --target "xnbd://127.0.0.1:$(cat "$TESTDIR/tap.port")/" --cache "$d/cache" \
+start_proxy --target "xnbd://127.0.0.1:$TAP_PORT/" --cache "$d/cache" \
     --bitmap "$d/bm" --control "$d/ctl" -u "$d/px.sock" --cache-all
 wait_state "$d/ctl" complete 60
 qemu-img compare -q -f raw -F raw "$img" "nbd+unix:///?socket=$d/px.sock" ||

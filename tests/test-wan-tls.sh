@@ -7,14 +7,7 @@ source "$(dirname "$0")/functions.sh"
 requires psktool certtool nbdkit qemu-img python3
 
 img=$TESTDIR/src.img
-# Text blocks carry a marker an eavesdropper could grep for.
-python3 - "$img" <<'PY'
-import sys
-line = b"CONFIDENTIAL-PAYROLL-RECORD 0123456789 the quick brown fox\n"
-with open(sys.argv[1], "wb") as f:
-    for i in range(2048):                       # 8 MiB
-        f.write((line * 80)[:4096] if i % 2 else bytes([i % 251 + 1]) * 4096)
-PY
+make_text_image "$img" CONFIDENTIAL-PAYROLL-RECORD 2048     # 8 MiB
 psktool -u alice -p "$TESTDIR/keys.psk" >/dev/null 2>&1 || fail "psktool failed"
 
 # X.509: a CA, a server certificate for 127.0.0.1 (certtool templates).
@@ -31,18 +24,6 @@ mkdir -p "$certs"
            --load-ca-privkey ca-key.pem --template server.info --outfile server-cert.pem
 ) >/dev/null 2>&1 || fail "certtool could not make test certificates"
 
-tap_pid=
-start_tap() {   # start_tap TARGET_PORT|SOCKET CAPTURE: sets TAP_PORT
-  local host=127.0.0.1 port=$1
-  [[ $1 == /* ]] && host=$1 port=0
-  rm -f "$TESTDIR/tap.port"
-  python3 "$XNBD_SRC/tests/tools/tap-relay.py" "$TESTDIR/tap.port" "$host" "$port" "$2" &
-  tap_pid=$!
-  cleanup_fn kill "$tap_pid"
-  wait_for test -s "$TESTDIR/tap.port"
-  TAP_PORT=$(cat "$TESTDIR/tap.port")
-}
-stop_tap() { kill "$tap_pid" 2>/dev/null || true; wait "$tap_pid" 2>/dev/null || true; tap_pid=; }
 
 # migrate TARGET_URI CAPTURE [proxy options]: full copy through the tap,
 # then compare with the source.
