@@ -778,17 +778,28 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
  * way, for the status.  Digests cross the same path ahead of the data:
  * they count as delivered, so the start-up knows the path's rate, and has
  * grown by them, by the time the first fetches go out (they land in
- * lumps of 512 KiB: counted as such, window.h). */
+ * lumps of 512 KiB: counted as such, window.h).
+ *
+ * After start-up the controller counts bytes on the link, not bytes of
+ * the image (win_ratio, window.h): a run of data that compresses better
+ * than the data before it gets a wider window for the same bytes on the
+ * link. */
 static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
+  double ratio = win_ratio(&c->ratio, c->win.startup_over, sb->wire_rx, sb->wire_rx_raw,
+                           win_queued(&c->win, sb->rtt_ns));
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;
   c->win.lumps = e->bytes_digests;
-  uint64_t w = win_update(&c->win, now, delivered,
-                          c->inflight_bytes, sb->rtt_ns, sb->rtt_last_ns,
-                          c->running && !c->paused);
-  if (c->window_auto && c->running && !c->paused) c->window = w;
+  if (delivered > c->delivered_raw)
+    c->delivered_link += (double) (delivered - c->delivered_raw) / ratio;
+  c->delivered_raw = delivered;
+  uint64_t w = win_update(&c->win, now, (uint64_t) c->delivered_link,
+                          (uint64_t) ((double) c->inflight_bytes / ratio),
+                          sb->rtt_ns, sb->rtt_last_ns, c->running && !c->paused);
+  if (c->window_auto && c->running && !c->paused)
+    c->window = MIN((uint64_t) ((double) w * ratio), (uint64_t) WIN_MAX);
   pthread_mutex_unlock(&e->lock);
 }
 

@@ -145,7 +145,10 @@ struct copy {
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
-  struct winctl win;            /* the window (window.c) */
+  struct winctl win;            /* the window (window.c), in link bytes */
+  struct winratio ratio;        /* image bytes per link byte (window.h) */
+  double delivered_link;        /* delivered, in the controller's link bytes */
+  uint64_t delivered_raw;       /* delivered, in image bytes, then */
 };
 
 struct engine {

@@ -7,6 +7,38 @@ void win_init(struct winctl *w)
   *w = (struct winctl) { .window = WIN_START };
 }
 
+bool win_queued(const struct winctl *w, uint64_t min_rtt_ns)
+{
+  return w->queue_ns > MAX(min_rtt_ns / 2, (uint64_t) 5000000u);
+}
+
+double win_ratio(struct winratio *r, bool startup_over, uint64_t wire, uint64_t raw, bool queued)
+{
+  if (!startup_over) {
+    *r = (struct winratio) { 0 };
+    return 1;
+  }
+  if (!r->factor) {
+    /* start-up just ended: the base is the first piece from here on */
+    *r = (struct winratio) { .factor = 1, .measuring = true, .wire = wire, .raw = raw };
+    return 1;
+  }
+  if (wire > r->wire && raw >= r->raw &&
+      (wire >= r->wire + WIN_RATIO_WIRE || raw >= r->raw + WIN_RATIO_RAW)) {
+    double piece = (double) (raw - r->raw) / (double) (wire - r->wire);
+    r->wire = wire;
+    r->raw = raw;
+    if (r->measuring) {
+      r->measuring = false;
+      r->base = r->avg = MAX(piece, 1.0);
+    } else
+      r->avg = (r->avg + piece) / 2;
+  }
+  if (queued) r->avg = r->base;
+  if (!r->measuring) r->factor = MIN(MAX(r->avg / r->base, 1.0), WIN_RATIO_MAX);
+  return r->factor;
+}
+
 uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t inflight,
                     uint64_t min_rtt_ns, uint64_t last_rtt_ns, bool active)
 {
@@ -128,7 +160,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
   /* The floor keeps a window from shrinking below it; it lifts one that
    * is below only while the path shows no queue (a jump into a queued
    * path is a burst that a client's miss waits behind). */
-  if (w->queue_ns > MAX(min_rtt_ns / 2, (uint64_t) 5000000u))
+  if (win_queued(w, min_rtt_ns))
     floor = MAX(WIN_MIN, MIN(floor, w->window));
   w->window = MIN(MAX(win, floor), WIN_MAX);
   return w->window;

@@ -62,7 +62,39 @@ struct winctl {
   uint64_t queue_ns;            /* the last round trip minus the smallest */
 };
 
+/* Compression on the link.  Windows and rates above are in bytes of the
+ * image; over zstd, a run of data that compresses far better than the
+ * data before it (a file of few distinct bytes after random data) would
+ * be held to the window the random data needed while the link idles.
+ * After start-up, the controller counts bytes as they cross the link:
+ * win_ratio's factor, by which the copy divides what it hands win_update
+ * and multiplies the window it gets back, is how much better the latest
+ * data compresses (image bytes per byte received, a moving average over
+ * pieces of WIN_RATIO_WIRE bytes received or WIN_RATIO_RAW of the image,
+ * whichever comes first) than the data when start-up ended, between 1
+ * and WIN_RATIO_MAX: data that turns random again puts at most that many
+ * times the window on the link once.  A queue on the path (win_queued)
+ * sets the factor back to 1 at once; during start-up it is 1 (block
+ * status replies alone would make a ratio the data does not have). */
+#define WIN_RATIO_WIRE (256u << 10)
+#define WIN_RATIO_RAW (2u << 20)
+#define WIN_RATIO_MAX 4.0
+
+struct winratio {
+  double factor;                /* 1..WIN_RATIO_MAX (0: not set yet) */
+  double base, avg;             /* image per link bytes: when start-up ended, lately */
+  bool measuring;               /* start-up is over, base not measured yet */
+  uint64_t wire, raw;           /* the counters at the last piece */
+};
+
 void win_init(struct winctl *w);
+/* Whether the last round trip saw a queue worth giving way to: longer
+ * than half the smallest round trip and 5 ms. */
+bool win_queued(const struct winctl *w, uint64_t min_rtt_ns);
+/* The factor (above), given whether start-up is over, the bytes received
+ * so far on the link (wire) and as they were before compression (raw),
+ * and whether the path queues. */
+double win_ratio(struct winratio *r, bool startup_over, uint64_t wire, uint64_t raw, bool queued);
 /* At now (ns), called often: delivered the bytes the copy landed so far (a
  * running total), inflight the bytes in flight now, min_rtt_ns the
  * smallest recent round trip and last_rtt_ns the latest; active whether

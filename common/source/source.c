@@ -951,6 +951,8 @@ void source_brief(struct source *s, struct source_brief *b)
   b->rtt_ns = atomic_load(&s->rtt_ns);
   b->rtt_last_ns = atomic_load(&s->rtt_last_ns);
   b->zeros_cheap = atomic_load(&s->cheap);
+  b->wire_rx = atomic_load(&s->wire->rx_wire);
+  b->wire_rx_raw = atomic_load(&s->wire->rx_raw);
 }
 
 void source_get_stats(struct source *s, struct source_stats *st)

@@ -130,6 +130,7 @@ struct source_brief {
   uint64_t rtt_ns;              /* smallest recent round trip (0: unknown) */
   uint64_t rtt_last_ns;         /* the latest sample: rtt_ns + the path's queue */
   bool zeros_cheap;
+  uint64_t wire_rx, wire_rx_raw;   /* WAN transport bytes received: on the wire, after zstd */
 };
 void source_brief(struct source *s, struct source_brief *b);
 

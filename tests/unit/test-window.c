@@ -6,7 +6,9 @@
  * reports the queue of the last round-trip sample, keeps a thin link's
  * start-up to what it delivers, hands back the queue start-up built,
  * does not lift a window into a queued path, and does not take the first
- * replies alone for a round trip's rate. */
+ * replies alone for a round trip's rate; after start-up, widens the
+ * window for data that compresses better than before, at most 4 times,
+ * and not while the path queues. */
 #include <criterion/criterion.h>
 
 #include "window.h"
@@ -305,4 +307,64 @@ Test(window, samples_with_the_window_unused_do_not_end_start_up)
     win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
   }
   cr_assert(w.startup_over, "start-up went on with the window in use and the rate flat");
+}
+
+/* Pieces of the link: wire bytes received, and the image bytes they held. */
+static double piece(struct winratio *r, uint64_t *wire, uint64_t *raw, uint64_t w, double ratio,
+                    bool startup_over, bool queued)
+{
+  *wire += w;
+  *raw += (uint64_t) ((double) w * ratio);
+  return win_ratio(r, startup_over, *wire, *raw, queued);
+}
+
+Test(window, compressible_data_after_start_up_widens_the_window_at_most_4_times)
+{
+  struct winratio r = { 0 };
+  uint64_t wire = 0, raw = 0;
+  /* During start-up the factor is 1 whatever crosses. */
+  for (int i = 0; i < 4; i++)
+    cr_assert_eq(piece(&r, &wire, &raw, WIN_RATIO_WIRE, 30.0, false, false), 1.0);
+  /* Start-up ends; the first piece after it (2:1) is the base. */
+  cr_assert_eq(win_ratio(&r, true, wire, raw, false), 1.0);
+  cr_assert_eq(piece(&r, &wire, &raw, MB, 2.0, true, false), 1.0);
+  /* Less than a piece: no change. */
+  cr_assert_eq(piece(&r, &wire, &raw, 1000, 40.0, true, false), 1.0);
+  /* Data of 6:1 (avg 4 = twice the base), then 40:1: bounded. */
+  double f = piece(&r, &wire, &raw, WIN_RATIO_WIRE, 6.0, true, false);
+  cr_assert(f > 1.9 && f < 2.1, "factor %g after a piece three times as compressible", f);
+  f = piece(&r, &wire, &raw, WIN_RATIO_WIRE / 16, 40.0, true, false);   /* 640 KiB of image */
+  cr_assert(f > 1.9 && f < 2.1, "factor %g before a piece was complete", f);
+  f = piece(&r, &wire, &raw, WIN_RATIO_WIRE * 5 / 32, 40.0, true, false);   /* 2.25 MiB of image */
+  cr_assert_eq(f, WIN_RATIO_MAX, "factor %g on data 20 times as compressible", f);
+  /* Random data (1:1, less than the base) again: the factor comes down
+   * piece by piece, to 1. */
+  double last = f;
+  for (int i = 0; i < 8; i++) {
+    f = piece(&r, &wire, &raw, WIN_RATIO_WIRE, 1.0, true, false);
+    cr_assert(f <= last, "factor %g rose from %g on random data", f, last);
+    last = f;
+  }
+  cr_assert_eq(f, 1.0, "factor %g after 2 MiB of random data", f);
+}
+
+Test(window, a_queue_sets_the_link_factor_back_to_one)
+{
+  struct winratio r = { 0 };
+  uint64_t wire = 0, raw = 0;
+  win_ratio(&r, true, wire, raw, false);
+  piece(&r, &wire, &raw, MB, 1.0, true, false);
+  for (int i = 0; i < 4; i++) piece(&r, &wire, &raw, WIN_RATIO_WIRE / 16, 50.0, true, false);
+  cr_assert_eq(r.factor, WIN_RATIO_MAX);
+  cr_assert_eq(win_ratio(&r, true, wire, raw, true), 1.0, "a queue left the factor up");
+  cr_assert_eq(win_ratio(&r, true, wire, raw, false), 1.0, "the factor came back without data");
+  /* win_queued: half a round trip and 5 ms. */
+  struct winctl w;
+  win_init(&w);
+  win_update(&w, 1 * S, 0, 0, 20 * MS, 29 * MS, true);
+  cr_assert(!win_queued(&w, 20 * MS));
+  win_update(&w, 1 * S + MS, 0, 0, 20 * MS, 31 * MS, true);
+  cr_assert(win_queued(&w, 20 * MS));
+  win_update(&w, 1 * S + 2 * MS, 0, 0, 2 * MS, 6 * MS, true);
+  cr_assert(!win_queued(&w, 2 * MS), "a 4 ms queue counted on a 2 ms path");
 }
