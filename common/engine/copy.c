@@ -602,6 +602,9 @@ static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, b
   }
   struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
   if (!j) return NULL;
+  j->sent_ns = now_ns();
+  j->sent_delivered = e->bytes_fetched + e->bytes_bridged;
+  j->sent_landed_ns = c->landed_ns ? c->landed_ns : j->sent_ns;
   c->inflight_bytes += j->len;
   if (c->rate) c->tokens -= j->len;
   return j;

@@ -73,6 +73,8 @@ struct job {
   bool fell_back;               /* JOB_LOCAL fetched from the source */
   bool prepage;                 /* JOB_BACKGROUND made next to a miss */
   bool recent;                  /* JOB_BACKGROUND from the source's read map */
+  /* JOB_BACKGROUND: made when, with how much landed, the last landing then */
+  uint64_t sent_ns, sent_delivered, sent_landed_ns;
 };
 
 /* A client request waiting for jobs; resumed when pending reaches 0. */
@@ -145,6 +147,7 @@ struct copy {
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
+  uint64_t landed_ns;           /* when a background job landed last */
   struct winctl win;            /* the window (window.c), in link bytes */
   struct winratio ratio;        /* image bytes per link byte (window.h) */
   double delivered_link;        /* delivered, in the controller's link bytes */

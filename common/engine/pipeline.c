@@ -435,6 +435,21 @@ static int store_blocks(struct engine *e, struct job *j, uint64_t *stored)
   return err;
 }
 
+/* Under lock, a background job landed: the bytes that landed between its
+ * request and now, over that time, and how long it took, for the
+ * window's start-up (window.h). */
+static void job_sample_locked(struct engine *e, struct job *j)
+{
+  uint64_t now = now_ns(), landed = e->bytes_fetched + e->bytes_bridged;
+  uint64_t from = MIN(j->sent_ns, j->sent_landed_ns);   /* jobs land in bunches */
+  e->copy.landed_ns = now;
+  if (now <= from || landed <= j->sent_delivered) return;
+  uint64_t rate = (uint64_t) ((double) (landed - j->sent_delivered) * 1e9 / (double) (now - from));
+  struct winctl *w = &e->copy.win;
+  w->job_rate = MAX(w->job_rate, rate);
+  w->job_ns = MAX(w->job_ns, now - j->sent_ns);
+}
+
 static void land(struct xwork *w)
 {
   struct job *j = (struct job *) ((char *) w - offsetof(struct job, work));
@@ -501,6 +516,7 @@ static void land(struct xwork *w)
       else e->fetches_background++;
       if (j->prepage) e->fetches_prepaged++;
       if (j->recent) e->fetches_recent++;
+      if (j->kind == JOB_BACKGROUND) job_sample_locked(e, j);
     }
   }
   struct waiter *ready = release_waiters_locked(e, j, err ? EIO : local_err);

@@ -4,7 +4,7 @@
 
 void win_init(struct winctl *w)
 {
-  *w = (struct winctl) { .window = WIN_START };
+  *w = (struct winctl) { .window = WIN_START, .first = WIN_START };
 }
 
 bool win_queued(const struct winctl *w, uint64_t min_rtt_ns)
@@ -56,7 +56,14 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
     if (!w->started) {
       w->started = true;
       w->start_bytes = delivered;
-      w->start_lumps = w->lumps;
+      /* The first window: what the thinnest link served carries in two
+       * round trips and 5 ms (a client's miss behind it waits at most a
+       * round trip more than alone), when the round trip is known. */
+      if (min_rtt_ns) {
+        double thin = (double) WIN_THIN_RATE * (double) (2 * min_rtt_ns + 5000000u) / 1e9;
+        w->first = MIN(MAX((uint64_t) thin, WIN_MIN), WIN_START);
+        w->window = w->first;
+      }
     }
     /* The start-up clock starts with the first bytes delivered: the
      * time the copy waited for its connection or for digests is not the
@@ -88,6 +95,15 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       w->snap_bytes = delivered;
       w->snap_moved = w->moved_at;
     }
+    /* Each job's rate (window.h) counts as a round trip's: on a thin
+     * link the first job tells the path's rate as it lands, where a
+     * round trip counted from the first replies may hold none.  A job
+     * that took more than two round trips (and 5 ms) waited behind the
+     * path: start-up is then bounded by twice its rate, not four times. */
+    if (w->job_rate) {
+      w->early = MAX(w->early, w->job_rate);
+      if (min_rtt_ns && w->job_ns > 2 * min_rtt_ns + 5000000u) w->path_bound = true;
+    }
     /* Lumps asked back to back time the path too: the bytes of one over
      * the time since the one before it (a lower bound when the source
      * took longer to make it than the path to carry it). */
@@ -117,18 +133,16 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       uint64_t bound = WIN_MAX;
       double rate = MAX(early, (double) w->maxrate);
       if (min_rtt_ns && rate > 0)
-        bound = MAX(WIN_MIN, 4 * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
-      /* Until a round trip's rate is known, lumps (digests) do not grow
-       * the window: one says nothing of the link's speed yet. */
-      uint64_t got = delivered - w->start_bytes;
-      if (!(rate > 0)) {
-        uint64_t lumps = w->lumps > w->start_lumps ? w->lumps - w->start_lumps : 0;
-        got = got > lumps ? got - lumps : 0;
-      }
-      uint64_t grown = WIN_START + 2 * got;
+        bound = MAX(WIN_MIN, (w->path_bound ? 2 : 4) * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
+      /* Until a rate is known (a job landed, a round trip passed, two
+       * lumps came), nothing grows the window: the first replies, and a
+       * lump of digests, say nothing of the link's speed yet. */
+      uint64_t got = rate > 0 ? delivered - w->start_bytes : 0;
+      uint64_t grown = w->first + 2 * got;
       w->window = MIN(MIN(MAX(w->window, grown), bound), WIN_MAX);
     }
   }
+  w->job_rate = w->job_ns = 0;
   if (now - w->at < WIN_SAMPLE_NS) return w->window;
   uint64_t rate = w->at && delivered >= w->bytes && now > w->at
     ? (uint64_t) ((double) (delivered - w->bytes) * 1e9 / (double) (now - w->at)) : 0;

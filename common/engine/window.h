@@ -5,13 +5,19 @@
  * raw); the bottleneck rate is the best sample of the last 10 s (a max
  * filter), the path's delay the smallest recent round trip (source.c's
  * probes every other round trip, and small misses alone on the reserved
- * connection, a windowed minimum).  Start-up: from WIN_START the window
- * grows by twice every byte delivered (more than doubling per round trip
- * on a fat path), but never past 4 x rate x round trip -- the rate being
- * the best of the samples and of what arrived in each round trip since
- * the first bytes (before the first sample, a thin link shows itself
- * within a round trip or two; a start window larger than that is brought
- * down to it) -- and also
+ * connection, a windowed minimum).  Start-up: the first window is what
+ * a 10 Mbit/s link carries in two round trips and 5 ms (WIN_THIN_RATE;
+ * between WIN_MIN and WIN_START, WIN_START if the round trip is not
+ * known), so a client's miss sent behind it on the thinnest link served
+ * waits at most a round trip more than alone.  Once a rate is known, the
+ * window grows by twice every byte delivered (more than doubling per
+ * round trip on a fat path), but never past 4 x rate x round trip (2 x
+ * once a job took more than two round trips: the path, not the window,
+ * set its pace) -- the rate being the best of the samples, of what
+ * arrived in each round trip since the first bytes, and of each job's
+ * rate (the bytes that landed between its request and its landing, over
+ * that time: on a thin link the first job tells the rate as it lands) --
+ * and also
  * doubles each time a sample's rate grew by a quarter while the window is
  * at most 4 x rate x round trip; it ends when a probe sees a queue longer
  * than a round trip (and WIN_QUEUE_FULL_NS), the window then falling to
@@ -31,6 +37,7 @@
 #include <stdint.h>
 
 #define WIN_START ((uint64_t) 1 << 20)
+#define WIN_THIN_RATE 1250000u         /* bytes/s: 10 Mbit/s, the first window's link */
 #define WIN_QUEUE_FULL_NS 20000000u    /* start-up ends at a queue this long */
 #define WIN_FLOOR ((uint64_t) 2 << 20)
 #define WIN_MIN ((uint64_t) 64 << 10)
@@ -48,15 +55,21 @@ struct winctl {
   bool startup_over;
   bool started;                 /* start-up: start_bytes is set */
   uint64_t start_bytes;         /* bytes delivered when the copy started */
+  uint64_t first;               /* the first window */
   bool flowing;                 /* start-up: bytes have been delivered */
   uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
   uint64_t snap_moved;          /* the last delivery before it began */
+  bool path_bound;              /* start-up: a round trip's rate was the path's */
   uint64_t moved_at, moved_bytes; /* when delivered last changed, and to what */
   /* Set by the caller before win_update: how much of delivered came in
    * lumps (chunks of digests), which start-up does not grow by before a
-   * round trip's rate is known; start_lumps: that when the copy started. */
-  uint64_t lumps, start_lumps;
+   * round trip's rate is known. */
+  uint64_t lumps;
   uint64_t lump_seen, lump_at;  /* start-up: lumps at the last one, and when it landed */
+  /* Set by the caller, cleared by win_update: of the jobs that landed
+   * since the last call, the best rate (the bytes that landed between a
+   * job's request and its landing, over that time) and the longest time. */
+  uint64_t job_rate, job_ns;
   uint64_t early;               /* start-up: the best round trip's rate */
   uint64_t maxrate;             /* the best rate of the last 10 s */
   uint64_t queue_ns;            /* the last round trip minus the smallest */

@@ -1,5 +1,7 @@
 /* Unit tests for common/engine/window.c: the background copy's window
- * starts small and grows by what the path delivers until the path queues,
+ * starts with what a thin link carries in two round trips, grows by what
+ * the path delivers once a rate is known until the path queues (by at
+ * most twice a job's rate when the job waited behind the path),
  * settles between one and two bandwidth-delay products, keeps only about
  * 100 ms of data in flight on a thin link, stays within its bounds, does
  * not move while the copy is stopped, follows a path that slowed down,
@@ -38,11 +40,52 @@ Test(window, starts_small_and_grows_by_what_was_delivered)
   struct winctl w;
   win_init(&w);
   cr_assert_eq(w.window, WIN_START);
-  win_update(&w, 1 * S, 5 * MB, 0, 20 * MS, 20 * MS, true);
-  cr_assert_eq(w.window, WIN_START);
-  win_update(&w, 1 * S + 10 * MS, 8 * MB, WIN_START, 20 * MS, 20 * MS, true);
-  cr_assert_eq(w.window, WIN_START + 6 * MB, "window %lu after 3 MB delivered",
+  win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_MIN, "first window %lu at 20 ms", (unsigned long) w.window);
+  /* Replies, but no rate yet: no growth. */
+  win_update(&w, 1 * S + 10 * MS, 1 * MB, WIN_MIN, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_MIN, "window %lu before a rate was known", (unsigned long) w.window);
+  /* A job landed at 100 MB/s: the window grows by twice what was delivered. */
+  w.job_rate = 100 * MB;
+  w.job_ns = 21 * MS;
+  win_update(&w, 1 * S + 20 * MS, 2 * MB, WIN_MIN, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_MIN + 4 * MB, "window %lu after 2 MB delivered",
                (unsigned long) w.window);
+  cr_assert_eq(w.job_rate, 0, "the job's rate was not consumed");
+}
+
+Test(window, the_first_window_is_what_a_thin_link_carries_in_two_round_trips)
+{
+  /* 10 Mbit/s x (2 round trips + 5 ms), between WIN_MIN and WIN_START;
+   * WIN_START when the round trip is not known yet. */
+  const struct { uint64_t rtt, first; } cases[] = {
+    { 1 * MS, WIN_MIN }, { 20 * MS, WIN_MIN }, { 100 * MS, 256250 },
+    { 200 * MS, 506250 }, { 1000 * MS, WIN_START }, { 0, WIN_START },
+  };
+  for (unsigned i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    struct winctl w;
+    win_init(&w);
+    win_update(&w, 1 * S, 0, 0, cases[i].rtt, cases[i].rtt, true);
+    cr_assert_eq(w.window, cases[i].first, "first window %lu at %lu ms",
+                 (unsigned long) w.window, (unsigned long) (cases[i].rtt / MS));
+  }
+}
+
+Test(window, a_job_that_waited_behind_the_path_bounds_start_up_to_twice_its_rate)
+{
+  /* 10 Mbit/s, 20 ms: the first window's one job (64 KiB) took 70 ms. */
+  for (int slow = 0; slow <= 1; slow++) {
+    struct winctl w;
+    win_init(&w);
+    win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
+    w.job_rate = 1 * MB;
+    w.job_ns = slow ? 70 * MS : 40 * MS;
+    win_update(&w, 1 * S + 70 * MS, 65536, 0, 20 * MS, 20 * MS, true);
+    /* grown 192 KiB; bound 2 x 1 MB/s x 20 ms (40 kB, WIN_MIN), or 4 x (80 kB) */
+    uint64_t want = slow ? WIN_MIN : 80000;
+    cr_assert_eq(w.window, want, "window %lu after a job of %s", (unsigned long) w.window,
+                 slow ? "70 ms" : "40 ms");
+  }
 }
 
 Test(window, start_up_ends_when_the_path_queues)
@@ -50,12 +93,14 @@ Test(window, start_up_ends_when_the_path_queues)
   struct winctl w;
   win_init(&w);
   win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
+  uint64_t first = w.window;
   /* A probe that waited 45 ms behind the copy's data: the path is full. */
-  win_update(&w, 1 * S + 10 * MS, 4 * MB, WIN_START, 20 * MS, 65 * MS, true);
+  w.job_rate = 200 * MB;
+  win_update(&w, 1 * S + 10 * MS, 4 * MB, first, 20 * MS, 65 * MS, true);
   cr_assert(w.startup_over);
-  cr_assert_eq(w.window, WIN_START, "the window grew past a full path");
-  win_update(&w, 1 * S + 20 * MS, 9 * MB, WIN_START, 20 * MS, 20 * MS, true);
-  cr_assert_eq(w.window, WIN_START, "start-up growth after it ended");
+  cr_assert_eq(w.window, first, "the window grew past a full path");
+  win_update(&w, 1 * S + 20 * MS, 9 * MB, first, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, first, "start-up growth after it ended");
 }
 
 Test(window, start_up_on_a_thin_link_grows_by_its_rate)
@@ -229,15 +274,16 @@ Test(window, the_first_replies_alone_do_not_make_a_fast_path_look_thin)
   now += 20 * MS;
   delivered += 24000;
   win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
-  cr_assert_geq(w.window, WIN_START, "window %lu after the first reply",
+  cr_assert_geq(w.window, w.first, "window %lu after the first reply",
                 (unsigned long) w.window);
   for (unsigned i = 0; i < 10; i++) {      /* 100 ms at 50 MB/s */
     now += 2 * MS;
     delivered += 100000;
     win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
-    cr_assert_geq(w.window, WIN_START, "window %lu at %u ms on a 1 MB path",
+    cr_assert_geq(w.window, w.first, "window %lu at %u ms on a 1 MB path",
                   (unsigned long) w.window, 2 * (i + 1));
   }
+  cr_assert_geq(w.window, 2 * MB, "window %lu after 100 ms at 50 MB/s", (unsigned long) w.window);
 }
 
 /* A lump of 512 KiB (a chunk of digests) lands gap after the last one,
@@ -264,7 +310,7 @@ Test(window, lumps_on_a_thin_link_read_at_the_link_s_rate)
   uint64_t now = 1 * S, delivered = 0;
   win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
   land_lump(&w, &now, &delivered, 100 * MS);
-  cr_assert_eq(w.window, WIN_START, "window %lu after the first lump", (unsigned long) w.window);
+  cr_assert_eq(w.window, w.first, "window %lu after the first lump", (unsigned long) w.window);
   for (unsigned i = 0; i < 3; i++) land_lump(&w, &now, &delivered, 100 * MS);
   cr_assert_leq(w.early, 6000000, "start-up rate %lu B/s for 5.2 MB/s of lumps",
                 (unsigned long) w.early);
@@ -282,7 +328,7 @@ Test(window, lumps_back_to_back_time_a_fat_path)
   win_update(&w, now, delivered, 0, 20 * MS, 20 * MS, true);
   for (unsigned i = 0; i < 2; i++) land_lump(&w, &now, &delivered, 5 * MS);
   cr_assert(w.early >= 90000000 && w.early <= 120000000, "rate %lu B/s", (unsigned long) w.early);
-  cr_assert_eq(w.window, WIN_START + 2 * (1024 << 10), "window %lu", (unsigned long) w.window);
+  cr_assert_eq(w.window, w.first + 2 * (1024 << 10), "window %lu", (unsigned long) w.window);
 }
 
 Test(window, samples_with_the_window_unused_do_not_end_start_up)
