@@ -842,8 +842,8 @@ void copy_tick(void *opaque, uint64_t now)
     query_status(e);
     digests_watch(e, now);
     query_digests(e);
+    size_window(e, now, &sb);     /* first: the first window before the first fill */
     fill(e, now, cheap);
-    size_window(e, now, &sb);
   }
   if (now - c->last_expire > 100000000u) {
     engine_expire_waiters(e, now);

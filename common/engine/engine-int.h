@@ -144,11 +144,13 @@ struct copy {
   uint64_t debt;                /* fallback fetches not yet charged to tokens */
   bool dig_off;                 /* digest export unreachable: dedup given up */
   uint64_t dig_down_at;         /* source thread: digest export down since */
+  /* Under the lock: landings write these (and win.job_rate, win.job_ns);
+   * the source thread sizes the window under it too. */
+  uint64_t landed_ns;           /* when a background job landed last */
+  struct winctl win;            /* the window (window.c), in link bytes */
   /* Source thread only. */
   int64_t tokens;
   uint64_t tokens_at, rate_at, rate_bytes, last_expire;
-  uint64_t landed_ns;           /* when a background job landed last */
-  struct winctl win;            /* the window (window.c), in link bytes */
   struct winratio ratio;        /* image bytes per link byte (window.h) */
   double delivered_link;        /* delivered, in the controller's link bytes */
   uint64_t delivered_raw;       /* delivered, in image bytes, then */

@@ -436,18 +436,21 @@ static int store_blocks(struct engine *e, struct job *j, uint64_t *stored)
 }
 
 /* Under lock, a background job landed: the bytes that landed between its
- * request and now, over that time, and how long it took, for the
- * window's start-up (window.h). */
+ * making and now, over that time, and how long it was on the path (from
+ * its sending), for the window's start-up (window.h). */
 static void job_sample_locked(struct engine *e, struct job *j)
 {
   uint64_t now = now_ns(), landed = e->bytes_fetched + e->bytes_bridged;
   uint64_t from = MIN(j->sent_ns, j->sent_landed_ns);   /* jobs land in bunches */
   e->copy.landed_ns = now;
-  if (now <= from || landed <= j->sent_delivered) return;
+  /* Made by the copy (not a seed job that fell back), sent once: its
+   * time on the path is from its sending to now. */
+  if (!j->sent_ns || j->sr.attempts != 1 || !j->sr.sent_ns) return;
+  if (now <= from || now <= j->sr.sent_ns || landed <= j->sent_delivered) return;
   uint64_t rate = (uint64_t) ((double) (landed - j->sent_delivered) * 1e9 / (double) (now - from));
   struct winctl *w = &e->copy.win;
   w->job_rate = MAX(w->job_rate, rate);
-  w->job_ns = MAX(w->job_ns, now - j->sent_ns);
+  w->job_ns = MAX(w->job_ns, now - j->sr.sent_ns);
 }
 
 static void land(struct xwork *w)

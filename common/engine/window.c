@@ -56,14 +56,16 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
     if (!w->started) {
       w->started = true;
       w->start_bytes = delivered;
-      /* The first window: what the thinnest link served carries in two
-       * round trips and 5 ms (a client's miss behind it waits at most a
-       * round trip more than alone), when the round trip is known. */
-      if (min_rtt_ns) {
-        double thin = (double) WIN_THIN_RATE * (double) (2 * min_rtt_ns + 5000000u) / 1e9;
-        w->first = MIN(MAX((uint64_t) thin, WIN_MIN), WIN_START);
-        w->window = w->first;
-      }
+    }
+    /* The first window: what the thinnest link served carries in two
+     * round trips and 5 ms (a client's miss behind it waits at most a
+     * round trip more than alone), once the round trip is known (a plain
+     * NBD source tells it with its first replies) and while no rate is. */
+    if (min_rtt_ns && !w->first_set && !w->early && !w->maxrate) {
+      double thin = (double) WIN_THIN_RATE * (double) (2 * min_rtt_ns + 5000000u) / 1e9;
+      w->first = MIN(MAX((uint64_t) thin, WIN_MIN), WIN_START);
+      w->first_set = true;
+      w->window = MIN(w->window, w->first);
     }
     /* The start-up clock starts with the first bytes delivered: the
      * time the copy waited for its connection or for digests is not the

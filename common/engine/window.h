@@ -56,19 +56,21 @@ struct winctl {
   bool started;                 /* start-up: start_bytes is set */
   uint64_t start_bytes;         /* bytes delivered when the copy started */
   uint64_t first;               /* the first window */
+  bool first_set;               /* first is from the round trip */
   bool flowing;                 /* start-up: bytes have been delivered */
   uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
   uint64_t snap_moved;          /* the last delivery before it began */
-  bool path_bound;              /* start-up: a round trip's rate was the path's */
+  bool path_bound;              /* start-up: a job took > 2 round trips + 5 ms */
   uint64_t moved_at, moved_bytes; /* when delivered last changed, and to what */
   /* Set by the caller before win_update: how much of delivered came in
-   * lumps (chunks of digests), which start-up does not grow by before a
-   * round trip's rate is known. */
+   * lumps (chunks of digests): two of them asked back to back time the
+   * path. */
   uint64_t lumps;
   uint64_t lump_seen, lump_at;  /* start-up: lumps at the last one, and when it landed */
   /* Set by the caller, cleared by win_update: of the jobs that landed
    * since the last call, the best rate (the bytes that landed between a
-   * job's request and its landing, over that time) and the longest time. */
+   * job's making and its landing, over that time) and the longest time
+   * one was on the path (from its sending). */
   uint64_t job_rate, job_ns;
   uint64_t early;               /* start-up: the best round trip's rate */
   uint64_t maxrate;             /* the best rate of the last 10 s */

@@ -511,6 +511,7 @@ static bool send_req(struct source *s, struct source_req *r, unsigned i)
   r->conn = i;
   r->gen = c->gen;
   r->attempts++;
+  r->sent_ns = now_ns();
   /* A small miss alone on the reserved connection sees what a probe
    * would (a round trip and the queue on the path): the copy's window
    * needs those samples most while misses keep the probes away. */

@@ -282,6 +282,11 @@ Test(window, the_first_replies_alone_do_not_make_a_fast_path_look_thin)
     win_update(&w, now, delivered, w.window, 20 * MS, 20 * MS, true);
     cr_assert_geq(w.window, w.first, "window %lu at %u ms on a 1 MB path",
                   (unsigned long) w.window, 2 * (i + 1));
+    /* The first window is WIN_MIN here, which the bound never goes below:
+     * the rate itself says whether the first reply was taken for a round
+     * trip's worth (1.2 MB/s). */
+    cr_assert(w.early == 0 || w.early >= 25 * MB, "start-up rate %lu B/s at %u ms on a 50 MB/s path",
+              (unsigned long) w.early, 2 * (i + 1));
   }
   cr_assert_geq(w.window, 2 * MB, "window %lu after 100 ms at 50 MB/s", (unsigned long) w.window);
 }
@@ -413,4 +418,16 @@ Test(window, a_queue_sets_the_link_factor_back_to_one)
   cr_assert(win_queued(&w, 20 * MS));
   win_update(&w, 1 * S + 2 * MS, 0, 0, 2 * MS, 6 * MS, true);
   cr_assert(!win_queued(&w, 2 * MS), "a 4 ms queue counted on a 2 ms path");
+}
+
+Test(window, the_first_window_follows_a_round_trip_learnt_late)
+{
+  /* A plain NBD source: no round trip at the start, the first replies
+   * bring one (100 ms) before any rate is known. */
+  struct winctl w;
+  win_init(&w);
+  win_update(&w, 1 * S, 0, 0, 0, 0, true);
+  cr_assert_eq(w.window, WIN_START);
+  win_update(&w, 1 * S + 100 * MS, 0, WIN_START, 100 * MS, 100 * MS, true);
+  cr_assert_eq(w.window, 256250, "window %lu once the round trip was known", (unsigned long) w.window);
 }
