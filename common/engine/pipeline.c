@@ -436,21 +436,22 @@ static int store_blocks(struct engine *e, struct job *j, uint64_t *stored)
 }
 
 /* Under lock, a background job landed: the bytes that landed between its
- * making and now, over that time, and how long it was on the path (from
- * its sending), for the window's start-up (window.h). */
+ * making and now, over that time, and how long it was on the path, for
+ * the window's start-up (window.h). */
 static void job_sample_locked(struct engine *e, struct job *j)
 {
   uint64_t now = now_ns(), landed = e->bytes_fetched + e->bytes_bridged;
   uint64_t from = MIN(j->sent_ns, j->sent_landed_ns);   /* jobs land in bunches */
   e->copy.landed_ns = now;
   /* Made by the copy (not a seed job that fell back), sent once: its
-   * time on the path is from its sending to now. */
-  if (!j->sent_ns || j->sr.attempts != 1 || !j->sr.sent_ns) return;
-  if (now <= from || now <= j->sr.sent_ns || landed <= j->sent_delivered) return;
+   * time on the path is from its sending to its reply (the landing after
+   * it waits for this machine's CPU and disk, not for the path). */
+  if (!j->sent_ns || j->sr.attempts != 1 || j->sr.replied_ns <= j->sr.sent_ns) return;
+  if (now <= from || landed <= j->sent_delivered) return;
   uint64_t rate = (uint64_t) ((double) (landed - j->sent_delivered) * 1e9 / (double) (now - from));
   struct winctl *w = &e->copy.win;
   w->job_rate = MAX(w->job_rate, rate);
-  w->job_ns = MAX(w->job_ns, now - j->sr.sent_ns);
+  w->job_ns = MAX(w->job_ns, j->sr.replied_ns - j->sr.sent_ns);
 }
 
 static void land(struct xwork *w)

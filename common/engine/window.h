@@ -70,7 +70,7 @@ struct winctl {
   /* Set by the caller, cleared by win_update: of the jobs that landed
    * since the last call, the best rate (the bytes that landed between a
    * job's making and its landing, over that time) and the longest time
-   * one was on the path (from its sending). */
+   * one was on the path (from its sending to its reply). */
   uint64_t job_rate, job_ns;
   uint64_t early;               /* start-up: the best round trip's rate */
   uint64_t maxrate;             /* the best rate of the last 10 s */

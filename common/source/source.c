@@ -467,6 +467,7 @@ static int req_cb(void *user_data, int *error)
   struct sconn *c = &s->c[r->conn];
   conn_unlink(c, r);
   c->progress_ns = now_ns();
+  r->replied_ns = c->progress_ns;
   if (!*error && !r->err) c->proven = true;
   if (r->probe_ns && !*error && !r->err) rtt_sample(s, c->progress_ns, c->progress_ns - r->probe_ns);
   if (!r->err) r->err = *error;

@@ -53,7 +53,7 @@ struct source_req {
   unsigned attempts;
   int conn;
   unsigned gen;
-  uint64_t sent_ns;            /* when it was last sent */
+  uint64_t sent_ns, replied_ns; /* when it was last sent, and its reply came */
   uint64_t probe_ns;           /* sent alone on connection 0, small: its
                                 * round trip is a probe's (0: not) */
   struct source_req *next, *cnext, *cprev;
