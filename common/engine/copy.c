@@ -241,6 +241,15 @@ static void digests_done(struct source_req *r, int err)
   struct copy *c = &e->copy;
   bool landed = false;
   pthread_mutex_lock(&e->lock);
+  if (!err && r->attempts == 1 && r->replied_ns > r->sent_ns) {
+    /* A chunk of digests times the path as a background job does (its
+     * own bytes over the time from its sending): the first one, asked
+     * before the copy starts, gives start-up a rate before any data. */
+    uint64_t now = now_ns();
+    struct winctl *w = &c->win;
+    w->job_rate = MAX(w->job_rate, (uint64_t) ((double) r->len * 1e9 / (double) (now - r->sent_ns)));
+    w->job_ns = MAX(w->job_ns, r->replied_ns - r->sent_ns);
+  }
   if (err == ESHUTDOWN) {
     if (c->dig) {
       c->dig_asking[q->chunk] = false;
