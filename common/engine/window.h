@@ -16,7 +16,9 @@
  * set its pace) -- the rate being the best of the samples, of what
  * arrived in each round trip since the first bytes, and of each job's
  * rate (the bytes that landed between its request and its landing, over
- * that time: on a thin link the first job tells the rate as it lands) --
+ * that time: on a thin link the first job tells the rate as it lands; a
+ * chunk of digests counts as a job, its own bytes over the time from its
+ * sending) --
  * and also
  * doubles each time a sample's rate grew by a quarter while the window is
  * at most 4 x rate x round trip; it ends when a probe sees a queue longer
