@@ -35,9 +35,10 @@
 #   BENCH_LAT_N         reads per latency measurement (default 100)
 #   BENCH_SEED          gen-image.py seed (default 1)
 #   BENCH_TMPDIR        where images and caches go (default $TMPDIR or /tmp)
+#   BENCH_NAME          names the output files (default migrate; thin.sh: thin)
 #
-# Saves the tables to BUILDDIR/bench-migrate.txt and the proxy's status over
-# time (for diagnosis) to BUILDDIR/migrate-trace.txt.  A benchmark, not a
+# Saves the tables to BUILDDIR/bench-NAME.txt and the proxy's status over
+# time (for diagnosis) to BUILDDIR/NAME-trace.txt.  A benchmark, not a
 # test: it fails only when it cannot run.
 set -euo pipefail
 
@@ -47,8 +48,10 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bench_init migrate.sh "$@"
 LAT=$BUILDDIR/tests/lat
 WAN=$PWD/scripts/wan-emu/wan-emu
-OUT=$BUILDDIR/bench-migrate.txt
-TRACE=$BUILDDIR/migrate-trace.txt
+NAME=${BENCH_NAME:-migrate}
+[[ $NAME =~ ^[a-z0-9-]+$ ]] || die "BENCH_NAME must be lower-case letters, digits and '-', not '$NAME'"
+OUT=$BUILDDIR/bench-$NAME.txt
+TRACE=$BUILDDIR/$NAME-trace.txt
 
 QUICK=${BENCH_QUICK:-0}
 if [[ $QUICK == 1 ]]; then

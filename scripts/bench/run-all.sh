@@ -23,7 +23,7 @@ builddir=$1
 # without and with seeds (root, /dev/fuse; TCG); read-order: the disk
 # regions the VM at the source read last, copied first (the server's read
 # map) against the ascending copy (root).
-benches=(server-io proxy plugin-io migrate dedup multi vm read-order)
+benches=(server-io proxy plugin-io migrate thin dedup multi vm read-order)
 
 failed=()
 for b in "${benches[@]}"; do
