@@ -801,7 +801,7 @@ static void size_window(struct engine *e, uint64_t now, const struct source_brie
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
   double ratio = win_ratio(&c->ratio, c->win.startup_over, sb->wire_rx, sb->wire_rx_raw,
-                           win_queued(&c->win, sb->rtt_ns));
+                           c->win.queue_ns > MAX(sb->rtt_ns / 8, (uint64_t) WIN_RATIO_QUEUE_NS));
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;
   c->win.lumps = e->bytes_digests;
   if (delivered > c->delivered_raw)

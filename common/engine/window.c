@@ -118,7 +118,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       w->lump_at = now;
     }
     double early = (double) w->early;
-    if (min_rtt_ns && w->queue_ns > MAX(min_rtt_ns, (uint64_t) WIN_QUEUE_FULL_NS)) {
+    if (min_rtt_ns && w->queue_ns > MAX(min_rtt_ns / 2, (uint64_t) WIN_QUEUE_FULL_NS)) {
       /* The path is full: what start-up added beyond twice what it
        * carries in a round trip (its rate so far) is queue, handed back
        * now rather than at the next rate sample. */

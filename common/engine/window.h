@@ -90,12 +90,16 @@ struct winctl {
  * pieces of WIN_RATIO_WIRE bytes received or WIN_RATIO_RAW of the image,
  * whichever comes first) than the data when start-up ended, between 1
  * and WIN_RATIO_MAX: data that turns random again puts at most that many
- * times the window on the link once.  A queue on the path (win_queued)
- * sets the factor back to 1 at once; during start-up it is 1 (block
- * status replies alone would make a ratio the data does not have). */
+ * times the window on the link once.  Any queue on the path (an eighth
+ * of the smallest round trip and WIN_RATIO_QUEUE_NS: the link is what
+ * limits the copy, not the window) sets the factor back to 1 at once, so
+ * a thin link, always a little queued, never gets the wider window; during
+ * start-up it is 1 (block status replies alone would make a ratio the
+ * data does not have). */
 #define WIN_RATIO_WIRE (256u << 10)
 #define WIN_RATIO_RAW (2u << 20)
 #define WIN_RATIO_MAX 4.0
+#define WIN_RATIO_QUEUE_NS 1000000u    /* a queue this long (and 1/8 round trip): factor 1 */
 
 struct winratio {
   double factor;                /* 1..WIN_RATIO_MAX (0: not set yet) */
