@@ -22,7 +22,7 @@
  * and also
  * doubles each time a sample's rate grew by a quarter while the window is
  * at most 4 x rate x round trip; it ends when a probe sees a queue longer
- * than a round trip (and WIN_QUEUE_FULL_NS), the window then falling to
+ * than half a round trip (and WIN_QUEUE_FULL_NS), the window then falling to
  * twice the product of the rate so far (the queue start-up built is
  * handed back at once), or after three samples without such growth; from
  * then on the window grows by a quarter while the copy delivers at its
