@@ -245,10 +245,7 @@ static void digests_done(struct source_req *r, int err)
     /* A chunk of digests times the path as a background job does (its
      * own bytes over the time from its sending): the first one, asked
      * before the copy starts, gives start-up a rate before any data. */
-    uint64_t now = now_ns();
-    struct winctl *w = &c->win;
-    w->job_rate = MAX(w->job_rate, (uint64_t) ((double) r->len * 1e9 / (double) (now - r->sent_ns)));
-    w->job_ns = MAX(w->job_ns, r->replied_ns - r->sent_ns);
+    win_job_sample(&c->win, r->len, now_ns() - r->sent_ns, r->replied_ns - r->sent_ns);
   }
   if (err == ESHUTDOWN) {
     if (c->dig) {
@@ -801,7 +798,7 @@ static void size_window(struct engine *e, uint64_t now, const struct source_brie
   struct copy *c = &e->copy;
   pthread_mutex_lock(&e->lock);
   double ratio = win_ratio(&c->ratio, c->win.startup_over, sb->wire_rx, sb->wire_rx_raw,
-                           c->win.queue_ns > MAX(sb->rtt_ns / 8, (uint64_t) WIN_RATIO_QUEUE_NS));
+                           win_queue_seen(&c->win, sb->rtt_ns));
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;
   c->win.lumps = e->bytes_digests;
   if (delivered > c->delivered_raw)

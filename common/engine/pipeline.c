@@ -448,10 +448,8 @@ static void job_sample_locked(struct engine *e, struct job *j)
    * it waits for this machine's CPU and disk, not for the path). */
   if (!j->sent_ns || j->sr.attempts != 1 || j->sr.replied_ns <= j->sr.sent_ns) return;
   if (now <= from || landed <= j->sent_delivered) return;
-  uint64_t rate = (uint64_t) ((double) (landed - j->sent_delivered) * 1e9 / (double) (now - from));
-  struct winctl *w = &e->copy.win;
-  w->job_rate = MAX(w->job_rate, rate);
-  w->job_ns = MAX(w->job_ns, j->sr.replied_ns - j->sr.sent_ns);
+  win_job_sample(&e->copy.win, landed - j->sent_delivered, now - from,
+                 j->sr.replied_ns - j->sr.sent_ns);
 }
 
 static void land(struct xwork *w)

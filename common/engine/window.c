@@ -7,9 +7,28 @@ void win_init(struct winctl *w)
   *w = (struct winctl) { .window = WIN_START, .first = WIN_START };
 }
 
+/* Whether the last round trip's queue is longer than min_rtt_ns / div
+ * and least_ns. */
+static bool queue_over(const struct winctl *w, uint64_t min_rtt_ns, unsigned div, uint64_t least_ns)
+{
+  return w->queue_ns > MAX(min_rtt_ns / div, least_ns);
+}
+
 bool win_queued(const struct winctl *w, uint64_t min_rtt_ns)
 {
-  return w->queue_ns > MAX(min_rtt_ns / 2, (uint64_t) 5000000u);
+  return queue_over(w, min_rtt_ns, 2, 5000000u);
+}
+
+bool win_queue_seen(const struct winctl *w, uint64_t min_rtt_ns)
+{
+  return queue_over(w, min_rtt_ns, 8, WIN_RATIO_QUEUE_NS);
+}
+
+void win_job_sample(struct winctl *w, uint64_t bytes, uint64_t over_ns, uint64_t path_ns)
+{
+  if (!bytes || !over_ns) return;
+  w->job_rate = MAX(w->job_rate, (uint64_t) ((double) bytes * 1e9 / (double) over_ns));
+  w->job_ns = MAX(w->job_ns, path_ns);
 }
 
 double win_ratio(struct winratio *r, bool startup_over, uint64_t wire, uint64_t raw, bool queued)
@@ -118,7 +137,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
       w->lump_at = now;
     }
     double early = (double) w->early;
-    if (min_rtt_ns && w->queue_ns > MAX(min_rtt_ns / 2, (uint64_t) WIN_QUEUE_FULL_NS)) {
+    if (min_rtt_ns && queue_over(w, min_rtt_ns, 2, WIN_QUEUE_FULL_NS)) {
       /* The path is full: what start-up added beyond twice what it
        * carries in a round trip (its rate so far) is queue, handed back
        * now rather than at the next rate sample. */

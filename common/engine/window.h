@@ -112,6 +112,12 @@ void win_init(struct winctl *w);
 /* Whether the last round trip saw a queue worth giving way to: longer
  * than half the smallest round trip and 5 ms. */
 bool win_queued(const struct winctl *w, uint64_t min_rtt_ns);
+/* Whether it saw any queue at all: an eighth of the smallest round trip
+ * and WIN_RATIO_QUEUE_NS (win_ratio's factor is 1 then). */
+bool win_queue_seen(const struct winctl *w, uint64_t min_rtt_ns);
+/* A job (or a chunk of digests) landed: bytes over over_ns is its rate,
+ * path_ns how long it was on the path (job_rate, job_ns above). */
+void win_job_sample(struct winctl *w, uint64_t bytes, uint64_t over_ns, uint64_t path_ns);
 /* The factor (above), given whether start-up is over, the bytes received
  * so far on the link (wire) and as they were before compression (raw),
  * and whether the path queues. */
