@@ -80,7 +80,11 @@ void ctl_put_status(FILE *f, const struct engine_stats *st)
   put_member_str(f, "target", st->target);
   put_member_str(f, "source_id", st->source_id);
   put_member_str(f, "last_error", st->last_error);
-  fprintf(f, ",\"forced_missing\":%" PRIu64 ",\"progress\":", st->forced_missing);
+  fprintf(f, ",\"forced_missing\":%" PRIu64, st->forced_missing);
+  if (st->completed_unix_us)      /* seconds since the epoch, to the us */
+    fprintf(f, ",\"completed_at\":%" PRIu64 ".%06" PRIu64,
+            st->completed_unix_us / 1000000, st->completed_unix_us % 1000000);
+  fprintf(f, ",\"progress\":");
   put_progress(f, st->blocks_present, st->blocks_total);
 }
 

@@ -196,6 +196,7 @@ struct engine {
   struct pend **waiting;        /* every pend with a deadline */
   size_t nwaiting, waiting_cap;
   uint64_t forced_missing;
+  uint64_t completed_unix_us;   /* see engine_stats */
   char last_error[512];
   char source_id[BITMAP_SOURCE_ID_MAX + 1];
   uint64_t bytes_fetched, bytes_zero_skipped, bytes_local_written, bytes_bridged;

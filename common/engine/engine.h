@@ -106,6 +106,9 @@ struct engine_stats {
   char source_id[1025];
   char last_error[512];
   uint64_t forced_missing;       /* blocks missing at a forced detach */
+  uint64_t completed_unix_us;    /* wall clock when every block was present
+                                  * in this run (0: not yet, or complete
+                                  * already when the proxy started) */
   bool standby;                  /* waiting for the switch-over */
   /* WAN transport (xnbd://) bytes, both directions, before and after zstd. */
   uint64_t wire_tx_raw, wire_tx, wire_rx, wire_rx_raw;

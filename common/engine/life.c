@@ -596,6 +596,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->connections = e->state == ENGINE_DETACHED ? 0 : e->cfg.connections;
   st->connections_up = e->state == ENGINE_DETACHED ? 0 : ss.connections_up;
   st->forced_missing = e->forced_missing;
+  st->completed_unix_us = e->completed_unix_us;
   st->bytes_seeded = e->bytes_seeded;
   st->bytes_digests = e->bytes_digests;
   st->digests = (e->dsrc || e->dfile) && !e->copy.dig_off;

@@ -9,6 +9,7 @@
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <time.h>
 
 const char *engine_state_name(enum engine_state s)
 {
@@ -48,7 +49,10 @@ void engine_check_complete(struct engine *e)
   pthread_mutex_lock(&e->lock);
   if (e->state == ENGINE_PROXYING || e->state == ENGINE_SOURCE_LOST ||
       e->state == ENGINE_CONNECTING) {
+    struct timespec ts;
     engine_set_state_locked(e, ENGINE_COMPLETE);
+    clock_gettime(CLOCK_REALTIME, &ts);
+    e->completed_unix_us = (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
     e->copy.running = false;
     log_info("every block is present (%" PRIu64 " blocks): migration complete",
              e->nblocks);

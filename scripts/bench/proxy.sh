@@ -42,8 +42,10 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 #   tens of ms of Python on a busy CPU, is not inside the timed copy).
 #   Polls the proxy's control socket CTL (status every 10 ms over one
 #   connection, waiting for the socket to appear) until "state" is complete
-#   or detached; prints the seconds since START_NS (date +%s%N) at which that
-#   was first seen, and writes the last status JSON to STATUSFILE.  With
+#   or detached; prints the seconds since START_NS (date +%s%N) at which the
+#   proxy recorded that every block was present (status completed_at; when
+#   first seen for a proxy that does not report it), and writes the last
+#   status JSON to STATUSFILE.  With
 #   SAMPLEFILE, appends "t_s fetched fetch_rate window rtt_us inflight" every
 #   0.5 s for diagnosis.  Fails after TIMEOUT_S seconds (prints TIMEOUT) or
 #   if the proxy reports an error state.
@@ -111,6 +113,8 @@ while True:
         next_sample = t + 0.5
     if j.get("state") in ("complete", "detached"):
         open(statusfile, "w").write(json.dumps(j) + "\n")
+        if "completed_at" in j:     # the proxy's own clock, not this poll's
+            t = j["completed_at"] - start_ns / 1e9
         print("%.3f" % t)
         sys.exit(0)
     if j.get("state") in ("failed", "error"):

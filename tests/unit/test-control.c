@@ -417,6 +417,29 @@ Test(control, status_reports_every_engine_field)
   cl_close(c);
 }
 
+/* completed_at appears once the engine recorded the moment every block was
+ * present, as seconds since the epoch with the microseconds. */
+Test(control, status_has_completed_at_only_once_complete)
+{
+  struct client *c = cl_open();
+  struct json *j = cl_cmd(c, "status");
+  cr_assert(reply_ok(j));
+  cr_assert_null(json_get(j, "completed_at"));
+  json_free(j);
+  pthread_mutex_lock(&fake.lock);
+  fake.st.state = ENGINE_COMPLETE;
+  fake.st.completed_unix_us = UINT64_C(1796640000000042);
+  pthread_mutex_unlock(&fake.lock);
+  j = cl_cmd(c, "status");
+  cr_assert(reply_ok(j));
+  cr_assert_str_eq(get_str(j, "state"), "complete");
+  double t = 0;
+  cr_assert(json_double(json_get(j, "completed_at"), &t));
+  cr_assert_float_eq(t, 1796640000.000042, 1e-6);
+  json_free(j);
+  cl_close(c);
+}
+
 Test(control, status_reply_is_one_line_with_escaped_strings)
 {
   struct client *c = cl_open();
