@@ -111,6 +111,20 @@ static void status_advance_locked(struct engine *e)
   c->status_until = k < c->nchunks ? c->status_known[k] : e->size;
 }
 
+/* Under lock: how far the copy may make jobs, in bytes: as far as block
+ * status is known, and, with digests, as far as they are in -- a digest
+ * tells a zero block as block status would (digest_says_zero), so the
+ * first blocks need not wait for the first status reply, which is asked
+ * only once the copy starts, after the digests came with the digest
+ * export's handshake. */
+static uint64_t known_until_locked(struct engine *e)
+{
+  struct copy *c = &e->copy;
+  if ((e->dsrc || e->dfile) && !c->dig_off)
+    return MAX(c->status_until, MIN(c->dig_until * e->bs, e->size));
+  return c->status_until;
+}
+
 /* One checked run of a reply (source.c clipped it to the request). */
 static void status_extent(struct source_req *r, const struct extent_run *run)
 {
@@ -272,8 +286,10 @@ static void digests_done(struct source_req *r, int err)
 }
 
 /* On the digest opener's thread, as soon as the digest export is open
- * and its source started: asks the first chunk's digests, one round trip
- * before the copy could (it waits for the data connection).  Only for a
+ * and its source started: the first chunk's digests, read along with the
+ * handshake over xnbd:// (source_config.early_read: in already, as GO's
+ * answer waits for them), else asked now, one round trip before the copy
+ * could (it waits for the data connection).  Only for a
  * copy that starts at block 0 and may read digests at once (not standby).
  * The answer lands through digests_done: kept until copy_init adopts it. */
 void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size)
@@ -282,13 +298,39 @@ void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export
   uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, export_size / DIGEST_LEN);
   if (!nb) return;
   struct digest_query *q = calloc(1, sizeof *q);
-  uint8_t *buf = malloc(nb * DIGEST_LEN);
+  uint64_t elen = 0, sent = 0, first = 0, done = 0;
+  uint8_t *early = source_early_take(dsrc, &elen, &sent, &first, &done);
+  if (early && elen != nb * DIGEST_LEN) {       /* a short export: asked again */
+    free(early);
+    early = NULL;
+  }
+  uint8_t *buf = early ? early : malloc(nb * DIGEST_LEN);
   if (!q || !buf) { free(q); free(buf); return; }
   *q = (struct digest_query) { .e = e, .chunk = 0, .buf = buf };
   q->sr = (struct source_req) {
     .kind = SOURCE_READ, .off = 0, .len = nb * DIGEST_LEN, .buf = buf,
     .done = digests_done, .opaque = q,
   };
+  if (early) {            /* asked with the handshake, and in: kept as the answer */
+    pthread_mutex_lock(&e->lock);
+    if (!c->dig) {        /* (the copy adopts it; it cannot have started yet) */
+      /* Its reply crossed as one burst once hashed: its bytes over the
+       * time they took to arrive are the path's rate (a job's sample, and
+       * a burst's: win_burst).  And they grow the window as if the copy
+       * had asked them (win_credit). */
+      win_job_sample(&c->win, q->sr.len, done - first, done - first);
+      win_burst(&c->win, q->sr.len, done - first);
+      win_credit(&c->win, q->sr.len);
+      log_debug("digests of blocks 0+%" PRIu64 " came with the digest export's "
+                "handshake (%.1f ms after it left)", nb, (double) (done - sent) / 1e6);
+      c->pre_q = q;
+      c->pre_err = 0;
+      q = NULL;
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (q) { free(q->buf); free(q); }
+    return;
+  }
   pthread_mutex_lock(&e->lock);
   c->pre_inflight = true;
   pthread_mutex_unlock(&e->lock);
@@ -705,11 +747,11 @@ static unsigned fill_ahead_locked(struct engine *e, uint64_t per_job, bool cheap
     a = bitmap_next_clear(e->bm, a);
     for (struct job *ij; a < e->nblocks && (ij = inflight_get(e, a)); )
       a = bitmap_next_clear(e->bm, ij->first + ij->count);
-    if (a >= e->nblocks || a * e->bs >= c->status_until ||
+    if (a >= e->nblocks || a * e->bs >= known_until_locked(e) ||
         (!c->dig_off && a >= c->dig_until))
       break;
     if (seed_hit(e, a, &loc)) { a++; continue; }
-    uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, a + per_job);
+    uint64_t lim = MIN((known_until_locked(e) + e->bs - 1) / e->bs, a + per_job);
     struct job *j = job_from_locked(e, a, lim, cheap);
     if (!j) break;
     a = j->first + j->count;
@@ -762,9 +804,9 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
      * even when nothing is made (a run of zeros landed without a job), so
      * block status and digests are asked ahead of where the copy is. */
     c->cursor = b;
-    if (b * e->bs >= c->status_until) break;
+    if (b * e->bs >= known_until_locked(e)) break;
     if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
-    uint64_t lim = MIN((c->status_until + e->bs - 1) / e->bs, b + per_job);
+    uint64_t lim = MIN((known_until_locked(e) + e->bs - 1) / e->bs, b + per_job);
     struct index_loc loc;
     if (c->local_inflight >= LOCAL_INFLIGHT && !digest_says_zero(e, b) &&
         seed_hit(e, b, &loc)) {

@@ -297,6 +297,8 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
     .tls_psk = dup_or_null(e->cfg.tls_psk, &oom),
     .tls_username = dup_or_null(e->cfg.tls_username, &oom),
     .tls_verify = e->cfg.tls_verify, .export_suffix = suffix,
+    /* The first chunk's digests go with the handshake (xnbd://). */
+    .early_read = prefetch ? DIG_CHUNK_BLOCKS * DIGEST_LEN : 0,
   };
   if (oom || pthread_create(&o->thread, NULL, companion_main, o) != 0) {
     companion_free(o);

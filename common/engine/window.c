@@ -31,6 +31,17 @@ void win_job_sample(struct winctl *w, uint64_t bytes, uint64_t over_ns, uint64_t
   w->job_ns = MAX(w->job_ns, path_ns);
 }
 
+void win_burst(struct winctl *w, uint64_t bytes, uint64_t ns)
+{
+  if (ns < WIN_BURST_MIN_NS || !bytes) return;
+  w->burst = MAX(w->burst, (uint64_t) ((double) bytes * 1e9 / (double) ns));
+}
+
+void win_credit(struct winctl *w, uint64_t bytes)
+{
+  if (!w->started) w->credit += bytes;
+}
+
 double win_ratio(struct winratio *r, bool startup_over, uint64_t wire, uint64_t raw, bool queued)
 {
   if (!startup_over) {
@@ -74,7 +85,7 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
      * rate stops growing. */
     if (!w->started) {
       w->started = true;
-      w->start_bytes = delivered;
+      w->start_bytes = delivered - MIN(w->credit, delivered);
     }
     /* The first window: what the thinnest link served carries in two
      * round trips and 5 ms (a client's miss behind it waits at most a
@@ -160,6 +171,9 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
        * lump of digests, say nothing of the link's speed yet. */
       uint64_t got = rate > 0 ? delivered - w->start_bytes : 0;
       uint64_t grown = w->first + 2 * got;
+      /* A burst told the path's rate: twice its product at once. */
+      if (w->burst && min_rtt_ns)
+        grown = MAX(grown, 2 * (uint64_t) ((double) w->burst * (double) min_rtt_ns / 1e9));
       w->window = MIN(MIN(MAX(w->window, grown), bound), WIN_MAX);
     }
   }

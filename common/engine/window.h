@@ -57,6 +57,9 @@ struct winctl {
   bool startup_over;
   bool started;                 /* start-up: start_bytes is set */
   uint64_t start_bytes;         /* bytes delivered when the copy started */
+  uint64_t credit;              /* of those, bytes that count as after it */
+  uint64_t burst;               /* start-up: the best rate of a reply that
+                                 * crossed as one burst (win_burst) */
   uint64_t first;               /* the first window */
   bool first_set;               /* first is from the round trip */
   bool flowing;                 /* start-up: bytes have been delivered */
@@ -118,6 +121,19 @@ bool win_queue_seen(const struct winctl *w, uint64_t min_rtt_ns);
 /* A job (or a chunk of digests) landed: bytes over over_ns is its rate,
  * path_ns how long it was on the path (job_rate, job_ns above). */
 void win_job_sample(struct winctl *w, uint64_t bytes, uint64_t over_ns, uint64_t path_ns);
+/* Before the copy starts: bytes already delivered that start-up counts as
+ * delivered after its start (digests read with the handshake, which the
+ * copy would otherwise have asked as it started): they grow the window
+ * as they would have. */
+void win_credit(struct winctl *w, uint64_t bytes);
+/* A reply of bytes (image bytes) crossed the path as one burst in ns (from
+ * its first bytes to its last; the sender had it whole): the path's rate
+ * for such data, not held back by any window.  Start-up then opens the
+ * window to twice that rate x the round trip at once (within its bound)
+ * rather than doubling up to it round trip by round trip.  Bursts shorter
+ * than WIN_BURST_MIN_NS are not timed. */
+void win_burst(struct winctl *w, uint64_t bytes, uint64_t ns);
+#define WIN_BURST_MIN_NS 1000000u
 /* The factor (above), given whether start-up is over, the bytes received
  * so far on the link (wire) and as they were before compression (raw),
  * and whether the path queues. */

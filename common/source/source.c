@@ -53,6 +53,8 @@ struct source {
   char *target, *export_name;
   struct wan_tls *wan_tls;
   struct wan_counters *wire;    /* this source's WAN transport bytes */
+  struct wan_early *early;      /* cfg.early_read, asked by the first connection */
+  bool early_sent;
   uint64_t size;
   bool zeros_cheap;
   char id[SOURCE_ID_MAX + 1];   /* identity at start-up */
@@ -210,7 +212,9 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     struct wan_nego_cfg nc = {
       .export_name = export_name(s, t.export_name, name), .structured = !s->cfg.export_suffix,
       .base_alloc = !s->cfg.export_suffix,
+      .early = s->early_sent ? NULL : s->early,   /* the first connection only */
     };
+    s->early_sent = true;
     int fd = wan_connect(t.host, t.port, flags, level > 0 ? level : WAN_DEFAULT_LEVEL,
                          s->wan_tls, s->cfg.timeout_s, s->wire, &nc, err, errlen);
     if (fd < 0) goto out_close;
@@ -319,6 +323,7 @@ static void source_free(struct source *s)
     if (s->c[i].h) nbd_close(s->c[i].h);
   wan_tls_free(s->wan_tls);
   wan_counters_put(s->wire);
+  wan_early_put(s->early);
   if (s->wake_fd >= 0) close(s->wake_fd);
   free(s->target);
   free(s->export_name);
@@ -364,6 +369,7 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
     goto fail;
   }
 
+  if (cfg->early_read && cfg->export_suffix) s->early = wan_early_new(0, cfg->early_read);
   struct nbd_handle *h = make_handle(s, s->target, err, errlen);
   uint64_t deadline = now_ns() + (uint64_t) s->cfg.timeout_s * 1000000000u;
   if (!h) goto fail;
@@ -926,6 +932,14 @@ void source_stop(struct source *s)
     pthread_join(s->thread, NULL);
     s->started = false;
   }
+}
+
+void *source_early_take(struct source *s, uint64_t *len, uint64_t *sent_ns,
+                        uint64_t *first_ns, uint64_t *done_ns)
+{
+  void *b = wan_early_take(s->early, sent_ns, first_ns, done_ns);
+  *len = b ? s->early->len : 0;
+  return b;
 }
 
 void source_close(struct source *s)

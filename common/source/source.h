@@ -76,6 +76,10 @@ struct source_config {
    * Such a source publishes no identity; the caller checks its size
    * (source_info.size). */
   const char *export_suffix;
+  /* With export_suffix over xnbd://: bytes at offset 0 of the export read
+   * along with the handshake (wan_early, nego.h), a round trip before the
+   * first request could be; taken with source_early_take.  0: none. */
+  uint32_t early_read;
   /* Called on the source thread at every turn of its loop (at least every
    * 100 ms) while the source runs: the engine's copy policy lives there. */
   void (*tick)(void *opaque, uint64_t now_ns);
@@ -105,6 +109,12 @@ int source_start(struct source *s, char *err, size_t errlen);
 void source_stop(struct source *s);
 /* Stops and frees. */
 void source_close(struct source *s);
+/* The early read (source_config.early_read) once it is in, after
+ * source_open: its bytes (malloc'd, now the caller's; *len of them) and
+ * when it was sent, its reply began and ended (now_ns()); NULL if it was not asked, not
+ * answered, refused, or taken already. */
+void *source_early_take(struct source *s, uint64_t *len, uint64_t *sent_ns,
+                        uint64_t *first_ns, uint64_t *done_ns);
 
 void source_submit(struct source *s, struct source_req *r);
 /* Use another address of the same source (size checked on connect). */

@@ -41,6 +41,9 @@ struct opt {
   struct buf ans;               /* the server's replies to it, whole */
 };
 
+/* The early read's cookie: libnbd numbers its own from 1. */
+#define EARLY_COOKIE UINT64_C(0x786e62642d656172)   /* "xnbd-ear" */
+
 struct nego {
   char *name;
   struct buf pre;               /* flags and options, sent ahead */
@@ -51,6 +54,9 @@ struct nego {
   unsigned loc_m;               /* next option libnbd may ask */
   unsigned deliver;             /* next answer to hand to libnbd */
   bool greeted, flags_seen, go_asked;
+  bool go_ok;                   /* the server accepted GO */
+  struct wan_early *early;      /* a reference, or NULL */
+  enum { EARLY_NONE, EARLY_WAIT, EARLY_OK, EARLY_FAIL, EARLY_SHOWN } early_st;
   struct buf sin, lin;          /* partial server / libnbd bytes */
   struct buf out;               /* for libnbd */
   size_t out_off;
@@ -106,6 +112,19 @@ struct nego *nego_new(const struct wan_nego_cfg *cfg)
   put_be16(info + 6, NBD_INFO_BLOCK_SIZE);
   buf_add(&p, info, sizeof info);
   put_opt(n, NBD_OPT_GO, &p);
+  if (cfg->early && !cfg->structured && cfg->early->len <= MAX_HELD / 2) {
+    uint8_t r[28];
+    put_be32(r, NBD_REQUEST_MAGIC);
+    put_be16(r + 4, 0);
+    put_be16(r + 6, NBD_CMD_READ);
+    put_be64(r + 8, EARLY_COOKIE);
+    put_be64(r + 16, cfg->early->off);
+    put_be32(r + 24, cfg->early->len);
+    buf_add(&n->pre, r, sizeof r);
+    n->early = cfg->early;
+    atomic_fetch_add(&n->early->refs, 1);
+    n->early_st = EARLY_WAIT;
+  }
   bool oom = p.oom || n->pre.oom || n->meta.oom;
   free(p.p);
   if (oom) { nego_free(n); return NULL; }
@@ -122,7 +141,54 @@ void nego_free(struct nego *n)
   free(n->lin.p);
   free(n->out.p);
   free(n->name);
+  wan_early_put(n->early);
   free(n);
+}
+
+struct wan_early *wan_early_new(uint64_t off, uint32_t len)
+{
+  struct wan_early *x = calloc(1, sizeof *x);
+  if (!x || !len || !(x->buf = malloc(len))) { free(x); return NULL; }
+  x->off = off;
+  x->len = len;
+  atomic_init(&x->state, WAN_EARLY_ASKED);
+  atomic_init(&x->refs, 1);
+  return x;
+}
+
+void wan_early_put(struct wan_early *x)
+{
+  if (!x || atomic_fetch_sub(&x->refs, 1) != 1) return;
+  free(x->buf);
+  free(x);
+}
+
+uint8_t *wan_early_take(struct wan_early *x, uint64_t *sent_ns, uint64_t *first_ns,
+                        uint64_t *done_ns)
+{
+  if (!x || atomic_load_explicit(&x->state, memory_order_acquire) != WAN_EARLY_DONE)
+    return NULL;
+  uint8_t *b = x->buf;
+  x->buf = NULL;
+  *sent_ns = x->sent_ns;
+  *first_ns = x->first_ns ? x->first_ns : x->done_ns;
+  *done_ns = x->done_ns;
+  return b;
+}
+
+struct wan_early *nego_early(const struct nego *n) { return n->early; }
+
+bool nego_early_receiving(const struct nego *n)
+{
+  return n->early_st == EARLY_WAIT && n->srv_k == n->nopt && n->go_ok && n->sin.len > 0;
+}
+
+struct wan_early *nego_early_resolved(struct nego *n, bool *ok)
+{
+  if (n->early_st != EARLY_OK && n->early_st != EARLY_FAIL) return NULL;
+  *ok = n->early_st == EARLY_OK;
+  n->early_st = EARLY_SHOWN;
+  return n->early;
 }
 
 const uint8_t *nego_preamble(struct nego *n, size_t *len)
@@ -144,6 +210,7 @@ static int deliver(struct nego *n)
     struct opt *o = &n->o[n->deliver];
     if (o->skipped) { n->deliver++; continue; }
     if (!o->asked || !o->answered) return 0;
+    if (n->deliver == n->nopt - 1 && n->early_st == EARLY_WAIT) return 0;
     if (buf_add(&n->out, o->ans.p, o->ans.len) < 0) return fail(n, "out of memory");
     n->deliver++;
     if (n->deliver == n->nopt && n->sin.len) {   /* what followed GO's answer */
@@ -177,7 +244,28 @@ int nego_from_server(struct nego *n, const uint8_t *b, size_t len)
       n->greeted = true;
       continue;
     }
-    if (n->srv_k == n->nopt) break;     /* the rest follows GO's answer */
+    if (n->srv_k == n->nopt) {          /* the rest follows GO's answer */
+      if (n->early_st != EARLY_WAIT) break;
+      if (!n->go_ok) {                  /* refused: the read was not served */
+        n->early_st = EARLY_FAIL;
+        break;
+      }
+      if (n->sin.len < 16) break;
+      if (get_be32(n->sin.p) != NBD_SIMPLE_REPLY_MAGIC ||
+          get_be64(n->sin.p + 8) != EARLY_COOKIE)
+        return fail(n, "the server's first reply is not the one to the read sent "
+                       "with the handshake");
+      if (get_be32(n->sin.p + 4)) {     /* an error: no data follows */
+        buf_drop(&n->sin, 16);
+        n->early_st = EARLY_FAIL;
+        break;
+      }
+      if (n->sin.len < 16 + (size_t) n->early->len) break;
+      memcpy(n->early->buf, n->sin.p + 16, n->early->len);
+      buf_drop(&n->sin, 16 + n->early->len);
+      n->early_st = EARLY_OK;
+      break;
+    }
     if (n->sin.len < 20) break;
     uint32_t opt = get_be32(n->sin.p + 8), type = get_be32(n->sin.p + 12);
     uint32_t rlen = get_be32(n->sin.p + 16);
@@ -190,6 +278,7 @@ int nego_from_server(struct nego *n, const uint8_t *b, size_t len)
     buf_drop(&n->sin, 20 + rlen);
     if (type == NBD_REP_ACK || (type & NBD_REP_FLAG_ERROR)) {
       o->answered = true;
+      if (o->opt == NBD_OPT_GO) n->go_ok = type == NBD_REP_ACK;
       n->srv_k++;
     }
   }
@@ -271,7 +360,10 @@ void nego_delivered(struct nego *n, size_t len)
   if (n->out_off == n->out.len) n->out_off = n->out.len = 0;
 }
 
-bool nego_server_done(const struct nego *n) { return n->srv_k == n->nopt; }
+bool nego_server_done(const struct nego *n)
+{
+  return n->srv_k == n->nopt && n->early_st != EARLY_WAIT;
+}
 
 bool nego_over(const struct nego *n)
 {

@@ -23,11 +23,48 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdatomic.h>
+
+/* An early read: one NBD_CMD_READ sent right after GO, with the options,
+ * so that its answer comes a round trip before libnbd could ask it (the
+ * first chunk of a digest export, which a seeded copy waits on).  Only on
+ * a connection without structured replies.  Its simple reply is taken by
+ * the pump, never shown to libnbd; GO's answer reaches libnbd only once
+ * that reply is in, so libnbd's requests never cross it (the server may
+ * answer out of order).  A GO that fails, or an error reply, leaves it
+ * FAILED: the owner then asks as usual.
+ *
+ * Shared by the owner and the pump (reference counted): the pump fills
+ * buf, then sets done_ns and state (release); the owner reads state
+ * (acquire) and, if DONE, may take buf (wan_early_take). */
+enum { WAN_EARLY_ASKED, WAN_EARLY_DONE, WAN_EARLY_FAILED };
+
+struct wan_early {
+  uint64_t off;
+  uint32_t len;
+  uint8_t *buf;                 /* len bytes */
+  uint64_t sent_ns, done_ns;    /* now_ns() when it left, and when it was in */
+  uint64_t first_ns;            /* when the first bytes of its reply came (the
+                                 * reply crosses as one burst: its bytes over
+                                 * done - first tell the path's rate) */
+  _Atomic int state;
+  _Atomic int refs;
+};
+
+/* off, len: the read (len >= 1).  One reference, the caller's.  NULL when
+ * out of memory. */
+struct wan_early *wan_early_new(uint64_t off, uint32_t len);
+void wan_early_put(struct wan_early *x);
+/* DONE: the data (malloc'd, now the caller's; len bytes) and the times;
+ * else NULL. */
+uint8_t *wan_early_take(struct wan_early *x, uint64_t *sent_ns, uint64_t *first_ns,
+                        uint64_t *done_ns);
 
 struct wan_nego_cfg {
   const char *export_name;
   bool structured;              /* NBD_OPT_STRUCTURED_REPLY */
   bool base_alloc;              /* NBD_OPT_SET_META_CONTEXT base:allocation */
+  struct wan_early *early;      /* NULL: none (ignored with structured) */
 };
 
 struct nego;
@@ -52,5 +89,14 @@ bool nego_over(const struct nego *n);
 /* True once the server has answered every option sent ahead. */
 bool nego_server_done(const struct nego *n);
 const char *nego_error(const struct nego *n);
+/* The early read once its answer is known (DONE or FAILED, the data in
+ * its buffer), returned once: the pump stamps done_ns and publishes the
+ * state.  NULL before, after, or with none. */
+struct wan_early *nego_early_resolved(struct nego *n, bool *ok);
+/* The early read, if any (for the pump to stamp sent_ns). */
+struct wan_early *nego_early(const struct nego *n);
+/* Whether bytes of the early read's reply have come and it is not in yet
+ * (for the pump to stamp first_ns). */
+bool nego_early_receiving(const struct nego *n);
 
 #endif

@@ -489,6 +489,8 @@ static int send_preamble(struct pump *p)
 {
   size_t len;
   const uint8_t *pre = nego_preamble(p->nego, &len);
+  struct wan_early *x = nego_early(p->nego);
+  if (x) x->sent_ns = now_ns();
   COUNT(p, tx_raw, len);
   if (p->zstd_tx) {
     if (compress(p, pre, len, ZSTD_e_flush) < 0) return -1;
@@ -608,6 +610,15 @@ static int pump_step(struct pump *p)
         return -1;
       }
       p->lout_len = 0;
+      struct wan_early *y = nego_early(p->nego);
+      if (y && !y->first_ns && nego_early_receiving(p->nego)) y->first_ns = now_ns();
+      bool ok;
+      struct wan_early *x = nego_early_resolved(p->nego, &ok);
+      if (x) {                      /* the read sent with the handshake: in */
+        x->done_ns = now_ns();
+        atomic_store_explicit(&x->state, ok ? WAN_EARLY_DONE : WAN_EARLY_FAILED,
+                              memory_order_release);
+      }
     }
   }
   /* nego -> local (before anything else reaches libnbd) */

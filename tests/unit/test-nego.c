@@ -52,10 +52,22 @@ static void name_payload(struct bytes *p, const char *name)
   add(p, name, strlen(name));
 }
 
+/* libnbd's GO for name, asking for the block size. */
+static void go_option(struct bytes *x, const char *name)
+{
+  struct bytes go = { .n = 0 };
+  name_payload(&go, name);
+  uint8_t info[4];
+  put_be16(info, 1);
+  put_be16(info + 2, NBD_INFO_BLOCK_SIZE);
+  add(&go, info, 4);
+  option(x, NBD_OPT_GO, &go);
+}
+
 /* libnbd's side: flags, then STRUCTURED_REPLY, SET_META_CONTEXT, GO. */
 static void libnbd_options(struct bytes *x, const char *name, bool meta)
 {
-  struct bytes empty = { .n = 0 }, m = { .n = 0 }, go = { .n = 0 };
+  struct bytes empty = { .n = 0 }, m = { .n = 0 };
   add32(x, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
   option(x, NBD_OPT_STRUCTURED_REPLY, &empty);
   if (meta) {
@@ -67,12 +79,7 @@ static void libnbd_options(struct bytes *x, const char *name, bool meta)
     add(&m, "xnbd:copier", 11);
     option(x, NBD_OPT_SET_META_CONTEXT, &m);
   }
-  name_payload(&go, name);
-  uint8_t info[4];
-  put_be16(info, 1);
-  put_be16(info + 2, NBD_INFO_BLOCK_SIZE);
-  add(&go, info, 4);
-  option(x, NBD_OPT_GO, &go);
+  go_option(x, name);
 }
 
 /* The server's side: greeting, then the replies to the three options. */
@@ -254,4 +261,163 @@ Test(nego, refuses_a_malformed_go)
   add(&go, info, 2);
   option(&lib, NBD_OPT_GO, &go);
   refused(&lib, "GO");
+}
+
+/* ---- the early read (digest export: GO alone, no structured replies) ---- */
+
+static struct nego *make_early(struct wan_early *x)
+{
+  struct wan_nego_cfg c = { .export_name = "vm1@xnbd-sha256", .early = x };
+  struct nego *n = nego_new(&c);
+  cr_assert_not_null(n);
+  return n;
+}
+
+/* libnbd's side of a connection without structured replies: flags, GO. */
+static void libnbd_go(struct bytes *x, const char *name)
+{
+  add32(x, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+  go_option(x, name);
+}
+
+/* The read request at the end of the preamble; returns its cookie. */
+static uint64_t early_request(struct nego *n, uint64_t off, uint32_t len)
+{
+  size_t plen;
+  const uint8_t *pre = nego_preamble(n, &plen);
+  cr_assert_geq(plen, 4 + 16 + 28);
+  const uint8_t *r = pre + plen - 28;
+  cr_assert_eq(get_be32(r), NBD_REQUEST_MAGIC);
+  cr_assert_eq(get_be16(r + 4), 0);
+  cr_assert_eq(get_be16(r + 6), NBD_CMD_READ);
+  cr_assert_eq(get_be64(r + 16), off);
+  cr_assert_eq(get_be32(r + 24), len);
+  return get_be64(r + 8);
+}
+
+static void simple_reply(struct bytes *x, uint64_t cookie, uint32_t err)
+{
+  add32(x, NBD_SIMPLE_REPLY_MAGIC);
+  add32(x, err);
+  add64(x, cookie);
+}
+
+static void feed_libnbd(struct nego *n, const struct bytes *lib)
+{
+  size_t taken;
+  cr_assert_eq(nego_from_local(n, lib->b, lib->n, &taken), 0, "%s", nego_error(n));
+  cr_assert_eq(taken, lib->n);
+}
+
+Test(nego, an_early_read_goes_with_go_and_its_reply_never_reaches_libnbd)
+{
+  struct wan_early *x = wan_early_new(4096, 64);
+  cr_assert_not_null(x);
+  struct nego *n = make_early(x);
+  uint64_t cookie = early_request(n, 4096, 64);
+  struct bytes srv = { .n = 0 }, lib = { .n = 0 }, out = { .n = 0 }, want = { .n = 0 };
+  uint8_t data[64];
+  for (unsigned i = 0; i < sizeof data; i++) data[i] = (uint8_t) (i * 7 + 1);
+  greeting(&srv);
+  reply(&srv, NBD_OPT_GO, NBD_REP_INFO, "\0\0" "12345678" "\0\1");
+  reply(&srv, NBD_OPT_GO, NBD_REP_ACK, "");
+  size_t go_end = srv.n;
+  add(&want, srv.b, srv.n);
+  simple_reply(&srv, cookie, 0);
+  add(&srv, data, sizeof data);
+  add64(&srv, UINT64_C(0x1122334455667788));      /* what follows: libnbd's */
+  add64(&want, UINT64_C(0x1122334455667788));
+  libnbd_go(&lib, "vm1@xnbd-sha256");
+  feed_libnbd(n, &lib);
+  /* GO's answer and half the read's reply: GO's answer is held. */
+  size_t half = go_end + 16 + 32;
+  cr_assert_eq(nego_from_server(n, srv.b, half), 0, "%s", nego_error(n));
+  drain(n, &out);
+  cr_assert_eq(out.n, 18, "libnbd got %zu bytes before the read's reply was in", out.n);
+  cr_assert(nego_early_receiving(n));
+  bool ok = false;
+  cr_assert_null(nego_early_resolved(n, &ok));
+  cr_assert_not(nego_server_done(n));
+  cr_assert_eq(nego_from_server(n, srv.b + half, srv.n - half), 0, "%s", nego_error(n));
+  cr_assert_eq(nego_early_resolved(n, &ok), x);
+  cr_assert(ok);
+  cr_assert_null(nego_early_resolved(n, &ok), "resolved twice");
+  drain(n, &out);
+  cr_assert_eq(out.n, want.n, "libnbd got %zu bytes, not %zu", out.n, want.n);
+  cr_assert_arr_eq(out.b, want.b, want.n, "libnbd's bytes differ (the read's reply leaked?)");
+  cr_assert(nego_over(n));
+  cr_assert_arr_eq(x->buf, data, sizeof data);
+  /* What the pump then does, and what the owner takes. */
+  uint64_t sent, first, done;
+  cr_assert_null(wan_early_take(x, &sent, &first, &done), "taken before it was published");
+  x->done_ns = 42;
+  atomic_store(&x->state, WAN_EARLY_DONE);
+  uint8_t *b = wan_early_take(x, &sent, &first, &done);
+  cr_assert_not_null(b);
+  cr_assert_arr_eq(b, data, sizeof data);
+  cr_assert_eq(done, 42);
+  cr_assert_eq(first, 42, "no first byte stamped: the reply's end stands for it");
+  cr_assert_null(wan_early_take(x, &sent, &first, &done), "taken twice");
+  free(b);
+  nego_free(n);
+  wan_early_put(x);
+}
+
+Test(nego, an_early_read_that_fails_or_a_refused_go_lets_go_through_at_once)
+{
+  for (int refused_go = 0; refused_go <= 1; refused_go++) {
+    struct wan_early *x = wan_early_new(0, 512);
+    struct nego *n = make_early(x);
+    uint64_t cookie = early_request(n, 0, 512);
+    struct bytes srv = { .n = 0 }, lib = { .n = 0 }, out = { .n = 0 };
+    greeting(&srv);
+    if (refused_go)
+      reply(&srv, NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, "no such export");
+    else {
+      reply(&srv, NBD_OPT_GO, NBD_REP_ACK, "");
+      simple_reply(&srv, cookie, NBD_EINVAL);        /* e.g. past the export's end */
+    }
+    size_t answers = srv.n - (refused_go ? 0 : 16);
+    libnbd_go(&lib, "vm1@xnbd-sha256");
+    feed_libnbd(n, &lib);
+    cr_assert_eq(nego_from_server(n, srv.b, srv.n), 0, "%s", nego_error(n));
+    bool ok = true;
+    cr_assert_eq(nego_early_resolved(n, &ok), x);
+    cr_assert_not(ok, "a %s counted as the read's data", refused_go ? "refused GO" : "error");
+    cr_assert(nego_server_done(n));
+    drain(n, &out);
+    cr_assert_eq(out.n, answers, "libnbd got %zu bytes, not GO's answer (%zu)", out.n, answers);
+    nego_free(n);
+    wan_early_put(x);
+  }
+}
+
+Test(nego, refuses_another_reply_before_the_early_reads)
+{
+  struct wan_early *x = wan_early_new(0, 32);
+  struct nego *n = make_early(x);
+  uint64_t cookie = early_request(n, 0, 32);
+  struct bytes srv = { .n = 0 }, lib = { .n = 0 };
+  greeting(&srv);
+  reply(&srv, NBD_OPT_GO, NBD_REP_ACK, "");
+  simple_reply(&srv, cookie + 1, 0);
+  libnbd_go(&lib, "vm1@xnbd-sha256");
+  feed_libnbd(n, &lib);
+  cr_assert_eq(nego_from_server(n, srv.b, srv.n), -1);
+  cr_assert(strstr(nego_error(n), "first reply"), "error: %s", nego_error(n));
+  nego_free(n);
+  wan_early_put(x);
+}
+
+Test(nego, no_early_read_with_structured_replies)
+{
+  struct wan_early *x = wan_early_new(0, 32);
+  struct wan_nego_cfg c = { .export_name = "vm1", .structured = true, .early = x };
+  struct nego *n = nego_new(&c);
+  size_t len;
+  const uint8_t *pre = nego_preamble(n, &len);
+  cr_assert_neq(get_be32(pre + len - 28), NBD_REQUEST_MAGIC);
+  cr_assert_null(nego_early(n));
+  nego_free(n);
+  wan_early_put(x);
 }

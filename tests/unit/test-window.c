@@ -431,3 +431,49 @@ Test(window, the_first_window_follows_a_round_trip_learnt_late)
   win_update(&w, 1 * S + 100 * MS, 0, WIN_START, 100 * MS, 100 * MS, true);
   cr_assert_eq(w.window, 256250, "window %lu once the round trip was known", (unsigned long) w.window);
 }
+
+Test(window, a_burst_opens_start_up_to_twice_its_rate_times_the_round_trip)
+{
+  /* 512 KiB of digests read with the handshake (credited: they grow the
+   * window as if asked by the copy) crossed as one burst in 10 ms
+   * (52.4 MB/s): the first window is twice that x 20 ms, not 64 KiB plus
+   * twice 512 KiB, and within the bound (4 x the rate x 20 ms). */
+  struct winctl w;
+  win_init(&w);
+  uint64_t len = 512 << 10;
+  win_job_sample(&w, len, 10 * MS, 10 * MS);
+  win_burst(&w, len, 10 * MS);
+  win_credit(&w, len);
+  win_update(&w, 1 * S, len, 0, 20 * MS, 20 * MS, true);
+  uint64_t rate = len * 100, want = 2 * rate / 50;
+  cr_assert(w.window >= want - 2 && w.window <= want + 2, "window %lu, not %lu",
+            (unsigned long) w.window, (unsigned long) want);
+  /* Without the burst: the credit alone, first + twice the 512 KiB. */
+  win_init(&w);
+  win_job_sample(&w, len, 10 * MS, 10 * MS);
+  win_credit(&w, len);
+  win_update(&w, 1 * S, len, 0, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_MIN + 2 * len, "window %lu", (unsigned long) w.window);
+  /* Neither: a start at 512 KiB delivered grows nothing yet. */
+  win_init(&w);
+  win_job_sample(&w, len, 10 * MS, 10 * MS);
+  win_update(&w, 1 * S, len, 0, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, WIN_MIN, "window %lu", (unsigned long) w.window);
+}
+
+Test(window, a_burst_too_short_to_time_or_after_start_up_changes_nothing)
+{
+  struct winctl w;
+  win_init(&w);
+  win_burst(&w, 1 << 20, WIN_BURST_MIN_NS - 1);
+  cr_assert_eq(w.burst, 0, "a burst of under 1 ms was timed");
+  win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
+  w.startup_over = true;
+  uint64_t before = w.window;
+  win_burst(&w, 1 << 20, 2 * MS);
+  win_update(&w, 1 * S + 10 * MS, 1 << 20, 0, 20 * MS, 20 * MS, true);
+  cr_assert_eq(w.window, before, "a burst moved the window after start-up");
+  /* A credit after the copy started is not taken either. */
+  win_credit(&w, 1 << 20);
+  cr_assert_eq(w.credit, 0);
+}
