@@ -298,8 +298,9 @@ void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export
   uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, export_size / DIGEST_LEN);
   if (!nb) return;
   struct digest_query *q = calloc(1, sizeof *q);
-  uint64_t elen = 0, sent = 0, first = 0, done = 0;
-  uint8_t *early = source_early_take(dsrc, &elen, &sent, &first, &done);
+  uint64_t elen = 0;
+  struct wan_early_info ei;
+  uint8_t *early = source_early_take(dsrc, &elen, &ei);
   if (early && elen != nb * DIGEST_LEN) {       /* a short export: asked again */
     free(early);
     early = NULL;
@@ -314,15 +315,20 @@ void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export
   if (early) {            /* asked with the handshake, and in: kept as the answer */
     pthread_mutex_lock(&e->lock);
     if (!c->dig) {        /* (the copy adopts it; it cannot have started yet) */
-      /* Its reply crossed as one burst once hashed: its bytes over the
-       * time they took to arrive are the path's rate (a job's sample, and
-       * a burst's: win_burst).  And they grow the window as if the copy
-       * had asked them (win_credit). */
-      win_job_sample(&c->win, q->sr.len, done - first, done - first);
-      win_burst(&c->win, q->sr.len, done - first);
+      /* A job's rate sample, as digests_done takes one (its bytes over
+       * the time since it left; its time on the path: the reply's, the
+       * source's hashing left out).  Its reply crossed as one burst once
+       * hashed: the link bytes over the time they took are the link's
+       * rate (win_burst; in link bytes, a lower bound for the image's:
+       * digests may compress far better than the data).  And its bytes
+       * grow the window as if the copy had asked them (win_credit). */
+      win_job_sample(&c->win, q->sr.len, now_ns() - ei.sent_ns, ei.done_ns - ei.first_ns);
+      win_burst(&c->win, ei.wire, ei.done_ns - ei.first_ns);
       win_credit(&c->win, q->sr.len);
       log_debug("digests of blocks 0+%" PRIu64 " came with the digest export's "
-                "handshake (%.1f ms after it left)", nb, (double) (done - sent) / 1e6);
+                "handshake (%.1f ms after it left; %" PRIu64 " link bytes in %.1f ms)", nb,
+                (double) (ei.done_ns - ei.sent_ns) / 1e6, ei.wire,
+                (double) (ei.done_ns - ei.first_ns) / 1e6);
       c->pre_q = q;
       c->pre_err = 0;
       q = NULL;

@@ -35,6 +35,7 @@ void win_burst(struct winctl *w, uint64_t bytes, uint64_t ns)
 {
   if (ns < WIN_BURST_MIN_NS || !bytes) return;
   w->burst = MAX(w->burst, (uint64_t) ((double) bytes * 1e9 / (double) ns));
+  w->early = MAX(w->early, w->burst);   /* a rate sample too */
 }
 
 void win_credit(struct winctl *w, uint64_t bytes)

@@ -934,10 +934,9 @@ void source_stop(struct source *s)
   }
 }
 
-void *source_early_take(struct source *s, uint64_t *len, uint64_t *sent_ns,
-                        uint64_t *first_ns, uint64_t *done_ns)
+void *source_early_take(struct source *s, uint64_t *len, struct wan_early_info *info)
 {
-  void *b = wan_early_take(s->early, sent_ns, first_ns, done_ns);
+  void *b = wan_early_take(s->early, info);
   *len = b ? s->early->len : 0;
   return b;
 }

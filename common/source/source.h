@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "extents.h"
+#include "nego.h"                  /* struct wan_early_info */
 
 struct source;
 struct source_req;
@@ -111,10 +112,10 @@ void source_stop(struct source *s);
 void source_close(struct source *s);
 /* The early read (source_config.early_read) once it is in, after
  * source_open: its bytes (malloc'd, now the caller's; *len of them) and
- * when it was sent, its reply began and ended (now_ns()); NULL if it was not asked, not
+ * when it was sent, its reply began and ended, with the link bytes in
+ * between (wan_early_info, nego.h); NULL if it was not asked, not
  * answered, refused, or taken already. */
-void *source_early_take(struct source *s, uint64_t *len, uint64_t *sent_ns,
-                        uint64_t *first_ns, uint64_t *done_ns);
+void *source_early_take(struct source *s, uint64_t *len, struct wan_early_info *info);
 
 void source_submit(struct source *s, struct source_req *r);
 /* Use another address of the same source (size checked on connect). */

@@ -163,16 +163,16 @@ void wan_early_put(struct wan_early *x)
   free(x);
 }
 
-uint8_t *wan_early_take(struct wan_early *x, uint64_t *sent_ns, uint64_t *first_ns,
-                        uint64_t *done_ns)
+uint8_t *wan_early_take(struct wan_early *x, struct wan_early_info *info)
 {
   if (!x || atomic_load_explicit(&x->state, memory_order_acquire) != WAN_EARLY_DONE)
     return NULL;
   uint8_t *b = x->buf;
   x->buf = NULL;
-  *sent_ns = x->sent_ns;
-  *first_ns = x->first_ns ? x->first_ns : x->done_ns;
-  *done_ns = x->done_ns;
+  *info = (struct wan_early_info) {
+    .sent_ns = x->sent_ns, .first_ns = x->first_ns ? x->first_ns : x->done_ns,
+    .done_ns = x->done_ns, .wire = x->first_ns ? x->wire : 0,
+  };
   return b;
 }
 

@@ -44,9 +44,10 @@ struct wan_early {
   uint32_t len;
   uint8_t *buf;                 /* len bytes */
   uint64_t sent_ns, done_ns;    /* now_ns() when it left, and when it was in */
-  uint64_t first_ns;            /* when the first bytes of its reply came (the
-                                 * reply crosses as one burst: its bytes over
-                                 * done - first tell the path's rate) */
+  uint64_t first_ns;            /* when the first bytes of its reply came */
+  uint64_t wire;                /* link bytes that came from then to done (the
+                                 * reply crosses as one burst: they over
+                                 * done - first tell the link's rate) */
   _Atomic int state;
   _Atomic int refs;
 };
@@ -55,10 +56,10 @@ struct wan_early {
  * out of memory. */
 struct wan_early *wan_early_new(uint64_t off, uint32_t len);
 void wan_early_put(struct wan_early *x);
-/* DONE: the data (malloc'd, now the caller's; len bytes) and the times;
- * else NULL. */
-uint8_t *wan_early_take(struct wan_early *x, uint64_t *sent_ns, uint64_t *first_ns,
-                        uint64_t *done_ns);
+/* DONE: the data (malloc'd, now the caller's; len bytes) and the times
+ * (first_ns is done_ns when the reply came in one read); else NULL. */
+struct wan_early_info { uint64_t sent_ns, first_ns, done_ns, wire; };
+uint8_t *wan_early_take(struct wan_early *x, struct wan_early_info *info);
 
 struct wan_nego_cfg {
   const char *export_name;

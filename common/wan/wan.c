@@ -256,6 +256,8 @@ struct pump {
   bool cpending;                  /* the compressor holds unflushed input */
   struct wan_counters *ctr;       /* the owner's counters (a reference), or NULL */
   struct nego *nego;              /* client: the NBD handshake sent ahead, or NULL */
+  uint64_t rx_wire;               /* bytes received on the link, this pump */
+  uint64_t early_wire;            /* rx_wire when the early read's reply began */
 };
 
 static void pump_free(struct pump *p)
@@ -572,6 +574,7 @@ static int pump_step(struct pump *p)
     n = wan_io(p, p->win, CHUNK, false);
     if (n > 0) {
       COUNT(p, rx_wire, n);
+      p->rx_wire += (uint64_t) n;
       p->win_off = 0;
       p->win_len = n;
       moved = 1;
@@ -611,11 +614,15 @@ static int pump_step(struct pump *p)
       }
       p->lout_len = 0;
       struct wan_early *y = nego_early(p->nego);
-      if (y && !y->first_ns && nego_early_receiving(p->nego)) y->first_ns = now_ns();
+      if (y && !y->first_ns && nego_early_receiving(p->nego)) {
+        y->first_ns = now_ns();
+        p->early_wire = p->rx_wire;   /* (this read's bytes left out: a lower bound) */
+      }
       bool ok;
       struct wan_early *x = nego_early_resolved(p->nego, &ok);
       if (x) {                      /* the read sent with the handshake: in */
         x->done_ns = now_ns();
+        x->wire = p->rx_wire - p->early_wire;
         atomic_store_explicit(&x->state, ok ? WAN_EARLY_DONE : WAN_EARLY_FAILED,
                               memory_order_release);
       }

@@ -17,7 +17,10 @@
  *     without waiting for the answer; a server that knows it answers with
  *     WAN_F_EARLY too and reads the client's direction as the client asked
  *     (its own direction is compressed only if it accepted WAN_F_ZSTD).
- *     This saves the round trip of the hello.
+ *     This saves the round trip of the hello.  On a digest export's
+ *     connection the options may end with one NBD read (the first
+ *     digests), pipelined after GO and answered before libnbd's first
+ *     request (nego.h, wan_early): a round trip less before them.
  *
  * Both ends run a pump thread between the WAN socket and a local
  * socketpair: the NBD server core, or libnbd in the proxy

@@ -348,16 +348,17 @@ Test(nego, an_early_read_goes_with_go_and_its_reply_never_reaches_libnbd)
   cr_assert(nego_over(n));
   cr_assert_arr_eq(x->buf, data, sizeof data);
   /* What the pump then does, and what the owner takes. */
-  uint64_t sent, first, done;
-  cr_assert_null(wan_early_take(x, &sent, &first, &done), "taken before it was published");
+  struct wan_early_info ei;
+  cr_assert_null(wan_early_take(x, &ei), "taken before it was published");
   x->done_ns = 42;
   atomic_store(&x->state, WAN_EARLY_DONE);
-  uint8_t *b = wan_early_take(x, &sent, &first, &done);
+  uint8_t *b = wan_early_take(x, &ei);
   cr_assert_not_null(b);
   cr_assert_arr_eq(b, data, sizeof data);
-  cr_assert_eq(done, 42);
-  cr_assert_eq(first, 42, "no first byte stamped: the reply's end stands for it");
-  cr_assert_null(wan_early_take(x, &sent, &first, &done), "taken twice");
+  cr_assert_eq(ei.done_ns, 42);
+  cr_assert_eq(ei.first_ns, 42, "no first byte stamped: the reply's end stands for it");
+  cr_assert_eq(ei.wire, 0, "link bytes of a reply not timed");
+  cr_assert_null(wan_early_take(x, &ei), "taken twice");
   free(b);
   nego_free(n);
   wan_early_put(x);
