@@ -120,9 +120,17 @@ static void status_advance_locked(struct engine *e)
 static uint64_t known_until_locked(struct engine *e)
 {
   struct copy *c = &e->copy;
-  if ((e->dsrc || e->dfile) && !c->dig_off)
-    return MAX(c->status_until, MIN(c->dig_until * e->bs, e->size));
+  if ((e->dsrc || e->dfile) && !c->dig_off)     /* (a chunk that failed: status) */
+    return MAX(c->status_until, MIN(c->dig_good_until * e->bs, e->size));
   return c->status_until;
+}
+
+/* Under lock: lim (a block), but not past the digests in: a job must not
+ * run into blocks a seed may hold. */
+static uint64_t dig_cap_locked(struct engine *e, uint64_t lim)
+{
+  struct copy *c = &e->copy;
+  return (e->dsrc || e->dfile) && !c->dig_off ? MIN(lim, c->dig_until) : lim;
 }
 
 /* One checked run of a reply (source.c clipped it to the request). */
@@ -227,6 +235,9 @@ static void dig_advance_locked(struct engine *e)
   uint64_t k = c->dig_until / DIG_CHUNK_BLOCKS;
   while (k < c->ndchunks && c->dig_done[k]) k++;
   c->dig_until = MIN(k * DIG_CHUNK_BLOCKS, e->nblocks);
+  uint64_t g = c->dig_good_until / DIG_CHUNK_BLOCKS;
+  while (g < k && c->dig[g]) g++;     /* chunks whose digests came (not failed) */
+  c->dig_good_until = MIN(g * DIG_CHUNK_BLOCKS, e->nblocks);
 }
 
 /* Under lock: a digest query's answer goes into the copy; frees q. */
@@ -686,7 +697,7 @@ static unsigned prepage_locked(struct engine *e, uint64_t per_job, bool cheap,
       c->nhint--;
       continue;
     }
-    struct job *j = job_from_locked(e, b, MIN(end, b + per_job), cheap);
+    struct job *j = job_from_locked(e, b, dig_cap_locked(e, MIN(end, b + per_job)), cheap);
     if (!j) break;
     j->prepage = true;
     *next = j->first + j->count;
@@ -730,7 +741,7 @@ static unsigned recent_locked(struct engine *e, uint64_t per_job, bool cheap,
       c->recent_next = 0;
       continue;
     }
-    struct job *j = job_from_locked(e, b, MIN(end, b + per_job), cheap);
+    struct job *j = job_from_locked(e, b, dig_cap_locked(e, MIN(end, b + per_job)), cheap);
     if (!j) break;
     j->recent = j->kind == JOB_BACKGROUND;
     c->recent_next = j->first + j->count;
@@ -757,7 +768,7 @@ static unsigned fill_ahead_locked(struct engine *e, uint64_t per_job, bool cheap
         (!c->dig_off && a >= c->dig_until))
       break;
     if (seed_hit(e, a, &loc)) { a++; continue; }
-    uint64_t lim = MIN((known_until_locked(e) + e->bs - 1) / e->bs, a + per_job);
+    uint64_t lim = dig_cap_locked(e, MIN((known_until_locked(e) + e->bs - 1) / e->bs, a + per_job));
     struct job *j = job_from_locked(e, a, lim, cheap);
     if (!j) break;
     a = j->first + j->count;
@@ -812,7 +823,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     c->cursor = b;
     if (b * e->bs >= known_until_locked(e)) break;
     if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
-    uint64_t lim = MIN((known_until_locked(e) + e->bs - 1) / e->bs, b + per_job);
+    uint64_t lim = dig_cap_locked(e, MIN((known_until_locked(e) + e->bs - 1) / e->bs, b + per_job));
     struct index_loc loc;
     if (c->local_inflight >= LOCAL_INFLIGHT && !digest_says_zero(e, b) &&
         seed_hit(e, b, &loc)) {

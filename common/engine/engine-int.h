@@ -116,6 +116,7 @@ struct copy {
   uint8_t **dig;                /* per chunk: its blocks' digests, or NULL */
   bool *dig_asking, *dig_done;
   uint64_t ndchunks, dig_until;
+  uint64_t dig_good_until;      /* the prefix of dig_until whose chunks came */
   unsigned dig_outstanding;
   /* The first chunk's digests, asked by the digest opener as soon as its
    * connection is up (copy_digest_prefetch), before the copy exists. */

@@ -283,6 +283,7 @@ static char *dup_or_null(const char *s, bool *oom)
  * could be started. */
 static struct companion *companion_start(struct engine *e, const char *suffix, bool prefetch)
 {
+  _Static_assert(DIG_CHUNK_BLOCKS * DIGEST_LEN <= WAN_EARLY_MAX, "a chunk fits an early read");
   struct companion *o = calloc(1, sizeof *o);
   bool oom = false;
   if (!o) return NULL;

@@ -35,7 +35,6 @@ void win_burst(struct winctl *w, uint64_t bytes, uint64_t ns)
 {
   if (ns < WIN_BURST_MIN_NS || !bytes) return;
   w->burst = MAX(w->burst, (uint64_t) ((double) bytes * 1e9 / (double) ns));
-  w->early = MAX(w->early, w->burst);   /* a rate sample too */
 }
 
 void win_credit(struct winctl *w, uint64_t bytes)
@@ -164,7 +163,9 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
        * lags a round trip or two, not more): once a round trip's rate is
        * known, a start window larger than that is brought down to it. */
       uint64_t bound = WIN_MAX;
-      double rate = MAX(early, (double) w->maxrate);
+      /* (A burst counts here, not where start-up ends: once the path is
+       * full, only what the copy itself delivered says what it carries.) */
+      double rate = MAX(MAX(early, (double) w->maxrate), (double) w->burst);
       if (min_rtt_ns && rate > 0)
         bound = MAX(WIN_MIN, (w->path_bound ? 2 : 4) * (uint64_t) (rate * (double) min_rtt_ns / 1e9));
       /* Until a rate is known (a job landed, a round trip passed, two

@@ -112,7 +112,8 @@ struct nego *nego_new(const struct wan_nego_cfg *cfg)
   put_be16(info + 6, NBD_INFO_BLOCK_SIZE);
   buf_add(&p, info, sizeof info);
   put_opt(n, NBD_OPT_GO, &p);
-  if (cfg->early && !cfg->structured && cfg->early->len <= MAX_HELD / 2) {
+  _Static_assert(WAN_EARLY_MAX <= MAX_HELD / 2, "an early read's reply is held whole");
+  if (cfg->early && !cfg->structured && cfg->early->len <= WAN_EARLY_MAX) {
     uint8_t r[28];
     put_be32(r, NBD_REQUEST_MAGIC);
     put_be16(r + 4, 0);

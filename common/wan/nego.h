@@ -38,6 +38,7 @@
  * buf, then sets done_ns and state (release); the owner reads state
  * (acquire) and, if DONE, may take buf (wan_early_take). */
 enum { WAN_EARLY_ASKED, WAN_EARLY_DONE, WAN_EARLY_FAILED };
+#define WAN_EARLY_MAX (512u << 10)    /* the largest early read (bytes) */
 
 struct wan_early {
   uint64_t off;

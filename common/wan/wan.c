@@ -258,6 +258,8 @@ struct pump {
   struct nego *nego;              /* client: the NBD handshake sent ahead, or NULL */
   uint64_t rx_wire;               /* bytes received on the link, this pump */
   uint64_t early_wire;            /* rx_wire when the early read's reply began */
+  bool rx_short;                  /* the last read from the link drained it */
+  bool early_seen;                /* the early read's first reply bytes came */
 };
 
 static void pump_free(struct pump *p)
@@ -575,6 +577,7 @@ static int pump_step(struct pump *p)
     if (n > 0) {
       COUNT(p, rx_wire, n);
       p->rx_wire += (uint64_t) n;
+      p->rx_short = (size_t) n < CHUNK;
       p->win_off = 0;
       p->win_len = n;
       moved = 1;
@@ -614,9 +617,15 @@ static int pump_step(struct pump *p)
       }
       p->lout_len = 0;
       struct wan_early *y = nego_early(p->nego);
-      if (y && !y->first_ns && nego_early_receiving(p->nego)) {
-        y->first_ns = now_ns();
-        p->early_wire = p->rx_wire;   /* (this read's bytes left out: a lower bound) */
+      if (y && !p->early_seen && nego_early_receiving(p->nego)) {
+        /* Timed only from a read that found the link drained (not a
+         * backlog the pump came late to: that would read as a faster
+         * link), and not over TLS (a read returns one record). */
+        p->early_seen = true;
+        if (p->rx_short && !p->ssl) {
+          y->first_ns = now_ns();
+          p->early_wire = p->rx_wire; /* (this read's bytes left out: a lower bound) */
+        }
       }
       bool ok;
       struct wan_early *x = nego_early_resolved(p->nego, &ok);

@@ -435,30 +435,41 @@ Test(window, the_first_window_follows_a_round_trip_learnt_late)
 Test(window, a_burst_opens_start_up_to_twice_its_rate_times_the_round_trip)
 {
   /* 512 KiB of digests read with the handshake (credited: they grow the
-   * window as if asked by the copy) crossed as one burst in 10 ms
-   * (52.4 MB/s): the first window is twice that x 20 ms, not 64 KiB plus
-   * twice 512 KiB, and within the bound (4 x the rate x 20 ms). */
+   * window as if asked by the copy), their 200 kB on the link in one 4 ms
+   * burst (50 MB/s), 40 ms round trip, a job's rate of 10 MB/s: the first
+   * window is twice 50 MB/s x 40 ms (4 MB), within the bound (4 x the
+   * best rate, the burst's, x 40 ms), not the credit's 64 KiB + 1 MiB. */
   struct winctl w;
-  win_init(&w);
   uint64_t len = 512 << 10;
-  win_job_sample(&w, len, 10 * MS, 10 * MS);
-  win_burst(&w, len, 10 * MS);
-  win_credit(&w, len);
-  win_update(&w, 1 * S, len, 0, 20 * MS, 20 * MS, true);
-  uint64_t rate = len * 100, want = 2 * rate / 50;
-  cr_assert(w.window >= want - 2 && w.window <= want + 2, "window %lu, not %lu",
-            (unsigned long) w.window, (unsigned long) want);
-  /* Without the burst: the credit alone, first + twice the 512 KiB. */
   win_init(&w);
-  win_job_sample(&w, len, 10 * MS, 10 * MS);
+  win_job_sample(&w, len, 52 * MS, 4 * MS);
+  win_burst(&w, 200000, 4 * MS);
   win_credit(&w, len);
-  win_update(&w, 1 * S, len, 0, 20 * MS, 20 * MS, true);
-  cr_assert_eq(w.window, WIN_MIN + 2 * len, "window %lu", (unsigned long) w.window);
-  /* Neither: a start at 512 KiB delivered grows nothing yet. */
+  win_update(&w, 1 * S, len, 0, 40 * MS, 40 * MS, true);
+  cr_assert_eq(w.window, 4000000, "window %lu with the burst", (unsigned long) w.window);
+  /* Without the burst: the credit alone, the first window (10 Mbit/s x
+   * 85 ms) + twice the 512 KiB, within 4 x 10 MB/s x 40 ms. */
   win_init(&w);
-  win_job_sample(&w, len, 10 * MS, 10 * MS);
-  win_update(&w, 1 * S, len, 0, 20 * MS, 20 * MS, true);
-  cr_assert_eq(w.window, WIN_MIN, "window %lu", (unsigned long) w.window);
+  win_job_sample(&w, len, 52 * MS, 4 * MS);
+  win_credit(&w, len);
+  win_update(&w, 1 * S, len, 0, 40 * MS, 40 * MS, true);
+  cr_assert_eq(w.window, 106250 + 2 * len, "window %lu with the credit alone",
+               (unsigned long) w.window);
+  /* Neither: 512 KiB delivered before the start grow nothing. */
+  win_init(&w);
+  win_job_sample(&w, len, 52 * MS, 4 * MS);
+  win_update(&w, 1 * S, len, 0, 40 * MS, 40 * MS, true);
+  cr_assert_eq(w.window, 106250, "window %lu", (unsigned long) w.window);
+  /* A burst that overstates the link is not what start-up falls back to
+   * when the path queues: the copy's own rate (512 KiB in 52 ms) is. */
+  win_init(&w);
+  win_job_sample(&w, len, 52 * MS, 4 * MS);
+  win_burst(&w, 200000, 4 * MS);
+  win_update(&w, 1 * S, len, 0, 40 * MS, 40 * MS, true);
+  win_update(&w, 1 * S + 10 * MS, len, 0, 40 * MS, 100 * MS, true);   /* 60 ms queued */
+  cr_assert(w.startup_over);
+  cr_assert(w.window > 800000 && w.window < 810000,     /* 2 x 10.08 MB/s x 40 ms */
+            "window %lu after the queue", (unsigned long) w.window);
 }
 
 Test(window, a_burst_too_short_to_time_or_after_start_up_changes_nothing)
@@ -467,13 +478,26 @@ Test(window, a_burst_too_short_to_time_or_after_start_up_changes_nothing)
   win_init(&w);
   win_burst(&w, 1 << 20, WIN_BURST_MIN_NS - 1);
   cr_assert_eq(w.burst, 0, "a burst of under 1 ms was timed");
-  win_update(&w, 1 * S, 0, 0, 20 * MS, 20 * MS, true);
-  w.startup_over = true;
-  uint64_t before = w.window;
-  win_burst(&w, 1 << 20, 2 * MS);
-  win_update(&w, 1 * S + 10 * MS, 1 << 20, 0, 20 * MS, 20 * MS, true);
-  cr_assert_eq(w.window, before, "a burst moved the window after start-up");
+  /* Two controllers through start-up and past a rate sample, one told of
+   * a burst after its start-up ended: the same windows. */
+  struct winctl a, b;
+  win_init(&a);
+  win_init(&b);
+  uint64_t now = 1 * S, delivered = 0;
+  for (int i = 0; i < 40; i++) {
+    if (i == 10) {
+      a.startup_over = b.startup_over = true;
+      win_burst(&b, 50 << 20, 2 * MS);
+    }
+    now += 50 * MS;
+    delivered += 100000;
+    win_update(&a, now, delivered, a.window, 20 * MS, 20 * MS, true);
+    win_update(&b, now, delivered, b.window, 20 * MS, 20 * MS, true);
+    cr_assert_eq(a.window, b.window, "step %d: window %lu with a late burst, %lu without",
+                 i, (unsigned long) b.window, (unsigned long) a.window);
+  }
+  cr_assert_gt(a.at, 1 * S, "no rate sample was taken");
   /* A credit after the copy started is not taken either. */
-  win_credit(&w, 1 << 20);
-  cr_assert_eq(w.credit, 0);
+  win_credit(&a, 1 << 20);
+  cr_assert_eq(a.credit, 0);
 }
