@@ -452,6 +452,15 @@ static void print_status(const struct json *j)
   printf("last error:     ");
   put_clean(stdout, *str_of(j, "last_error") ? str_of(j, "last_error") : "none");
   putchar('\n');
+  double done_at;
+  if (json_double(json_get(j, "completed_at"), &done_at) && done_at > 0) {
+    time_t t = (time_t) done_at;
+    struct tm tm;
+    char when[64];
+    if (gmtime_r(&t, &tm) && strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm))
+      printf("completed:      %s.%03d UTC\n", when,
+             (int) ((done_at - (double) t) * 1000) % 1000);
+  }
   uint64_t forced = u64_of(j, "forced_missing", &have);
   if (have && forced)
     printf("forced missing: %" PRIu64 " blocks were missing at a forced detach "

@@ -6,6 +6,8 @@
 #   run 1: an 80 MiB source (8 MiB of the seed, 4 MiB new, holes): the
 #          log says the first digests came with the handshake; the disk
 #          equals the source, 8 MiB came from the seed, 4 MiB were fetched.
+#          (Each run also checks status completed_at, and xnbd-ctl's
+#          human-readable line for it.)
 #   run 2: XNBD_WAN_PIPELINE=0 (no handshake sent ahead): no early read;
 #          the same result.
 #   run 3: a 16 MiB source (a digest export of 128 KiB, shorter than the
@@ -46,6 +48,13 @@ migrate () {
     fail "$n: the proxy's disk differs from the source"
   local s
   s=$(ctl_ok "$TESTDIR/$n.ctl" status)
+  # completed_at: when every block became present, as the status shows it.
+  local at human
+  at=$(json_get "$s" completed_at)
+  [[ $at =~ ^[0-9]{10}\.[0-9]{6}$ ]] || fail "$n: completed_at '$at' is not seconds.microseconds"
+  human=$("$XNBD_BUILD/xnbd-ctl" --control "$TESTDIR/$n.ctl" status) || fail "$n: xnbd-ctl status failed"
+  grep -q "^completed: *$(date -u -d "@${at%.*}" '+%Y-%m-%d %H:%M:%S')\.[0-9]\{3\} UTC$" <<<"$human" ||
+    fail "$n: xnbd-ctl status does not show completed_at $at: $human"
   [ "$(json_get "$s" bytes.seeded)" -eq $((8 * M)) ] || fail "$n: bytes.seeded is not 8 MiB: $s"
   [ "$(json_get "$s" bytes.fetched)" -eq $((4 * M)) ] || fail "$n: bytes.fetched is not 4 MiB: $s"
   stop_ok "$PROXY_PID" xnbd-proxy
