@@ -329,12 +329,15 @@ void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export
       /* A job's rate sample, as digests_done takes one (its bytes over
        * the time since it left; its time on the path: the reply's, the
        * source's hashing left out).  Its reply crossed as one burst once
-       * hashed: the link bytes over the time they took are the link's
-       * rate (win_burst; in link bytes, a lower bound for the image's:
-       * digests may compress far better than the data).  And its bytes
-       * grow the window as if the copy had asked them (win_credit). */
+       * hashed: its bytes over the time they took are the path's rate
+       * (win_burst), in image bytes as the window counts them -- but
+       * counting at most 4 image bytes per link byte (WIN_RATIO_MAX, as
+       * the link factor): the digests of zero blocks compress far
+       * better than any data.  And its bytes grow the window as if the
+       * copy had asked them (win_credit). */
       win_job_sample(&c->win, q->sr.len, now_ns() - ei.sent_ns, ei.done_ns - ei.first_ns);
-      win_burst(&c->win, ei.wire, ei.done_ns - ei.first_ns);
+      win_burst(&c->win, MIN(q->sr.len, (uint64_t) (WIN_RATIO_MAX * (double) ei.wire)),
+                ei.done_ns - ei.first_ns);
       win_credit(&c->win, q->sr.len);
       log_debug("digests of blocks 0+%" PRIu64 " came with the digest export's "
                 "handshake (%.1f ms after it left; %" PRIu64 " link bytes in %.1f ms)", nb,

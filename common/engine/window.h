@@ -126,10 +126,9 @@ void win_job_sample(struct winctl *w, uint64_t bytes, uint64_t over_ns, uint64_t
  * copy would otherwise have asked as it started): they grow the window
  * as they would have. */
 void win_credit(struct winctl *w, uint64_t bytes);
-/* A reply of bytes (link bytes) crossed the path as one burst in ns (from
- * its first bytes to its last; the sender had it whole): the link's rate,
- * not held back by any window (in image bytes, data compresses to at
- * least that).  Start-up then opens the
+/* A reply of bytes (image bytes) crossed the path as one burst in ns (from
+ * its first bytes to its last; the sender had it whole): the path's rate
+ * for such data, not held back by any window.  Start-up then opens the
  * window to twice that rate x the round trip at once (within its bound)
  * rather than doubling up to it round trip by round trip.  Bursts shorter
  * than WIN_BURST_MIN_NS are not timed. */

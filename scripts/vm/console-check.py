@@ -9,9 +9,15 @@ next site.
 
 Checks: no "FAIL" line; the counter n=N goes up by exactly one from line
 to line across all sites (no reset, no jump back, none lost); so does the
-ticker t=K when there is one (xnbd.tick=MS).  Prints one JSON object:
+ticker t=K when there is one (xnbd.tick=MS), but for one tick line that
+may be missing where the guest moved: written by the guest just before
+the site it left stopped, it can die in that QEMU's serial backend (the
+guest's state is not lost: its next tick is the one after; seen once, in
+a CI run of test-vm-migrate-faults).  Prints one JSON object:
 
   ok, fails (the first FAIL lines), counter_error, n_first, n_last,
+  ticks_lost_at_moves (tick lines missing where the guest moved, at most
+  one per move),
   rounds: counter lines per site, ticks: tick lines per site,
   with stamps and ticks: max_gap_ms (the longest time between two
   consecutive tick lines: the guest-side downtime, plus up to one tick
@@ -63,9 +69,10 @@ def main():
     paths = sys.argv[1:]
     lines = read_sites(paths)
     res = {"ok": True, "fails": [], "counter_error": "", "n_first": None, "n_last": None,
-           "rounds": [0] * len(paths), "ticks": [0] * len(paths)}
+           "rounds": [0] * len(paths), "ticks": [0] * len(paths), "ticks_lost_at_moves": 0}
     ticks = []
     last = {}
+    last_site = {}
     for site, ts, text in lines:
         if "xnbd-vm: " not in text:
             continue
@@ -78,9 +85,12 @@ def main():
             if not m:
                 continue
             v = int(m.group(1))
-            if key in last and v != last[key] + 1 and not res["counter_error"]:
+            if key == "t" and key in last and v == last[key] + 2 and site > last_site[key]:
+                res["ticks_lost_at_moves"] += 1      # (one per move at most: see above)
+            elif key in last and v != last[key] + 1 and not res["counter_error"]:
                 res["counter_error"] = "%s went from %d to %d (site %d)" % (key, last[key], v, site)
             last[key] = v
+            last_site[key] = site
             if key == "n":
                 res["rounds"][site] += 1
                 res["n_first"] = v if res["n_first"] is None else res["n_first"]
