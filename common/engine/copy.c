@@ -120,7 +120,7 @@ static void status_advance_locked(struct engine *e)
 static uint64_t known_until_locked(struct engine *e)
 {
   struct copy *c = &e->copy;
-  if ((e->dsrc || e->dfile) && !c->dig_off)     /* (a chunk that failed: status) */
+  if (copy_digests_on(e))     /* (a chunk that failed: status) */
     return MAX(c->status_until, MIN(c->dig_good_until * e->bs, e->size));
   return c->status_until;
 }
@@ -130,7 +130,7 @@ static uint64_t known_until_locked(struct engine *e)
 static uint64_t dig_cap_locked(struct engine *e, uint64_t lim)
 {
   struct copy *c = &e->copy;
-  return (e->dsrc || e->dfile) && !c->dig_off ? MIN(lim, c->dig_until) : lim;
+  return copy_digests_on(e) ? MIN(lim, c->dig_until) : lim;
 }
 
 /* One checked run of a reply (source.c clipped it to the request). */
@@ -696,7 +696,7 @@ static unsigned prepage_locked(struct engine *e, uint64_t per_job, bool cheap,
     uint64_t b = bitmap_next_clear(e->bm, *next);
     for (struct job *ij; b < end && (ij = inflight_get(e, b)); )
       b = bitmap_next_clear(e->bm, ij->first + ij->count);
-    if (b >= end || ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until)) {
+    if (b >= end || (copy_digests_on(e) && b >= c->dig_until)) {
       c->nhint--;
       continue;
     }
@@ -732,7 +732,7 @@ static unsigned recent_locked(struct engine *e, uint64_t per_job, bool cheap,
       continue;
     }
     uint64_t k = b / DIG_CHUNK_BLOCKS;
-    if ((e->dsrc || e->dfile) && !c->dig_off && !c->dig_done[k]) {
+    if (copy_digests_on(e) && !c->dig_done[k]) {
       /* Digests ahead of the sweep are kept until it passes them: at
        * most RECENT_DIG_CHUNKS chunks (8 MiB) are asked for the map's
        * regions; a region beyond that is left to the sweep. */
@@ -825,7 +825,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
      * block status and digests are asked ahead of where the copy is. */
     c->cursor = b;
     if (b * e->bs >= known_until_locked(e)) break;
-    if ((e->dsrc || e->dfile) && !c->dig_off && b >= c->dig_until) break;   /* digests first */
+    if (copy_digests_on(e) && b >= c->dig_until) break;   /* digests first */
     uint64_t lim = dig_cap_locked(e, MIN((known_until_locked(e) + e->bs - 1) / e->bs, b + per_job));
     struct index_loc loc;
     if (c->local_inflight >= LOCAL_INFLIGHT && !digest_says_zero(e, b) &&

@@ -268,4 +268,11 @@ void copy_tick(void *opaque, uint64_t now);
 void copy_hint_locked(struct engine *e, uint64_t block);
 void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size);
 
+/* Under lock: whether the copy waits for the source's digests (a digest
+ * export or --digests file, not turned off after a failure). */
+static inline bool copy_digests_on(const struct engine *e)
+{
+  return (e->dsrc || e->dfile) && !e->copy.dig_off;
+}
+
 #endif

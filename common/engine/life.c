@@ -602,7 +602,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->completed_unix_us = e->completed_unix_us;
   st->bytes_seeded = e->bytes_seeded;
   st->bytes_digests = e->bytes_digests;
-  st->digests = (e->dsrc || e->dfile) && !e->copy.dig_off;
+  st->digests = copy_digests_on(e);
   snprintf(st->target, sizeof st->target, "%s", e->src ? ss.target : e->target ? e->target : "");
   snprintf(st->source_id, sizeof st->source_id, "%s", e->source_id);
   /* The engine's own error (local disk, status) wins over the link's. */
