@@ -120,7 +120,7 @@ ENGINE_TESTS=(test-proxy-inv-i1-i3 test-proxy-inv-i3-bg test-proxy-restart-resum
               test-proxy-source-loss test-proxy-detach test-proxy-zero-skip
               test-proxy-crash-i2 test-proxy-complete-zeros
               test-proxy-clients-xnbd-server test-proxy-dedup test-proxy-nbdfuse
-              test-proxy-prepage test-proxy-read-map)
+              test-proxy-prepage test-proxy-read-map test-proxy-dedup-late-digests)
 
 if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   for script in "$srcdir"/test-*.sh; do

@@ -58,7 +58,7 @@ int copy_init(struct engine *e)
   uint64_t nd = 0;
   uint8_t **dig = NULL;
   bool *asking = NULL, *done = NULL;
-  if (e->dsrc || e->dfile) {
+  if (e->dsrc || e->dfile || e->dig_pending) {
     nd = (e->nblocks + DIG_CHUNK_BLOCKS - 1) / DIG_CHUNK_BLOCKS;
     dig = calloc(nd + 1, sizeof *dig);
     asking = calloc(nd + 1, sizeof *asking);
@@ -296,13 +296,15 @@ static void digests_done(struct source_req *r, int err)
   if (landed) source_wake(e->src);
 }
 
-/* On the digest opener's thread, as soon as the digest export is open
- * and its source started: the first chunk's digests, read along with the
- * handshake over xnbd:// (source_config.early_read: in already, as GO's
- * answer waits for them), else asked now, one round trip before the copy
- * could (it waits for the data connection).  Only for a
- * copy that starts at block 0 and may read digests at once (not standby).
- * The answer lands through digests_done: kept until copy_init adopts it. */
+/* When the digest export is joined (dig_attach; its source started), for
+ * a copy that starts at block 0 and may read digests at once (not
+ * standby): the first chunk's digests, read along with the handshake over
+ * xnbd:// (source_config.early_read: in already, as GO's answer waits for
+ * them), else asked now, one round trip before the copy could (it waits
+ * for the data connection) -- if the copy does not exist yet.  Joined at
+ * engine_open, the answer is kept until copy_init adopts it; joined later
+ * on the tick (the copy exists and waited for these), digests read with
+ * the handshake land at once, and a plain source's are asked by the copy. */
 void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size)
 {
   struct copy *c = &e->copy;
@@ -323,38 +325,45 @@ void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export
     .kind = SOURCE_READ, .off = 0, .len = nb * DIGEST_LEN, .buf = buf,
     .done = digests_done, .opaque = q,
   };
-  if (early) {            /* asked with the handshake, and in: kept as the answer */
-    pthread_mutex_lock(&e->lock);
-    if (!c->dig) {        /* (the copy adopts it; it cannot have started yet) */
-      /* A job's rate sample, as digests_done takes one (its bytes over
-       * the time since it left; its time on the path: the reply's, the
-       * source's hashing left out).  Its reply crossed as one burst once
-       * hashed: its bytes over the time they took are the path's rate
-       * (win_burst), in image bytes as the window counts them -- but
-       * counting at most 4 image bytes per link byte (WIN_RATIO_MAX, as
-       * the link factor): the digests of zero blocks compress far
-       * better than any data.  And its bytes grow the window as if the
-       * copy had asked them (win_credit). */
-      win_job_sample(&c->win, q->sr.len, now_ns() - ei.sent_ns, ei.done_ns - ei.first_ns);
-      win_burst(&c->win, MIN(q->sr.len, (uint64_t) (WIN_RATIO_MAX * (double) ei.wire)),
-                ei.done_ns - ei.first_ns);
-      win_credit(&c->win, q->sr.len);
-      log_debug("digests of blocks 0+%" PRIu64 " came with the digest export's "
-                "handshake (%.1f ms after it left; %" PRIu64 " link bytes in %.1f ms)", nb,
-                (double) (ei.done_ns - ei.sent_ns) / 1e6, ei.wire,
-                (double) (ei.done_ns - ei.first_ns) / 1e6);
+  bool landed = false;
+  pthread_mutex_lock(&e->lock);
+  if (early && (!c->dig || (!c->dig_done[0] && !c->dig_asking[0]))) {
+    /* Asked with the handshake, and in: the answer.  A job's rate sample,
+     * as digests_done takes one (its bytes over the time since it left;
+     * its time on the path: the reply's, the source's hashing left out).
+     * Its reply crossed as one burst once hashed: its bytes over the time
+     * they took are the path's rate (win_burst), in image bytes as the
+     * window counts them -- but counting at most 4 image bytes per link
+     * byte (WIN_RATIO_MAX, as the link factor): the digests of zero
+     * blocks compress far better than any data.  And its bytes grow the
+     * window as if the copy had asked them (win_credit; only before the
+     * copy started). */
+    win_job_sample(&c->win, q->sr.len, now_ns() - ei.sent_ns, ei.done_ns - ei.first_ns);
+    win_burst(&c->win, MIN(q->sr.len, (uint64_t) (WIN_RATIO_MAX * (double) ei.wire)),
+              ei.done_ns - ei.first_ns);
+    win_credit(&c->win, q->sr.len);
+    log_debug("digests of blocks 0+%" PRIu64 " came with the digest export's "
+              "handshake (%.1f ms after it left; %" PRIu64 " link bytes in %.1f ms)", nb,
+              (double) (ei.done_ns - ei.sent_ns) / 1e6, ei.wire,
+              (double) (ei.done_ns - ei.first_ns) / 1e6);
+    if (!c->dig) {        /* kept until copy_init adopts it */
       c->pre_q = q;
       c->pre_err = 0;
-      q = NULL;
+    } else {              /* the copy waited for it */
+      land_digests_locked(e, q, 0);
+      landed = true;
     }
-    pthread_mutex_unlock(&e->lock);
-    if (q) { free(q->buf); free(q); }
-    return;
+    q = NULL;
+  } else if (!early && !c->dig) {
+    c->pre_inflight = true;
+  } else {                /* the copy asks them itself */
+    free(q->buf);
+    free(q);
+    q = NULL;
   }
-  pthread_mutex_lock(&e->lock);
-  c->pre_inflight = true;
   pthread_mutex_unlock(&e->lock);
-  source_submit(dsrc, &q->sr);
+  if (q) source_submit(dsrc, &q->sr);
+  if (landed) source_wake(e->src);
 }
 
 /* Under lock, in copy_init: the prefetch's answer (or the prefetch still
@@ -905,6 +914,7 @@ void copy_tick(void *opaque, uint64_t now)
   pthread_mutex_unlock(&e->lock);
   source_set_probing(e->src, probing);
 
+  engine_digests_tick(e);
   if (up) {
     read_map_tick(e);
     query_status(e);

@@ -118,8 +118,9 @@ struct copy {
   uint64_t ndchunks, dig_until;
   uint64_t dig_good_until;      /* the prefix of dig_until whose chunks came */
   unsigned dig_outstanding;
-  /* The first chunk's digests, asked by the digest opener as soon as its
-   * connection is up (copy_digest_prefetch), before the copy exists. */
+  /* The first chunk's digests, read with the digest export's handshake or
+   * asked as soon as it is joined (copy_digest_prefetch), before the copy
+   * exists. */
   bool pre_inflight;
   struct digest_query *pre_q;   /* that query, answered before copy_init */
   int pre_err;
@@ -168,6 +169,8 @@ struct engine {
   struct source *src;           /* NULL once detached (or complete at start) */
   struct source *dsrc;          /* the source's digest export, or NULL */
   struct companion *dig_opener; /* opening dsrc while the rest opens */
+  bool dig_pending;             /* it was still opening when clients were let
+                                 * in: joined on the tick; the copy waits */
   struct companion *map_opener; /* opening msrc (joined on the tick) */
   struct source *msrc;          /* the source's read map export, or NULL */
   struct index *ix;             /* the seeds' index, or NULL */
@@ -260,6 +263,9 @@ void companion_abandon(struct companion *o);
  * why.  An export whose size is not expected is refused. */
 struct source *companion_join(struct engine *e, struct companion *o, uint64_t expected,
                               char *why, size_t whylen);
+/* On the tick: joins the digest export's opener once it is done (never
+ * waits); what it opened becomes the copy's digests (life.c). */
+void engine_digests_tick(struct engine *e);
 
 /* copy.c */
 int copy_init(struct engine *e);
@@ -269,10 +275,11 @@ void copy_hint_locked(struct engine *e, uint64_t block);
 void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size);
 
 /* Under lock: whether the copy waits for the source's digests (a digest
- * export or --digests file, not turned off after a failure). */
+ * export, one still opening, or --digests file, not turned off after a
+ * failure). */
 static inline bool copy_digests_on(const struct engine *e)
 {
-  return (e->dsrc || e->dfile) && !e->copy.dig_off;
+  return (e->dsrc || e->dfile || e->dig_pending) && !e->copy.dig_off;
 }
 
 #endif

@@ -185,12 +185,13 @@ static int open_dedup(struct engine *e, char *err, size_t errlen)
   }
   e->ix = index_open(e->cfg.seeds, e->cfg.nseeds, e->cfg.index_path, 0, err, errlen);
   if (!e->ix) return -1;
-  if (e->cfg.digests_path) {
-    if (open_digest_file(e, err, errlen) < 0) return -1;
-    log_info("deduplication: %u seed%s; the source's digests from %s",
-             e->cfg.nseeds, e->cfg.nseeds > 1 ? "s" : "", e->cfg.digests_path);
-    return 0;
-  }
+  if (e->cfg.digests_path && open_digest_file(e, err, errlen) < 0) return -1;
+  struct index_stats is;
+  index_get_stats(e->ix, &is);
+  log_info("deduplication: %u seed%s, %" PRIu64 " blocks indexed (%" PRIu64 " hashed "
+           "now)%s%s", is.seeds, is.seeds > 1 ? "s" : "", is.blocks_indexed,
+           is.blocks_hashed, e->cfg.digests_path ? "; the source's digests from " : "",
+           e->cfg.digests_path ? e->cfg.digests_path : "");
   return 0;
 }
 
@@ -242,12 +243,17 @@ struct companion {
   struct source_info info;
   struct source *s;
   char why[512];
+  /* Written (a uint64_t 1) once the thread is done, if set: wakes the
+   * source thread whose tick joins it (companion_arm).  Closed with it. */
+  atomic_int wake_fd;
 };
 
 enum { COMP_RUNNING, COMP_DONE, COMP_ABANDONED };
 
 static void companion_free(struct companion *o)
 {
+  int fd = atomic_load(&o->wake_fd);
+  if (fd >= 0) close(fd);
   free((char *) o->dc.target);
   free((char *) o->dc.export_name);
   free((char *) o->dc.tls_certificates);
@@ -260,12 +266,16 @@ static void *companion_main(void *arg)
 {
   struct companion *o = arg;
   o->s = source_open(&o->dc, &o->info, o->why, sizeof o->why);
-  if (o->s && o->prefetch && source_start(o->s, o->why, sizeof o->why) == 0)
-    copy_digest_prefetch(o->e, o->s, o->info.size);
   if (atomic_exchange(&o->state, COMP_DONE) == COMP_ABANDONED) {
     source_close(o->s);
     companion_free(o);
+    return NULL;
   }
+  /* (o stays valid: whoever frees it joins this thread first) */
+  int fd = atomic_load(&o->wake_fd);
+  uint64_t one = 1;
+  if (fd >= 0 && write(fd, &one, sizeof one) < 0 && errno != EAGAIN)
+    log_debug("waking the source thread failed: %s", strerror(errno));
   return NULL;
 }
 
@@ -290,6 +300,7 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
   o->e = e;
   o->prefetch = prefetch;
   atomic_init(&o->state, COMP_RUNNING);
+  atomic_init(&o->wake_fd, -1);
   o->dc = (struct source_config) {
     .target = dup_or_null(e->target, &oom), .export_name = dup_or_null(e->target_export, &oom),
     .connections = 1, .timeout_s = e->cfg.source_timeout_s,
@@ -309,6 +320,15 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
 }
 
 bool companion_finished(struct companion *o) { return atomic_load(&o->state) == COMP_DONE; }
+
+/* Has the thread wake the source thread through fd (taken: closed with
+ * o; -1: none) when done; whether it is still running.  (Either the
+ * thread sees fd or this sees it done: both are sequentially consistent.) */
+static bool companion_arm(struct companion *o, int fd)
+{
+  atomic_store(&o->wake_fd, fd);
+  return !companion_finished(o);
+}
 
 void companion_abandon(struct companion *o)
 {
@@ -357,36 +377,76 @@ static struct source *dig_opener_join(struct engine *e, char *why, size_t whylen
   return companion_join(e, o, digest_export_size(e->size), why, whylen);
 }
 
-/* The source's digest export, when seeds or an older copy can use it
- * (with seeds, engine_open started opening it already). */
-static void open_digests(struct engine *e)
+/* The digest opener is done: its source (or why not) becomes the copy's
+ * digests; with prefetch, the first chunk's, read with the handshake or
+ * asked now, too.  At engine_open (deferred false) a failure gives the
+ * seeds up altogether; on the tick (deferred: clients are served already
+ * and may look at the index) the copy goes on without deduplication. */
+static void dig_attach(struct engine *e, bool deferred)
 {
   char why[512];
-  bool want = (e->ix || e->old_data) && !e->dfile;
-  if (want && !e->dig_opener) dig_opener_start(e, false);
-  struct source *s = e->dig_opener || want ? dig_opener_join(e, why, sizeof why) : NULL;
-  if (!want) {
+  bool prefetch = e->dig_opener && e->dig_opener->prefetch;
+  struct source *s = dig_opener_join(e, why, sizeof why);
+  if (s && source_start(s, why, sizeof why) < 0) {
     source_close(s);
-    return;
+    s = NULL;
   }
-  e->dsrc = s;
-  if (!e->dsrc) {
+  if (!s) {
     log_warn("the source publishes no block digests (%s): %s cannot be used "
              "(xnbd-server publishes them; see xnbd-proxy(8))", why,
              e->ix ? "the seeds" : "the older data in the cache");
+    if (deferred) {
+      pthread_mutex_lock(&e->lock);
+      e->dig_pending = false;
+      e->copy.dig_off = true;
+      snprintf(e->last_error, sizeof e->last_error, "the source publishes no block "
+               "digests (%.300s): copying without deduplication", why);
+      pthread_mutex_unlock(&e->lock);
+      return;
+    }
     if (e->ix) index_close(e->ix);
     e->ix = NULL;
     free(e->old_data);
     e->old_data = NULL;
     return;
   }
-  if (e->ix) {
-    struct index_stats is;
-    index_get_stats(e->ix, &is);
-    log_info("deduplication: %u seed%s, %" PRIu64 " blocks indexed (%" PRIu64
-             " hashed now); the source publishes digests", is.seeds,
-             is.seeds > 1 ? "s" : "", is.blocks_indexed, is.blocks_hashed);
+  pthread_mutex_lock(&e->lock);   /* (engine_stats reads it under the lock) */
+  e->dsrc = s;
+  e->dig_pending = false;
+  pthread_mutex_unlock(&e->lock);
+  if (prefetch) copy_digest_prefetch(e, s, digest_export_size(e->size));
+  log_info("deduplication: the source publishes digests%s",
+           deferred ? " (joined after clients were let in)" : "");
+}
+
+/* The source's digest export, when seeds or an older copy can use it
+ * (with seeds, engine_open started opening it already).  Clients are
+ * served at once: an opener still at work (a far source; over xnbd://,
+ * the source hashing the first digests read with the handshake, perhaps
+ * from a cold disk) is joined on the tick (engine_digests_tick) and the
+ * copy waits for it meanwhile (dig_pending). */
+static void open_digests(struct engine *e)
+{
+  bool want = (e->ix || e->old_data) && !e->dfile;
+  if (!want) {
+    companion_abandon(e->dig_opener);
+    e->dig_opener = NULL;
+    return;
   }
+  if (!e->dig_opener) dig_opener_start(e, false);
+  if (e->dig_opener && !companion_finished(e->dig_opener) &&
+      companion_arm(e->dig_opener, source_wake_fd_dup(e->src))) {
+    e->dig_pending = true;
+    log_debug("the source's digest export is still opening: clients are served "
+              "meanwhile, the copy waits for it");
+    return;
+  }
+  dig_attach(e, false);
+}
+
+void engine_digests_tick(struct engine *e)
+{
+  if (e->dig_opener && companion_finished(e->dig_opener)) dig_attach(e, true);
 }
 
 /* The cache image, checked against the bitmap: a cache shorter than the
@@ -518,12 +578,12 @@ void engine_close(struct engine *e)
 {
   if (!e) return;
   atomic_store(&e->stopping, true);
-  if (e->dig_opener) {            /* engine_open failed before it was joined */
-    char why[512];
-    source_close(dig_opener_join(e, why, sizeof why));
-  }
   source_stop(e->src);            /* jobs at the source land as failures */
-  companion_abandon(e->map_opener);   /* the tick never joined it (stopped now) */
+  /* Openers the tick never joined (it has stopped now), or engine_open
+   * failed before it could: what they open is closed, never used. */
+  companion_abandon(e->dig_opener);
+  e->dig_opener = NULL;
+  companion_abandon(e->map_opener);
   e->map_opener = NULL;
   source_stop(e->dsrc);
   source_stop(e->msrc);
@@ -614,8 +674,9 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   struct source_stats ds = { 0 }, ms = { 0 };
   pthread_mutex_lock(&e->lock);
   struct source *msrc = e->msrc;  /* set by the tick, under the lock */
+  struct source *dsrc = e->dsrc;  /* (so may this be) */
   pthread_mutex_unlock(&e->lock);
-  if (e->dsrc) source_get_stats(e->dsrc, &ds);
+  if (dsrc) source_get_stats(dsrc, &ds);
   if (msrc) source_get_stats(msrc, &ms);
   st->wire_tx_raw = ss.wire_tx_raw + ds.wire_tx_raw + ms.wire_tx_raw;
   st->wire_tx = ss.wire_tx + ds.wire_tx + ms.wire_tx;

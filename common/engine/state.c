@@ -132,8 +132,11 @@ int engine_detach(struct engine *e, bool force, char *err, size_t errlen)
   source_stop(e->src);            /* no request touches the source after this (I7) */
   source_stop(e->dsrc);
   source_stop(e->msrc);
-  /* The read map's opener, if still connecting (the tick that joins it
-   * has stopped): what it opens is closed at once, never used. */
+  /* The openers of the digest export and the read map, if still
+   * connecting (the tick that joins them has stopped): what they open is
+   * closed at once, never used. */
+  companion_abandon(e->dig_opener);
+  e->dig_opener = NULL;
   companion_abandon(e->map_opener);
   e->map_opener = NULL;
   return 0;

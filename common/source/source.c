@@ -11,6 +11,7 @@
 #include "wan.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -138,6 +139,12 @@ void source_wake(struct source *s)
   uint64_t one = 1;
   if (s->wake_fd >= 0 && write(s->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
     log_debug("waking the source thread failed: %s", strerror(errno));
+}
+
+int source_wake_fd_dup(struct source *s)
+{
+  if (s->wake_fd < 0) { errno = EBADF; return -1; }
+  return fcntl(s->wake_fd, F_DUPFD_CLOEXEC, 0);
 }
 
 /* ---------- connecting ---------- */

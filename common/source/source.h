@@ -123,6 +123,10 @@ int source_retarget(struct source *s, const char *target, char *err, size_t errl
 /* Measure the round trip with tiny requests on the idle urgent connection. */
 void source_set_probing(struct source *s, bool on);
 void source_wake(struct source *s);
+/* A descriptor that wakes the source's thread when 8 bytes (a uint64_t 1)
+ * are written to it, for another thread that may outlive s (it stays
+ * valid until closed, whatever happens to s); -1 with errno on failure. */
+int source_wake_fd_dup(struct source *s);
 
 struct source_stats {
   unsigned connections, connections_up;
