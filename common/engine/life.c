@@ -288,8 +288,9 @@ static char *dup_or_null(const char *s, bool *oom)
 
 /* Starts opening export target_export + suffix (its size is checked at
  * the join: the image's size may not be known yet); with prefetch, the
- * first digests are asked as soon as it is open (copy_digest_prefetch;
- * such a companion must be joined, not abandoned).  NULL if no thread
+ * first digests are read with its handshake (xnbd://), and asked as soon
+ * as it is joined if not (dig_attach, copy_digest_prefetch).  The thread
+ * touches nothing of the engine: it may be abandoned.  NULL if no thread
  * could be started. */
 static struct companion *companion_start(struct engine *e, const char *suffix, bool prefetch)
 {
@@ -559,7 +560,6 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   if (!complete) {
     if (copy_init(e) < 0) { snprintf(err, errlen, "out of memory"); goto fail; }
     if (source_start(e->src, err, errlen) < 0) goto fail;
-    if (e->dsrc && source_start(e->dsrc, err, errlen) < 0) goto fail;
   }
   if (pthread_create(&e->persister, NULL, persister_main, e) != 0) {
     snprintf(err, errlen, "cannot start the bitmap persister thread");
