@@ -183,7 +183,8 @@ static int go_when_negotiating(struct source *s, struct nbd_handle *h, bool *sen
   return rc;
 }
 
-static struct nbd_handle *make_handle(struct source *s, const char *target,
+/* A handle for connection i (0: the one clients' misses use). */
+static struct nbd_handle *make_handle(struct source *s, unsigned i, const char *target,
                                       char *err, size_t errlen)
 {
   struct target t;
@@ -213,6 +214,10 @@ static struct nbd_handle *make_handle(struct source *s, const char *target,
     /* Our WAN transport: NBD inside zstd (inside TLS for xnbds://). */
     int level = s->cfg.compress_level;
     unsigned flags = (level >= 0 ? WAN_F_ZSTD : 0) | (t.tls ? WAN_F_TLS : 0);
+    /* Bulk connections (the background copy's, a companion export's) are
+     * paced at the source by the path's queue (pace.h); connection 0 of
+     * several is kept for clients' misses, and is not. */
+    if (i > 0 || s->cfg.export_suffix) flags |= WAN_F_PACED;
     /* The options libnbd will ask (see set_export, and the meta context
      * above), sent ahead by the WAN pump. */
     char name[EXPORT_NAME_MAX];
@@ -377,13 +382,13 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
   }
 
   if (cfg->early_read && cfg->export_suffix) s->early = wan_early_new(0, cfg->early_read);
-  struct nbd_handle *h = make_handle(s, s->target, err, errlen);
+  struct nbd_handle *h = make_handle(s, 0, s->target, err, errlen);
   uint64_t deadline = now_ns() + (uint64_t) s->cfg.timeout_s * 1000000000u;
   if (!h) goto fail;
   /* The other connections start now too (wait_connected drives them). */
   for (unsigned i = 1; i < s->n; i++) {
     char e2[256];
-    s->c[i].h = make_handle(s, s->target, e2, sizeof e2);
+    s->c[i].h = make_handle(s, i, s->target, e2, sizeof e2);
     if (s->c[i].h) s->c[i].st = CONN_CONNECTING, s->c[i].connecting_at = now_ns();
   }
   if (wait_connected(s, h, deadline) < 0) {
@@ -647,7 +652,7 @@ static void drive_connections(struct source *s, uint64_t now)
     struct sconn *c = &s->c[i];
     char err[512];
     if (c->st == CONN_DOWN && now >= s->retry_at) {
-      c->h = make_handle(s, s->target, err, sizeof err);
+      c->h = make_handle(s, i, s->target, err, sizeof err);
       if (!c->h) {
         trouble(s, "%s", err);
         s->backoff_ms = MIN(MAX(s->backoff_ms * 2, BACKOFF_MIN_MS), BACKOFF_MAX_MS);

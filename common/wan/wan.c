@@ -3,6 +3,7 @@
  * socket and a local socketpair. */
 #include "wan.h"
 #include "nego.h"
+#include "pace.h"
 #include "log.h"
 #include "util.h"
 
@@ -260,6 +261,10 @@ struct pump {
   uint64_t early_wire;            /* rx_wire when the early read's reply began */
   bool rx_short;                  /* the last read from the link drained it */
   bool early_seen;                /* the early read's first reply bytes came */
+  bool paced;                     /* server: the client asked WAN_F_PACED (pace.h) */
+  struct pace pace;
+  bool pace_wait;                 /* the pace held the last write back */
+  size_t tls_retry_len;           /* a TLS write to repeat with at least this */
 };
 
 static void pump_free(struct pump *p)
@@ -341,7 +346,11 @@ static int handshake(struct pump *p)
     want = get_be32(h + 12);
     p->level = get_be32(h + 16);     /* the client's level, both directions */
     if (p->level < 1 || p->level > 19) p->level = WAN_DEFAULT_LEVEL;
-    accept = want & (WAN_F_ZSTD | WAN_F_TLS);
+    accept = want & (WAN_F_ZSTD | WAN_F_TLS | WAN_F_PACED);
+    p->paced = want & WAN_F_PACED;
+    if (p->paced)
+      log_debug("WAN connection: bulk reads (WAN_F_PACED): the socket holds what the "
+                "path needs, the rest waits here (pace.h)");
     if (!p->allow_zstd) accept &= ~WAN_F_ZSTD;
     /* Early bytes (no TLS): the client's stream is already framed as it
      * asked, whatever this end accepts for its own direction. */
@@ -554,9 +563,21 @@ static int pump_step(struct pump *p)
     } else if (n == 0)
       p->local_eof = true, moved = 1;
   }
-  /* wout -> WAN */
+  /* wout -> WAN (held at the source on a bulk connection: pace.h) */
+  p->pace_wait = false;
   if (p->wout_len) {
-    n = wan_io(p, p->wout + p->wout_off, p->wout_len, true);
+    size_t len = p->wout_len;
+    if (p->paced && !p->ssl_want_read) {
+      uint64_t t = now_ns(), srtt, min_rtt, acked;
+      if (pace_due(&p->pace, t) && pace_tcp_sample(p->wan, &srtt, &min_rtt, &acked) == 0) {
+        pace_control(&p->pace, t, srtt, min_rtt, acked);
+      }
+      int64_t outq = p->pace.limit ? pace_tcp_outq(p->wan) : 0;
+      if (outq >= 0) len = pace_allow(&p->pace, (uint64_t) outq, len, MIN(p->tls_retry_len, len));
+      p->pace_wait = len == 0;
+    }
+    n = len ? wan_io(p, p->wout + p->wout_off, len, true) : -1;
+    p->tls_retry_len = n == -1 && len && p->ssl ? len : 0;
     if (n > 0) {
       COUNT(p, tx_wire, n);
       p->wout_off += n;
@@ -715,10 +736,11 @@ static void *pump_main(void *arg)
     size_t nl = 0;
     if (p->nego) nego_to_local(p->nego, &nl);
     if (p->lout_len || nl) pf[0].events |= POLLOUT;
-    if (p->wout_len || p->ssl_want_write) pf[1].events |= POLLOUT;
+    if ((p->wout_len && !p->pace_wait) || p->ssl_want_write) pf[1].events |= POLLOUT;
     if ((!p->win_len && !p->wan_eof) || p->ssl_want_read) pf[1].events |= POLLIN;
     p->ssl_want_read = p->ssl_want_write = false;
-    if (poll(pf, 2, 1000) < 0 && errno != EINTR) break;
+    /* (held back by the pace: acknowledgements make room, unseen) */
+    if (poll(pf, 2, p->pace_wait ? 1 : 1000) < 0 && errno != EINTR) break;
     if ((pf[0].revents | pf[1].revents) & POLLNVAL) break;
   }
 out:
@@ -819,6 +841,8 @@ int wan_connect(const char *host, const char *port, unsigned flags, int level,
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   p = pump_new(fd, false);
   if (!p) { close(fd); snprintf(err, errlen, "out of memory"); return -1; }
+  const char *pc = getenv("XNBD_WAN_PACE");
+  if (pc && strcmp(pc, "0") == 0) flags &= ~WAN_F_PACED;
   p->flags = flags;
   p->level = level;
   p->tls = tls;

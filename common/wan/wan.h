@@ -21,6 +21,10 @@
  *     connection the options may end with one NBD read (the first
  *     digests), pipelined after GO and answered before libnbd's first
  *     request (nego.h, wan_early): a round trip less before them.
+ *     WAN_F_PACED (client): this connection carries bulk reads (a
+ *     background copy, digests), never a client's miss: the server paces
+ *     what it writes by the queue on the path (pace.h) and answers with
+ *     WAN_F_PACED; a server that does not know it leaves it out.
  *
  * Both ends run a pump thread between the WAN socket and a local
  * socketpair: the NBD server core, or libnbd in the proxy
@@ -42,6 +46,7 @@
 #define WAN_F_ZSTD (1u << 0)
 #define WAN_F_TLS  (1u << 1)
 #define WAN_F_EARLY (1u << 2)
+#define WAN_F_PACED (1u << 3)
 #define WAN_ST_OK 0
 #define WAN_ST_TLS_REQUIRED 1        /* server requires TLS, client did not ask */
 #define WAN_ST_TLS_UNAVAILABLE 2     /* client asked for TLS, server has none */
