@@ -60,14 +60,19 @@ void pace_control(struct pace *p, uint64_t now, uint64_t srtt_us, uint64_t min_r
     p->rate = p->queued ? MAX(p->best[0], p->best[1]) : m;
   }
 limit:
-  if (srtt_us > p->min_rtt_us + PACE_QUEUE_US && !p->queued) {
+  if (srtt_us > p->min_rtt_us + MAX(p->queue_us, (uint64_t) PACE_QUEUE_US) && !p->queued) {
     p->queued = true;
     p->best[0] = p->best[1] = p->rate;   /* the periods start from here */
+  }
+  if (!p->queue_us) p->queue_us = PACE_QUEUE_US;
+  if (p->queue_us > PACE_QUEUE_US && now >= p->starved_at + PACE_RELAX_NS) {
+    p->queue_us = MAX(p->queue_us * 9 / 10, (uint64_t) PACE_QUEUE_US);
+    p->starved_at = now;
   }
   /* Before a rate: what the thinnest link served carries (pace.h). */
   double rate = p->rate ? (double) p->rate : (double) PACE_THIN_RATE;
   double gain = p->queued ? 1.25 : 2.0;
-  double bytes = gain * rate * (double) (p->min_rtt_us + PACE_QUEUE_US) / 1e6;
+  double bytes = gain * rate * (double) (p->min_rtt_us + p->queue_us) / 1e6;
   p->limit = MAX((uint64_t) bytes + PACE_EXTRA, (uint64_t) PACE_MIN_LIMIT);
 }
 
@@ -78,6 +83,14 @@ size_t pace_allow(const struct pace *p, uint64_t outq, size_t want, size_t min_l
   size_t need = MAX(MIN(want, (size_t) PACE_MIN_WRITE), min_len);
   if (room < need) return 0;
   return MIN(want, (size_t) room);
+}
+
+void pace_starved(struct pace *p, uint64_t now)
+{
+  if (!p->limit || now < p->starved_at + PACE_STARVE_GAP_NS) return;
+  if (!p->queue_us) p->queue_us = PACE_QUEUE_US;
+  p->queue_us = MIN(p->queue_us * 5 / 4, (uint64_t) PACE_QUEUE_MAX_US);
+  p->starved_at = now;
 }
 
 int pace_tcp_sample(int fd, uint64_t *srtt_us, uint64_t *min_rtt_us, uint64_t *acked)

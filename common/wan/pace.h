@@ -23,7 +23,8 @@
  * (start-up: the rate doubles each sample until the path is full), then
  * 5/4 with the best median of the last two PACE_FILTER_NS periods (the
  * quarter finds a faster path; the queue it leaves is about a quarter of
- * the round trip and PACE_QUEUE_US).  Before any sample the rate is
+ * the round trip and PACE_QUEUE_US, more on a machine too busy to refill
+ * the socket in time: pace_starved).  Before any sample the rate is
  * PACE_THIN_RATE, the thinnest link served (10 Mbit/s), so a first
  * burst does not queue on it.  What the copy asked beyond the limit waits
  * in the server, where a client's miss, on its own connection, passes it.
@@ -36,7 +37,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PACE_QUEUE_US 3000u
+#define PACE_QUEUE_US 3000u           /* the queue allowed, at first and at least */
+#define PACE_QUEUE_MAX_US 20000u      /* ... and at most (pace_starved) */
+#define PACE_STARVE_GAP_NS 5000000u   /* raised at most this often */
+#define PACE_RELAX_NS 1000000000u     /* lowered after this long without starving */
 #define PACE_EXTRA 1448u              /* a segment of headroom at any rate */
 #define PACE_MIN_LIMIT 5792u
 #define PACE_CTL_NS 1000000u          /* TCP_INFO at most this often */
@@ -57,6 +61,8 @@ struct pace {
   bool queued;                  /* a queue was seen: start-up is over */
   uint64_t ctl_at;              /* the last control step */
   uint64_t limit;               /* bytes the socket may hold (0: no limit yet) */
+  uint64_t queue_us;            /* the queue allowed (0: PACE_QUEUE_US) */
+  uint64_t starved_at;          /* the last pace_starved that raised it */
 };
 
 /* Whether a control step is due at now (ns). */
@@ -69,6 +75,13 @@ void pace_control(struct pace *p, uint64_t now, uint64_t srtt_us, uint64_t min_r
  * socket: 0 (wait), or at least min(want, PACE_MIN_WRITE) and min_len (a
  * write that must be repeated with at least that length, e.g. TLS's). */
 size_t pace_allow(const struct pace *p, uint64_t outq, size_t want, size_t min_len);
+
+/* The socket ran dry at now while replies were held back: the limit was
+ * too small for how late this thread gets to refill it (a busy machine):
+ * the queue allowed grows by a quarter (at most every PACE_STARVE_GAP_NS,
+ * up to PACE_QUEUE_MAX_US); a second without that brings it back down by
+ * a tenth a second, to PACE_QUEUE_US. */
+void pace_starved(struct pace *p, uint64_t now);
 
 /* TCP_INFO of socket fd; -1 if it cannot tell (then nothing is paced). */
 int pace_tcp_sample(int fd, uint64_t *srtt_us, uint64_t *min_rtt_us, uint64_t *acked);

@@ -264,6 +264,7 @@ struct pump {
   bool paced;                     /* server: the client asked WAN_F_PACED (pace.h) */
   struct pace pace;
   bool pace_wait;                 /* the pace held the last write back */
+  bool pace_held;                 /* ... or some of it */
   size_t tls_retry_len;           /* a TLS write to repeat with at least this */
 };
 
@@ -573,8 +574,11 @@ static int pump_step(struct pump *p)
         pace_control(&p->pace, t, srtt, min_rtt, acked);
       }
       int64_t outq = p->pace.limit ? pace_tcp_outq(p->wan) : 0;
+      /* held back last time, and the socket is empty now: too little */
+      if (outq == 0 && p->pace_held) pace_starved(&p->pace, t);
       if (outq >= 0) len = pace_allow(&p->pace, (uint64_t) outq, len, MIN(p->tls_retry_len, len));
       p->pace_wait = len == 0;
+      p->pace_held = len < p->wout_len;
     }
     n = len ? wan_io(p, p->wout + p->wout_off, len, true) : -1;
     p->tls_retry_len = n == -1 && len && p->ssl ? len : 0;
