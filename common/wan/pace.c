@@ -85,9 +85,16 @@ size_t pace_allow(const struct pace *p, uint64_t outq, size_t want, size_t min_l
   return MIN(want, (size_t) room);
 }
 
+void pace_wrote(struct pace *p, uint64_t now) { p->wrote_at = now; }
+
 void pace_starved(struct pace *p, uint64_t now)
 {
-  if (!p->limit || now < p->starved_at + PACE_STARVE_GAP_NS) return;
+  if (!p->limit || !p->rate || now < p->starved_at + PACE_STARVE_GAP_NS) return;
+  /* Late: the limit takes this long to cross at the rate; sooner, the
+   * socket emptied faster than the rate (a token bucket's burst), and
+   * more room would only queue more. */
+  uint64_t drain_ns = (uint64_t) ((double) p->limit * 1e9 / (double) p->rate);
+  if (now < p->wrote_at + drain_ns) return;
   if (!p->queue_us) p->queue_us = PACE_QUEUE_US;
   p->queue_us = MIN(p->queue_us * 5 / 4, (uint64_t) PACE_QUEUE_MAX_US);
   p->starved_at = now;

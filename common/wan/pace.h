@@ -63,6 +63,7 @@ struct pace {
   uint64_t limit;               /* bytes the socket may hold (0: no limit yet) */
   uint64_t queue_us;            /* the queue allowed (0: PACE_QUEUE_US) */
   uint64_t starved_at;          /* the last pace_starved that raised it */
+  uint64_t wrote_at;            /* the last write */
 };
 
 /* Whether a control step is due at now (ns). */
@@ -76,11 +77,14 @@ void pace_control(struct pace *p, uint64_t now, uint64_t srtt_us, uint64_t min_r
  * write that must be repeated with at least that length, e.g. TLS's). */
 size_t pace_allow(const struct pace *p, uint64_t outq, size_t want, size_t min_len);
 
-/* The socket ran dry at now while replies were held back: the limit was
- * too small for how late this thread gets to refill it (a busy machine):
- * the queue allowed grows by a quarter (at most every PACE_STARVE_GAP_NS,
- * up to PACE_QUEUE_MAX_US); a second without that brings it back down by
- * a tenth a second, to PACE_QUEUE_US. */
+/* Bytes were written at now. */
+void pace_wrote(struct pace *p, uint64_t now);
+/* The socket ran dry at now while replies were held back.  If the last
+ * write was longer ago than the limit takes to cross at the rate, the
+ * limit was too small for how late this thread gets to refill it (a busy
+ * machine): the queue allowed grows by a quarter (at most every
+ * PACE_STARVE_GAP_NS, up to PACE_QUEUE_MAX_US); a second without that
+ * brings it back down by a tenth a second, to PACE_QUEUE_US. */
 void pace_starved(struct pace *p, uint64_t now);
 
 /* TCP_INFO of socket fd; -1 if it cannot tell (then nothing is paced). */

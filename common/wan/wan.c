@@ -582,6 +582,7 @@ static int pump_step(struct pump *p)
     }
     n = len ? wan_io(p, p->wout + p->wout_off, len, true) : -1;
     p->tls_retry_len = n == -1 && len && p->ssl ? len : 0;
+    if (n > 0 && p->paced) pace_wrote(&p->pace, now_ns());
     if (n > 0) {
       COUNT(p, tx_wire, n);
       p->wout_off += n;
