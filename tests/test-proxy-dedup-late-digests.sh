@@ -14,6 +14,8 @@
 #   run 2 (close): the digest export's connection is closed instead: the
 #          copy goes on without deduplication (everything fetched), says
 #          why, and the disk equals the source.
+#   run 3 (detach): detached (--force) while the export is held, the proxy
+#          closes that connection itself (I7) and stops when asked.
 source "$(dirname "$0")/functions.sh"
 requires qemu-io qemu-img python3
 
@@ -74,4 +76,22 @@ for mode in release close; do
   cmp -s "$src" "$seed" || fail "$mode: the seed changed"
   stop_ok "$PROXY_PID"
 done
+
+# Run 3 (detach): the digest export still held when the proxy detaches
+# (--force, the copy waiting for digests): the proxy gives the export's
+# connection up -- it is closed from the proxy's side, nothing more goes
+# to the source (I7) -- and stops at once when asked.
+relay=$TESTDIR/detach.relay.sock rlog=$TESTDIR/detach.relay.log ctlsock=$TESTDIR/detach.ctl
+start_server "$HOLD" "$relay" "$TESTDIR/src.sock" "@xnbd-sha256" "$TESTDIR/never" release "$rlog"
+start_proxy --target "$(nbd_unix_uri "$relay")" --cache "$TESTDIR/detach.cache" \
+  --bitmap "$TESTDIR/detach.bm" --control "$ctlsock" -u "$TESTDIR/detach.sock" \
+  --seed "$seed" --index "$TESTDIR/detach.idx" --cache-all --source-timeout 120
+wait_state "$ctlsock" proxying 60
+wait_for grep -q "^held " "$rlog" || fail "detach: the digest export's connection was never held"
+ctl_ok "$ctlsock" "detach --force" >/dev/null
+wait_state "$ctlsock" detached 30
+held=$(awk '/^held /{print $2}' "$rlog")
+wait_for grep -q "^client-closed $held\$" "$rlog" ||
+  fail "detach: the proxy kept its connection to the digest export open after detach"
+stop_ok "$PROXY_PID"
 echo "PASS"

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -246,14 +247,17 @@ struct companion {
   /* Written (a uint64_t 1) once the thread is done, if set: wakes the
    * source thread whose tick joins it (companion_arm).  Closed with it. */
   atomic_int wake_fd;
+  int cancel_fd;                /* dc.cancel_fd: written to give the open up */
 };
 
 enum { COMP_RUNNING, COMP_DONE, COMP_ABANDONED };
+#define COMP_ABANDON_WAIT_MS 2000u
 
 static void companion_free(struct companion *o)
 {
   int fd = atomic_load(&o->wake_fd);
   if (fd >= 0) close(fd);
+  if (o->cancel_fd >= 0) close(o->cancel_fd);
   free((char *) o->dc.target);
   free((char *) o->dc.export_name);
   free((char *) o->dc.tls_certificates);
@@ -302,6 +306,7 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
   o->prefetch = prefetch;
   atomic_init(&o->state, COMP_RUNNING);
   atomic_init(&o->wake_fd, -1);
+  o->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   o->dc = (struct source_config) {
     .target = dup_or_null(e->target, &oom), .export_name = dup_or_null(e->target_export, &oom),
     .connections = 1, .timeout_s = e->cfg.source_timeout_s,
@@ -312,6 +317,7 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
     .tls_verify = e->cfg.tls_verify, .export_suffix = suffix,
     /* The first chunk's digests go with the handshake (xnbd://). */
     .early_read = prefetch ? DIG_CHUNK_BLOCKS * DIGEST_LEN : 0,
+    .cancellable = o->cancel_fd >= 0, .cancel_fd = o->cancel_fd,
   };
   if (oom || pthread_create(&o->thread, NULL, companion_main, o) != 0) {
     companion_free(o);
@@ -334,6 +340,16 @@ static bool companion_arm(struct companion *o, int fd)
 void companion_abandon(struct companion *o)
 {
   if (!o) return;
+  /* The open is given up (source_config.cancellable): its connections
+   * close within a poll, and a WAN pump stops its handshake as libnbd
+   * closes its end -- nothing more reaches the source (I7 after detach).
+   * It is waited for a little (COMP_ABANDON_WAIT_MS), so a close does not
+   * leave the thread and its pump running. */
+  uint64_t one = 1;
+  if (o->cancel_fd >= 0 && write(o->cancel_fd, &one, sizeof one) < 0)
+    log_debug("giving up an open: %s", strerror(errno));
+  for (unsigned i = 0; i < COMP_ABANDON_WAIT_MS && !companion_finished(o); i++)
+    usleep(1000);
   pthread_t t = o->thread;        /* o may be freed by the thread from here */
   if (atomic_exchange(&o->state, COMP_ABANDONED) == COMP_DONE) {
     pthread_join(t, NULL);

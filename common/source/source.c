@@ -292,7 +292,7 @@ static int wait_connected(struct source *s, struct nbd_handle *h, uint64_t deadl
   bool go_sent = false;
   while (handshaking(h)) {
     if (go_when_negotiating(s, h, &go_sent) < 0) return -1;
-    struct pollfd p[MAX_CONNS];
+    struct pollfd p[MAX_CONNS + 1];
     struct nbd_handle *hs[MAX_CONNS];
     unsigned np = 0;
     for (unsigned i = 0; i < s->n; i++) {
@@ -307,8 +307,11 @@ static int wait_connected(struct source *s, struct nbd_handle *h, uint64_t deadl
     }
     uint64_t now = now_ns();
     if (now >= deadline) { errno = ETIMEDOUT; return -1; }
-    int r = poll(p, np, MIN((deadline - now) / 1000000 + 1, 1000u));
+    unsigned nfd = np;
+    if (s->cfg.cancellable) p[nfd++] = (struct pollfd) { .fd = s->cfg.cancel_fd, .events = POLLIN };
+    int r = poll(p, nfd, MIN((deadline - now) / 1000000 + 1, 1000u));
     if (r < 0 && errno != EINTR) return -1;
+    if (r > 0 && nfd > np && p[np].revents) { errno = ECANCELED; return -1; }
     for (unsigned k = 0; r > 0 && k < np; k++) {
       if (!p[k].revents) continue;
       if (notify(hs[k], p[k].revents) < 0 && hs[k] == h) return -1;
@@ -395,7 +398,8 @@ struct source *source_open(const struct source_config *cfg, struct source_info *
     snprintf(err, errlen, "cannot connect to source %s: %s (is the source "
              "server running and reachable? the proxy needs it at start-up "
              "unless its bitmap is complete)", s->target,
-             errno == ETIMEDOUT ? "timed out (--source-timeout)" : nbd_get_error());
+             errno == ETIMEDOUT ? "timed out (--source-timeout)" :
+             errno == ECANCELED ? "given up (no longer needed)" : nbd_get_error());
     nbd_close(h);
     goto fail;
   }

@@ -81,6 +81,11 @@ struct source_config {
    * along with the handshake (wan_early, nego.h), a round trip before the
    * first request could be; taken with source_early_take.  0: none. */
   uint32_t early_read;
+  /* With cancellable: source_open gives up (ECANCELED) as soon as
+   * cancel_fd is readable (an eventfd written by whoever abandons the
+   * open), closing what it opened at once. */
+  bool cancellable;
+  int cancel_fd;
   /* Called on the source thread at every turn of its loop (at least every
    * 100 ms) while the source runs: the engine's copy policy lives there. */
   void (*tick)(void *opaque, uint64_t now_ns);

@@ -281,15 +281,25 @@ static void pump_free(struct pump *p)
   free(p);
 }
 
-/* Waits for fd to be ready (POLLIN/POLLOUT) before the deadline. */
+/* A client pump's local end while it connects and shakes hands: once
+ * libnbd has closed it (the open was given up: source_config.cancellable),
+ * nothing more goes to the server. */
+static __thread int hs_watch = -1;
+
+/* Waits for fd to be ready (POLLIN/POLLOUT) before the deadline (ECANCELED
+ * once hs_watch is closed). */
 static int wait_fd(int fd, short ev, uint64_t deadline)
 {
   for (;;) {
     uint64_t now = now_ns();
     if (now >= deadline) { errno = ETIMEDOUT; return -1; }
-    struct pollfd pf = { .fd = fd, .events = ev };
-    int r = poll(&pf, 1, (deadline - now) / 1000000 + 1);
-    if (r > 0) return 0;
+    struct pollfd pf[2] = { { .fd = fd, .events = ev }, { .fd = hs_watch, .events = POLLRDHUP } };
+    int r = poll(pf, hs_watch >= 0 ? 2 : 1, (deadline - now) / 1000000 + 1);
+    if (r > 0 && hs_watch >= 0 && (pf[1].revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+      errno = ECANCELED;
+      return -1;
+    }
+    if (r > 0 && pf[0].revents) return 0;
     if (r < 0 && errno != EINTR) return -1;
   }
 }
@@ -713,6 +723,7 @@ static void *pump_main(void *arg)
 {
   struct pump *p = arg;
 
+  if (!p->server) hs_watch = p->local;
   if (!p->server) {                 /* finish the non-blocking connect */
     int soerr = 0;
     socklen_t sl = sizeof soerr;
@@ -724,10 +735,13 @@ static void *pump_main(void *arg)
     }
   }
   if (handshake(p) < 0) {
-    if (errno == ETIMEDOUT)
+    if (errno == ECANCELED)
+      log_debug("WAN connection to %s given up during its handshake", p->host);
+    else if (errno == ETIMEDOUT)
       log_warn("WAN handshake with %s timed out", p->server ? "a client" : p->host);
     goto out;
   }
+  hs_watch = -1;
   if (start_stream(p) < 0) goto out;
   /* the NBD handshake goes first, at once (unless it left with the hello) */
   if (p->nego && !p->early_sent && send_preamble(p) < 0) goto out;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""hold-relay.py --pidfile F LISTEN TARGET MATCH UNTIL MODE
+"""hold-relay.py --pidfile F LISTEN TARGET MATCH UNTIL MODE [LOG]
 
 A relay between two unix sockets that holds back one kind of connection:
 every connection to LISTEN is forwarded to TARGET, but once the bytes a
@@ -10,7 +10,9 @@ UNTIL exists.  Then, by MODE:
   close    the connection is closed (and later ones that match are closed
            as soon as they match): the export looks unreachable.
 Connections that never send MATCH are never held.  F (this process's PID)
-is written once LISTEN accepts connections.  Runs until killed.
+is written once LISTEN accepts connections.  LOG, if given, gets a line
+"held N" when connection N matches and "client-closed N" when its client
+closes it (or resets it).  Runs until killed.
 
 Each connection has two threads, one per direction; a thread blocks only
 its own connection."""
@@ -21,9 +23,18 @@ import threading
 import time
 
 args = sys.argv[1:]
-if len(args) != 7 or args[0] != "--pidfile":
+if len(args) not in (7, 8) or args[0] != "--pidfile":
     sys.exit(__doc__)
 pidfile, listen, target, match, until, mode = args[1], args[2], args[3], args[4].encode(), args[5], args[6]
+logf = args[7] if len(args) == 8 else None
+log_lock = threading.Lock()
+counter = [0]
+
+
+def log(line):
+    if logf:
+        with log_lock, open(logf, "a") as f:
+            f.write(line + "\n")
 if mode not in ("release", "close"):
     sys.exit("hold-relay.py: MODE must be release or close, not %r" % mode)
 
@@ -38,18 +49,24 @@ def hold_until_file(matched, dead):
     return mode == "release"
 
 
-def client_to_server(c, s, matched, dead):
+def client_to_server(c, s, matched, dead, n):
     seen = b""
     try:
         while True:
-            b = c.recv(65536)
+            try:
+                b = c.recv(65536)
+            except OSError:
+                b = b""
             if not b:
+                if not dead.is_set():
+                    log("client-closed %d" % n)
                 s.shutdown(socket.SHUT_WR)
                 return
             if not matched.is_set():
                 seen = (seen + b)[-(len(match) + 65536):]
                 if match in seen:
                     matched.set()
+                    log("held %d" % n)
             s.sendall(b)
     except OSError:
         pass
@@ -81,7 +98,10 @@ def serve(c):
         c.close()
         return
     matched, dead = threading.Event(), threading.Event()
-    t1 = threading.Thread(target=client_to_server, args=(c, s, matched, dead), daemon=True)
+    with log_lock:
+        counter[0] += 1
+        n = counter[0]
+    t1 = threading.Thread(target=client_to_server, args=(c, s, matched, dead, n), daemon=True)
     t2 = threading.Thread(target=server_to_client, args=(c, s, matched, dead), daemon=True)
     t1.start()
     t2.start()
