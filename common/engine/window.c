@@ -191,7 +191,12 @@ uint64_t win_update(struct winctl *w, uint64_t now, uint64_t delivered, uint64_t
   w->maxrate = maxrate;
   if (!active || !min_rtt_ns || !rate) return w->window;
   uint64_t win = w->window;
-  uint64_t cap = 2 * (uint64_t) ((double) maxrate * (double) min_rtt_ns / 1e9);
+  /* Twice the product, but no more than WIN_EXCESS_NS of the rate beyond
+   * it: with the source holding the copy's replies back (WAN pacing), what
+   * the window holds beyond the product waits there, and a client's miss
+   * for a block in it waits as long (I3). */
+  uint64_t bdp = (uint64_t) ((double) maxrate * (double) min_rtt_ns / 1e9);
+  uint64_t cap = bdp + MIN(bdp, (uint64_t) ((double) maxrate * WIN_EXCESS_NS / 1e9));
   bool grew = w->best && rate > w->best + w->best / 4;
   /* A sample with the window mostly unused (the copy waited for digests,
    * block status or the CPU, not for the path) says nothing of the path:

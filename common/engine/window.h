@@ -26,7 +26,10 @@
  * twice the product of the rate so far (the queue start-up built is
  * handed back at once), or after three samples without such growth; from
  * then on the window grows by a quarter while the copy delivers at its
- * best and uses the window, capped at 2 x rate x round trip.  Floor: 2
+ * best and uses the window, capped at 2 x rate x round trip and at the
+ * product plus WIN_EXCESS_NS of the rate (on a long path: what the window
+ * holds beyond the product waits at the source or in the path, and a
+ * client's miss for a block in it waits as long, I3).  Floor: 2
  * MiB, or 100 ms of the best rate if that is less (at least 64 KiB); it
  * keeps the window from shrinking below it, and lifts a window below it
  * only while the probes see no queue (a jump into a queued path is a burst
@@ -47,6 +50,7 @@
 #define WIN_SAMPLE_NS 250000000u
 #define WIN_LUMP_GAP_NS 2000000u       /* two lumps closer than this: no timing */
 #define WIN_RATES 40                   /* 10 s of samples */
+#define WIN_EXCESS_NS 40000000u        /* after start-up: beyond the product, at most this */
 
 struct winctl {
   uint64_t window;              /* bytes */
