@@ -804,16 +804,14 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     return;
   }
   /* Several jobs per window, so replies stream back to back. */
-  /* At least 256 KiB (fewer, larger requests), but at most half a small
-   * window: a thin link's window of 100-200 KiB is not one burst. */
+  /* At least 256 KiB (fewer, larger requests), but not a thin link's
+   * whole window in one burst: */
   uint64_t job_bytes = MIN((uint64_t) e->cfg.max_fetch, MAX(c->window / 16, (uint64_t) 256 << 10));
-  job_bytes = MIN(job_bytes, MAX(c->window / 2, (uint64_t) 64 << 10));
-  /* A client's miss for a block of a background read waits for all of it
-   * (I3), and for what was asked before it: on a thin link a read is at
-   * most half of what the path carries in a round trip. */
-  if (c->win.maxrate && c->path_rtt_ns)
-    job_bytes = MIN(job_bytes, MAX((uint64_t) ((double) c->win.maxrate * (double) c->path_rtt_ns / 2e9),
-                                   (uint64_t) 32 << 10));
+  /* ... and at most a quarter of it: a client's miss for a block of a
+   * background read waits for all of it (I3) and what was asked before
+   * it; the window being about twice the path's product, that read
+   * crosses in half a round trip. */
+  job_bytes = MIN(job_bytes, MAX(c->window / 4, (uint64_t) 64 << 10));
   uint64_t per_job = MAX(1, job_bytes / e->bs);
   if (c->rate) {
     int64_t cap = MAX((int64_t) e->cfg.max_fetch, (int64_t) (c->rate / 10));
@@ -881,7 +879,6 @@ static void size_window(struct engine *e, uint64_t now, const struct source_brie
   if (delivered > c->delivered_raw)
     c->delivered_link += (double) (delivered - c->delivered_raw) / ratio;
   c->delivered_raw = delivered;
-  c->path_rtt_ns = sb->rtt_ns;
   uint64_t w = win_update(&c->win, now, (uint64_t) c->delivered_link,
                           (uint64_t) ((double) c->inflight_bytes / ratio),
                           sb->rtt_ns, sb->rtt_last_ns, c->running && !c->paused);

@@ -125,7 +125,6 @@ struct copy {
   struct digest_query *pre_q;   /* that query, answered before copy_init */
   int pre_err;
   uint64_t local_inflight;      /* bytes in JOB_LOCAL jobs */
-  uint64_t path_rtt_ns;         /* the smallest round trip (size_window) */
   /* Pre-paging: the blocks after the latest client misses, copied before
    * the ascending sweep goes on (newest last). */
   struct { uint64_t next, end; } hint[PREPAGE_HINTS];
