@@ -33,10 +33,15 @@ static uint64_t median(const struct pace *p)
 void pace_control(struct pace *p, uint64_t now, uint64_t srtt_us, uint64_t min_rtt_us,
                   uint64_t acked)
 {
+  /* A gap since the last step (nothing to write: idle) is not the
+   * path's time: the next sample starts here. */
+  bool gap = p->ctl_at && now > p->ctl_at + PACE_SAMPLE_NS + PACE_CTL_NS;
   p->ctl_at = now;
-  if (min_rtt_us) p->min_rtt_us = min_rtt_us;
-  if (!p->period_at) {
-    p->period_at = p->acked_at = now;
+  /* (~0: no round trip measured yet) */
+  if (min_rtt_us && min_rtt_us != UINT32_MAX) p->min_rtt_us = min_rtt_us;
+  if (!p->period_at || gap) {
+    if (!p->period_at) p->period_at = now;
+    p->acked_at = now;
     p->acked = acked;
   }
   /* What the path delivered since the last sample: bytes acknowledged

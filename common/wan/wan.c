@@ -265,6 +265,7 @@ struct pump {
   struct pace pace;
   bool pace_wait;                 /* the pace held the last write back */
   bool pace_held;                 /* ... or some of it */
+  bool wan_broken;                /* poll saw POLLERR or POLLHUP on the WAN socket */
   size_t tls_retry_len;           /* a TLS write to repeat with at least this */
 };
 
@@ -578,7 +579,11 @@ static int pump_step(struct pump *p)
   p->pace_wait = false;
   if (p->wout_len) {
     size_t len = p->wout_len;
-    if (p->paced && !p->ssl_want_read) {
+    /* (not while a TLS record waits to be written again: OpenSSL holds
+     * it already and wants at least its length; not once the socket
+     * reported an error or hang-up: its queue no longer drains, and only
+     * a write says what happened) */
+    if (p->paced && !p->tls_retry_len && !p->wan_broken) {
       uint64_t t = now_ns(), srtt, min_rtt, acked;
       if (pace_due(&p->pace, t) && pace_tcp_sample(p->wan, &srtt, &min_rtt, &acked) == 0) {
         pace_control(&p->pace, t, srtt, min_rtt, acked);
@@ -586,7 +591,7 @@ static int pump_step(struct pump *p)
       int64_t outq = p->pace.limit ? pace_tcp_outq(p->wan) : 0;
       /* held back last time, and the socket is empty now: too little */
       if (outq == 0 && p->pace_held) pace_starved(&p->pace, t);
-      if (outq >= 0) len = pace_allow(&p->pace, (uint64_t) outq, len, MIN(p->tls_retry_len, len));
+      if (outq >= 0) len = pace_allow(&p->pace, (uint64_t) outq, len, 0);
       p->pace_wait = len == 0;
       p->pace_held = len < p->wout_len;
     }
@@ -761,6 +766,7 @@ static void *pump_main(void *arg)
     /* (held back by the pace: acknowledgements make room, unseen) */
     if (poll(pf, 2, p->pace_wait ? 1 : 1000) < 0 && errno != EINTR) break;
     if ((pf[0].revents | pf[1].revents) & POLLNVAL) break;
+    if (pf[1].revents & (POLLERR | POLLHUP)) p->wan_broken = true;
   }
 out:
   pump_free(p);

@@ -6,7 +6,8 @@
  * last two periods after, kept over an idle stretch; the gain is 2 until
  * a queue is seen and 5/4 after; a write is let through only when a
  * segment (and a TLS write's length) fits; on a 10 Mbit/s link with a
- * 1 ms round trip the bytes that can queue stay within 6 ms of the link. */
+ * 1 ms round trip the bytes that can queue stay within 6 ms of the link;
+ * an idle gap is not a sample, and an unmeasured round trip is not huge. */
 #include <criterion/criterion.h>
 
 #include "pace.h"
@@ -118,4 +119,29 @@ Test(pace, a_thin_short_path_queues_at_most_six_ms)
   uint64_t queue_bytes = p.limit - rate * 1000 / 1000000;  /* beyond the path's own */
   cr_assert_leq(queue_bytes * 1000000 / rate, 6000, "%lu us of queue",
                 (unsigned long) (queue_bytes * 1000000 / rate));
+}
+
+Test(pace, an_idle_gap_is_not_a_sample_and_no_round_trip_is_not_huge)
+{
+  struct pace p = { 0 };
+  uint64_t acked = 0, now = 1 * MS;
+  pace_control(&p, now, 1000, 1000, acked);
+  now = feed(&p, now, &acked, 10000000, 1000, 1000, 10);
+  cr_assert_eq(p.rate, 10000000);
+  /* three times a second with nothing to write, then 10 KB more
+   * acknowledged at once: not 10 KB/s (the gap is not the path's time) */
+  for (int i = 0; i < 3; i++) {
+    acked += 10000;
+    now += 1000 * MS;
+    pace_control(&p, now, 1000, 1000, acked);
+    now += PACE_SAMPLE_NS;
+    pace_control(&p, now, 1000, 1000, acked);   /* (idle: no sample) */
+  }
+  cr_assert_eq(p.rate, 10000000, "rate %lu", (unsigned long) p.rate);
+  now = feed(&p, now, &acked, 10000000, 1000, 1000, 1);
+  cr_assert_eq(p.rate, 10000000);
+  /* TCP_INFO's min_rtt before any sample is ~0: not 71 minutes */
+  struct pace q = { 0 };
+  pace_control(&q, 1 * MS, 0, UINT32_MAX, 0);
+  cr_assert_eq(q.limit, expect_limit(2.0, PACE_THIN_RATE, 0));
 }
