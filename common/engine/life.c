@@ -251,7 +251,7 @@ struct companion {
 };
 
 enum { COMP_RUNNING, COMP_DONE, COMP_ABANDONED };
-#define COMP_ABANDON_WAIT_MS 2000u
+#define COMP_ABANDON_WAIT_S 2
 
 static void companion_free(struct companion *o)
 {
@@ -343,20 +343,26 @@ void companion_abandon(struct companion *o)
   /* The open is given up (source_config.cancellable): its connections
    * close within a poll, and a WAN pump stops its handshake as libnbd
    * closes its end -- nothing more reaches the source (I7 after detach).
-   * It is waited for a little (COMP_ABANDON_WAIT_MS), so a close does not
+   * It is waited for a little (COMP_ABANDON_WAIT_S), so a close does not
    * leave the thread and its pump running. */
   uint64_t one = 1;
   if (o->cancel_fd >= 0 && write(o->cancel_fd, &one, sizeof one) < 0)
     log_debug("giving up an open: %s", strerror(errno));
-  for (unsigned i = 0; i < COMP_ABANDON_WAIT_MS && !companion_finished(o); i++)
-    usleep(1000);
-  pthread_t t = o->thread;        /* o may be freed by the thread from here */
-  if (atomic_exchange(&o->state, COMP_ABANDONED) == COMP_DONE) {
-    pthread_join(t, NULL);
-    source_close(o->s);
-    companion_free(o);
-  } else
+  pthread_t t = o->thread;
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += COMP_ABANDON_WAIT_S;
+  /* Still nobody else's: joined, it is closed here; else the thread
+   * closes what it opens and frees o itself (from the exchange on). */
+  bool joined = pthread_timedjoin_np(t, NULL, &until) == 0;
+  if (!joined && atomic_exchange(&o->state, COMP_ABANDONED) == COMP_DONE)
+    joined = pthread_join(t, NULL) == 0;
+  if (!joined) {
     pthread_detach(t);
+    return;
+  }
+  source_close(o->s);
+  companion_free(o);
 }
 
 struct source *companion_join(struct engine *e, struct companion *o, uint64_t expected,

@@ -527,6 +527,28 @@ static int send_preamble(struct pump *p)
   return 0;
 }
 
+/* How much of wout to write now: all of it, or on a paced connection
+ * (pace.h) what the socket may take (0: wait, pace_wait).  Not paced
+ * while a TLS record waits to be written again (OpenSSL holds it already
+ * and wants at least its length), nor once the socket reported an error
+ * or hang-up (its queue no longer drains; only a write says what
+ * happened). */
+static size_t paced_len(struct pump *p)
+{
+  if (!p->paced || p->tls_retry_len || p->wan_broken) return p->wout_len;
+  uint64_t t = now_ns(), srtt, min_rtt, acked;
+  if (pace_due(&p->pace, t) && pace_tcp_sample(p->wan, &srtt, &min_rtt, &acked) == 0)
+    pace_control(&p->pace, t, srtt, min_rtt, acked);
+  int64_t outq = p->pace.limit ? pace_tcp_outq(p->wan) : 0;
+  if (outq < 0) return p->wout_len;
+  /* held back last time, and the socket is empty now: too little */
+  if (outq == 0 && p->pace_held) pace_starved(&p->pace, t);
+  size_t len = pace_allow(&p->pace, (uint64_t) outq, p->wout_len, 0);
+  p->pace_wait = len == 0;
+  p->pace_held = len < p->wout_len;
+  return len;
+}
+
 /* One pass over both directions; returns 1 if anything moved, 0 if not,
  * -1 on error. */
 static int pump_step(struct pump *p)
@@ -578,23 +600,7 @@ static int pump_step(struct pump *p)
   /* wout -> WAN (held at the source on a bulk connection: pace.h) */
   p->pace_wait = false;
   if (p->wout_len) {
-    size_t len = p->wout_len;
-    /* (not while a TLS record waits to be written again: OpenSSL holds
-     * it already and wants at least its length; not once the socket
-     * reported an error or hang-up: its queue no longer drains, and only
-     * a write says what happened) */
-    if (p->paced && !p->tls_retry_len && !p->wan_broken) {
-      uint64_t t = now_ns(), srtt, min_rtt, acked;
-      if (pace_due(&p->pace, t) && pace_tcp_sample(p->wan, &srtt, &min_rtt, &acked) == 0) {
-        pace_control(&p->pace, t, srtt, min_rtt, acked);
-      }
-      int64_t outq = p->pace.limit ? pace_tcp_outq(p->wan) : 0;
-      /* held back last time, and the socket is empty now: too little */
-      if (outq == 0 && p->pace_held) pace_starved(&p->pace, t);
-      if (outq >= 0) len = pace_allow(&p->pace, (uint64_t) outq, len, 0);
-      p->pace_wait = len == 0;
-      p->pace_held = len < p->wout_len;
-    }
+    size_t len = paced_len(p);
     n = len ? wan_io(p, p->wout + p->wout_off, len, true) : -1;
     p->tls_retry_len = n == -1 && len && p->ssl ? len : 0;
     if (n > 0 && p->paced) pace_wrote(&p->pace, now_ns());

@@ -27,6 +27,13 @@ static uint64_t feed(struct pace *p, uint64_t now, uint64_t *acked, uint64_t rat
   return now;
 }
 
+/* A path of 10 MB/s and 1 ms, ten samples in; returns the time. */
+static uint64_t settled(struct pace *p, uint64_t *acked)
+{
+  pace_control(p, 1 * MS, 1000, 1000, *acked);
+  return feed(p, 1 * MS, acked, 10000000, 1000, 1000, 10);
+}
+
 static uint64_t expect_limit(double gain, uint64_t rate, uint64_t min_rtt_us)
 {
   uint64_t b = (uint64_t) (gain * (double) rate * (double) (min_rtt_us + PACE_QUEUE_US) / 1e6);
@@ -62,9 +69,7 @@ Test(pace, limit_is_twice_the_product_until_a_queue_then_five_quarters)
 Test(pace, rate_is_a_median_then_the_best_of_two_periods_and_survives_idleness)
 {
   struct pace p = { 0 };
-  uint64_t acked = 0, now = 1 * MS;
-  pace_control(&p, now, 1000, 1000, acked);
-  now = feed(&p, now, &acked, 10000000, 1000, 1000, 10);
+  uint64_t acked = 0, now = settled(&p, &acked);
   cr_assert_eq(p.rate, 10000000);
   /* one sample of a burst at 8 times the rate: the median does not move */
   now = feed(&p, now, &acked, 80000000, 1000, 1000, 1);
@@ -124,9 +129,7 @@ Test(pace, a_thin_short_path_queues_at_most_six_ms)
 Test(pace, an_idle_gap_is_not_a_sample_and_no_round_trip_is_not_huge)
 {
   struct pace p = { 0 };
-  uint64_t acked = 0, now = 1 * MS;
-  pace_control(&p, now, 1000, 1000, acked);
-  now = feed(&p, now, &acked, 10000000, 1000, 1000, 10);
+  uint64_t acked = 0, now = settled(&p, &acked);
   cr_assert_eq(p.rate, 10000000);
   /* three times a second with nothing to write, then 10 KB more
    * acknowledged at once: not 10 KB/s (the gap is not the path's time) */
