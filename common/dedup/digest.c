@@ -103,6 +103,18 @@ void digest_block(const void *buf, uint8_t out[DIGEST_LEN])
   hash_block(thread_ctx(), buf, out);
 }
 
+void digest_blocks(const void *buf, uint64_t n, uint8_t *out)
+{
+  const uint8_t *p = buf;
+  EVP_MD_CTX *c = thread_ctx();        /* also runs init_once */
+  uint64_t i = 0;
+  if (use_x2)
+    for (; i + 1 < n; i += 2)
+      sha256_x2(p + i * DIGEST_BLOCK, p + (i + 1) * DIGEST_BLOCK,
+                out + i * DIGEST_LEN, out + (i + 1) * DIGEST_LEN);
+  for (; i < n; i++) hash_block(c, p + i * DIGEST_BLOCK, out + i * DIGEST_LEN);
+}
+
 void digest_bytes(const void *buf, size_t len, uint8_t out[DIGEST_LEN])
 {
   hash_bytes(thread_ctx(), buf, len, out);

@@ -367,35 +367,39 @@ unsigned index_lookup(struct index *ix, const uint8_t digest[DIGEST_LEN],
   return n;
 }
 
+int index_read(struct index *ix, unsigned seed, uint64_t block, uint64_t n, void *buf)
+{
+  uint64_t have = 0, want;
+  if (seed >= ix->nseeds || n > UINT64_MAX / DIGEST_BLOCK) {
+    errno = EINVAL;
+    return -1;
+  }
+  want = n * DIGEST_BLOCK;
+  /* The seed may have shrunk or grown since it was indexed: read what is
+   * there now; what lies past its end now reads as zeros (no seed block
+   * that is indexed hashes as zeros: the caller's check fails). */
+  if (want <= INT64_MAX && block <= ((uint64_t) INT64_MAX - want) / DIGEST_BLOCK)
+    while (have < want) {
+      ssize_t r = pread(ix->seeds[seed].fd, (char *) buf + have, want - have,
+                        (off_t) (block * DIGEST_BLOCK + have));
+      if (r < 0 && errno == EINTR)
+        continue;
+      if (r < 0)
+        return -1;
+      if (r == 0)
+        break;
+      have += (uint64_t) r;
+    }
+  memset((char *) buf + have, 0, want - have);
+  return 0;
+}
+
 int index_fetch(struct index *ix, const struct index_loc *loc,
                 const uint8_t digest[DIGEST_LEN], void *buf)
 {
   uint8_t got[DIGEST_LEN];
-  size_t have = 0;
-  const struct seed *sd;
-  if (loc->seed >= ix->nseeds) {
-    errno = EINVAL;
+  if (index_read(ix, loc->seed, loc->block, 1, buf) < 0)
     return -1;
-  }
-  sd = &ix->seeds[loc->seed];
-  if (loc->block > UINT64_MAX / DIGEST_BLOCK)
-    return 0;
-  /* The seed may have shrunk or grown since it was indexed: read what is
-   * there now; a block past the end now is not there. */
-  while (have < DIGEST_BLOCK) {
-    ssize_t r = pread(sd->fd, (char *) buf + have, DIGEST_BLOCK - have,
-                      loc->block * DIGEST_BLOCK + have);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -1;
-    if (r == 0)
-      break;
-    have += r;
-  }
-  if (have == 0)
-    return 0;
-  memset((char *) buf + have, 0, DIGEST_BLOCK - have);
   digest_block(buf, got);
   return memcmp(got, digest, DIGEST_LEN) == 0 ? 1 : 0;
 }

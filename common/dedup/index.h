@@ -57,6 +57,12 @@ void index_get_stats(struct index *ix, struct index_stats *st);
 unsigned index_lookup(struct index *ix, const uint8_t digest[DIGEST_LEN],
                       struct index_loc *out, unsigned max);
 
+/* Reads blocks [block, block + n) of seed into buf (n x DIGEST_BLOCK
+ * bytes) in one go, as they are now: what lies past the seed's end now
+ * reads as zeros.  The caller re-hashes them (I4; index_fetch does both
+ * for one block).  Returns 0, or -1 with errno (EINVAL: no such seed). */
+int index_read(struct index *ix, unsigned seed, uint64_t block, uint64_t n, void *buf);
+
 /* Reads the seed block at loc into buf (DIGEST_BLOCK bytes) and checks it
  * hashes to digest (I4).  Returns 1 if it does, 0 if the seed changed (or
  * the block is past its end now), -1 with errno on a read error. */

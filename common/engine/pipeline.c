@@ -576,40 +576,50 @@ static void fetch(struct engine *e, struct job *j);
 /* Present locally (on the I/O work queue): every block of a JOB_LOCAL job
  * is read from its seed and must hash to the source's digest (I4: the
  * index is a hint, seeds change).  If one does not, the whole job comes
- * from the source instead. */
+ * from the source instead.  Blocks that follow each other in one seed (or
+ * in the cache, for an older copy) are read in one go, and re-hashed two
+ * at a time (digest_blocks): on a machine shared with the link's work,
+ * this is most of the copy's CPU. */
 static void resolve_local(struct xwork *w)
 {
   struct job *j = (struct job *) ((char *) w - offsetof(struct job, work));
   struct engine *e = j->e;
-  for (uint64_t i = 0; i < j->count; i++) {
-    uint64_t off = i * DIGEST_BLOCK;
-    int r;
-    if (j->locs[i].seed == CACHE_SEED) {
-      uint8_t d[DIGEST_LEN];
-      r = cache_read(e->cache, (char *) j->buf + off, DIGEST_BLOCK,
-                     j->locs[i].block * DIGEST_BLOCK) < 0 ? -1 : 1;
-      if (r == 1) {
-        digest_block((char *) j->buf + off, d);
-        r = memcmp(d, j->digests + i * DIGEST_LEN, DIGEST_LEN) == 0;
-      }
-    } else
-      r = index_fetch(e->ix, &j->locs[i], j->digests + i * DIGEST_LEN,
-                      (char *) j->buf + off);
-    if (r == 1) continue;
-    log_debug("block %" PRIu64 ": its seed no longer holds the source's data%s; "
-              "fetching it", j->first + i, r < 0 ? " (read error)" : "");
-    j->fell_back = true;
-    /* From now on it is WAN traffic: it counts against the window and
-     * the rate cap like any background fetch. */
-    pthread_mutex_lock(&e->lock);
-    e->copy.inflight_bytes += j->len;
-    if (!j->waiters) e->copy.debt += j->len;
-    pthread_mutex_unlock(&e->lock);
-    fetch(e, j);
+  uint8_t got[LOCAL_JOB_BLOCKS * DIGEST_LEN];
+  uint64_t bad = j->count;            /* the first block that failed */
+  bool read_error = false;
+  for (uint64_t i = 0, k; i < j->count; i = k) {
+    const struct index_loc *l = &j->locs[i];
+    for (k = i + 1; k < j->count && j->locs[k].seed == l->seed &&
+                    j->locs[k].block == l->block + (k - i); k++)
+      ;
+    char *at = (char *) j->buf + i * DIGEST_BLOCK;
+    int r = l->seed == CACHE_SEED
+        ? (cache_read(e->cache, at, (k - i) * DIGEST_BLOCK, l->block * DIGEST_BLOCK) < 0 ? -1 : 0)
+        : index_read(e->ix, l->seed, l->block, k - i, at);
+    if (r < 0) { bad = i; read_error = true; break; }
+  }
+  if (!read_error && j->count <= LOCAL_JOB_BLOCKS) {
+    digest_blocks(j->buf, j->count, got);
+    for (uint64_t i = 0; i < j->count && bad == j->count; i++)
+      if (memcmp(got + i * DIGEST_LEN, j->digests + i * DIGEST_LEN, DIGEST_LEN) != 0)
+        bad = i;
+  } else if (!read_error)
+    bad = 0;                          /* (never: jobs hold at most LOCAL_JOB_BLOCKS) */
+  if (bad == j->count) {
+    j->err = 0;
+    land(w);
     return;
   }
-  j->err = 0;
-  land(w);
+  log_debug("block %" PRIu64 ": its seed no longer holds the source's data%s; "
+            "fetching it", j->first + bad, read_error ? " (read error)" : "");
+  j->fell_back = true;
+  /* From now on it is WAN traffic: it counts against the window and
+   * the rate cap like any background fetch. */
+  pthread_mutex_lock(&e->lock);
+  e->copy.inflight_bytes += j->len;
+  if (!j->waiters) e->copy.debt += j->len;
+  pthread_mutex_unlock(&e->lock);
+  fetch(e, j);
 }
 
 static void fetch(struct engine *e, struct job *j)

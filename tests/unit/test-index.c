@@ -333,6 +333,35 @@ Test(index, truncated_seed_is_never_returned)
   index_close(ix);
 }
 
+Test(index, read_runs_are_the_seed_as_it_is_now)
+{
+  const char *seeds[3];
+  struct index *ix;
+  struct stat st;
+  make_three(seeds);
+  ix = open_ok(seeds, 3, NULL);
+  cr_assert(stat(seeds[2], &st) == 0);
+  uint64_t nb = ((uint64_t) st.st_size + BS - 1) / BS;
+  /* A run in the middle, then one that runs past the end (zeros after
+   * the last byte, as a truncated seed reads). */
+  uint64_t first[] = { 3, nb - 2 }, n = 5;
+  uint8_t *got = malloc(n * BS), want[BS], dig[DIGEST_LEN];
+  cr_assert_not_null(got);
+  for (unsigned r = 0; r < 2; r++) {
+    memset(got, 0xa5, n * BS);
+    cr_assert_eq(index_read(ix, 2, first[r], n, got), 0);
+    for (uint64_t i = 0; i < n; i++) {
+      file_block_digest(seeds[2], first[r] + i, want, dig);   /* zeros past EOF */
+      cr_assert(memcmp(got + i * BS, want, BS) == 0, "block %" PRIu64, first[r] + i);
+    }
+  }
+  errno = 0;
+  cr_assert_eq(index_read(ix, 3, 0, 1, got), -1, "a seed that does not exist");
+  cr_assert_eq(errno, EINVAL);
+  free(got);
+  index_close(ix);
+}
+
 Test(index, index_file_is_reused_when_seeds_are_unchanged)
 {
   const char *seeds[3], *ipath = tpath("index");
