@@ -40,6 +40,11 @@
 #   BENCH_DEDUP_SETTING  RTT:RATE (default 20ms:200mbit)
 #   BENCH_PEER_CAP       seconds after which a copy is stopped (default 600)
 #   BENCH_LAT_N          reads per latency measurement (default 100)
+#   BENCH_DEDUP_RUNS     passes over the xnbd migrations (default 3), one
+#                        after the other (a pass runs each once): the table
+#                        gives each row's median time and the range; the
+#                        other columns are those of the median run.  One
+#                        run on a shared 2-core VM varied by up to 10 %.
 #   BENCH_CACHE          where the data images are kept (see data/cache.sh)
 #   BENCH_TMPDIR         scratch directory (default /dev/shm when it has 6
 #                        GiB free, else $TMPDIR or /tmp): the destination's
@@ -69,6 +74,8 @@ TRACE=$BUILDDIR/dedup-trace.txt
 SETTING=${BENCH_DEDUP_SETTING:-20ms:200mbit}
 CAP=${BENCH_PEER_CAP:-600}
 LAT_N=${BENCH_LAT_N:-100}
+RUNS=${BENCH_DEDUP_RUNS:-3}
+[[ $RUNS =~ ^[1-9][0-9]?$ ]] || die "BENCH_DEDUP_RUNS must be a number from 1 to 99, not '$RUNS'"
 ZSTD_LEVEL=3
 
 for v in CAP LAT_N; do
@@ -295,15 +302,18 @@ one_xnbd() {
     rm -f "$tmp/$name.img" "$tmp/$name.bm"
 }
 
-one_xnbd no-seeds "$NEW" "xnbd://$a_new/"
-one_xnbd seed-old "$NEW" "xnbd://$a_new/" --seed "$OLD" --index "$IDX"
-[[ -n $INPLACE ]] && one_xnbd inplace-seed "$INPLACE" "xnbd://$a_inp/" --seed "$OLD" --index "$IDX"
-[[ -n $INPLACE ]] && one_xnbd inplace-warm "$INPLACE" "xnbd://$(wan relay-addr 10814)/" --seed "$OLD" --index "$IDX"
-if [[ -n $VM2 ]]; then
-    a_vm=$(wan relay-addr 10813)
-    one_xnbd ram-no-seeds "$VM2" "xnbd://$a_vm/"
-    one_xnbd ram-seed "$VM2" "xnbd://$a_vm/" --seed "$VM1" --index "$tmp/vm.index"
-fi
+[[ -n $VM2 ]] && a_vm=$(wan relay-addr 10813)
+for (( pass = 1; pass <= RUNS; pass++ )); do
+    echo "  pass $pass of $RUNS"
+    one_xnbd no-seeds "$NEW" "xnbd://$a_new/"
+    one_xnbd seed-old "$NEW" "xnbd://$a_new/" --seed "$OLD" --index "$IDX"
+    [[ -n $INPLACE ]] && one_xnbd inplace-seed "$INPLACE" "xnbd://$a_inp/" --seed "$OLD" --index "$IDX"
+    [[ -n $INPLACE ]] && one_xnbd inplace-warm "$INPLACE" "xnbd://$(wan relay-addr 10814)/" --seed "$OLD" --index "$IDX"
+    if [[ -n $VM2 ]]; then
+        one_xnbd ram-no-seeds "$VM2" "xnbd://$a_vm/"
+        one_xnbd ram-seed "$VM2" "xnbd://$a_vm/" --seed "$VM1" --index "$tmp/vm.index"
+    fi
+done
 echo "  nbdcopy: nbd://$a_kit/ (nbdkit file of new) to a file"
 img=$NEW
 run_nbdcopy "$a_kit"
@@ -423,7 +433,24 @@ import json, os, re, sys, time
 alloc = int(alloc)
 A, I, R = json.loads(a_new), json.loads(a_inp), json.loads(a_ram)
 rtt, rate, ncpu = float(rtt), int(rate), int(ncpu)
-rows = {r.split("\t")[0]: r.rstrip("\n").split("\t") for r in open(path) if r.strip()}
+# Each key's runs; the row shown is its median run (by time; the lower
+# middle one for an even count), with the range of the times.
+runs_of = {}
+for r in open(path):
+    if r.strip():
+        f = r.rstrip("\n").split("\t")
+        runs_of.setdefault(f[0], []).append(f)
+def num(t):
+    return float(t) if re.fullmatch(r"[0-9.]+", t) else None
+rows, spread = {}, {}
+for k, rs in runs_of.items():
+    ok = sorted((r for r in rs if num(r[1]) is not None), key=lambda r: num(r[1]))
+    if len(ok) < len(rs) or not ok:    # a failed run: show it, not a median
+        rows[k] = next(r for r in rs if num(r[1]) is None)
+        continue
+    rows[k] = ok[(len(ok) - 1) // 2]
+    if len(ok) > 1:
+        spread[k] = "%.3f-%.3f (%d runs)" % (num(ok[0][1]), num(ok[-1][1]), len(ok))
 MB = 1e6
 pct = lambda a, b: 100.0 * a / b if b else 0.0
 print("Deduplication benchmark, %s, %d CPUs, load average before %s, after %s"
@@ -436,6 +463,9 @@ if R:
 print("WAN: RTT %g ms, %g Mbit/s (wan-emu %s); xnbd:// with zstd -%s"
       % (rtt * 1e3, rate / 1e6, mode, level))
 print("caches at the destination in %s" % os.environ.get("BENCH_TMPDIR", os.environ.get("TMPDIR", "/tmp")))
+nruns = max((len(v) for k, v in runs_of.items() if k not in ("nbdcopy", "lat-seed", "lat-source")), default=1)
+print("time: the median of %d run%s of each xnbd migration (passes one after the other); range below"
+      % (nruns, "s" if nruns > 1 else ""))
 print()
 def share(name, a, seed="old"):
     print("%-34s non-zero blocks %7d (%6.1f MB, %4.1f%% zero); found in %s at any offset %5.1f%%,"
@@ -485,6 +515,10 @@ for key, nm, a, seeds in runs:
     if re.fullmatch(r"[0-9]+", r[7]) and re.fullmatch(r"[0-9]+", r[8]) and int(r[8]):
         extra = "; wire rx %.1f MB for %.1f MB of NBD (%.3f)" % (int(r[7]) / MB, int(r[8]) / MB,
                                                                  int(r[7]) / int(r[8]))
+    if key in spread:
+        extra += "; time %s, range %s, time/lim %.2f-%.2f" % (
+            t, spread[key], float(spread[key].split("-")[0]) / ls,
+            float(spread[key].split("-")[1].split()[0]) / ls)
     notes.append("  %s: %s%s" % (key, r[9], extra))
 print("limit MB: zstd -%s of the non-zero blocks in no seed + 32 B per non-zero block (seeded runs);"
       " zstd -%s of all non-zero blocks (no seeds); the raw non-zero bytes (nbdcopy)." % (level, level))
