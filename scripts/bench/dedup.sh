@@ -297,8 +297,8 @@ one_xnbd() {
     record "$name" "$R_TIME" "$R_LINK" "$(status_get "$st" bytes.fetched)" \
         "$(status_get "$st" bytes.seeded)" "$(status_get "$st" bytes.zero_skipped)" \
         "$(status_get "$st" bytes.digests)" "$(status_get "$st" wire.rx)" \
-        "$(status_get "$st" wire.rx_raw)" "cache $verify$(grep -m1 'deduplication:' "$tmp/$name.log" | sed 's/^.*deduplication/; deduplication/' || true)"
-    echo "    $R_TIME s, link $R_LINK B, cache $verify"
+        "$(status_get "$st" wire.rx_raw)" "cache $verify$(grep -m1 'deduplication:' "$tmp/$name.log" | sed 's/^.*deduplication/; deduplication/' || true); stolen $R_STEAL ms"
+    echo "    $R_TIME s, link $R_LINK B, cache $verify, CPU stolen $R_STEAL ms"
     rm -f "$tmp/$name.img" "$tmp/$name.bm"
 }
 
@@ -450,7 +450,10 @@ for k, rs in runs_of.items():
         continue
     rows[k] = ok[(len(ok) - 1) // 2]
     if len(ok) > 1:
-        spread[k] = "%.3f-%.3f (%d runs)" % (num(ok[0][1]), num(ok[-1][1]), len(ok))
+        st = [re.search(r"stolen (\d+) ms", r[9]) for r in rs]
+        spread[k] = "%.3f-%.3f (%d runs: %s s; CPU stolen %s ms)" % (
+            num(ok[0][1]), num(ok[-1][1]), len(ok), ", ".join(r[1] for r in rs),
+            ", ".join(m.group(1) if m else "?" for m in st))
 MB = 1e6
 pct = lambda a, b: 100.0 * a / b if b else 0.0
 print("Deduplication benchmark, %s, %d CPUs, load average before %s, after %s"
@@ -516,9 +519,8 @@ for key, nm, a, seeds in runs:
         extra = "; wire rx %.1f MB for %.1f MB of NBD (%.3f)" % (int(r[7]) / MB, int(r[8]) / MB,
                                                                  int(r[7]) / int(r[8]))
     if key in spread:
-        extra += "; time %s, range %s, time/lim %.2f-%.2f" % (
-            t, spread[key], float(spread[key].split("-")[0]) / ls,
-            float(spread[key].split("-")[1].split()[0]) / ls)
+        lo, hi = (float(x) for x in spread[key].split()[0].split("-"))
+        extra += "; time %s, range %s, time/lim %.2f-%.2f" % (t, spread[key], lo / ls, hi / ls)
     notes.append("  %s: %s%s" % (key, r[9], extra))
 print("limit MB: zstd -%s of the non-zero blocks in no seed + 32 B per non-zero block (seeded runs);"
       " zstd -%s of all non-zero blocks (no seeds); the raw non-zero bytes (nbdcopy)." % (level, level))

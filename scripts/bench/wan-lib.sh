@@ -91,7 +91,14 @@ wait_file_ready() {
 }
 
 # Results of one run: R_TIME (seconds, or "> CAP", or FAIL), R_LINK bytes.
-R_TIME= R_LINK= R_NOTE=
+R_TIME= R_LINK= R_NOTE= R_STEAL=
+
+# steal_ms: CPU time the hypervisor gave to others so far, all CPUs, in ms
+# (the "steal" column of /proc/stat; 0 on bare metal).  A run whose
+# machine was taken away from it is slow for reasons not its own.
+steal_ms() {
+    awk -v hz="$(getconf CLK_TCK)" 'NR == 1 { printf "%d\n", $9 * 1000 / hz }' /proc/stat
+}
 
 # run_xnbd NAME URI [PROXY OPTIONS...]: proxy --cache-all in dst, timed.
 run_xnbd() {
@@ -106,6 +113,8 @@ run_xnbd() {
     local wpid=$! i=0
     while [[ ! -e $tmp/$name.t0.ready ]] && (( i++ < 1000 )); do sleep 0.01; done
     l0=$(link_bytes)
+    local s0
+    s0=$(steal_ms)
     # The clock starts at the proxy's exec in dst (STAMP_EXEC) and stops at
     # the completion the proxy records (status completed_at).
     start_bg pid "$WAN" --name "$WNAME" exec dst bash -c "$STAMP_EXEC" stamp "$tmp/$name.t0" \
@@ -122,7 +131,8 @@ run_xnbd() {
     fi
     l1=$(link_bytes)
     R_LINK=$((l1 - l0))
-    R_NOTE="$(status_summary "$tmp/$name.status"); $(trace_summary "$tmp/$name.samples")"
+    R_STEAL=$(( $(steal_ms) - s0 ))
+    R_NOTE="$(status_summary "$tmp/$name.status"); $(trace_summary "$tmp/$name.samples"); CPU stolen by the hypervisor during the run: $R_STEAL ms"
     stop_pid "$pid" "$name proxy"
     {
         echo "# $SETTING_LABEL $name: t_s fetched_bytes fetch_rate_Bps window_bytes rtt_us inflight_blocks"
