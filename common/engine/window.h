@@ -22,7 +22,9 @@
  * and also
  * doubles each time a sample's rate grew by a quarter while the window is
  * at most 4 x rate x round trip; it ends when a probe sees a queue longer
- * than half a round trip (and WIN_QUEUE_FULL_NS), the window then falling to
+ * than half a round trip (and WIN_QUEUE_FULL_NS) two round trips or more
+ * after the copy's first bytes came (a queue before that is not the
+ * copy's, nor is its rate so far the path's), the window then falling to
  * twice the product of the rate so far (the queue start-up built is
  * handed back at once), or after three samples without such growth; from
  * then on the window grows by a quarter while the copy delivers at its
@@ -67,6 +69,7 @@ struct winctl {
   uint64_t first;               /* the first window */
   bool first_set;               /* first is from the round trip */
   bool flowing;                 /* start-up: bytes have been delivered */
+  uint64_t flow_at;             /* start-up: when they first were */
   uint64_t snap_at, snap_bytes; /* start-up: the round trip being measured */
   uint64_t snap_moved;          /* the last delivery before it began */
   bool path_bound;              /* start-up: a job took > 2 round trips + 5 ms */
