@@ -598,13 +598,16 @@ static void resolve_local(struct xwork *w)
         : index_read(e->ix, l->seed, l->block, k - i, at);
     if (r < 0) { bad = i; read_error = true; break; }
   }
-  if (!read_error && j->count <= LOCAL_JOB_BLOCKS) {
-    digest_blocks(j->buf, j->count, got);
-    for (uint64_t i = 0; i < j->count && bad == j->count; i++)
-      if (memcmp(got + i * DIGEST_LEN, j->digests + i * DIGEST_LEN, DIGEST_LEN) != 0)
-        bad = i;
-  } else if (!read_error)
-    bad = 0;                          /* (never: jobs hold at most LOCAL_JOB_BLOCKS) */
+  /* Re-hashed in pieces of LOCAL_JOB_BLOCKS (a job holds no more). */
+  for (uint64_t i = 0; !read_error && bad == j->count && i < j->count; i += LOCAL_JOB_BLOCKS) {
+    uint64_t n = MIN(LOCAL_JOB_BLOCKS, j->count - i);
+    digest_blocks((const char *) j->buf + i * DIGEST_BLOCK, n, got);
+    for (uint64_t m = 0; m < n; m++)
+      if (memcmp(got + m * DIGEST_LEN, j->digests + (i + m) * DIGEST_LEN, DIGEST_LEN) != 0) {
+        bad = i + m;
+        break;
+      }
+  }
   if (bad == j->count) {
     j->err = 0;
     land(w);

@@ -81,11 +81,11 @@ limit:
   p->limit = MAX((uint64_t) bytes + PACE_EXTRA, (uint64_t) PACE_MIN_LIMIT);
 }
 
-size_t pace_allow(const struct pace *p, uint64_t outq, size_t want, size_t min_len)
+size_t pace_allow(const struct pace *p, uint64_t outq, size_t want)
 {
   if (!p->limit || !want) return want;
   uint64_t room = p->limit > outq ? p->limit - outq : 0;
-  size_t need = MAX(MIN(want, (size_t) PACE_MIN_WRITE), min_len);
+  size_t need = MIN(want, (size_t) PACE_MIN_WRITE);
   if (room < need) return 0;
   return MIN(want, (size_t) room);
 }

@@ -73,9 +73,9 @@ bool pace_due(const struct pace *p, uint64_t now);
 void pace_control(struct pace *p, uint64_t now, uint64_t srtt_us, uint64_t min_rtt_us,
                   uint64_t acked);
 /* Of want bytes ready, how many may be written with outq bytes in the
- * socket: 0 (wait), or at least min(want, PACE_MIN_WRITE) and min_len (a
- * write that must be repeated with at least that length, e.g. TLS's). */
-size_t pace_allow(const struct pace *p, uint64_t outq, size_t want, size_t min_len);
+ * socket: 0 (wait), or at least min(want, PACE_MIN_WRITE).  (A TLS record
+ * that must be written again is not paced: wan.c writes it whole.) */
+size_t pace_allow(const struct pace *p, uint64_t outq, size_t want);
 
 /* Bytes were written at now. */
 void pace_wrote(struct pace *p, uint64_t now);

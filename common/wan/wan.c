@@ -543,7 +543,7 @@ static size_t paced_len(struct pump *p)
   if (outq < 0) return p->wout_len;
   /* held back last time, and the socket is empty now: too little */
   if (outq == 0 && p->pace_held) pace_starved(&p->pace, t);
-  size_t len = pace_allow(&p->pace, (uint64_t) outq, p->wout_len, 0);
+  size_t len = pace_allow(&p->pace, (uint64_t) outq, p->wout_len);
   p->pace_wait = len == 0;
   p->pace_held = len < p->wout_len;
   return len;

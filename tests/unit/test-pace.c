@@ -44,11 +44,11 @@ static uint64_t expect_limit(double gain, uint64_t rate, uint64_t min_rtt_us)
 Test(pace, before_a_rate_the_thinnest_links_product_is_held)
 {
   struct pace p = { 0 };
-  cr_assert_eq(pace_allow(&p, 1u << 30, 100000, 0), 100000);   /* no step yet */
+  cr_assert_eq(pace_allow(&p, 1u << 30, 100000), 100000);   /* no step yet */
   pace_control(&p, 1 * MS, 20000, 20000, 0);
   cr_assert_eq(p.rate, 0);
   cr_assert_eq(p.limit, expect_limit(2.0, PACE_THIN_RATE, 20000));
-  cr_assert_eq(pace_allow(&p, 0, 1u << 20, 0), p.limit);
+  cr_assert_eq(pace_allow(&p, 0, 1u << 20), p.limit);
 }
 
 Test(pace, limit_is_twice_the_product_until_a_queue_then_five_quarters)
@@ -102,14 +102,11 @@ Test(pace, start_up_follows_the_latest_median_as_it_doubles)
 Test(pace, writes_only_what_fits_and_at_least_a_segment)
 {
   struct pace p = { .limit = 20000 };
-  cr_assert_eq(pace_allow(&p, 0, 50000, 0), 20000);
-  cr_assert_eq(pace_allow(&p, 15000, 50000, 0), 5000);
-  cr_assert_eq(pace_allow(&p, 19000, 50000, 0), 0);          /* less than a segment of room */
-  cr_assert_eq(pace_allow(&p, 19000, 500, 0), 500);          /* ... but a small write fits */
-  cr_assert_eq(pace_allow(&p, 25000, 500, 0), 0);            /* over the limit already */
-  /* a TLS write to repeat with 8000 bytes: all of them or nothing */
-  cr_assert_eq(pace_allow(&p, 15000, 50000, 8000), 0);
-  cr_assert_eq(pace_allow(&p, 10000, 50000, 8000), 10000);
+  cr_assert_eq(pace_allow(&p, 0, 50000), 20000);
+  cr_assert_eq(pace_allow(&p, 15000, 50000), 5000);
+  cr_assert_eq(pace_allow(&p, 19000, 50000), 0);          /* less than a segment of room */
+  cr_assert_eq(pace_allow(&p, 19000, 500), 500);          /* ... but a small write fits */
+  cr_assert_eq(pace_allow(&p, 25000, 500), 0);            /* over the limit already */
 }
 
 Test(pace, a_thin_short_path_queues_at_most_six_ms)
