@@ -10,7 +10,13 @@
 block_digests ()
 {
   local image=$1 out=$2 d
-  d=$(mktemp -d "$TESTDIR/blocks.XXXXXX")
+  # One file per block: on tmpfs when there is one (a 24 MiB image took
+  # 8 s on this machine's ext4, 0.5 s on tmpfs).
+  if d=$(mktemp -d /dev/shm/"$TEST_NAME".blocks.XXXXXX 2>/dev/null); then
+    cleanup_fn rm -rf "$d"
+  else
+    d=$(mktemp -d "$TESTDIR/blocks.XXXXXX")
+  fi
   cp --sparse=always "$image" "$d/padded"
   truncate -s %4096 "$d/padded"
   (cd "$d" && split -b 4096 -d -a 7 padded b. && rm padded &&

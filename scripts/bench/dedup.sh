@@ -28,6 +28,10 @@
 # by block status); for nbdcopy the non-zero bytes as they are.  The
 # blocks present in the seeds are computed here (Python, hashlib, 4 KiB
 # blocks), with the share found at any offset and at the same offset.
+# time/phys compares the same bytes with what the link really carries: at
+# the start of each pass one plain TCP stream (100 MB, wan-lib.sh
+# link_ceiling) crosses it; its payload rate after start-up replaces the
+# nominal rate (on this machine's relay: ~0.91 of it, headers included).
 #
 # Also: the latency of single 4 KiB reads of blocks that are in the seed,
 # ahead of a slow background copy (--bg-rate, then paused) once all
@@ -245,7 +249,7 @@ SETTING_LABEL="rtt $rtt rate $rate"
 read -r rtt_s rate_bps < <(setting_numbers "$rtt" "$rate")
 NONZERO=$(( $(jget "$A_NEW" nonzero) * 4096 ))     # for run_lat
 echo "dedup: wan-emu up --rtt $rtt --rate $rate"
-wan_start "$rtt" "$rate" 10810,10811,10812,10813,10814
+wan_start "$rtt" "$rate" 10810,10811,10812,10813,10814,10815
 
 # Sources in src: xnbd-server of new (WAN transport), nbdkit file of new,
 # xnbd-server of new-inplace.  --image-id=stat: nothing written beside the
@@ -305,6 +309,12 @@ one_xnbd() {
 [[ -n $VM2 ]] && a_vm=$(wan relay-addr 10813)
 for (( pass = 1; pass <= RUNS; pass++ )); do
     echo "  pass $pass of $RUNS"
+    if link_ceiling 10815 100; then
+        record ceiling "$C_PAYLOAD" "$C_FRAMES" "$C_RATIO"
+        echo "  link ceiling: one TCP stream carries $C_PAYLOAD B/s of payload, $C_FRAMES B/s of frames"
+    else
+        echo "  link ceiling: the plain TCP stream failed (no physical column)" >&2
+    fi
     one_xnbd no-seeds "$NEW" "xnbd://$a_new/"
     one_xnbd seed-old "$NEW" "xnbd://$a_new/" --seed "$OLD" --index "$IDX"
     [[ -n $INPLACE ]] && one_xnbd inplace-seed "$INPLACE" "xnbd://$a_inp/" --seed "$OLD" --index "$IDX"
@@ -442,6 +452,11 @@ for r in open(path):
         runs_of.setdefault(f[0], []).append(f)
 def num(t):
     return float(t) if re.fullmatch(r"[0-9.]+", t) else None
+# The link's ceiling (link_ceiling in wan-lib.sh): the median pass.
+crows = sorted(runs_of.pop("ceiling", []), key=lambda r: float(r[1]))
+cmid = crows[(len(crows) - 1) // 2] if crows else None
+ceil = [float(r[1]) for r in crows]
+ceil_payload, ceil_ratio = (float(cmid[1]), float(cmid[3])) if cmid else (None, None)
 rows, spread = {}, {}
 for k, rs in runs_of.items():
     ok = sorted((r for r in rs if num(r[1]) is not None), key=lambda r: num(r[1]))
@@ -494,9 +509,12 @@ runs = [("no-seeds", "xnbd-proxy, no seeds", A, False),
         ("nbdcopy", "nbdcopy from nbdkit file", A, None),
         ("ram-no-seeds", "VM RAM vm2: no seeds", R, False),
         ("ram-seed", "VM RAM vm2: --seed vm1.ram", R, True)]
-print("%-33s | %7s | %8s | %8s | %7s | %7s | %9s | %9s | %9s | %8s | %8s"
+print("%-33s | %7s | %8s | %8s | %7s | %7s | %9s | %9s | %9s | %9s | %8s | %8s"
       % ("migration (of new unless said)", "time s", "link MB", "limit MB", "link/lim", "limit s",
-         "time/lim", "seeded MB", "fetched MB", "zero MB", "digest MB"))
+         "time/lim", "time/phys", "seeded MB", "fetched MB", "zero MB", "digest MB"))
+# time/phys: the same limit bytes at the rate one plain TCP stream got
+# through this link in this run (the emulator's real ceiling), + 2 x RTT.
+phys = lambda lb: lb / ceil_payload + 2 * rtt if ceil_payload else None
 notes = []
 for key, nm, a, seeds in runs:
     r = rows.get(key)
@@ -511,9 +529,10 @@ for key, nm, a, seeds in runs:
     tv = float(t) if re.fullmatch(r"[0-9.]+", t) else None
     link = int(r[2])
     f = lambda v: "%.1f" % (int(v) / MB) if re.fullmatch(r"[0-9]+", v) else "-"
-    print("%-33s | %7s | %8.1f | %8.1f | %7.2f | %7.2f | %9s | %9s | %9s | %8s | %8s"
+    ps = phys(lb)
+    print("%-33s | %7s | %8.1f | %8.1f | %7.2f | %7.2f | %9s | %9s | %9s | %9s | %8s | %8s"
           % (nm, t, link / MB, lb / MB, link / lb, ls, "%.2f" % (tv / ls) if tv else "-",
-             f(r[4]), f(r[3]), f(r[5]), f(r[6])))
+             "%.2f" % (tv / ps) if tv and ps else "-", f(r[4]), f(r[3]), f(r[5]), f(r[6])))
     extra = ""
     if re.fullmatch(r"[0-9]+", r[7]) and re.fullmatch(r"[0-9]+", r[8]) and int(r[8]):
         extra = "; wire rx %.1f MB for %.1f MB of NBD (%.3f)" % (int(r[7]) / MB, int(r[8]) / MB,
@@ -521,11 +540,19 @@ for key, nm, a, seeds in runs:
     if key in spread:
         lo, hi = (float(x) for x in spread[key].split()[0].split("-"))
         extra += "; time %s, range %s, time/lim %.2f-%.2f" % (t, spread[key], lo / ls, hi / ls)
+        if ps:
+            extra += ", time/phys %.2f-%.2f" % (lo / ps, hi / ps)
     notes.append("  %s: %s%s" % (key, r[9], extra))
 print("limit MB: zstd -%s of the non-zero blocks in no seed + 32 B per non-zero block (seeded runs);"
       " zstd -%s of all non-zero blocks (no seeds); the raw non-zero bytes (nbdcopy)." % (level, level))
 print("limit s = limit MB / rate + 2 x RTT.  link = rx+tx frames of the dst veth (headers included;"
       " ~1.05 x is the floor).  targets: link/lim <= 1.05, time/lim <= 1.15")
+if ceil_payload:
+    print("time/phys = time / (limit MB / C + 2 x RTT), C = %.2f MB/s: the payload one plain TCP stream"
+          " carried through this link (median of %d passes: %s MB/s; the stream's last 3/4, i.e. after"
+          " its start-up), %.1f%% of the nominal rate; %.3f frame bytes per payload byte"
+          % (ceil_payload / MB, len(ceil), ", ".join("%.2f" % (c / MB) for c in ceil),
+             100.0 * ceil_payload * 8 / rate, ceil_ratio))
 print("\n".join(notes))
 print()
 for key, nm in (("lat-seed", "miss served from the seed"), ("lat-source", "miss served by the source")):

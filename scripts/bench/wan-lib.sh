@@ -79,6 +79,58 @@ s = json.load(sys.stdin)[0]["stats64"]
 print(s["rx"]["bytes"] + s["tx"]["bytes"])'
 }
 
+# link_ceiling PORT MBYTES: what the emulated link really carries, measured
+# like any run: one plain TCP stream of MBYTES MB from src (listening on
+# 10.254.0.1:PORT, a port wan_start forwards) to dst, through the same
+# link.  Sets C_PAYLOAD (payload bytes/s), C_FRAMES (frame bytes/s at the
+# dst veth, the link column's counter) over the stream's last three
+# quarters (start-up excluded: the best a sender could do), C_RATIO
+# (frames per payload byte).  The limit a migration is compared with
+# assumes the nominal rate; no TCP stream gets all of it.
+C_PAYLOAD= C_FRAMES= C_RATIO=
+link_ceiling() {
+    local port=$1 mb=$2 spid out l0 l1
+    start_bg spid "$WAN" --name "$WNAME" exec src python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.254.0.1", int(sys.argv[1]))); s.listen(1); s.settimeout(30)
+c, _ = s.accept(); buf = bytes(range(256)) * 4096
+left = int(sys.argv[2]) * 1000000
+while left > 0:
+    n = c.send(buf[:min(left, len(buf))]); left -= n
+c.close()' "$port" "$mb"
+    l0=$(link_bytes)
+    out=$(wan exec dst python3 -c '
+import socket, sys, time
+addr, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) * 1000000
+for i in range(200):                  # the sender may not listen yet: 10 s
+    try:
+        c = socket.create_connection((addr, port), timeout=30); break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("cannot connect to the ceiling stream")
+got, mark, t_mark = 0, total // 4, None
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    got += len(d)
+    if t_mark is None and got >= mark:
+        t_mark, b_mark = time.monotonic(), got
+t_end = time.monotonic()
+if got != total or t_mark is None or t_end <= t_mark:
+    sys.exit("ceiling stream: %d of %d bytes" % (got, total))
+print("%.0f %.6f %d" % ((got - b_mark) / (t_end - t_mark), t_end - t_mark, got))' \
+        "$(wan relay-addr "$port")" "$port" "$mb") || { stop_pid "$spid" "ceiling sender"; return 1; }
+    l1=$(link_bytes)
+    stop_pid "$spid" "ceiling sender"    # done: it closed after the last byte
+    read -r C_PAYLOAD _ _ <<< "$out"
+    # frames per payload byte over the whole stream (headers, acks)
+    C_RATIO=$(awk -v f=$((l1 - l0)) -v p=$(( mb * 1000000 )) 'BEGIN { printf "%.4f", f / p }')
+    C_FRAMES=$(awk -v r="$C_PAYLOAD" -v k="$C_RATIO" 'BEGIN { printf "%.0f", r * k }')
+}
+
 # wait_file_ready FILE PID SECONDS: until FILE is non-empty (or PID dies).
 wait_file_ready() {
     local i
