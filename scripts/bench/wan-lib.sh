@@ -89,7 +89,8 @@ print(s["rx"]["bytes"] + s["tx"]["bytes"])'
 # assumes the nominal rate; no TCP stream gets all of it.
 C_PAYLOAD= C_FRAMES= C_RATIO=
 link_ceiling() {
-    local port=$1 mb=$2 spid out l0 l1
+    local port=$1 mb=$2 spid out l0 l1 raddr
+    raddr=$(wan relay-addr "$port")          # HOST:PORT in dst
     start_bg spid "$WAN" --name "$WNAME" exec src python3 -c '
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,7 +123,7 @@ t_end = time.monotonic()
 if got != total or t_mark is None or t_end <= t_mark:
     sys.exit("ceiling stream: %d of %d bytes" % (got, total))
 print("%.0f %.6f %d" % ((got - b_mark) / (t_end - t_mark), t_end - t_mark, got))' \
-        "$(wan relay-addr "$port")" "$port" "$mb") || { stop_pid "$spid" "ceiling sender"; return 1; }
+        "${raddr%:*}" "${raddr##*:}" "$mb") || { stop_pid "$spid" "ceiling sender"; return 1; }
     l1=$(link_bytes)
     stop_pid "$spid" "ceiling sender"    # done: it closed after the last byte
     read -r C_PAYLOAD _ _ <<< "$out"
