@@ -790,6 +790,26 @@ static unsigned fill_ahead_locked(struct engine *e, uint64_t per_job, bool cheap
   return n;
 }
 
+/* XNBD_TRACE_COPY=1: the copy's state on stderr at most every 5 ms (a
+ * diagnostic for link-trace.sh; off unless asked). */
+static void trace_locked(struct engine *e, uint64_t now, unsigned started)
+{
+  static int on = -1;
+  static uint64_t t0, last;
+  struct copy *c = &e->copy;
+  if (on < 0) on = getenv("XNBD_TRACE_COPY") != NULL;
+  if (!on) return;
+  if (!t0) t0 = now;
+  if (now - last < 5000000 && !started) return;
+  last = now;
+  fprintf(stderr, "copytrace t=%.1f cur=%" PRIu64 " ahead=%" PRIu64 " dig=%" PRIu64 "/%" PRIu64
+          " digq=%u infl=%" PRIu64 " win=%" PRIu64 " local=%" PRIu64 " fetched=%" PRIu64
+          " seeded=%" PRIu64 " started=%u\n",
+          (now - t0) / 1e6, c->cursor, c->ahead, c->dig_good_until, c->dig_until,
+          c->dig_outstanding, c->inflight_bytes, c->window, c->local_inflight,
+          e->bytes_fetched, e->bytes_seeded, started);
+}
+
 static void fill(struct engine *e, uint64_t now, bool cheap)
 {
   struct copy *c = &e->copy;
@@ -851,6 +871,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     c->cursor = j->first + j->count;
     list[n++] = j;                /* ascending offsets: the source reads ahead */
   }
+  trace_locked(e, now, n);
   pthread_mutex_unlock(&e->lock);
   for (unsigned i = 0; i < n; i++) job_start(e, list[i]);
 }

@@ -21,6 +21,11 @@
 #   LINK_TRACE_CAP        seconds after which the copy is given up (default 300)
 #   LINK_TRACE_KEEP       a directory to keep the samples, logs and status in
 #   BENCH_TMPDIR          scratch directory (default /dev/shm, else /tmp)
+#   XNBD_TRACE_COPY=1     (passed on to the proxy) the copy's state in its
+#                         log at most every 5 ms and at each fill that starts
+#                         jobs: cursor, digests in/asked, bytes in flight,
+#                         window, seed bytes being checked, fetched, seeded
+#                         (keep the log with LINK_TRACE_KEEP)
 set -euo pipefail
 
 ME=link-trace
