@@ -20,7 +20,7 @@
 #   ram-no-seeds,   (when scripts/bench/data/vm-ram.sh can make them) the RAM
 #   ram-seed        of a small VM's second run, without seeds and with
 #                   --seed the RAM of its first run
-# Bytes over the link: rx+tx of the dst veth (frames with headers).  The
+# Bytes over the link: rx+tx of the dst veth (its segments, headers included).  The
 # limit of a run is (bytes that must cross) / rate + 2 x RTT, where the
 # bytes that must cross are: `zstd -3` of the non-zero 4 KiB blocks that
 # are in no seed (all non-zero blocks without seeds), plus 32 bytes of
@@ -311,7 +311,7 @@ for (( pass = 1; pass <= RUNS; pass++ )); do
     echo "  pass $pass of $RUNS"
     if link_ceiling 10815 100; then
         record ceiling "$C_PAYLOAD" "$C_FRAMES" "$C_RATIO"
-        echo "  link ceiling: one TCP stream carries $C_PAYLOAD B/s of payload, $C_FRAMES B/s of frames"
+        echo "  link ceiling: one TCP stream carries $C_PAYLOAD B/s of payload, $C_FRAMES B/s at the veth"
     else
         echo "  link ceiling: the plain TCP stream failed (no physical column)" >&2
     fi
@@ -545,8 +545,8 @@ for key, nm, a, seeds in runs:
     notes.append("  %s: %s%s" % (key, r[9], extra))
 print("limit MB: zstd -%s of the non-zero blocks in no seed + 32 B per non-zero block (seeded runs);"
       " zstd -%s of all non-zero blocks (no seeds); the raw non-zero bytes (nbdcopy)." % (level, level))
-print("limit s = limit MB / rate + 2 x RTT.  link = rx+tx frames of the dst veth (headers included;"
-      " ~1.05 x is the floor).  targets: link/lim <= 1.05, time/lim <= 1.15")
+print("limit s = limit MB / rate + 2 x RTT.  link = rx+tx bytes of the dst veth (its segments, headers"
+      " included).  targets: link/lim <= 1.05, time/lim <= 1.15")
 if ceil_payload:
     print("time/phys = time / (limit MB / C + 2 x RTT), C = %.2f MB/s: the payload one plain TCP stream"
           " carried through this link (median of %d passes: %s MB/s; the stream's last 3/4, i.e. after"
