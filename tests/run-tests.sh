@@ -17,7 +17,8 @@
 #                   2-core VM the plain build's e2e tests took 6.6 min with
 #                   3, 8.6 with 2).  Tests that use
 #                   network namespaces or boot VMs (SERIAL_TESTS below) run
-#                   alone.  Output lines come in completion order; the
+#                   alone, before the others; the longest start next, then
+#                   the unit tests, then the rest.  Output lines come in completion order; the
 #                   logs of failed tests are shown at the end.
 #
 # The engine tests (ENGINE_TESTS below: invariants, restart, source loss,
@@ -110,27 +111,28 @@ run_one () {
   running=$((running + 1))
 }
 
-if [ "$mode" = unit ] || [ "$mode" = all ]; then
-  for bin in "$builddir"/tests/unit-*; do
-    [ -f "$bin" ] && [ -x "$bin" ] || continue
-    name=${bin##*/}
-    selected "$name" || continue
-    run_one "$name" "$bin" --full-stats
-  done
-fi
-
 ENGINE_TESTS=(test-proxy-inv-i1-i3 test-proxy-inv-i3-bg test-proxy-restart-resume
               test-proxy-source-loss test-proxy-detach test-proxy-zero-skip
               test-proxy-crash-i2 test-proxy-complete-zeros
               test-proxy-clients-xnbd-server test-proxy-dedup test-proxy-nbdfuse
               test-proxy-prepage test-proxy-read-map test-proxy-dedup-late-digests)
 
+# The order tests start in: the ones that run alone first (one wait for
+# the others to finish, at the start, where none runs), then the longest
+# (20-45 s each here: started last, one of them kept two slots idle), then
+# the unit tests, then the rest by name.  Every selected test runs once.
+LONG_TESTS=" test-proxy-badsource-violations test-proxy-powerloss-i2 test-proxy-crash-i2
+             test-proxy-read-map test-proxy-read-map@nbdkit test-proxy-dedup
+             test-proxy-dedup@nbdkit test-proxy-crash-i2@nbdkit test-proxy-identity
+             test-wan-reconnect test-proxy-dedup-i2 test-proxy-badsource-stall "
+LONG_TESTS=" $(echo $LONG_TESTS) "    # one space between names
+e2e_names=() e2e_fes=()          # each e2e test: its name, its front end
 if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   for script in "$srcdir"/test-*.sh; do
     [ -f "$script" ] || continue
     name=$(basename "$script" .sh)
     selected "$name" || continue
-    run_one "$name" env XNBD_FRONTEND=proxy bash "$script"
+    e2e_names+=("$name") e2e_fes+=(proxy)
   done
   # ENGINE_VIA_NBDKIT=0 skips the second front end (make check's sanitizer
   # pass does: test-plugin-dedup still runs the plugin under ASan there).
@@ -138,11 +140,43 @@ if [ "$mode" = e2e ] || [ "$mode" = all ]; then
   if [ -f "$builddir/plugins/nbdkit-dedup-plugin.so" ] && [ "${ENGINE_VIA_NBDKIT:-1}" = 1 ]; then
     for name in "${ENGINE_TESTS[@]}"; do
       selected "$name@nbdkit" || continue
-      run_one "$name@nbdkit" env XNBD_FRONTEND=nbdkit CRASH_RUNS="${CRASH_RUNS:-10}" \
-        bash "$srcdir/$name.sh"
+      e2e_names+=("$name@nbdkit") e2e_fes+=(nbdkit)
     done
   fi
 fi
+run_e2e () {   # NAME FRONTEND
+  if [ "$2" = nbdkit ]; then
+    run_one "$1" env XNBD_FRONTEND=nbdkit CRASH_RUNS="${CRASH_RUNS:-10}" \
+      bash "$srcdir/${1%@nbdkit}.sh"
+  else
+    run_one "$1" env XNBD_FRONTEND=proxy bash "$srcdir/$1.sh"
+  fi
+}
+for pass in serial long unit rest; do
+  if [ "$pass" = unit ]; then
+    if [ "$mode" = unit ] || [ "$mode" = all ]; then
+      for bin in "$builddir"/tests/unit-*; do
+        [ -f "$bin" ] && [ -x "$bin" ] || continue
+        name=${bin##*/}
+        selected "$name" || continue
+        run_one "$name" "$bin" --full-stats
+      done
+    fi
+    continue
+  fi
+  for i in "${!e2e_names[@]}"; do
+    name=${e2e_names[i]} fe=${e2e_fes[i]}
+    serial=no long=no
+    [[ $SERIAL_TESTS == *" ${name%@*} "* ]] && serial=yes
+    [[ $LONG_TESTS == *" $name "* ]] && long=yes
+    case $pass in
+      serial) [ "$serial" = yes ] || continue ;;
+      long) [ "$serial" = no ] && [ "$long" = yes ] || continue ;;
+      rest) [ "$serial" = no ] && [ "$long" = no ] || continue ;;
+    esac
+    run_e2e "$name" "$fe"
+  done
+done
 
 drain 1
 passed=0 failed=0 skipped=0
