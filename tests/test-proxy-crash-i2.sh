@@ -64,15 +64,22 @@ status_is () {
   [ "$got" = "$2" ]
 }
 
-# Up: proxying, or detached when the cache was complete at the start (a
-# restart after the workload's whole-block writes and the copy covered
-# every block before the crash: fast disks, where FLUSH costs nothing).
-up () { status_is state proxying || status_is state detached; }
-proxy_up () {   # [--cache-all]
-  start_proxy --target "$suri" --cache "$cache" --bitmap "$bitmap" \
-    --control "$ctl" -u "$psock" --bg-rate 4M --persist-interval 50 "$@"
-  wait_for up ||
-    fail "the proxy did not reach state proxying (or detached): $(status state last_error)"
+# A fresh proxy must be proxying.  A restarted one may also be detached:
+# its cache was complete at the start (the workload's whole-block writes
+# and the copy covered every block before the crash; fast disks, where
+# FLUSH costs nothing).
+restarted_up () { status_is state proxying || status_is state detached; }
+pargs=(--target "$suri" --cache "$cache" --bitmap "$bitmap" --control "$ctl"
+       -u "$psock" --bg-rate 4M --persist-interval 50)
+proxy_up () {   # --cache-all (a fresh cache)
+  start_proxy "${pargs[@]}" "$@"
+  wait_for status_is state proxying ||
+    fail "the proxy did not reach state proxying: $(status state last_error)"
+}
+proxy_restart () {
+  start_proxy "${pargs[@]}"
+  wait_for restarted_up ||
+    fail "the restarted proxy did not reach state proxying or detached: $(status state last_error)"
 }
 
 failed_runs=0
@@ -112,7 +119,7 @@ for (( run = 1; run <= runs; run++ )); do
 
   # Restarted without --cache-all, so blocks.present is what the bitmap
   # file held; then the background copy runs while verify reads.
-  proxy_up
+  proxy_restart
   log2=$PROXY_LOG
   present=$(status blocks.present)
   "$SOCKCMD" -t 10 "$ctl" cache-all ok >/dev/null ||

@@ -55,6 +55,7 @@ int copy_init(struct engine *e)
   if (!c->zero_known) return -1;
   c->rate_at = c->tokens_at = now_ns();
   c->recent_dig = UINT64_MAX;
+  c->trace = getenv("XNBD_TRACE_COPY") != NULL;
   uint64_t nd = 0;
   uint8_t **dig = NULL;
   bool *asking = NULL, *done = NULL;
@@ -794,18 +795,15 @@ static unsigned fill_ahead_locked(struct engine *e, uint64_t per_job, bool cheap
  * diagnostic for link-trace.sh; off unless asked). */
 static void trace_locked(struct engine *e, uint64_t now, unsigned started)
 {
-  static int on = -1;
-  static uint64_t t0, last;
   struct copy *c = &e->copy;
-  if (on < 0) on = getenv("XNBD_TRACE_COPY") != NULL;
-  if (!on) return;
-  if (!t0) t0 = now;
-  if (now - last < 5000000 && !started) return;
-  last = now;
+  if (!c->trace) return;
+  if (!c->trace_t0) c->trace_t0 = now;
+  if (now - c->trace_at < 5000000 && !started) return;
+  c->trace_at = now;
   fprintf(stderr, "copytrace t=%.1f cur=%" PRIu64 " ahead=%" PRIu64 " dig=%" PRIu64 "/%" PRIu64
           " digq=%u infl=%" PRIu64 " win=%" PRIu64 " local=%" PRIu64 " fetched=%" PRIu64
           " seeded=%" PRIu64 " started=%u\n",
-          (now - t0) / 1e6, c->cursor, c->ahead, c->dig_good_until, c->dig_until,
+          (now - c->trace_t0) / 1e6, c->cursor, c->ahead, c->dig_good_until, c->dig_until,
           c->dig_outstanding, c->inflight_bytes, c->window, c->local_inflight,
           e->bytes_fetched, e->bytes_seeded, started);
 }

@@ -156,6 +156,9 @@ struct copy {
   struct winratio ratio;        /* image bytes per link byte (window.h) */
   double delivered_link;        /* delivered, in the controller's link bytes */
   uint64_t delivered_raw;       /* delivered, in image bytes, then */
+  /* XNBD_TRACE_COPY (copy.c trace_locked), under the lock. */
+  bool trace;
+  uint64_t trace_t0, trace_at;
 };
 
 struct engine {
