@@ -100,8 +100,10 @@ drain () {
   done
 }
 
+is_serial () { [[ $SERIAL_TESTS == *" ${1%@*} "* ]]; }
+
 run_one () {
-  if [[ $SERIAL_TESTS == *" ${1%@*} "* ]]; then
+  if is_serial "$1"; then
     drain 1
     run_test "$@"
     return
@@ -166,14 +168,11 @@ for pass in serial long unit rest; do
   fi
   for i in "${!e2e_names[@]}"; do
     name=${e2e_names[i]} fe=${e2e_fes[i]}
-    serial=no long=no
-    [[ $SERIAL_TESTS == *" ${name%@*} "* ]] && serial=yes
-    [[ $LONG_TESTS == *" $name "* ]] && long=yes
-    case $pass in
-      serial) [ "$serial" = yes ] || continue ;;
-      long) [ "$serial" = no ] && [ "$long" = yes ] || continue ;;
-      rest) [ "$serial" = no ] && [ "$long" = no ] || continue ;;
-    esac
+    kind=rest
+    if is_serial "$name"; then kind=serial
+    elif [[ $LONG_TESTS == *" $name "* ]]; then kind=long
+    fi
+    [ "$kind" = "$pass" ] || continue
     run_e2e "$name" "$fe"
   done
 done

@@ -104,21 +104,26 @@ c.close()' "$port" "$mb"
     out=$(wan exec dst python3 -c '
 import socket, sys, time
 addr, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) * 1000000
-for i in range(200):                  # the sender may not listen yet: 10 s
+# The sender may not listen yet (10 s): a refused connection, or in relay
+# mode one the relay accepts and closes without a byte, is tried again.
+for i in range(200):
     try:
-        c = socket.create_connection((addr, port), timeout=30); break
+        c = socket.create_connection((addr, port), timeout=30)
+        first = c.recv(1 << 20)
+        if first:
+            break
+        c.close()
     except OSError:
-        time.sleep(0.05)
+        pass
+    time.sleep(0.05)
 else:
     sys.exit("cannot connect to the ceiling stream")
-got, mark, t_mark = 0, total // 4, None
-while True:
-    d = c.recv(1 << 20)
-    if not d:
-        break
+got, mark, t_mark, d = 0, total // 4, None, first
+while d:
     got += len(d)
     if t_mark is None and got >= mark:
         t_mark, b_mark = time.monotonic(), got
+    d = c.recv(1 << 20)
 t_end = time.monotonic()
 if got != total or t_mark is None or t_end <= t_mark:
     sys.exit("ceiling stream: %d of %d bytes" % (got, total))
