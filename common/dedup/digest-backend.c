@@ -4,12 +4,23 @@
 #include "digest-sidecar.h"
 #include "nbd-proto.h"
 #include "workq.h"
+#include "log.h"
+#include "util.h"
 
 #include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+/* Read-ahead (digest-backend.h): a read of at least AHEAD_MIN_BLOCKS
+ * blocks has the next as many computed once the queue is idle; without a
+ * sidecar they wait in the stash for at most AHEAD_MAX_AGE_NS. */
+#define AHEAD_MIN_BLOCKS 1024u
+#define AHEAD_MAX_AGE_NS 1000000000u
 
 struct digest_backend {
   int fd;
@@ -18,6 +29,20 @@ struct digest_backend {
   unsigned ncpu;
   atomic_uint running;        /* digest reads being computed now */
   struct digest_sidecar *sc;  /* NULL: every digest computed when read */
+  /* Writes through the guard: begun (and ended) so far, in flight now. */
+  atomic_uint_fast64_t wepoch;
+  atomic_uint winflight;
+  /* Read-ahead: what to compute next, whether that is queued (ahead_work
+   * on wq's low lane), and (no sidecar) the stash it left: blocks
+   * [st_first, st_first + st_count), computed at st_at from the image as
+   * st_img was, with st_wepoch writes begun and none in flight. */
+  pthread_mutex_t lock;
+  struct xwork ahead_work;
+  bool ahead_queued;
+  uint64_t ahead_first, ahead_count;
+  uint8_t *stash;
+  uint64_t st_first, st_count, st_at, st_wepoch;
+  struct stat st_img;
 };
 
 uint64_t digest_export_size(uint64_t image_size)
@@ -36,6 +61,9 @@ struct digest_backend *digest_backend_open(int fd, uint64_t image_size,
   db->wq = wq;
   db->ncpu = n > 0 ? (unsigned) n : 1;
   atomic_init(&db->running, 0);
+  atomic_init(&db->wepoch, 0);
+  atomic_init(&db->winflight, 0);
+  pthread_mutex_init(&db->lock, NULL);
   return db;
 }
 
@@ -49,6 +77,8 @@ void digest_backend_close(struct digest_backend *db)
 {
   if (!db) return;
   digest_sidecar_close(db->sc);
+  pthread_mutex_destroy(&db->lock);
+  free(db->stash);
   free(db);
 }
 
@@ -92,6 +122,120 @@ static uint16_t db_get_flags(void *h)
   return NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN;
 }
 
+/* Whether the image is as it was when the stash was computed (size,
+ * mtime, ctime; the inode too, should the path have been replaced --
+ * the fd keeps the old one, but a rename is a sign of trouble). */
+static bool same_image(const struct stat *a, const struct stat *b)
+{
+  return a->st_size == b->st_size && a->st_ino == b->st_ino &&
+         a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+         a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+/* Under lock: copies blocks [first, first + count) from the stash into
+ * out if it holds them and may still be served: no write through the
+ * server began since it was computed, none is in flight, it is younger
+ * than AHEAD_MAX_AGE_NS, and the image's times are unchanged. */
+static bool from_stash_locked(struct digest_backend *db, uint64_t first, uint64_t count,
+                              uint8_t *out)
+{
+  struct stat now_st;
+  if (!db->stash || first < db->st_first || first + count > db->st_first + db->st_count)
+    return false;
+  if (atomic_load(&db->wepoch) != db->st_wepoch || atomic_load(&db->winflight) ||
+      now_ns() - db->st_at > AHEAD_MAX_AGE_NS ||
+      fstat(db->fd, &now_st) < 0 || !same_image(&now_st, &db->st_img)) {
+    free(db->stash);
+    db->stash = NULL;
+    return false;
+  }
+  memcpy(out, db->stash + (first - db->st_first) * DIGEST_LEN, count * DIGEST_LEN);
+  return true;
+}
+
+/* Digests of [first, first + count) into out: from the stash (*hit
+ * set), the sidecar (whatever it lacks computed and kept) or the image. */
+static int get_digests(struct digest_backend *db, uint64_t first, uint64_t count,
+                       uint8_t *out, unsigned threads, bool *hit)
+{
+  *hit = false;
+  if (db->sc) return digests_via_sidecar(db, first, count, out, threads);
+  pthread_mutex_lock(&db->lock);
+  *hit = from_stash_locked(db, first, count, out);
+  pthread_mutex_unlock(&db->lock);
+  if (*hit) return 0;
+  return digest_file(db->fd, db->image_size, first, count, out, threads);
+}
+
+/* On the work queue's low lane (nothing else queued): the digests a
+ * read-ahead asked for -- into the sidecar, or else into the stash. */
+static void ahead_work(struct xwork *w)
+{
+  struct digest_backend *db = (struct digest_backend *) ((char *) w - offsetof(struct digest_backend, ahead_work));
+  pthread_mutex_lock(&db->lock);
+  uint64_t first = db->ahead_first, count = db->ahead_count;
+  db->ahead_queued = false;
+  bool have = db->stash && first >= db->st_first &&
+              first + count <= db->st_first + db->st_count;
+  pthread_mutex_unlock(&db->lock);
+  if (have) return;
+  uint8_t *buf = malloc(count * DIGEST_LEN);
+  if (!buf) return;
+  /* Half the cores: the other half stays with the reads that feed the
+   * link, which the digests read so far keep busy. */
+  unsigned threads = db->ncpu / 2 ? db->ncpu / 2 : 1;
+  uint64_t t0 = now_ns();
+  if (db->sc) {
+    if (digests_via_sidecar(db, first, count, buf, threads) < 0)
+      log_debug("digest read-ahead of blocks %" PRIu64 "+%" PRIu64 ": %s", first, count,
+                strerror(errno));
+    free(buf);
+    log_debug("digests of blocks %" PRIu64 "+%" PRIu64 " read ahead into the sidecar "
+              "in %.1f ms", first, count, (double) (now_ns() - t0) / 1e6);
+    return;
+  }
+  /* What the stash will be checked against: taken before the image is
+   * read, so a write or change during the hashing shows as one. */
+  struct stat st;
+  uint64_t we = atomic_load(&db->wepoch);
+  if (atomic_load(&db->winflight) || fstat(db->fd, &st) < 0 ||
+      digest_file(db->fd, db->image_size, first, count, buf, threads) < 0) {
+    free(buf);
+    return;
+  }
+  pthread_mutex_lock(&db->lock);
+  free(db->stash);
+  db->stash = buf;
+  db->st_first = first;
+  db->st_count = count;
+  db->st_at = t0;
+  db->st_wepoch = we;
+  db->st_img = st;
+  pthread_mutex_unlock(&db->lock);
+  log_debug("digests of blocks %" PRIu64 "+%" PRIu64 " read ahead in %.1f ms", first,
+            count, (double) (now_ns() - t0) / 1e6);
+}
+
+/* After a read of [first, first + count): the next as many blocks are
+ * read ahead once nothing else is queued (one read-ahead at a time; a
+ * later read moves it on). */
+static void read_ahead(struct digest_backend *db, uint64_t first, uint64_t count)
+{
+  uint64_t nblocks = db->image_size / DIGEST_BLOCK + (db->image_size % DIGEST_BLOCK != 0);
+  uint64_t next = first + count;
+  if (count < AHEAD_MIN_BLOCKS || next >= nblocks) return;
+  pthread_mutex_lock(&db->lock);
+  db->ahead_first = next;
+  db->ahead_count = MIN(count, nblocks - next);
+  bool submit = !db->ahead_queued;
+  db->ahead_queued = true;
+  pthread_mutex_unlock(&db->lock);
+  if (submit) {
+    db->ahead_work.fn = ahead_work;
+    workq_submit_low(db->wq, &db->ahead_work);
+  }
+}
+
 /* On a work-queue thread: the digests of the blocks the request touches. */
 static void db_read_work(struct xwork *w)
 {
@@ -104,18 +248,23 @@ static void db_read_work(struct xwork *w)
   uint8_t *out = direct ? r->buf : malloc(count * DIGEST_LEN);
   unsigned running = atomic_fetch_add(&db->running, 1) + 1;
   unsigned threads = db->ncpu / running ? db->ncpu / running : 1;
+  uint64_t t0 = now_ns();
+  bool hit = false;
   int err = 0;
 
   if (!out)
     err = ENOMEM;
-  else if ((db->sc ? digests_via_sidecar(db, first, count, out, threads)
-                   : digest_file(db->fd, db->image_size, first, count, out, threads)) < 0)
+  else if (get_digests(db, first, count, out, threads, &hit) < 0)
     err = errno ? errno : EIO;
   else if (!direct)
     memcpy(r->buf, out + skip, r->length);
   atomic_fetch_sub(&db->running, 1);
   if (!direct) free(out);
+  log_debug("digests of blocks %" PRIu64 "+%" PRIu64 ": %.1f ms%s (%s)", first, count,
+            (double) (now_ns() - t0) / 1e6, hit ? ", read ahead" : "",
+            err ? strerror(err) : "ok");
   xreq_complete(r, err);
+  if (!err) read_ahead(db, first, count);
 }
 
 static void db_pread(void *h, struct xreq *r)
@@ -167,7 +316,7 @@ struct digest_guard {
 struct guard_req {
   void (*done)(struct xreq *r, int err);
   void *fe_priv;
-  struct digest_sidecar *sc;
+  struct digest_backend *db;
 };
 
 static uint64_t g_get_size(void *h) { struct digest_guard *g = h; return g->inner->get_size(g->ih); }
@@ -191,26 +340,29 @@ static void g_done(struct xreq *r, int err)
   struct guard_req *gr = r->fe_priv;
   r->done = gr->done;
   r->fe_priv = gr->fe_priv;
-  digest_sidecar_write_end(gr->sc);
+  if (gr->db->sc) digest_sidecar_write_end(gr->db->sc);
+  atomic_fetch_add(&gr->db->wepoch, 1);
+  atomic_fetch_sub(&gr->db->winflight, 1);
   free(gr);
   xreq_complete(r, err);
 }
 
-/* Invalidates [offset, offset + length) before the image is written, and
- * marks the write in flight until it completes (digest-sidecar.h). */
+/* Invalidates [offset, offset + length) before the image is written
+ * (the sidecar's entries, and the read-ahead stash: any write drops it),
+ * and marks the write in flight until it completes (digest-sidecar.h). */
 static void g_write(struct digest_guard *g, struct xreq *r,
                     void (*op)(void *h, struct xreq *r))
 {
-  struct guard_req *gr;
-  if (!g->db->sc) { op(g->ih, r); return; }
-  gr = malloc(sizeof *gr);
+  struct guard_req *gr = malloc(sizeof *gr);
   if (!gr) { xreq_complete(r, ENOMEM); return; }
   gr->done = r->done;
   gr->fe_priv = r->fe_priv;
-  gr->sc = g->db->sc;
+  gr->db = g->db;
   r->done = g_done;
   r->fe_priv = gr;
-  digest_sidecar_write_begin(gr->sc, r->offset, r->length);
+  atomic_fetch_add(&g->db->winflight, 1);
+  atomic_fetch_add(&g->db->wepoch, 1);
+  if (g->db->sc) digest_sidecar_write_begin(g->db->sc, r->offset, r->length);
   op(g->ih, r);
 }
 

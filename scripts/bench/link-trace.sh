@@ -19,7 +19,9 @@
 #   LINK_TRACE_SETTING    RTT:RATE of the emulated link (default 20ms:200mbit)
 #   LINK_TRACE_BUCKET_MS  bucket of the printed rates (default 50)
 #   LINK_TRACE_CAP        seconds after which the copy is given up (default 300)
-#   LINK_TRACE_KEEP       a directory to keep the samples, logs and status in
+#   LINK_TRACE_KEEP       a directory to keep the samples, logs, status and t0 (the exec stamp) in
+#   LINK_TRACE_SERVER_OPTS more xnbd-server options (e.g. -v: its debug log,
+#                         each digest read's hashing time among it)
 #   BENCH_TMPDIR          scratch directory (default /dev/shm, else /tmp)
 #   XNBD_TRACE_COPY=1     (passed on to the proxy) the copy's state in its
 #                         log at most every 5 ms and at each fill that starts
@@ -65,7 +67,7 @@ cleanup() {
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     (( wan_up )) && "$WAN" --name "$WNAME" down >/dev/null 2>&1
     if [[ -n ${LINK_TRACE_KEEP:-} ]]; then
-        mkdir -p "$LINK_TRACE_KEEP" && cp "$tmp"/*.log "$tmp"/*.txt "$tmp"/status.json \
+        mkdir -p "$LINK_TRACE_KEEP" && cp "$tmp"/*.log "$tmp"/*.txt "$tmp"/status.json "$tmp"/t0 \
             "$LINK_TRACE_KEEP"/ 2>/dev/null || true
     fi
     rm -rf "$tmp"
@@ -88,7 +90,8 @@ wan_up=1
 echo "$ME: $(grep -m1 '^wan-emu: mode' <<< "$out" || echo "wan-emu up") ($SETTING)"
 
 cat "$IMAGE" > /dev/null          # the source reads from the page cache
-"$WAN" --name "$WNAME" exec src "$B/xnbd-server" -r --image-id=stat \
+# shellcheck disable=SC2086
+"$WAN" --name "$WNAME" exec src "$B/xnbd-server" -r --image-id=stat ${LINK_TRACE_SERVER_OPTS:-} \
     -W "10.254.0.1:$PORT" -l 127.0.0.1:0 -p "$tmp/server.pid" "$IMAGE" 2> "$tmp/server.log" &
 PIDS+=("$!")
 wait_for "$tmp/server.pid" 10 || die "xnbd-server did not start: $(tail -3 "$tmp/server.log")"
