@@ -32,6 +32,16 @@
 #      unreachable, as after a migration) `crashload verify` checks the
 #      whole disk against the base and the second journal; stop (SIGTERM).
 #
+# With seeds (SOAK_SEEDS=1, the default) every proxy runs with --seed: a
+# file made once from the source image (its blocks SOAK_SEED_SHIFT blocks
+# further on, 60 % of them; random data elsewhere), indexed once (--index,
+# kept across cycles), so that most blocks come from the seed, verified
+# against the source's digests (I4); and at a seeded moment early in each
+# cycle, while the copy runs, 256 of the seed's blocks that match the source are
+# overwritten behind the proxy's back: the verifications then show that
+# no block came from a seed block that no longer matched (the restarted
+# proxy also finds the seed changed and indexes it again).
+#
 # Checked every cycle (a failure is recorded, the run goes on; the script
 # exits 1 at the end if any cycle failed): both verifications pass; the
 # writers' requests never failed while connected; the reader saw no bad
@@ -53,10 +63,13 @@
 #   SOAK_RTT / SOAK_RATE   the emulated link (default 20ms / 100mbit)
 #   SOAK_WRITE_RATE  writer requests per second (default 100: the writers'
 #                  partial writes of missing blocks are fetches too)
-#   SOAK_READ_MAX_KIB  largest read of the checked reader (default 256;
-#                  larger reads of fragmented missing ranges fail with
-#                  ENOMEM when they need more than 64 fetch jobs: a defect
-#                  of need_blocks in common/engine/client.c, reported)
+#   SOAK_READ_MAX_KIB  largest read of the checked reader (default 2048,
+#                  QEMU's usual largest request; reads of fragmented
+#                  missing ranges make one fetch per missing run, see
+#                  tests/test-proxy-fragmented-read.sh)
+#   SOAK_SEEDS     1 (default): proxies run with a seed, see above; 0: none
+#   SOAK_SEED_SHIFT  blocks by which the seed's copy of the source is moved
+#                  (default 97: found by digest at another offset)
 #   SOAK_TMPDIR    scratch directory (default $TMPDIR or /tmp); kept with
 #                  all logs when a cycle failed (path printed)
 #
@@ -81,7 +94,11 @@ RTT=${SOAK_RTT:-20ms}
 RATE=${SOAK_RATE:-100mbit}
 SEED=${SOAK_SEED:-$(( $(date +%s%N) / 1000 % 1000000 ))}
 WRITE_RATE=${SOAK_WRITE_RATE:-100}
-READ_MAX_KIB=${SOAK_READ_MAX_KIB:-256}
+READ_MAX_KIB=${SOAK_READ_MAX_KIB:-2048}
+SEEDS=${SOAK_SEEDS:-1}
+SEED_SHIFT=${SOAK_SEED_SHIFT:-97}
+[[ $SEEDS == 0 || $SEEDS == 1 ]] || die "SOAK_SEEDS must be 0 or 1, not '$SEEDS'"
+[[ $SEED_SHIFT =~ ^[0-9]+$ ]] || die "SOAK_SEED_SHIFT must be a non-negative integer, not '$SEED_SHIFT'"
 [[ $WRITE_RATE =~ ^[1-9][0-9]*$ ]] || die "SOAK_WRITE_RATE must be a positive integer, not '$WRITE_RATE'"
 [[ $READ_MAX_KIB =~ ^[1-9][0-9]*$ ]] && (( READ_MAX_KIB % 4 == 0 )) ||
     die "SOAK_READ_MAX_KIB must be a positive multiple of 4, not '$READ_MAX_KIB'"
@@ -209,9 +226,41 @@ with open(sys.argv[1], "rb") as f:
 print(n * 4096)
 PY
 )
+# The seed: the source's blocks SEED_SHIFT blocks further on (60 % of
+# them, the rest random), and the list of seed blocks that match the
+# source (candidates for the mutations of each cycle).
+PROXY_SEED_ARGS=()
+if (( SEEDS )); then
+    python3 - "$img" "$tmp/seed.img" "$tmp/seed.matching" "$SEED" "$SEED_SHIFT" <<'PY'
+import random, sys
+src, out, matching, seed, shift = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+data = open(src, "rb").read()
+bs, z = 4096, bytes(4096)
+n = (len(data) + bs - 1) // bs
+rng = random.Random(seed)
+blocks = [rng.randbytes(bs) for _ in range(n)]
+keep = []
+for i in range(n):
+    b = data[i * bs:(i + 1) * bs].ljust(bs, b"\0")
+    if b != z and rng.random() < 0.6:
+        j = (i + shift) % n
+        blocks[j] = b
+        keep.append(j)
+open(out, "wb").write(b"".join(blocks))
+open(matching, "w").write("".join("%d\n" % j for j in keep))
+PY
+    PROXY_SEED_ARGS=(--seed "$tmp/seed.img" --index "$tmp/seed.idx")
+    echo "soak: seed $tmp/seed.img: $(wc -l < "$tmp/seed.matching") blocks of the source, $SEED_SHIFT blocks on"
+fi
+
 # Copy rate: the background copy alone would take the whole cycle; the
 # clients' on-demand fetches shorten it to about 3/4.
-BG_RATE=$(( NONZERO / CYCLE_S ))
+# (With seeds: of the blocks the seed does not hold, which the copy must
+# fetch; those in the seed land as fast as the proxy checks them.)
+TO_FETCH=$NONZERO
+(( SEEDS )) && TO_FETCH=$(( NONZERO - $(wc -l < "$tmp/seed.matching") * 4096 ))
+(( TO_FETCH > 0 )) || TO_FETCH=$NONZERO
+BG_RATE=$(( TO_FETCH / CYCLE_S ))
 echo "soak: $NONZERO non-zero bytes; background rate cap $BG_RATE B/s"
 
 up_out=$(wan up --rtt "$RTT" --rate "$RATE" --forward "$PORT" 2>&1) ||
@@ -243,7 +292,7 @@ start_proxy_c() {
     rm -f "$C/proxy.pid"
     ip netns exec "$NS_DST" "$PROXY" --target "$TARGET" --cache "$C/cache.img" \
         --bitmap "$C/cache.bm" --control "$CTLS" -u "$PSOCK" -p "$C/proxy.pid" \
-        --bg-rate "$BG_RATE" "$@" 2>"$C/proxy$n.log" &
+        --bg-rate "$BG_RATE" "${PROXY_SEED_ARGS[@]}" "$@" 2>"$C/proxy$n.log" &
     PPID_C=$!
     PIDS+=("$PPID_C")
     if ! wait_until 60 test -s "$C/proxy.pid" || ! wait_until 60 st_is "$CTLS" state proxying; then
@@ -260,14 +309,16 @@ jget() { status_get "$1" "$2"; }
 # within what it had to fetch (+ 4 MiB per failed fetch).  What was missing
 # at its start is in its log (clients may read before a status is taken).
 check_counters() {
-    local miss fetched zs errs bs
+    local miss fetched zs errs bs seeded stale
     read -r miss bs < <(sed -n 's/.*: \([0-9]*\) of \([0-9]*\) blocks of \([0-9]*\) bytes present$/\1 \2 \3/p' "$1" |
                         awk 'NR == 1 { print $2 - $1, $3 }')
     fetched=$(jget "$2" bytes.fetched) zs=$(jget "$2" bytes.zero_skipped) errs=$(jget "$2" fetches.errors)
-    for v in miss bs fetched zs errs; do
+    seeded=$(jget "$2" bytes.seeded) stale=$(jget "$2" fetches.seed_stale)
+    for v in miss bs fetched zs errs seeded stale; do
         [[ ${!v} =~ ^[0-9]+$ ]] || { fail_c "instance $3: status member $v unreadable"; return 0; }
     done
     C_FETCHED=$(( C_FETCHED + fetched )) C_ZS=$(( C_ZS + zs )) C_ERRS=$(( C_ERRS + errs ))
+    C_SEEDED=$(( C_SEEDED + seeded )) C_STALE=$(( C_STALE + stale ))
     if (( fetched + zs > miss * bs + errs * 4194304 )); then
         fail_c "instance $3: fetched $fetched + zero-skipped $zs > missing at start $((miss * bs)) + $errs failed fetches x 4 MiB"
     fi
@@ -324,8 +375,8 @@ run_cycle() {
     mkdir -p "$C"
     CTLS=$C/ctl PSOCK=$C/proxy.sock URI="nbd+unix:///?socket=$C/proxy.sock"
     FAILS=()
-    C_FETCHED=0 C_ZS=0 C_ERRS=0 C_REQS=0 C_ACKED=0
-    local t0 l0 kind restart_at cut_at cut_len pause_at pause_len now_s
+    C_FETCHED=0 C_ZS=0 C_ERRS=0 C_REQS=0 C_ACKED=0 C_SEEDED=0 C_STALE=0
+    local t0 l0 kind restart_at cut_at cut_len pause_at pause_len now_s mut_at
     local lost_blocks=- reconnects=0 rd='-' restarts=0 verdict
     t0=$(now)
     l0=$(link_bytes)
@@ -338,12 +389,16 @@ run_cycle() {
     cut_at=$(( CYCLE_S * 8 / 100 + RANDOM % (restart_at - cut_len - 5 - CYCLE_S * 8 / 100 + 1) ))
     pause_at=$(( CYCLE_S * 5 / 100 + RANDOM % (CYCLE_S * 30 / 100 + 1) ))
     pause_len=$(( 3 + RANDOM % 6 ))
-    echo "soak: cycle $cyc: restart by SIG$kind at ${restart_at}s, link cut at ${cut_at}s for ${cut_len}s, pause at ${pause_at}s for ${pause_len}s"
-    printf '%s\n' "kind=$kind restart_at=$restart_at cut_at=$cut_at cut_len=$cut_len pause_at=$pause_at pause_len=$pause_len" > "$C/plan"
+    # Early: the copy has taken few of the seed's blocks yet.
+    mut_at=$(( CYCLE_S * 3 / 100 + RANDOM % (CYCLE_S * 15 / 100 + 1) ))
+    local mut_plan=
+    (( SEEDS )) && mut_plan=" seed_change_at=$mut_at"
+    echo "soak: cycle $cyc: restart by SIG$kind at ${restart_at}s, link cut at ${cut_at}s for ${cut_len}s, pause at ${pause_at}s for ${pause_len}s${mut_plan:+, 256 seed blocks changed at ${mut_at}s}"
+    printf '%s\n' "kind=$kind restart_at=$restart_at cut_at=$cut_at cut_len=$cut_len pause_at=$pause_at pause_len=$pause_len$mut_plan" > "$C/plan"
 
     : > "$C/seeds"
     if ! start_proxy_c 1; then
-        printf '%s\t' "$cyc" "$kind" 0 0 0 0 - 0 0 0 0 0 - - - "$(cat "$C/plan")" >> "$results"
+        printf '%s\t' "$cyc" "$kind" 0 0 0 0 0 0 - 0 0 0 0 0 - - - "$(cat "$C/plan")" >> "$results"
         echo "FAIL: ${FAILS[*]}" >> "$results"
         return 0
     fi
@@ -362,6 +417,17 @@ run_cycle() {
       sleep "$cut_len"; link_set up; echo "$(date +%s) link up" >> "$C/events" ) &
     local cutpid=$!
     PIDS+=("$cutpid")
+    # The seed changes behind the proxy's back (I4): 256 of its blocks that
+    # match the source get random data, in place.
+    if (( SEEDS )); then
+        local mseed=$(( SEED * 1000 + cyc ))
+        ( sleep "$mut_at"
+          shuf -n 256 --random-source=<(yes "$mseed") "$tmp/seed.matching" | while read -r b; do
+              dd if=/dev/urandom of="$tmp/seed.img" bs=4096 seek="$b" count=1 conv=notrunc status=none
+          done
+          echo "$(date +%s) 256 seed blocks changed" >> "$C/events" ) &
+        PIDS+=("$!")
+    fi
 
     # Until the restart: pause/resume once.
     while (( (now_s = $(now) - t0) < restart_at )); do
@@ -469,7 +535,7 @@ sys.exit(1 if bad else 0)' "$C/reader.json" 2>&1) || fail_c "reader: $rd $(head 
     dur=$(( $(now) - t0 ))
     (( ${#FAILS[@]} == 0 )) && verdict=OK || { verdict="FAIL: ${FAILS[*]}"; failed_any=1; }
     local IFS=$'\t'
-    echo "$cyc	$kind	$dur	$(( l1 - l0 ))	$C_FETCHED	$C_ZS	$lost_blocks	$C_ERRS	$reconnects	$restarts	$C_REQS	$C_ACKED	$rd	$v1_line	$v2_line	$(cat "$C/plan")	$verdict" >> "$results"
+    echo "$cyc	$kind	$dur	$(( l1 - l0 ))	$C_FETCHED	$C_SEEDED	$C_STALE	$C_ZS	$lost_blocks	$C_ERRS	$reconnects	$restarts	$C_REQS	$C_ACKED	$rd	$v1_line	$v2_line	$(cat "$C/plan")	$verdict" >> "$results"
     echo "soak: cycle $cyc done in ${dur}s: $verdict"
     rm -f "$C/cache.img" "$C/base1.img"
 }
@@ -496,29 +562,30 @@ print("image %s MiB (gen-image.py, %d non-zero bytes); link %s %s (wan-emu %s); 
       " background copy capped at %s B/s (x2 after the restart)" % (size_mib, int(nonzero), rtt, rate, mode, bg_rate))
 print("per cycle: writer + checked reader all along, cache-all, pause/resume, one link cut, one proxy"
       " restart (SIGKILL odd cycles, SIGTERM even), verify after it, completion, detach, final verify with the link down")
-print("link MB = rx+tx of the dst veth; fetched/zero-skipped summed over both proxy processes; refetch ="
+print("link MB = rx+tx of the dst veth; fetched/seeded/zero-skipped summed over both proxy processes; seed stale ="
+      " seed jobs fetched instead because the seed no longer matched (fetches.seed_stale); refetch ="
       " blocks present before the restart but not after it (bits not yet persisted); reconnects = source connections lost or declared dead (stalled), from the logs")
 print()
-hdr = ("cyc", "restart", "dur s", "link MB", "fetched MB", "zero MB", "refetch blk", "fetch errs",
-       "reconn", "restarts", "writes", "acked", "result")
-fmt = "%3s | %7s | %5s | %7s | %10s | %7s | %11s | %10s | %6s | %8s | %6s | %6s | %s"
+hdr = ("cyc", "restart", "dur s", "link MB", "fetched MB", "seeded MB", "seed stale", "zero MB",
+       "refetch blk", "fetch errs", "reconn", "restarts", "writes", "acked", "result")
+fmt = "%3s | %7s | %5s | %7s | %10s | %9s | %10s | %7s | %11s | %10s | %6s | %8s | %6s | %6s | %s"
 print(fmt % hdr)
 for r in rows:
-    (cyc, kind, dur, link, fetched, zs, refetch, errs, reconn, restarts, reqs, acked, rd, v1, v2,
-     plan, verdict) = r
+    (cyc, kind, dur, link, fetched, seeded, stale, zs, refetch, errs, reconn, restarts, reqs, acked,
+     rd, v1, v2, plan, verdict) = r
     print(fmt % (cyc, "SIG" + kind, dur, "%.1f" % (int(link) / 1e6), "%.1f" % (int(fetched) / 1e6),
-                 "%.1f" % (int(zs) / 1e6), refetch, errs, reconn, restarts, reqs, acked,
-                 verdict))
+                 "%.1f" % (int(seeded) / 1e6), stale, "%.1f" % (int(zs) / 1e6), refetch, errs, reconn,
+                 restarts, reqs, acked, verdict))
 print()
 for r in rows:
-    print("cycle %s: plan %s" % (r[0], r[15]))
-    print("  reader: %s" % r[12])
-    print("  verify after the restart: %s" % r[13])
-    print("  final verify (detached, link down): %s" % r[14])
+    print("cycle %s: plan %s" % (r[0], r[17]))
+    print("  reader: %s" % r[14])
+    print("  verify after the restart: %s" % r[15])
+    print("  final verify (detached, link down): %s" % r[16])
 if note:
     print(note)
 print()
-bad = [r[0] for r in rows if r[16] != "OK"]
+bad = [r[0] for r in rows if r[18] != "OK"]
 print("RESULT: %s" % ("all %d cycle(s) passed" % len(rows) if not bad and failed == "0" else
                       "FAILED (cycles: %s)" % (", ".join(bad) or "-")))
 PY

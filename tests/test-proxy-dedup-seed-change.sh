@@ -16,7 +16,7 @@
 # verified are counted as seeded (A's first half, B and C less one MiB
 # each: 18 MiB), the rest fetched (10 MiB), the hole skipped; the proxy
 # stays up and exits cleanly, and its log (-v) says why blocks came from the
-# source instead.  The seeds' remaining content is not written by the proxy.
+# source instead, as many times as its status counts (fetches.seed_stale).  The seeds' remaining content is not written by the proxy.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img
 
@@ -78,6 +78,9 @@ n=$(grep -c "its seed no longer holds the source's data" "$PROXY_LOG" || true)
 echo "log: $n lines on blocks fetched instead of seeded, e.g.:"
 grep -m2 "its seed no longer holds" "$PROXY_LOG" || true
 [ "$n" -ge 6 ] || fail "the log does not say why blocks were fetched instead (expected at least 6 jobs: 4 of A, 1 of B, 1 of C)"
+stale=$(json_get "$s" fetches.seed_stale)
+[ "$stale" -eq "$n" ] ||
+  fail "fetches.seed_stale is $stale, the log names $n seed jobs fetched instead: $s"
 assert_alive "$PROXY_PID"
 stop_ok "$PROXY_PID" xnbd-proxy
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed"

@@ -58,9 +58,9 @@ void ctl_put_status(FILE *f, const struct engine_stats *st)
   fprintf(f, ",\"dedup\":%s", st->digests ? "true" : "false");
   fprintf(f, ",\"fetches\":{\"ondemand\":%" PRIu64 ",\"background\":%" PRIu64
           ",\"prepaged\":%" PRIu64 ",\"recent\":%" PRIu64 ",\"joined\":%" PRIu64
-          ",\"errors\":%" PRIu64 "}",
+          ",\"errors\":%" PRIu64 ",\"seed_stale\":%" PRIu64 "}",
           st->fetches_ondemand, st->fetches_background, st->fetches_prepaged,
-          st->fetches_recent, st->fetches_joined, st->fetch_errors);
+          st->fetches_recent, st->fetches_joined, st->fetch_errors, st->fetches_seed_stale);
   fprintf(f, ",\"fetch_rate\":%" PRIu64 ",\"ondemand_waiting\":%" PRIu64,
           st->fetch_rate, st->ondemand_waiting);
   fprintf(f, ",\"background\":{\"running\":%s,\"paused\":%s,\"rate\":%" PRIu64

@@ -211,6 +211,7 @@ struct engine {
   uint64_t fetches_prepaged;
   uint64_t fetches_recent;      /* background fetches from the read map */
   uint64_t fetches_joined;      /* client reads that waited for a background fetch */
+  uint64_t fetches_seed_stale;  /* seed jobs that fell back to the source (I4) */
   uint64_t local_errors;        /* cache writes that failed (disk full...) */
   uint64_t bytes_seeded, bytes_digests;
 

@@ -91,6 +91,8 @@ struct engine_stats {
   uint64_t bg_recent_regions;     /* regions the read map named */
   uint64_t bg_recent_done;        /* of them, copied (or found present) */
   uint64_t fetches_joined;        /* client reads that joined a background fetch */
+  uint64_t fetches_seed_stale;    /* seed jobs fetched instead: a block in the seed
+                                   * no longer matched the source's digest (I4) */
   uint64_t fetch_rate;           /* bytes/s over the last few seconds */
   uint64_t ondemand_waiting;     /* client requests waiting on the source */
   bool bg_running, bg_paused;

@@ -666,6 +666,7 @@ void engine_get_stats(struct engine *e, struct engine_stats *st)
   st->bg_recent_regions = e->copy.nrecent;
   st->bg_recent_done = e->copy.recent_pos;
   st->fetches_joined = e->fetches_joined;
+  st->fetches_seed_stale = e->fetches_seed_stale;
   st->fetch_errors = e->fetch_errors;
   st->fetch_rate = e->fetch_rate;
   st->ondemand_waiting = e->nwaiting;

@@ -621,6 +621,7 @@ static void resolve_local(struct xwork *w)
   pthread_mutex_lock(&e->lock);
   e->copy.inflight_bytes += j->len;
   if (!j->waiters) e->copy.debt += j->len;
+  e->fetches_seed_stale++;
   pthread_mutex_unlock(&e->lock);
   fetch(e, j);
 }

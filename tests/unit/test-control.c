@@ -68,6 +68,7 @@ static void fake_reset(void)
   s->fetches_ondemand = 44;
   s->fetches_background = 55;
   s->fetch_errors = 66;
+  s->fetches_seed_stale = 77;
   s->fetch_rate = 12500000;
   s->ondemand_waiting = 7;
   s->bg_running = true;
@@ -398,6 +399,7 @@ Test(control, status_reports_every_engine_field)
   cr_assert_eq(get_u64(j, "fetches.ondemand"), 44);
   cr_assert_eq(get_u64(j, "fetches.background"), 55);
   cr_assert_eq(get_u64(j, "fetches.errors"), 66);
+  cr_assert_eq(get_u64(j, "fetches.seed_stale"), 77);
   cr_assert_eq(get_u64(j, "fetch_rate"), 12500000);
   cr_assert_eq(get_u64(j, "ondemand_waiting"), 7);
   cr_assert_eq(get_bool(j, "background.running"), true);
