@@ -430,9 +430,14 @@ static void print_status(const struct json *j)
   printf("zero-skipped:   %s\n", size_str(u64_of(j, "bytes.zero_skipped", NULL), a, sizeof a));
   if (bool_of(j, "dedup") || u64_of(j, "bytes.seeded", NULL)) {
     char d[32];
-    printf("from seeds:     %s (verified by SHA-256; %s of digests read)\n",
+    uint64_t stale = u64_of(j, "fetches.seed_stale", NULL);
+    printf("from seeds:     %s (verified by SHA-256; %s of digests read",
            size_str(u64_of(j, "bytes.seeded", NULL), a, sizeof a),
            size_str(u64_of(j, "bytes.digests", NULL), d, sizeof d));
+    if (stale)
+      printf("; %" PRIu64 " run%s fetched instead: the seed had changed", stale,
+             stale == 1 ? "" : "s");
+    printf(")\n");
   }
   printf("local writes:   %s\n", size_str(u64_of(j, "bytes.local_written", NULL), a, sizeof a));
   printf("fetch rate:     %s\n", rate_str(u64_of(j, "fetch_rate", NULL), a, sizeof a));

@@ -81,6 +81,9 @@ grep -m2 "its seed no longer holds" "$PROXY_LOG" || true
 stale=$(json_get "$s" fetches.seed_stale)
 [ "$stale" -eq "$n" ] ||
   fail "fetches.seed_stale is $stale, the log names $n seed jobs fetched instead: $s"
+plain=$("$XNBD_BUILD/xnbd-ctl" -c "$ctl" status) || fail "xnbd-ctl status failed"
+grep -q "^from seeds: .*; $stale runs fetched instead: the seed had changed)" <<<"$plain" ||
+  fail "xnbd-ctl status does not say that $stale runs were fetched instead: $plain"
 assert_alive "$PROXY_PID"
 stop_ok "$PROXY_PID" xnbd-proxy
 [ "$(sha "$src")" = "$src_sha" ] || fail "the source image changed"
