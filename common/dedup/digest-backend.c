@@ -40,6 +40,7 @@ struct digest_backend {
   struct xwork ahead_work;
   bool ahead_queued;
   uint64_t ahead_first, ahead_count;
+  uint64_t last_end;          /* where the last read ended (a sequence) */
   uint8_t *stash;
   uint64_t st_first, st_count, st_at, st_wepoch;
   struct stat st_img;
@@ -175,6 +176,7 @@ static void ahead_work(struct xwork *w)
   pthread_mutex_lock(&db->lock);
   uint64_t first = db->ahead_first, count = db->ahead_count;
   db->ahead_queued = false;
+  if (!count) { pthread_mutex_unlock(&db->lock); return; }
   bool have = db->stash && first >= db->st_first &&
               first + count <= db->st_first + db->st_count;
   pthread_mutex_unlock(&db->lock);
@@ -216,15 +218,26 @@ static void ahead_work(struct xwork *w)
             count, (double) (now_ns() - t0) / 1e6);
 }
 
-/* After a read of [first, first + count): the next as many blocks are
- * read ahead once nothing else is queued (one read-ahead at a time; a
- * later read moves it on). */
+/* After a read of [first, first + count) that starts the image or goes
+ * on from where the last read ended (a proxy's copy reads in order; the
+ * chunks it asks for its read map's regions do not): the next as many
+ * blocks are read ahead once nothing else is queued (one read-ahead at a
+ * time; a later read moves it on). */
 static void read_ahead(struct digest_backend *db, uint64_t first, uint64_t count)
 {
   uint64_t nblocks = db->image_size / DIGEST_BLOCK + (db->image_size % DIGEST_BLOCK != 0);
   uint64_t next = first + count;
-  if (count < AHEAD_MIN_BLOCKS || next >= nblocks) return;
   pthread_mutex_lock(&db->lock);
+  bool in_order = first == 0 || first == db->last_end;
+  db->last_end = next;
+  if (!in_order || count < AHEAD_MIN_BLOCKS || next >= nblocks) {
+    /* A read-ahead still queued for blocks this read covered has
+     * nothing left to do. */
+    if (db->ahead_queued && db->ahead_first < next && first < db->ahead_first + db->ahead_count)
+      db->ahead_count = 0;
+    pthread_mutex_unlock(&db->lock);
+    return;
+  }
   db->ahead_first = next;
   db->ahead_count = MIN(count, nblocks - next);
   bool submit = !db->ahead_queued;

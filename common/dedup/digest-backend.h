@@ -18,8 +18,9 @@
  * which invalidates the digests of the blocks they cover before the image
  * is written.
  *
- * Read-ahead: a read of at least 1024 blocks has the next as many
- * computed on wq's low lane (once nothing else waits), over half the CPUs;
+ * Read-ahead: a read of at least 1024 blocks that starts the image or
+ * goes on from where the last read ended has the next as many computed
+ * on wq's low lane (once nothing else waits), over half the CPUs;
  * into the sidecar, or without one into a stash served to the next read
  * only while no write through the guard began since (nor is in flight),
  * the image's size, inode and times are unchanged, and it is under 1 s
