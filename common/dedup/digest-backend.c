@@ -21,6 +21,7 @@
  * sidecar they wait in the stash for at most AHEAD_MAX_AGE_NS. */
 #define AHEAD_MIN_BLOCKS 1024u
 #define AHEAD_MAX_AGE_NS 1000000000u
+#define AHEAD_NICE 10
 
 struct digest_backend {
   int fd;
@@ -90,7 +91,7 @@ void digest_backend_close(struct digest_backend *db)
  * sidecar from there, the others computed (one span per chunk, from its
  * first to its last missing block) and stored. */
 static int digests_via_sidecar(struct digest_backend *db, uint64_t first,
-                               uint64_t count, uint8_t *out, unsigned threads)
+                               uint64_t count, uint8_t *out, unsigned threads, int nice)
 {
   static _Thread_local bool have[SIDECAR_CHUNK];
   for (uint64_t done = 0; done < count; ) {
@@ -103,8 +104,8 @@ static int digests_via_sidecar(struct digest_backend *db, uint64_t first,
     if (digest_sidecar_lookup(db->sc, b, n, o, have) < n) {
       while (have[lo]) lo++;
       while (have[hi - 1]) hi--;
-      if (digest_file(db->fd, db->image_size, b + lo, hi - lo, o + lo * DIGEST_LEN,
-                      threads) < 0)
+      if (digest_file_nice(db->fd, db->image_size, b + lo, hi - lo, o + lo * DIGEST_LEN,
+                           threads, nice) < 0)
         return -1;
       digest_sidecar_store(db->sc, epoch, b + lo, hi - lo, o + lo * DIGEST_LEN);
     }
@@ -160,7 +161,7 @@ static int get_digests(struct digest_backend *db, uint64_t first, uint64_t count
                        uint8_t *out, unsigned threads, bool *hit)
 {
   *hit = false;
-  if (db->sc) return digests_via_sidecar(db, first, count, out, threads);
+  if (db->sc) return digests_via_sidecar(db, first, count, out, threads, 0);
   pthread_mutex_lock(&db->lock);
   *hit = from_stash_locked(db, first, count, out);
   pthread_mutex_unlock(&db->lock);
@@ -183,12 +184,15 @@ static void ahead_work(struct xwork *w)
   if (have) return;
   uint8_t *buf = malloc(count * DIGEST_LEN);
   if (!buf) return;
-  /* Half the cores: the other half stays with the reads that feed the
-   * link, which the digests read so far keep busy. */
-  unsigned threads = db->ncpu / 2 ? db->ncpu / 2 : 1;
+  /* Every core, at nice AHEAD_NICE: the reads that feed the link (which
+   * the digests read so far keep busy) come first, the rest of the CPU
+   * goes here.  (On half the cores at the usual priority, the chunk after
+   * a seeded RAM copy's first took 40-60 ms here instead of 37-46.) */
+  unsigned threads = db->ncpu;
+  int nice = AHEAD_NICE;
   uint64_t t0 = now_ns();
   if (db->sc) {
-    if (digests_via_sidecar(db, first, count, buf, threads) < 0)
+    if (digests_via_sidecar(db, first, count, buf, threads, nice) < 0)
       log_debug("digest read-ahead of blocks %" PRIu64 "+%" PRIu64 ": %s", first, count,
                 strerror(errno));
     free(buf);
@@ -201,7 +205,7 @@ static void ahead_work(struct xwork *w)
   struct stat st;
   uint64_t we = atomic_load(&db->wepoch);
   if (atomic_load(&db->winflight) || fstat(db->fd, &st) < 0 ||
-      digest_file(db->fd, db->image_size, first, count, buf, threads) < 0) {
+      digest_file_nice(db->fd, db->image_size, first, count, buf, threads, nice) < 0) {
     free(buf);
     return;
   }

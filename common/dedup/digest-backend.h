@@ -20,7 +20,7 @@
  *
  * Read-ahead: a read of at least 1024 blocks that starts the image or
  * goes on from where the last read ended has the next as many computed
- * on wq's low lane (once nothing else waits), over half the CPUs;
+ * on wq's low lane (once nothing else waits), over every CPU at nice 10;
  * into the sidecar, or without one into a stash served to the next read
  * only while no write through the guard began since (nor is in flight),
  * the image's size, inode and times are unchanged, and it is under 1 s

@@ -10,6 +10,8 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -140,6 +142,7 @@ struct hash_job {
   uint8_t *out;              /* count x 32 bytes */
   atomic_uint_fast64_t next; /* next run to take, in blocks from first */
   atomic_int err;            /* errno of the first failure, or 0 */
+  int nice;                  /* > 0: the workers run at this nice value */
 };
 
 /* Where data begins at or after pos, and where it ends: [*data, *hole).
@@ -239,12 +242,22 @@ fail:;
 
 static void *hash_thread(void *arg)
 {
-  hash_runs(arg);
+  struct hash_job *hj = arg;
+  /* Only lowered, never raised back: the thread ends with the job. */
+  if (hj->nice > 0 && setpriority(PRIO_PROCESS, (id_t) syscall(SYS_gettid), hj->nice) < 0)
+    (void) 0;                    /* best effort: hashing at the usual priority */
+  hash_runs(hj);
   return NULL;
 }
 
 int digest_file(int fd, uint64_t size, uint64_t first, uint64_t count,
                 uint8_t *out, unsigned threads)
+{
+  return digest_file_nice(fd, size, first, count, out, threads, 0);
+}
+
+int digest_file_nice(int fd, uint64_t size, uint64_t first, uint64_t count,
+                     uint8_t *out, unsigned threads, int nice)
 {
   uint64_t nblk = size / DIGEST_BLOCK + (size % DIGEST_BLOCK != 0);
   struct stat st;
@@ -268,14 +281,17 @@ int digest_file(int fd, uint64_t size, uint64_t first, uint64_t count,
   struct hash_job hj = {
     .fd = fd, .size = size, .first = first, .count = count, .out = out,
     .holes = S_ISREG(st.st_mode) && (uint64_t) st.st_blocks * 512 < (uint64_t) st.st_size,
+    .nice = nice,
   };
   atomic_init(&hj.next, 0);
   atomic_init(&hj.err, 0);
-  /* This thread is one of the workers; a failed creation means fewer. */
+  /* This thread is one of the workers (unless they run niced: then it
+   * only waits, its own priority untouched); a failed creation means
+   * fewer. */
   unsigned started = 0;
-  for (unsigned i = 1; i < threads; i++)
+  for (unsigned i = nice > 0 ? 0 : 1; i < threads; i++)
     if (pthread_create(&tid[started], NULL, hash_thread, &hj) == 0) started++;
-  hash_runs(&hj);
+  if (nice <= 0 || !started) hash_runs(&hj);
   for (unsigned i = 0; i < started; i++) pthread_join(tid[i], NULL);
   int err = atomic_load(&hj.err);
   if (err) { errno = err; return -1; }

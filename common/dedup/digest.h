@@ -44,5 +44,10 @@ const uint8_t *digest_zero(void);
  * errno (a read error). */
 int digest_file(int fd, uint64_t size, uint64_t first, uint64_t count,
                 uint8_t *out, unsigned threads);
+/* The same, on threads of their own running at nice value nice (> 0:
+ * work that may wait for whatever else the machine does, e.g. digests
+ * read ahead; the calling thread only waits). */
+int digest_file_nice(int fd, uint64_t size, uint64_t first, uint64_t count,
+                     uint8_t *out, unsigned threads, int nice);
 
 #endif

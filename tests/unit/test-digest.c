@@ -6,6 +6,7 @@
 #include <criterion/criterion.h>
 
 #include <errno.h>
+#include <sys/resource.h>
 #include <inttypes.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -261,6 +262,30 @@ Test(digest, threads_and_subranges_agree)
                    "range %" PRIu64 "+%" PRIu64 " with %u threads", r[i][0], r[i][1], t);
       free(d);
     }
+  free(one);
+}
+
+/* digest_file_nice: its own threads at a lower priority (the caller's
+ * left as it was), the same digests. */
+Test(digest, niced_threads_agree_and_leave_the_caller_alone)
+{
+  const char *path = make_file();
+  uint8_t *one = digests(path, 0, TOTAL_BLK, 1);
+  int fd = open(path, O_RDONLY);
+  cr_assert(fd >= 0);
+  errno = 0;
+  int before = getpriority(PRIO_PROCESS, 0);
+  cr_assert_eq(errno, 0);
+  for (unsigned t = 1; t <= 3; t++) {
+    uint8_t *d = malloc((size_t) TOTAL_BLK * DIGEST_LEN);
+    cr_assert_not_null(d);
+    cr_assert_eq(digest_file_nice(fd, FSIZE, 0, TOTAL_BLK, d, t, 10), 0);
+    cr_assert_eq(memcmp(one, d, (size_t) TOTAL_BLK * DIGEST_LEN), 0,
+                 "niced, %u threads, differ", t);
+    free(d);
+  }
+  cr_assert_eq(getpriority(PRIO_PROCESS, 0), before, "the caller's nice value changed");
+  close(fd);
   free(one);
 }
 
