@@ -25,7 +25,7 @@
  *        "bytes":{"fetched":N,"zero_skipped":N,"local_written":N,
  *                 "bridged":N,"seeded":N,"digests":N},"dedup":B,
  *        "fetches":{"ondemand":N,"background":N,"prepaged":N,"recent":N,
- *                   "joined":N,"errors":N},
+ *                   "joined":N,"errors":N,"seed_stale":N},
  *        "fetch_rate":N,"ondemand_waiting":N,
  *        "background":{"running":B,"paused":B,"rate":N,"window":N,
  *                      "inflight":N,"seeding":N,"queue_us":N,
@@ -50,7 +50,9 @@
  *     the map named, background.recent_done how many are copied),
  *     fetches.joined the
  *     client reads that waited for a background fetch already on its way
- *     (no fetch of their own); background.inflight is the bytes of
+ *     (no fetch of their own), fetches.seed_stale the seed jobs fetched
+ *     instead because a block no longer matched the source's digest (the
+ *     seed changed after it was indexed, I4); background.inflight is the bytes of
  *     background fetches on their way (at most window), background.seeding
  *     the bytes of copies from seeds under way; background.queue_us is
  *     the queueing delay on the path at the last round-trip sample (that

@@ -243,9 +243,9 @@ fail:;
 static void *hash_thread(void *arg)
 {
   struct hash_job *hj = arg;
-  /* Only lowered, never raised back: the thread ends with the job. */
-  if (hj->nice > 0 && setpriority(PRIO_PROCESS, (id_t) syscall(SYS_gettid), hj->nice) < 0)
-    (void) 0;                    /* best effort: hashing at the usual priority */
+  /* Only lowered, never raised back: the thread ends with the job.  Best
+   * effort: if it fails, the thread hashes at the usual priority. */
+  if (hj->nice > 0) (void) setpriority(PRIO_PROCESS, (id_t) syscall(SYS_gettid), hj->nice);
   hash_runs(hj);
   return NULL;
 }

@@ -37,6 +37,7 @@ struct engine {
   struct engine_stats st;
   int bg_start_calls, bg_pause_calls, bg_resume_calls, rate_calls;
   int detach_calls, reconnect_calls, flush_calls;
+  int reconnect_started;        /* engine_reconnect entered (before its delay) */
   int stats_calls;
   uint64_t last_rate;
   bool last_force;
@@ -165,6 +166,7 @@ int engine_reconnect(struct engine *e, const char *target, char *err, size_t err
 {
   pthread_mutex_lock(&e->lock);
   unsigned delay = e->reconnect_delay_ms;
+  e->reconnect_started++;
   pthread_mutex_unlock(&e->lock);
   if (delay) {
     struct timespec ts = { delay / 1000, (delay % 1000) * 1000000L };
@@ -926,7 +928,10 @@ Test(control, client_leaving_during_an_engine_call_is_cleaned_up)
   pthread_mutex_unlock(&fake.lock);
   struct client *a = cl_open();
   cl_send(a, "reconnect nbd://elsewhere\nstatus\n", 33);
-  usleep(50000);
+  /* Gone while the call runs (it takes 200 ms): once it has begun. */
+  for (int i = 0; i < 500 && fake_get(&fake.reconnect_started) == 0; i++)
+    usleep(10000);
+  cr_assert_eq(fake_get(&fake.reconnect_started), 1, "the reconnect never began");
   cl_close(a);
   wait_nclients(0);
   cr_assert_eq(fake_get(&fake.reconnect_calls), 1);
