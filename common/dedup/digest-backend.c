@@ -13,7 +13,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 /* Read-ahead (digest-backend.h): a read of at least AHEAD_MIN_BLOCKS
@@ -44,7 +43,7 @@ struct digest_backend {
   uint64_t last_end;          /* where the last read ended (a sequence) */
   uint8_t *stash;
   uint64_t st_first, st_count, st_at, st_wepoch;
-  struct stat st_img;
+  struct file_stamp st_img;
 };
 
 uint64_t digest_export_size(uint64_t image_size)
@@ -124,16 +123,6 @@ static uint16_t db_get_flags(void *h)
   return NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN;
 }
 
-/* Whether the image is as it was when the stash was computed (size,
- * mtime, ctime; the inode too, should the path have been replaced --
- * the fd keeps the old one, but a rename is a sign of trouble). */
-static bool same_image(const struct stat *a, const struct stat *b)
-{
-  return a->st_size == b->st_size && a->st_ino == b->st_ino &&
-         a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
-         a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
-}
-
 /* Under lock: copies blocks [first, first + count) from the stash into
  * out if it holds them and may still be served: no write through the
  * server began since it was computed, none is in flight, it is younger
@@ -141,12 +130,13 @@ static bool same_image(const struct stat *a, const struct stat *b)
 static bool from_stash_locked(struct digest_backend *db, uint64_t first, uint64_t count,
                               uint8_t *out)
 {
-  struct stat now_st;
+  struct file_stamp now_st;
   if (!db->stash || first < db->st_first || first + count > db->st_first + db->st_count)
     return false;
+  file_stamp_get(db->fd, &now_st);
   if (atomic_load(&db->wepoch) != db->st_wepoch || atomic_load(&db->winflight) ||
       now_ns() - db->st_at > AHEAD_MAX_AGE_NS ||
-      fstat(db->fd, &now_st) < 0 || !same_image(&now_st, &db->st_img)) {
+      memcmp(&now_st, &db->st_img, sizeof now_st) != 0) {
     free(db->stash);
     db->stash = NULL;
     return false;
@@ -201,10 +191,12 @@ static void ahead_work(struct xwork *w)
     return;
   }
   /* What the stash will be checked against: taken before the image is
-   * read, so a write or change during the hashing shows as one. */
-  struct stat st;
+   * read, so a write or change during the hashing shows as one (a stamp
+   * of size 0: fstat failed). */
+  struct file_stamp st;
   uint64_t we = atomic_load(&db->wepoch);
-  if (atomic_load(&db->winflight) || fstat(db->fd, &st) < 0 ||
+  file_stamp_get(db->fd, &st);
+  if (atomic_load(&db->winflight) || !st.size ||
       digest_file_nice(db->fd, db->image_size, first, count, buf, threads, nice) < 0) {
     free(buf);
     return;

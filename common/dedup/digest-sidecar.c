@@ -17,8 +17,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-struct stamp { uint64_t size; int64_t mtime_ns, ctime_ns; };
-
 struct digest_sidecar {
   char *path;
   int fd, image_fd;
@@ -30,7 +28,7 @@ struct digest_sidecar {
   uint8_t salt[32];
   uint64_t epoch;               /* +1 at each write begin and end */
   unsigned inflight;            /* writes begun, not ended */
-  struct stamp seen;            /* the image's times when last looked at */
+  struct file_stamp seen;       /* the image's times when last looked at */
   uint64_t seen_epoch;          /* epoch then */
   bool broken;                  /* a write failed: no longer used */
   /* One bit per block: its entry passed its tag (or was stored) under
@@ -45,7 +43,6 @@ struct digest_sidecar {
   atomic_uint_fast64_t hits, stored;
 };
 
-static int64_t ts_ns(struct timespec t) { return (int64_t) t.tv_sec * 1000000000 + t.tv_nsec; }
 
 static void put_be(uint8_t *p, uint64_t v, unsigned n)
 {
@@ -174,17 +171,6 @@ static int rebuild(struct digest_sidecar *sc)
   return 0;
 }
 
-static void get_stamp(int fd, struct stamp *s)
-{
-  struct stat st;
-  memset(s, 0, sizeof *s);
-  if (fstat(fd, &st) == 0) {
-    s->size = st.st_size;
-    s->mtime_ns = ts_ns(st.st_mtim);
-    s->ctime_ns = ts_ns(st.st_ctim);
-  }
-}
-
 struct digest_sidecar *digest_sidecar_open(const char *path, int image_fd,
                                            uint64_t image_size,
                                            const char *id_hex, uint64_t gen)
@@ -237,7 +223,7 @@ struct digest_sidecar *digest_sidecar_open(const char *path, int image_fd,
     log_info("digest sidecar: %s created for %s (id %s gen %" PRIu64 ")",
              sc->path, path, id_hex, gen);
   }
-  get_stamp(image_fd, &sc->seen);
+  file_stamp_get(image_fd, &sc->seen);
   return sc;
 
 none:
@@ -322,9 +308,9 @@ uint64_t digest_sidecar_lookup(struct digest_sidecar *sc, uint64_t first,
 
 uint64_t digest_sidecar_epoch(struct digest_sidecar *sc)
 {
-  struct stamp now;
+  struct file_stamp now;
   uint64_t e;
-  get_stamp(sc->image_fd, &now);
+  file_stamp_get(sc->image_fd, &now);
   pthread_mutex_lock(&sc->lock);
   if (memcmp(&now, &sc->seen, sizeof now) != 0) {
     if (sc->epoch == sc->seen_epoch && sc->inflight == 0 && !sc->broken) {

@@ -1,5 +1,7 @@
 #include "util.h"
 
+#include <sys/stat.h>
+
 #include <ctype.h>
 #include <strings.h>
 #include <errno.h>
@@ -192,6 +194,19 @@ uint64_t now_ns(void)
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t) ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
+static int64_t ts_ns(struct timespec t) { return (int64_t) t.tv_sec * 1000000000 + t.tv_nsec; }
+
+void file_stamp_get(int fd, struct file_stamp *s)
+{
+  struct stat st;
+  memset(s, 0, sizeof *s);
+  if (fstat(fd, &st) == 0) {
+    s->size = (uint64_t) st.st_size;
+    s->mtime_ns = ts_ns(st.st_mtim);
+    s->ctime_ns = ts_ns(st.st_ctim);
+  }
 }
 
 const char *human_size(uint64_t b, char *buf, size_t len)

@@ -69,6 +69,11 @@ bool is_zero(const void *buf, size_t len);
 /* Monotonic time in nanoseconds. */
 uint64_t now_ns(void);
 
+/* What shows that a file changed: its size and times (fstat of fd; all 0
+ * if that fails).  Compare with memcmp. */
+struct file_stamp { uint64_t size; int64_t mtime_ns, ctime_ns; };
+void file_stamp_get(int fd, struct file_stamp *s);
+
 /* Human-readable size into buf ("1.5 GiB"). */
 const char *human_size(uint64_t bytes, char *buf, size_t len);
 
