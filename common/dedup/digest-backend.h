@@ -23,7 +23,7 @@
  * on wq's low lane (once nothing else waits), over every CPU at nice 10;
  * into the sidecar, or without one into a stash served to the next read
  * only while no write through the guard began since (nor is in flight),
- * the image's size, inode and times are unchanged, and it is under 1 s
+ * the image's size and times are unchanged, and it is under 1 s
  * old.  The proxy's next digest query then costs no hashing time. */
 #ifndef XNBD_DIGEST_BACKEND_H
 #define XNBD_DIGEST_BACKEND_H
