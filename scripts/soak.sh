@@ -232,22 +232,22 @@ PY
 PROXY_SEED_ARGS=()
 if (( SEEDS )); then
     python3 - "$img" "$tmp/seed.img" "$tmp/seed.matching" "$SEED" "$SEED_SHIFT" <<'PY'
-import random, sys
+import os, random, sys
 src, out, matching, seed, shift = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-data = open(src, "rb").read()
 bs, z = 4096, bytes(4096)
-n = (len(data) + bs - 1) // bs
+n = (os.path.getsize(src) + bs - 1) // bs
 rng = random.Random(seed)
-blocks = [rng.randbytes(bs) for _ in range(n)]
-keep = []
-for i in range(n):
-    b = data[i * bs:(i + 1) * bs].ljust(bs, b"\0")
-    if b != z and rng.random() < 0.6:
-        j = (i + shift) % n
-        blocks[j] = b
-        keep.append(j)
-open(out, "wb").write(b"".join(blocks))
-open(matching, "w").write("".join("%d\n" % j for j in keep))
+# Seed block j is source block j - shift (60 % of the non-zero ones),
+# written in order, one block in memory at a time.
+with open(src, "rb") as f, open(out, "wb") as o, open(matching, "w") as m:
+    for j in range(n):
+        f.seek(((j - shift) % n) * bs)
+        b = f.read(bs).ljust(bs, b"\0")
+        if b != z and rng.random() < 0.6:
+            o.write(b)
+            m.write("%d\n" % j)
+        else:
+            o.write(rng.randbytes(bs))
 PY
     PROXY_SEED_ARGS=(--seed "$tmp/seed.img" --index "$tmp/seed.idx")
     echo "soak: seed $tmp/seed.img: $(wc -l < "$tmp/seed.matching") blocks of the source, $SEED_SHIFT blocks on"
@@ -419,6 +419,7 @@ run_cycle() {
     PIDS+=("$cutpid")
     # The seed changes behind the proxy's back (I4): 256 of its blocks that
     # match the source get random data, in place.
+    local mutpid=
     if (( SEEDS )); then
         local mseed=$(( SEED * 1000 + cyc ))
         ( sleep "$mut_at"
@@ -426,7 +427,8 @@ run_cycle() {
               dd if=/dev/urandom of="$tmp/seed.img" bs=4096 seek="$b" count=1 conv=notrunc status=none
           done
           echo "$(date +%s) 256 seed blocks changed" >> "$C/events" ) &
-        PIDS+=("$!")
+        mutpid=$!
+        PIDS+=("$mutpid")
     fi
 
     # Until the restart: pause/resume once.
@@ -499,6 +501,7 @@ run_cycle() {
     fi
     writer_end 2 "$w2"
     wait_pid "$cutpid" $(( cut_at + cut_len + 60 ))
+    [[ -z $mutpid ]] || wait_pid "$mutpid" $(( mut_at + 60 ))
     status_json "$C/end2.json"
     # The source is gone for the final check: a detached proxy needs none.
     link_set down
@@ -555,7 +558,9 @@ python3 - "$results" "$SEED" "$NCYCLES" "$CYCLE_S" "$SIZE_MIB" "$IMG_BYTES" "$NO
 import sys, time
 (path, seed, ncyc, cyc_s, size_mib, img_bytes, nonzero, bg_rate, rtt, rate, mode, builddir,
  total_s, failed, note) = sys.argv[1:]
-rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+FIELDS = ("cyc", "kind", "dur", "link", "fetched", "seeded", "stale", "zs", "refetch", "errs",
+          "reconn", "restarts", "reqs", "acked", "rd", "v1", "v2", "plan", "verdict")
+rows = [dict(zip(FIELDS, l.rstrip("\n").split("\t"))) for l in open(path) if l.strip()]
 print("xnbd soak run, %s, seed %s, %s cycle(s) of %s s, total %s s, build %s"
       % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), seed, ncyc, cyc_s, total_s, builddir))
 print("image %s MiB (gen-image.py, %d non-zero bytes); link %s %s (wan-emu %s); xnbd:// zstd;"
@@ -570,22 +575,21 @@ hdr = ("cyc", "restart", "dur s", "link MB", "fetched MB", "seeded MB", "seed st
        "refetch blk", "fetch errs", "reconn", "restarts", "writes", "acked", "result")
 fmt = "%3s | %7s | %5s | %7s | %10s | %9s | %10s | %7s | %11s | %10s | %6s | %8s | %6s | %6s | %s"
 print(fmt % hdr)
+mb = lambda v: "%.1f" % (int(v) / 1e6)
 for r in rows:
-    (cyc, kind, dur, link, fetched, seeded, stale, zs, refetch, errs, reconn, restarts, reqs, acked,
-     rd, v1, v2, plan, verdict) = r
-    print(fmt % (cyc, "SIG" + kind, dur, "%.1f" % (int(link) / 1e6), "%.1f" % (int(fetched) / 1e6),
-                 "%.1f" % (int(seeded) / 1e6), stale, "%.1f" % (int(zs) / 1e6), refetch, errs, reconn,
-                 restarts, reqs, acked, verdict))
+    print(fmt % (r["cyc"], "SIG" + r["kind"], r["dur"], mb(r["link"]), mb(r["fetched"]),
+                 mb(r["seeded"]), r["stale"], mb(r["zs"]), r["refetch"], r["errs"], r["reconn"],
+                 r["restarts"], r["reqs"], r["acked"], r["verdict"]))
 print()
 for r in rows:
-    print("cycle %s: plan %s" % (r[0], r[17]))
-    print("  reader: %s" % r[14])
-    print("  verify after the restart: %s" % r[15])
-    print("  final verify (detached, link down): %s" % r[16])
+    print("cycle %s: plan %s" % (r["cyc"], r["plan"]))
+    print("  reader: %s" % r["rd"])
+    print("  verify after the restart: %s" % r["v1"])
+    print("  final verify (detached, link down): %s" % r["v2"])
 if note:
     print(note)
 print()
-bad = [r[0] for r in rows if r[18] != "OK"]
+bad = [r["cyc"] for r in rows if r["verdict"] != "OK"]
 print("RESULT: %s" % ("all %d cycle(s) passed" % len(rows) if not bad and failed == "0" else
                       "FAILED (cycles: %s)" % (", ".join(bad) or "-")))
 PY
