@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # xnbd-server's digest read-ahead (digest-backend.h): after a digest read
-# of at least 1024 blocks, the next as many blocks' digests are computed
-# while the queue is idle -- into the sidecar, or (an image without one)
-# into a stash.  What a read-ahead computed is never served stale: a write
-# through the server, and one behind its back, after the read-ahead
-# finished show in the next read; and when nothing changed, the next read
-# is served from the stash (its log says so) with the right digests.
-# Both with a sidecar (the default identity) and without (--image-id=stat).
+# of at least 1024 blocks, the next as many blocks' digests, and at least
+# 16384 (to the image's end), are computed while the queue is idle -- into
+# the sidecar, or (an image without one) into a stash.  What a read-ahead
+# computed is never served stale: a write through the server, and one
+# behind its back, after the read-ahead finished show in the next read;
+# and when nothing changed, the next read is served from the stash (its
+# log says so) with the right digests, also a read that begins in the
+# stash and ends past it (the rest computed).  Both with a sidecar (the
+# default identity) and without (--image-id=stat).
 source "$(dirname "$0")/functions.sh"
 source "$XNBD_SRC/tests/digest-common.sh"
 requires nbdsh qemu-io sha256sum split xxd
@@ -14,29 +16,36 @@ nbdsh () { /usr/bin/python3 -m nbd "$@"; }
 
 sock=$TESTDIR/sock
 N=1024                          # blocks per read: the read-ahead's minimum
+AHEAD=16384                     # blocks read ahead at least
+TOTAL=20480                     # blocks of the image (80 MiB)
 
-# digests_of FIRST OUT: the digests of blocks FIRST..FIRST+N-1, read from
-# the digest export in one request.
+# digests_of FIRST OUT [COUNT]: the digests of blocks FIRST..FIRST+COUNT-1
+# (N), read from the digest export in one request.
 digests_of ()
 {
   nbdsh -u "$(digest_uri "$sock")" \
-    -c "import sys; sys.stdout.buffer.write(h.pread($N * 32, $1 * 32))" >"$2"
+    -c "import sys; sys.stdout.buffer.write(h.pread(${3:-$N} * 32, $1 * 32))" >"$2"
 }
 
-# expect_digests FIRST GOT: GOT equals sha256sum of those blocks now.
+# expect_digests FIRST GOT [COUNT]: GOT equals sha256sum of those blocks now.
 expect_digests ()
 {
   block_digests "$img" "$TESTDIR/all.bin"
-  dd if="$TESTDIR/all.bin" of="$TESTDIR/want.bin" bs=32 skip="$1" count=$N status=none
+  dd if="$TESTDIR/all.bin" of="$TESTDIR/want.bin" bs=32 skip="$1" count="${3:-$N}" status=none
   same_content "$TESTDIR/want.bin" "$2"
 }
 
-# read_ahead_done FIRST: the server's log says blocks FIRST+N were read ahead.
-read_ahead_done () { grep -q "digests of blocks $1+$N read ahead" "$SERVER_LOG"; }
+# read_ahead_done FIRST: the server's log says the blocks from FIRST were
+# read ahead (AHEAD of them, or to the image's end).
+read_ahead_done ()
+{
+  local n=$(( TOTAL - $1 < AHEAD ? TOTAL - $1 : AHEAD ))
+  grep -q "digests of blocks $1+$n read ahead" "$SERVER_LOG"
+}
 
 for mode in sidecar stat; do
   img=$TESTDIR/disk-$mode.img
-  make_image "$img" 24M 5
+  make_image "$img" $(( TOTAL * 4 ))K 5
   # An old mtime: a write behind the server's back changes it whatever
   # the clock's granularity.
   touch -d '2001-01-01 00:00:00' "$img"
@@ -61,16 +70,35 @@ for mode in sidecar stat; do
   printf 'behind the back' |
     dd of="$img" bs=1 seek=$(( (2 * N + 7) * 4096 )) conv=notrunc status=none
   digests_of $(( 2 * N )) "$TESTDIR/d2.bin"
-  expect_digests $(( 2 * N )) "$TESTDIR/d2.bin"
 
   # Nothing changed after the read-ahead of 3N..4N-1: served from what
-  # was read ahead (without a sidecar, from the stash), and right.
+  # was read ahead (without a sidecar, from the stash), and right.  (Read
+  # before the digests are checked: hashing the image here takes about as
+  # long as a stash is kept.)
   wait_for read_ahead_done $(( 3 * N )) || fail "$mode: no read-ahead of blocks $(( 3 * N ))+$N"
   digests_of $(( 3 * N )) "$TESTDIR/d3.bin"
+  expect_digests $(( 2 * N )) "$TESTDIR/d2.bin"
   expect_digests $(( 3 * N )) "$TESTDIR/d3.bin"
   if [ $mode = stat ]; then
     grep -q "digests of blocks $(( 3 * N ))+$N: .*read ahead" "$SERVER_LOG" ||
       fail "$mode: blocks $(( 3 * N ))+$N were not served from the read-ahead"
+  fi
+
+  # A read of the image's first 2048 blocks (as a proxy's first), then,
+  # once the blocks after it were read ahead, one that begins in them and
+  # ends past them: the read-ahead's part and the rest, right.
+  ahead_lines () { grep -c "digests of blocks 2048+$AHEAD read ahead" "$SERVER_LOG" || true; }
+  ahead_more () { [ "$(ahead_lines)" -gt "$before" ]; }
+  before=$(ahead_lines)
+  digests_of 0 "$TESTDIR/d4.bin" 2048
+  wait_for ahead_more || fail "$mode: no read-ahead of blocks 2048+$AHEAD"
+  first=$(( 2048 + AHEAD - 1024 ))
+  digests_of $first "$TESTDIR/d5.bin" 2048
+  expect_digests 0 "$TESTDIR/d4.bin" 2048
+  expect_digests $first "$TESTDIR/d5.bin" 2048
+  if [ $mode = stat ]; then
+    grep -q "digests of blocks $first+2048: .*read ahead" "$SERVER_LOG" ||
+      fail "$mode: blocks $first+2048 were not served from the read-ahead in part"
   fi
   assert_alive "$pid"
   stop_ok "$pid" xnbd-server

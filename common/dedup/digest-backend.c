@@ -16,9 +16,12 @@
 #include <unistd.h>
 
 /* Read-ahead (digest-backend.h): a read of at least AHEAD_MIN_BLOCKS
- * blocks has the next as many computed once the queue is idle; without a
- * sidecar they wait in the stash for at most AHEAD_MAX_AGE_NS. */
+ * blocks has the next as many (at least AHEAD_BLOCKS: a proxy's first,
+ * short read is followed by reads of 16384) computed once the queue is
+ * idle; without a sidecar they wait in the stash for at most
+ * AHEAD_MAX_AGE_NS. */
 #define AHEAD_MIN_BLOCKS 1024u
+#define AHEAD_BLOCKS 16384u
 #define AHEAD_MAX_AGE_NS 1000000000u
 #define AHEAD_NICE 10
 
@@ -40,6 +43,7 @@ struct digest_backend {
   struct xwork ahead_work;
   bool ahead_queued;
   uint64_t ahead_first, ahead_count;
+  bool ahead_start;             /* it follows the image's first read */
   uint64_t last_end;          /* where the last read ended (a sequence) */
   uint8_t *stash;
   uint64_t st_first, st_count, st_at, st_wepoch;
@@ -123,40 +127,45 @@ static uint16_t db_get_flags(void *h)
   return NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN;
 }
 
-/* Under lock: copies blocks [first, first + count) from the stash into
- * out if it holds them and may still be served: no write through the
+/* Under lock: copies the first of blocks [first, first + count) that the
+ * stash holds into out, if it may still be served: no write through the
  * server began since it was computed, none is in flight, it is younger
- * than AHEAD_MAX_AGE_NS, and the image's times are unchanged. */
-static bool from_stash_locked(struct digest_backend *db, uint64_t first, uint64_t count,
-                              uint8_t *out)
+ * than AHEAD_MAX_AGE_NS, and the image's times are unchanged.  Returns how
+ * many blocks it copied. */
+static uint64_t from_stash_locked(struct digest_backend *db, uint64_t first, uint64_t count,
+                                  uint8_t *out)
 {
   struct file_stamp now_st;
-  if (!db->stash || first < db->st_first || first + count > db->st_first + db->st_count)
-    return false;
+  if (!db->stash || first < db->st_first || first >= db->st_first + db->st_count)
+    return 0;
   file_stamp_get(db->fd, &now_st);
   if (atomic_load(&db->wepoch) != db->st_wepoch || atomic_load(&db->winflight) ||
       now_ns() - db->st_at > AHEAD_MAX_AGE_NS ||
       memcmp(&now_st, &db->st_img, sizeof now_st) != 0) {
     free(db->stash);
     db->stash = NULL;
-    return false;
+    return 0;
   }
-  memcpy(out, db->stash + (first - db->st_first) * DIGEST_LEN, count * DIGEST_LEN);
-  return true;
+  uint64_t n = MIN(count, db->st_first + db->st_count - first);
+  memcpy(out, db->stash + (first - db->st_first) * DIGEST_LEN, n * DIGEST_LEN);
+  return n;
 }
 
-/* Digests of [first, first + count) into out: from the stash (*hit
- * set), the sidecar (whatever it lacks computed and kept) or the image. */
+/* Digests of [first, first + count) into out: from the stash (*hit set:
+ * as many as it holds from first), the sidecar (whatever it lacks
+ * computed and kept) or the image. */
 static int get_digests(struct digest_backend *db, uint64_t first, uint64_t count,
                        uint8_t *out, unsigned threads, bool *hit)
 {
   *hit = false;
   if (db->sc) return digests_via_sidecar(db, first, count, out, threads, 0);
   pthread_mutex_lock(&db->lock);
-  *hit = from_stash_locked(db, first, count, out);
+  uint64_t n = from_stash_locked(db, first, count, out);
   pthread_mutex_unlock(&db->lock);
-  if (*hit) return 0;
-  return digest_file(db->fd, db->image_size, first, count, out, threads);
+  *hit = n > 0;
+  if (n == count) return 0;
+  return digest_file(db->fd, db->image_size, first + n, count - n, out + n * DIGEST_LEN,
+                     threads);
 }
 
 /* On the work queue's low lane (nothing else queued): the digests a
@@ -166,6 +175,7 @@ static void ahead_work(struct xwork *w)
   struct digest_backend *db = (struct digest_backend *) ((char *) w - offsetof(struct digest_backend, ahead_work));
   pthread_mutex_lock(&db->lock);
   uint64_t first = db->ahead_first, count = db->ahead_count;
+  bool start = db->ahead_start;
   db->ahead_queued = false;
   if (!count) { pthread_mutex_unlock(&db->lock); return; }
   bool have = db->stash && first >= db->st_first &&
@@ -177,9 +187,11 @@ static void ahead_work(struct xwork *w)
   /* Every core, at nice AHEAD_NICE: the reads that feed the link (which
    * the digests read so far keep busy) come first, the rest of the CPU
    * goes here.  (On half the cores at the usual priority, the chunk after
-   * a seeded RAM copy's first took 40-60 ms here instead of 37-46.) */
+   * a seeded RAM copy's first took 40-60 ms here instead of 37-46.)
+   * After the image's first read no copy reads data yet: the proxy's next
+   * request waits for exactly this, at the usual priority. */
   unsigned threads = db->ncpu;
-  int nice = AHEAD_NICE;
+  int nice = start ? 0 : AHEAD_NICE;
   uint64_t t0 = now_ns();
   if (db->sc) {
     if (digests_via_sidecar(db, first, count, buf, threads, nice) < 0)
@@ -235,7 +247,8 @@ static void read_ahead(struct digest_backend *db, uint64_t first, uint64_t count
     return;
   }
   db->ahead_first = next;
-  db->ahead_count = MIN(count, nblocks - next);
+  db->ahead_count = MIN(MAX(count, (uint64_t) AHEAD_BLOCKS), nblocks - next);
+  db->ahead_start = first == 0;
   bool submit = !db->ahead_queued;
   db->ahead_queued = true;
   pthread_mutex_unlock(&db->lock);

@@ -36,7 +36,9 @@ struct digest_query {
   struct source_req sr;
   struct engine *e;
   uint64_t chunk;
-  uint8_t *buf;
+  uint8_t *buf;                 /* its own buffer (NULL for rest) */
+  bool rest;                    /* the rest of chunk 0 after the early read,
+                                 * read into dig[0] itself */
 };
 
 static void adopt_prefetch_locked(struct engine *e);
@@ -126,12 +128,18 @@ static uint64_t known_until_locked(struct engine *e)
   return c->status_until;
 }
 
-/* Under lock: lim (a block), but not past the digests in: a job must not
- * run into blocks a seed may hold. */
-static uint64_t dig_cap_locked(struct engine *e, uint64_t lim)
+/* Under lock: lim (a block), but not past the run of digests in from
+ * block b (the copy's prefix, or chunks asked for the read map's regions
+ * beyond it): a job from b must not run into blocks a seed may hold. */
+static uint64_t dig_cap_locked(struct engine *e, uint64_t b, uint64_t lim)
 {
   struct copy *c = &e->copy;
-  return copy_digests_on(e) ? MIN(lim, c->dig_until) : lim;
+  if (!copy_digests_on(e)) return lim;
+  if (b < c->dig_until) return MIN(lim, c->dig_until);
+  uint64_t k = b / DIG_CHUNK_BLOCKS;      /* (past the prefix: a few chunks) */
+  if (k == 0 && !c->dig_done[0]) return MIN(lim, c->dig_valid0);
+  while (k < c->ndchunks && c->dig_done[k]) k++;
+  return MIN(lim, MIN(k * DIG_CHUNK_BLOCKS, e->nblocks));
 }
 
 /* One checked run of a reply (source.c clipped it to the request). */
@@ -229,33 +237,53 @@ static void query_status(struct engine *e)
 
 /* ---------- digests (deduplication) ---------- */
 
-/* Under lock: the contiguous prefix of chunks whose digests are in. */
+/* Under lock: the contiguous prefix of chunks whose digests are in (of
+ * chunk 0 before it is done, the early read's blocks). */
 static void dig_advance_locked(struct engine *e)
 {
   struct copy *c = &e->copy;
+  uint64_t n0 = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks);
   uint64_t k = c->dig_until / DIG_CHUNK_BLOCKS;
   while (k < c->ndchunks && c->dig_done[k]) k++;
-  c->dig_until = MIN(k * DIG_CHUNK_BLOCKS, e->nblocks);
+  c->dig_until = MIN(k ? k * DIG_CHUNK_BLOCKS : c->dig_valid0, e->nblocks);
   uint64_t g = c->dig_good_until / DIG_CHUNK_BLOCKS;
-  while (g < k && c->dig[g]) g++;     /* chunks whose digests came (not failed) */
-  c->dig_good_until = MIN(g * DIG_CHUNK_BLOCKS, e->nblocks);
+  /* Chunks whose digests came (not failed; chunk 0 whole). */
+  while (g < k && c->dig[g] && (g || c->dig_valid0 >= n0)) g++;
+  c->dig_good_until = MIN(g ? g * DIG_CHUNK_BLOCKS : c->dig_valid0, e->nblocks);
 }
 
-/* Under lock: a digest query's answer goes into the copy; frees q. */
+/* Under lock: a digest query's answer goes into the copy; frees q.  The
+ * early read's (the start of chunk 0) goes into a buffer for the whole
+ * chunk, whose rest is asked next (dig_query_locked). */
 static void land_digests_locked(struct engine *e, struct digest_query *q, int err)
 {
   struct copy *c = &e->copy;
+  uint64_t nb = q->sr.len / DIGEST_LEN, n0 = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks);
+  bool done = true;
+  uint8_t *all = NULL;
+  if (!err && !q->rest && q->chunk == 0 && nb < n0 && !(all = malloc(n0 * DIGEST_LEN)))
+    err = ENOMEM;
   if (err) {                      /* no dedup there: fetched as usual */
     snprintf(e->last_error, sizeof e->last_error, "digests of blocks %" PRIu64
-             "+%u from the source failed (%s): copying them without "
-             "deduplication", q->chunk * DIG_CHUNK_BLOCKS, DIG_CHUNK_BLOCKS,
-             strerror(err));
+             "+%" PRIu64 " from the source failed (%s): copying them without "
+             "deduplication", q->sr.off / DIGEST_LEN, nb, strerror(err));
     free(q->buf);
   } else {
-    c->dig[q->chunk] = q->buf;
     e->bytes_digests += q->sr.len;
+    if (q->rest)                  /* in dig[0] already */
+      c->dig_valid0 = n0;
+    else if (all) {               /* the early read */
+      memcpy(all, q->buf, q->sr.len);
+      free(q->buf);
+      c->dig[0] = all;
+      c->dig_valid0 = nb;
+      done = false;
+    } else {
+      c->dig[q->chunk] = q->buf;
+      if (q->chunk == 0) c->dig_valid0 = nb;
+    }
   }
-  c->dig_done[q->chunk] = true;
+  c->dig_done[q->chunk] = done;
   dig_advance_locked(e);
   free(q);
 }
@@ -309,7 +337,7 @@ static void digests_done(struct source_req *r, int err)
 void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size)
 {
   struct copy *c = &e->copy;
-  uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, export_size / DIGEST_LEN);
+  uint64_t nb = MIN((uint64_t) DIG_EARLY_BLOCKS, export_size / DIGEST_LEN);
   if (!nb) return;
   struct digest_query *q = calloc(1, sizeof *q);
   uint64_t elen = 0;
@@ -376,7 +404,7 @@ static void adopt_prefetch_locked(struct engine *e)
   struct digest_query *q = c->pre_q;
   c->pre_q = NULL;
   bool fits = c->dig && e->dsrc &&
-              (!q || q->sr.len == MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks) * DIGEST_LEN);
+              (!q || q->sr.len == MIN((uint64_t) DIG_EARLY_BLOCKS, e->nblocks) * DIGEST_LEN);
   if (q && fits) land_digests_locked(e, q, c->pre_err);
   else if (q) { free(q->buf); free(q); }
   else if (c->pre_inflight && fits) {
@@ -398,8 +426,10 @@ static void read_digest_chunk(struct engine *e, uint64_t k)
              PRIu64 "+%" PRIu64 " from --digests failed (%s): copying them "
              "without deduplication", k * DIG_CHUNK_BLOCKS, nb, strerror(errno));
     free(buf);
-  } else
+  } else {
     c->dig[k] = buf;
+    if (k == 0) c->dig_valid0 = nb;
+  }
   c->dig_done[k] = true;
   dig_advance_locked(e);
   pthread_mutex_unlock(&e->lock);
@@ -413,7 +443,7 @@ static void read_digest_file(struct engine *e)
   pthread_mutex_lock(&e->lock);
   uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
   for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
-    if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
+    if (c->dig[k] && !c->dig_asking[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   bool run = c->running && !c->paused && !e->standby && !c->dig_off;
   uint64_t from = MIN(cur, c->dig_until / DIG_CHUNK_BLOCKS);   /* as query_digests */
   uint64_t rk = c->recent_dig;
@@ -431,19 +461,21 @@ static void read_digest_file(struct engine *e)
 /* Digests are asked only while the copy runs, which is never in standby:
  * a digest read while the VM still ran (and wrote) at the source is never
  * used.  Buffers behind the copy are dropped. */
-/* Under lock: a query for chunk k's digests, marked asked; NULL if out of
- * memory. */
+/* Under lock: a query for chunk k's digests (of chunk 0 after the early
+ * read, the rest), marked asked; NULL if out of memory. */
 static struct digest_query *dig_query_locked(struct engine *e, uint64_t k)
 {
   struct copy *c = &e->copy;
   uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
+  uint64_t from = k == 0 && c->dig[0] ? c->dig_valid0 : 0;
   struct digest_query *q = calloc(1, sizeof *q);
-  uint8_t *buf = malloc(nb * DIGEST_LEN);
-  if (!q || !buf) { free(q); free(buf); return NULL; }
-  *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf };
+  uint8_t *buf = from ? NULL : malloc(nb * DIGEST_LEN);
+  if (!q || (!from && !buf)) { free(q); free(buf); return NULL; }
+  *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf, .rest = from != 0 };
   q->sr = (struct source_req) {
-    .kind = SOURCE_READ, .off = k * DIG_CHUNK_BLOCKS * DIGEST_LEN,
-    .len = nb * DIGEST_LEN, .buf = buf, .done = digests_done, .opaque = q,
+    .kind = SOURCE_READ, .off = (k * DIG_CHUNK_BLOCKS + from) * DIGEST_LEN,
+    .len = (nb - from) * DIGEST_LEN, .buf = from ? c->dig[0] + from * DIGEST_LEN : buf,
+    .done = digests_done, .opaque = q,
   };
   c->dig_asking[k] = true;
   c->dig_outstanding++;
@@ -460,7 +492,7 @@ static void query_digests(struct engine *e)
   pthread_mutex_lock(&e->lock);
   uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
   for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
-    if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
+    if (c->dig[k] && !c->dig_asking[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   if (c->running && !c->paused && !e->standby) {
     /* From the first chunk not in yet: the copy waits there (dig_until),
      * even when the cursor is past it. */
@@ -678,6 +710,7 @@ static struct job *job_from_locked(struct engine *e, uint64_t b, uint64_t lim, b
     if (g == b) break;
     b = g;                        /* read across the zeros: one request, not two */
   }
+  if (b == s) return NULL;        /* lim at b: nothing to fetch from here (yet) */
   struct job *j = job_make_locked(e, JOB_BACKGROUND, s, b - s);
   if (!j) return NULL;
   j->sent_ns = now_ns();
@@ -710,7 +743,7 @@ static unsigned prepage_locked(struct engine *e, uint64_t per_job, bool cheap,
       c->nhint--;
       continue;
     }
-    struct job *j = job_from_locked(e, b, dig_cap_locked(e, MIN(end, b + per_job)), cheap);
+    struct job *j = job_from_locked(e, b, dig_cap_locked(e, b, MIN(end, b + per_job)), cheap);
     if (!j) break;
     j->prepage = true;
     *next = j->first + j->count;
@@ -754,7 +787,7 @@ static unsigned recent_locked(struct engine *e, uint64_t per_job, bool cheap,
       c->recent_next = 0;
       continue;
     }
-    struct job *j = job_from_locked(e, b, dig_cap_locked(e, MIN(end, b + per_job)), cheap);
+    struct job *j = job_from_locked(e, b, dig_cap_locked(e, b, MIN(end, b + per_job)), cheap);
     if (!j) break;
     j->recent = j->kind == JOB_BACKGROUND;
     c->recent_next = j->first + j->count;
@@ -781,7 +814,7 @@ static unsigned fill_ahead_locked(struct engine *e, uint64_t per_job, bool cheap
         (!c->dig_off && a >= c->dig_until))
       break;
     if (seed_hit(e, a, &loc)) { a++; continue; }
-    uint64_t lim = dig_cap_locked(e, MIN((known_until_locked(e) + e->bs - 1) / e->bs, a + per_job));
+    uint64_t lim = dig_cap_locked(e, a, MIN((known_until_locked(e) + e->bs - 1) / e->bs, a + per_job));
     struct job *j = job_from_locked(e, a, lim, cheap);
     if (!j) break;
     a = j->first + j->count;
@@ -857,7 +890,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
     c->cursor = b;
     if (b * e->bs >= known_until_locked(e)) break;
     if (copy_digests_on(e) && b >= c->dig_until) break;   /* digests first */
-    uint64_t lim = dig_cap_locked(e, MIN((known_until_locked(e) + e->bs - 1) / e->bs, b + per_job));
+    uint64_t lim = dig_cap_locked(e, b, MIN((known_until_locked(e) + e->bs - 1) / e->bs, b + per_job));
     struct index_loc loc;
     if (c->local_inflight >= LOCAL_INFLIGHT && !digest_says_zero(e, b) &&
         seed_hit(e, b, &loc)) {
@@ -890,7 +923,18 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
 static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
+  /* Replies that crossed back to back, on the data connections or the
+   * digest export's (its chunks cross as lumps once hashed): the path's
+   * rate for start-up, as the early read's (win_burst; counted in link
+   * bytes, which start-up counts as image bytes). */
+  uint64_t burst = sb->burst_rate;
+  if (e->dsrc) {
+    struct source_brief db;
+    source_brief(e->dsrc, &db);
+    burst = MAX(burst, db.burst_rate);
+  }
   pthread_mutex_lock(&e->lock);
+  if (burst && !c->win.startup_over) win_burst(&c->win, burst, 1000000000u);
   double ratio = win_ratio(&c->ratio, c->win.startup_over, sb->wire_rx, sb->wire_rx_raw,
                            win_queue_seen(&c->win, sb->rtt_ns));
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;

@@ -174,9 +174,39 @@ static int open_digest_file(struct engine *e, char *err, size_t errlen)
   return digest_file_open(e->cfg.digests_path, e->size, sample, &e->dfile, err, errlen);
 }
 
-/* Deduplication, before any file is made: the seeds' index, and the
- * digest file if given (the digest export is opened by open_digests). */
-static int open_dedup(struct engine *e, char *err, size_t errlen)
+/* The seeds' index is loaded (or built) on a thread of its own while the
+ * source's handshake takes its round trip (a reload took 7 ms alone, up
+ * to 27 ms while the source hashed the first digests): the first digests
+ * need it to be of use. */
+struct index_opener {
+  const struct engine_config *cfg;
+  struct index *ix;
+  char err[1024];
+};
+
+static void *index_opener_main(void *arg)
+{
+  struct index_opener *o = arg;
+  o->ix = index_open(o->cfg->seeds, o->cfg->nseeds, o->cfg->index_path, 0,
+                     o->err, sizeof o->err);
+  return NULL;
+}
+
+/* Starts opening the index if seeds are used; false if no thread could be
+ * started (open_dedup opens it then). */
+static bool index_opener_start(struct engine *e, struct index_opener *o, pthread_t *t)
+{
+  o->cfg = &e->cfg;
+  o->ix = NULL;
+  o->err[0] = '\0';
+  if (!e->cfg.nseeds || e->bs != DIGEST_BLOCK) return false;
+  return pthread_create(t, NULL, index_opener_main, o) == 0;
+}
+
+/* Deduplication, before any file is made: the seeds' index (from the
+ * opener if it ran: o), and the digest file if given (the digest export
+ * is opened by open_digests). */
+static int open_dedup(struct engine *e, struct index_opener *o, char *err, size_t errlen)
 {
   if (!e->cfg.nseeds) return 0;
   if (e->bs != DIGEST_BLOCK) {
@@ -184,7 +214,11 @@ static int open_dedup(struct engine *e, char *err, size_t errlen)
              "the seeds are not used");
     return 0;
   }
-  e->ix = index_open(e->cfg.seeds, e->cfg.nseeds, e->cfg.index_path, 0, err, errlen);
+  if (o) {
+    e->ix = o->ix;
+    if (!e->ix) snprintf(err, errlen, "%s", o->err);
+  } else
+    e->ix = index_open(e->cfg.seeds, e->cfg.nseeds, e->cfg.index_path, 0, err, errlen);
   if (!e->ix) return -1;
   if (e->cfg.digests_path && open_digest_file(e, err, errlen) < 0) return -1;
   struct index_stats is;
@@ -298,7 +332,8 @@ static char *dup_or_null(const char *s, bool *oom)
  * could be started. */
 static struct companion *companion_start(struct engine *e, const char *suffix, bool prefetch)
 {
-  _Static_assert(DIG_CHUNK_BLOCKS * DIGEST_LEN <= WAN_EARLY_MAX, "a chunk fits an early read");
+  _Static_assert(DIG_EARLY_BLOCKS * DIGEST_LEN <= WAN_EARLY_MAX, "fits an early read");
+  _Static_assert(DIG_EARLY_BLOCKS <= DIG_CHUNK_BLOCKS, "the early read is within chunk 0");
   struct companion *o = calloc(1, sizeof *o);
   bool oom = false;
   if (!o) return NULL;
@@ -315,8 +350,8 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
     .tls_psk = dup_or_null(e->cfg.tls_psk, &oom),
     .tls_username = dup_or_null(e->cfg.tls_username, &oom),
     .tls_verify = e->cfg.tls_verify, .export_suffix = suffix,
-    /* The first chunk's digests go with the handshake (xnbd://). */
-    .early_read = prefetch ? DIG_CHUNK_BLOCKS * DIGEST_LEN : 0,
+    /* The first digests go with the handshake (xnbd://). */
+    .early_read = prefetch ? DIG_EARLY_BLOCKS * DIGEST_LEN : 0,
     .cancellable = o->cancel_fd >= 0, .cancel_fd = o->cancel_fd,
   };
   if (oom || pthread_create(&o->thread, NULL, companion_main, o) != 0) {
@@ -514,8 +549,10 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
 {
   struct engine *e = calloc(1, sizeof *e);
   struct bitmap_info bi;
-  bool complete = false, have_bitmap = false;
+  bool complete = false, have_bitmap = false, ix_thread = false;
   char berr[BITMAP_ERR_MAX];
+  struct index_opener ixo;
+  pthread_t ixt;
 
   if (!e) { snprintf(err, errlen, "out of memory"); return NULL; }
   config_defaults(e, cfg);
@@ -551,7 +588,13 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
     /* Seeds will want the digest export: its round trips overlap these. */
     if (cfg->nseeds && !cfg->digests_path && e->bs == DIGEST_BLOCK && e->target)
       dig_opener_start(e, !have_bitmap && cfg->cache_all && !cfg->standby);
-    if (open_source(e, have_bitmap ? &bi : NULL, err, errlen) < 0) goto fail;
+    ix_thread = index_opener_start(e, &ixo, &ixt);
+    int rc = open_source(e, have_bitmap ? &bi : NULL, err, errlen);
+    if (ix_thread) pthread_join(ixt, NULL);
+    if (rc < 0) {
+      if (ix_thread && ixo.ix) index_close(ixo.ix);
+      goto fail;
+    }
     /* An xnbd-server tells which regions its VM read last (read-map.h);
      * other servers have no such export: not asked. */
     if (strstr(e->live_id, " xnbd-id="))
@@ -559,7 +602,7 @@ struct engine *engine_open(const struct engine_config *cfg, char *err, size_t er
   }
   e->nblocks = e->size / e->bs + (e->size % e->bs != 0);
   /* Seeds and digests before any file is made: a refusal leaves nothing. */
-  if (!complete && open_dedup(e, err, errlen) < 0) goto fail;
+  if (!complete && open_dedup(e, ix_thread ? &ixo : NULL, err, errlen) < 0) goto fail;
   if (open_store(e, complete, have_bitmap, err, errlen) < 0) goto fail;
   if (cfg->clear_bitmap)
     log_info("--clear-bitmap: starting over; no block is present");
