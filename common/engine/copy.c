@@ -923,18 +923,7 @@ static void fill(struct engine *e, uint64_t now, bool cheap)
 static void size_window(struct engine *e, uint64_t now, const struct source_brief *sb)
 {
   struct copy *c = &e->copy;
-  /* Replies that crossed back to back, on the data connections or the
-   * digest export's (its chunks cross as lumps once hashed): the path's
-   * rate for start-up, as the early read's (win_burst; counted in link
-   * bytes, which start-up counts as image bytes). */
-  uint64_t burst = sb->burst_rate;
-  if (e->dsrc) {
-    struct source_brief db;
-    source_brief(e->dsrc, &db);
-    burst = MAX(burst, db.burst_rate);
-  }
   pthread_mutex_lock(&e->lock);
-  if (burst && !c->win.startup_over) win_burst(&c->win, burst, 1000000000u);
   double ratio = win_ratio(&c->ratio, c->win.startup_over, sb->wire_rx, sb->wire_rx_raw,
                            win_queue_seen(&c->win, sb->rtt_ns));
   uint64_t delivered = e->bytes_fetched + e->bytes_bridged + e->bytes_digests;

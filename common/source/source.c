@@ -984,7 +984,6 @@ void source_brief(struct source *s, struct source_brief *b)
   b->zeros_cheap = atomic_load(&s->cheap);
   b->wire_rx = atomic_load(&s->wire->rx_wire);
   b->wire_rx_raw = atomic_load(&s->wire->rx_raw);
-  b->burst_rate = atomic_load(&s->wire->burst_rate);
 }
 
 void source_get_stats(struct source *s, struct source_stats *st)

@@ -152,7 +152,6 @@ struct source_brief {
   uint64_t rtt_last_ns;         /* the latest sample: rtt_ns + the path's queue */
   bool zeros_cheap;
   uint64_t wire_rx, wire_rx_raw;   /* WAN transport bytes received: on the wire, after zstd */
-  uint64_t burst_rate;          /* the best rate of a burst of replies (wan.h), 0: none */
 };
 void source_brief(struct source *s, struct source_brief *b);
 

@@ -261,8 +261,6 @@ struct pump {
   uint64_t early_wire;            /* rx_wire when the early read's reply began */
   bool rx_short;                  /* the last read from the link drained it */
   bool early_seen;                /* the early read's first reply bytes came */
-  bool b_on;                      /* a burst is being timed (wan_counters.burst_rate) */
-  uint64_t b_first, b_last, b_bytes; /* its first read, latest read, bytes since the first */
   bool paced;                     /* server: the client asked WAN_F_PACED (pace.h) */
   struct pace pace;
   bool pace_wait;                 /* the pace held the last write back */
@@ -270,31 +268,6 @@ struct pump {
   bool wan_broken;                /* poll saw POLLERR or POLLHUP on the WAN socket */
   size_t tls_retry_len;           /* a TLS write to repeat with at least this */
 };
-
-#define BURST_GAP_NS 2000000u     /* reads further apart: another burst */
-#define BURST_MIN_NS 1000000u
-#define BURST_MIN_BYTES 16384u
-
-/* Client: n bytes just read from the link at now (wan_counters.burst_rate). */
-static void burst_meter(struct pump *p, size_t n, uint64_t now, bool drained)
-{
-  if (!p->b_on || now - p->b_last > BURST_GAP_NS) {
-    /* Timed from a read that drained the link (its bytes left out): a
-     * read of a backlog the pump came late to would read as a faster
-     * link. */
-    p->b_on = drained;
-    p->b_first = p->b_last = now;
-    p->b_bytes = 0;
-    return;
-  }
-  p->b_last = now;
-  p->b_bytes += n;
-  if (now - p->b_first < BURST_MIN_NS || p->b_bytes < BURST_MIN_BYTES) return;
-  uint64_t rate = (uint64_t) ((double) p->b_bytes * 1e9 / (double) (now - p->b_first));
-  uint_fast64_t best = atomic_load(&p->ctr->burst_rate);
-  while (rate > best && !atomic_compare_exchange_weak(&p->ctr->burst_rate, &best, rate))
-    ;
-}
 
 static void pump_free(struct pump *p)
 {
@@ -652,7 +625,6 @@ static int pump_step(struct pump *p)
       COUNT(p, rx_wire, n);
       p->rx_wire += (uint64_t) n;
       p->rx_short = (size_t) n < CHUNK;
-      if (!p->server && p->ctr && !p->ssl) burst_meter(p, (size_t) n, now_ns(), p->rx_short);
       p->win_off = 0;
       p->win_len = n;
       moved = 1;

@@ -65,12 +65,6 @@
 struct wan_counters {
   atomic_uint_fast64_t tx_raw, tx_wire;    /* sent: before / after compression */
   atomic_uint_fast64_t rx_wire, rx_raw;    /* received: on the wire / after */
-  /* Client, without TLS: the best rate (link bytes/s) at which a burst of
-   * replies came -- reads no more than 2 ms apart, from one that found the
-   * link drained, over at least 1 ms and 16 KiB: what the path carried
-   * with nothing holding it back (a lower bound: a pump late to its reads
-   * only lowers it).  0 before any. */
-  atomic_uint_fast64_t burst_rate;
   atomic_int refs;                         /* wan_counters_new() sets, not wan_totals */
 };
 extern struct wan_counters wan_totals;
