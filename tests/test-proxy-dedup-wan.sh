@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
 # Deduplication over xnbd:// (wan.h, nego.h: the early read): the first
-# digests (64 KiB: 2048 blocks, the image's first 8 MiB) are read along
-# with the digest export's handshake, so they are in a round trip before
-# the copy could ask them; the copy uses them like digests it asked, and
-# asks the rest of the first chunk (16384 blocks) into the same buffer.
-#   run 1: an 80 MiB source (8 MiB of the seed from 1 MiB on, across the
-#          end of the early read; 4 MiB new; holes): the log says the
-#          first digests came with the handshake; the disk equals the
-#          source, 8 MiB came from the seed, 4 MiB were fetched.
+# chunk of digests (512 KiB, 16384 blocks) is read along with the digest
+# export's handshake, so it is in a round trip before the copy could ask
+# it; the copy uses it like digests it asked.
+#   run 1: an 80 MiB source (8 MiB of the seed, 4 MiB new, holes): the
+#          log says the first digests came with the handshake; the disk
+#          equals the source, 8 MiB came from the seed, 4 MiB were fetched.
 #          (Each run also checks status completed_at, and xnbd-ctl's
 #          human-readable line for it.)
 #   run 2: XNBD_WAN_PIPELINE=0 (no handshake sent ahead): no early read;
 #          the same result.
-#   run 3: a 6 MiB source (a digest export of 48 KiB, shorter than the
-#          read sent with the handshake; 2 MiB of the seed, 1 MiB new):
-#          the server refuses that read, the digests are asked as usual,
-#          2 MiB come from the seed, 1 MiB is fetched.
+#   run 3: a 16 MiB source (a digest export of 128 KiB, shorter than the
+#          read sent with the handshake): the server refuses that read, the
+#          digests are asked as usual, the result is the same.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img
 
@@ -39,11 +36,10 @@ serve () {
   WAN_PORT=$(cat "$TESTDIR/wan.port")
 }
 
-# migrate NAME SOURCE [SEEDED_MIB FETCHED_MIB]: proxy --cache-all --seed
-# over xnbd://, to completion; checks the disk and the byte counts (8 and
-# 4 MiB unless said); prints the status.
+# migrate NAME SOURCE: proxy --cache-all --seed over xnbd://, to completion;
+# checks the disk and the byte counts; prints the status.
 migrate () {
-  local n=$1 src=$2 seeded=$((${3:-8} * M)) fetched=$((${4:-4} * M))
+  local n=$1 src=$2
   start_proxy -v --target "xnbd://127.0.0.1:$WAN_PORT/" --cache "$TESTDIR/$n.cache" \
     --bitmap "$TESTDIR/$n.bitmap" --control "$TESTDIR/$n.ctl" -u "$TESTDIR/$n.sock" \
     --seed "$seed" --index "$TESTDIR/$n.index" --cache-all
@@ -60,8 +56,8 @@ migrate () {
   human=$("$XNBD_BUILD/xnbd-ctl" --control "$TESTDIR/$n.ctl" status) || fail "$n: xnbd-ctl status failed"
   grep -q "^completed: *$(date -u -d "@${at%.*}" '+%Y-%m-%d %H:%M:%S')\.[0-9]\{3\} UTC$" <<<"$human" ||
     fail "$n: xnbd-ctl status does not show completed_at $at: $human"
-  [ "$(json_get "$s" bytes.seeded)" -eq "$seeded" ] || fail "$n: bytes.seeded is not $seeded: $s"
-  [ "$(json_get "$s" bytes.fetched)" -eq "$fetched" ] || fail "$n: bytes.fetched is not $fetched: $s"
+  [ "$(json_get "$s" bytes.seeded)" -eq $((8 * M)) ] || fail "$n: bytes.seeded is not 8 MiB: $s"
+  [ "$(json_get "$s" bytes.fetched)" -eq $((4 * M)) ] || fail "$n: bytes.fetched is not 4 MiB: $s"
   stop_ok "$PROXY_PID" xnbd-proxy
   echo "$n: $s"
 }
@@ -81,14 +77,12 @@ START_ENV="XNBD_WAN_PIPELINE=0" migrate r2 "$src"
 if grep -q "$early_line" "$PROXY_LOG"; then fail "run 2: an early read without the pipelined handshake"; fi
 stop_ok "$SERVER_PID" xnbd-server
 
-# Run 3: the seed's first 2 MiB at 1 MiB, 1 MiB of new data at 4 MiB.
+# Run 3.
 small=$TESTDIR/small.img
-truncate -s $((6 * M)) "$small"
-dd if="$seed" of="$small" bs=1M count=2 seek=1 conv=notrunc status=none
-head -c "$M" /dev/urandom | dd of="$small" bs=1M seek=4 conv=notrunc status=none
+make_source "$small" 16
 serve "$small"
-migrate r3 "$small" 2 1
-if grep -q "$early_line" "$PROXY_LOG"; then fail "run 3: 64 KiB of digests from a 48 KiB export"; fi
+migrate r3 "$small"
+if grep -q "$early_line" "$PROXY_LOG"; then fail "run 3: 512 KiB of digests from a 128 KiB export"; fi
 stop_ok "$SERVER_PID" xnbd-server
 
 [ "$(sha "$seed")" = "$seed_sha" ] || fail "the seed was modified"

@@ -16,9 +16,9 @@
 #include <unistd.h>
 
 /* Read-ahead (digest-backend.h): a read of at least AHEAD_MIN_BLOCKS
- * blocks has the next as many (at least AHEAD_BLOCKS: a proxy's first,
- * short read is followed by reads of 16384) computed once the queue is
- * idle; without a sidecar they wait in the stash for at most
+ * blocks has the next as many (at least AHEAD_BLOCKS: a client that
+ * asks fewer at a time still finds its next reads ready) computed once
+ * the queue is idle; without a sidecar they wait in the stash for at most
  * AHEAD_MAX_AGE_NS. */
 #define AHEAD_MIN_BLOCKS 1024u
 #define AHEAD_BLOCKS 16384u

@@ -36,9 +36,7 @@ struct digest_query {
   struct source_req sr;
   struct engine *e;
   uint64_t chunk;
-  uint8_t *buf;                 /* its own buffer (NULL for rest) */
-  bool rest;                    /* the rest of chunk 0 after the early read,
-                                 * read into dig[0] itself */
+  uint8_t *buf;
 };
 
 static void adopt_prefetch_locked(struct engine *e);
@@ -137,7 +135,6 @@ static uint64_t dig_cap_locked(struct engine *e, uint64_t b, uint64_t lim)
   if (!copy_digests_on(e)) return lim;
   if (b < c->dig_until) return MIN(lim, c->dig_until);
   uint64_t k = b / DIG_CHUNK_BLOCKS;      /* (past the prefix: a few chunks) */
-  if (k == 0 && !c->dig_done[0]) return MIN(lim, c->dig_valid0);
   while (k < c->ndchunks && c->dig_done[k]) k++;
   return MIN(lim, MIN(k * DIG_CHUNK_BLOCKS, e->nblocks));
 }
@@ -237,53 +234,33 @@ static void query_status(struct engine *e)
 
 /* ---------- digests (deduplication) ---------- */
 
-/* Under lock: the contiguous prefix of chunks whose digests are in (of
- * chunk 0 before it is done, the early read's blocks). */
+/* Under lock: the contiguous prefix of chunks whose digests are in. */
 static void dig_advance_locked(struct engine *e)
 {
   struct copy *c = &e->copy;
-  uint64_t n0 = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks);
   uint64_t k = c->dig_until / DIG_CHUNK_BLOCKS;
   while (k < c->ndchunks && c->dig_done[k]) k++;
-  c->dig_until = MIN(k ? k * DIG_CHUNK_BLOCKS : c->dig_valid0, e->nblocks);
+  c->dig_until = MIN(k * DIG_CHUNK_BLOCKS, e->nblocks);
   uint64_t g = c->dig_good_until / DIG_CHUNK_BLOCKS;
-  /* Chunks whose digests came (not failed; chunk 0 whole). */
-  while (g < k && c->dig[g] && (g || c->dig_valid0 >= n0)) g++;
-  c->dig_good_until = MIN(g ? g * DIG_CHUNK_BLOCKS : c->dig_valid0, e->nblocks);
+  while (g < k && c->dig[g]) g++;     /* chunks whose digests came (not failed) */
+  c->dig_good_until = MIN(g * DIG_CHUNK_BLOCKS, e->nblocks);
 }
 
-/* Under lock: a digest query's answer goes into the copy; frees q.  The
- * early read's (the start of chunk 0) goes into a buffer for the whole
- * chunk, whose rest is asked next (dig_query_locked). */
+/* Under lock: a digest query's answer goes into the copy; frees q. */
 static void land_digests_locked(struct engine *e, struct digest_query *q, int err)
 {
   struct copy *c = &e->copy;
-  uint64_t nb = q->sr.len / DIGEST_LEN, n0 = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks);
-  bool done = true;
-  uint8_t *all = NULL;
-  if (!err && !q->rest && q->chunk == 0 && nb < n0 && !(all = malloc(n0 * DIGEST_LEN)))
-    err = ENOMEM;
   if (err) {                      /* no dedup there: fetched as usual */
     snprintf(e->last_error, sizeof e->last_error, "digests of blocks %" PRIu64
-             "+%" PRIu64 " from the source failed (%s): copying them without "
-             "deduplication", q->sr.off / DIGEST_LEN, nb, strerror(err));
+             "+%u from the source failed (%s): copying them without "
+             "deduplication", q->chunk * DIG_CHUNK_BLOCKS, DIG_CHUNK_BLOCKS,
+             strerror(err));
     free(q->buf);
   } else {
+    c->dig[q->chunk] = q->buf;
     e->bytes_digests += q->sr.len;
-    if (q->rest)                  /* in dig[0] already */
-      c->dig_valid0 = n0;
-    else if (all) {               /* the early read */
-      memcpy(all, q->buf, q->sr.len);
-      free(q->buf);
-      c->dig[0] = all;
-      c->dig_valid0 = nb;
-      done = false;
-    } else {
-      c->dig[q->chunk] = q->buf;
-      if (q->chunk == 0) c->dig_valid0 = nb;
-    }
   }
-  c->dig_done[q->chunk] = done;
+  c->dig_done[q->chunk] = true;
   dig_advance_locked(e);
   free(q);
 }
@@ -337,7 +314,7 @@ static void digests_done(struct source_req *r, int err)
 void copy_digest_prefetch(struct engine *e, struct source *dsrc, uint64_t export_size)
 {
   struct copy *c = &e->copy;
-  uint64_t nb = MIN((uint64_t) DIG_EARLY_BLOCKS, export_size / DIGEST_LEN);
+  uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, export_size / DIGEST_LEN);
   if (!nb) return;
   struct digest_query *q = calloc(1, sizeof *q);
   uint64_t elen = 0;
@@ -404,7 +381,7 @@ static void adopt_prefetch_locked(struct engine *e)
   struct digest_query *q = c->pre_q;
   c->pre_q = NULL;
   bool fits = c->dig && e->dsrc &&
-              (!q || q->sr.len == MIN((uint64_t) DIG_EARLY_BLOCKS, e->nblocks) * DIGEST_LEN);
+              (!q || q->sr.len == MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks) * DIGEST_LEN);
   if (q && fits) land_digests_locked(e, q, c->pre_err);
   else if (q) { free(q->buf); free(q); }
   else if (c->pre_inflight && fits) {
@@ -426,10 +403,8 @@ static void read_digest_chunk(struct engine *e, uint64_t k)
              PRIu64 "+%" PRIu64 " from --digests failed (%s): copying them "
              "without deduplication", k * DIG_CHUNK_BLOCKS, nb, strerror(errno));
     free(buf);
-  } else {
+  } else
     c->dig[k] = buf;
-    if (k == 0) c->dig_valid0 = nb;
-  }
   c->dig_done[k] = true;
   dig_advance_locked(e);
   pthread_mutex_unlock(&e->lock);
@@ -443,7 +418,7 @@ static void read_digest_file(struct engine *e)
   pthread_mutex_lock(&e->lock);
   uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
   for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
-    if (c->dig[k] && !c->dig_asking[k]) { free(c->dig[k]); c->dig[k] = NULL; }
+    if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   bool run = c->running && !c->paused && !e->standby && !c->dig_off;
   uint64_t from = MIN(cur, c->dig_until / DIG_CHUNK_BLOCKS);   /* as query_digests */
   uint64_t rk = c->recent_dig;
@@ -461,21 +436,19 @@ static void read_digest_file(struct engine *e)
 /* Digests are asked only while the copy runs, which is never in standby:
  * a digest read while the VM still ran (and wrote) at the source is never
  * used.  Buffers behind the copy are dropped. */
-/* Under lock: a query for chunk k's digests (of chunk 0 after the early
- * read, the rest), marked asked; NULL if out of memory. */
+/* Under lock: a query for chunk k's digests, marked asked; NULL if out of
+ * memory. */
 static struct digest_query *dig_query_locked(struct engine *e, uint64_t k)
 {
   struct copy *c = &e->copy;
   uint64_t nb = MIN((uint64_t) DIG_CHUNK_BLOCKS, e->nblocks - k * DIG_CHUNK_BLOCKS);
-  uint64_t from = k == 0 && c->dig[0] ? c->dig_valid0 : 0;
   struct digest_query *q = calloc(1, sizeof *q);
-  uint8_t *buf = from ? NULL : malloc(nb * DIGEST_LEN);
-  if (!q || (!from && !buf)) { free(q); free(buf); return NULL; }
-  *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf, .rest = from != 0 };
+  uint8_t *buf = malloc(nb * DIGEST_LEN);
+  if (!q || !buf) { free(q); free(buf); return NULL; }
+  *q = (struct digest_query) { .e = e, .chunk = k, .buf = buf };
   q->sr = (struct source_req) {
-    .kind = SOURCE_READ, .off = (k * DIG_CHUNK_BLOCKS + from) * DIGEST_LEN,
-    .len = (nb - from) * DIGEST_LEN, .buf = from ? c->dig[0] + from * DIGEST_LEN : buf,
-    .done = digests_done, .opaque = q,
+    .kind = SOURCE_READ, .off = k * DIG_CHUNK_BLOCKS * DIGEST_LEN,
+    .len = nb * DIGEST_LEN, .buf = buf, .done = digests_done, .opaque = q,
   };
   c->dig_asking[k] = true;
   c->dig_outstanding++;
@@ -492,7 +465,7 @@ static void query_digests(struct engine *e)
   pthread_mutex_lock(&e->lock);
   uint64_t cur = c->cursor / DIG_CHUNK_BLOCKS;
   for (uint64_t k = 0; k < cur && k < c->ndchunks; k++)
-    if (c->dig[k] && !c->dig_asking[k]) { free(c->dig[k]); c->dig[k] = NULL; }
+    if (c->dig[k]) { free(c->dig[k]); c->dig[k] = NULL; }
   if (c->running && !c->paused && !e->standby) {
     /* From the first chunk not in yet: the copy waits there (dig_until),
      * even when the cursor is past it. */

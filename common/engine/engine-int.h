@@ -117,9 +117,6 @@ struct copy {
   bool *dig_asking, *dig_done;
   uint64_t ndchunks, dig_until;
   uint64_t dig_good_until;      /* the prefix of dig_until whose chunks came */
-  uint64_t dig_valid0;          /* blocks of chunk 0 whose digests are in
-                                 * dig[0]: the early read's, until the rest
-                                 * of the chunk came */
   unsigned dig_outstanding;
   /* The first chunk's digests, read with the digest export's handshake or
    * asked as soon as it is joined (copy_digest_prefetch), before the copy
@@ -237,11 +234,6 @@ struct job *inflight_get(struct engine *e, uint64_t block);
 #define CACHE_SEED UINT32_MAX          /* index_loc.seed: the cache itself */
 #define LOCAL_JOB_BLOCKS 256           /* 1 MiB copied from seeds per job */
 #define DIG_CHUNK_BLOCKS 16384          /* digests asked per query: 512 KiB */
-/* The first digests, read with the digest export's handshake: a sixteenth
- * of chunk 0 (64 KiB of digests, 8 MiB of the image), so the copy starts
- * after hashing 8 MiB at the source rather than 64; the rest of chunk 0
- * is asked next, into the same buffer (copy.dig_valid0). */
-#define DIG_EARLY_BLOCKS 2048
 const uint8_t *digest_of(struct engine *e, uint64_t b);
 bool seed_hit(struct engine *e, uint64_t b, struct index_loc *loc);
 bool digest_says_zero(struct engine *e, uint64_t b);

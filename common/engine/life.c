@@ -332,8 +332,7 @@ static char *dup_or_null(const char *s, bool *oom)
  * could be started. */
 static struct companion *companion_start(struct engine *e, const char *suffix, bool prefetch)
 {
-  _Static_assert(DIG_EARLY_BLOCKS * DIGEST_LEN <= WAN_EARLY_MAX, "fits an early read");
-  _Static_assert(DIG_EARLY_BLOCKS <= DIG_CHUNK_BLOCKS, "the early read is within chunk 0");
+  _Static_assert(DIG_CHUNK_BLOCKS * DIGEST_LEN <= WAN_EARLY_MAX, "a chunk fits an early read");
   struct companion *o = calloc(1, sizeof *o);
   bool oom = false;
   if (!o) return NULL;
@@ -350,8 +349,8 @@ static struct companion *companion_start(struct engine *e, const char *suffix, b
     .tls_psk = dup_or_null(e->cfg.tls_psk, &oom),
     .tls_username = dup_or_null(e->cfg.tls_username, &oom),
     .tls_verify = e->cfg.tls_verify, .export_suffix = suffix,
-    /* The first digests go with the handshake (xnbd://). */
-    .early_read = prefetch ? DIG_EARLY_BLOCKS * DIGEST_LEN : 0,
+    /* The first chunk's digests go with the handshake (xnbd://). */
+    .early_read = prefetch ? DIG_CHUNK_BLOCKS * DIGEST_LEN : 0,
     .cancellable = o->cancel_fd >= 0, .cancel_fd = o->cancel_fd,
   };
   if (oom || pthread_create(&o->thread, NULL, companion_main, o) != 0) {

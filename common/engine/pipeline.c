@@ -216,7 +216,6 @@ struct job *job_make_locked(struct engine *e, enum job_kind kind,
 const uint8_t *digest_of(struct engine *e, uint64_t b)
 {
   const uint8_t *d = e->copy.dig ? e->copy.dig[b / DIG_CHUNK_BLOCKS] : NULL;
-  if (b < DIG_CHUNK_BLOCKS && b >= e->copy.dig_valid0) return NULL;  /* not in yet */
   return d ? d + (b % DIG_CHUNK_BLOCKS) * DIGEST_LEN : NULL;
 }
 
