@@ -43,7 +43,6 @@ struct digest_backend {
   struct xwork ahead_work;
   bool ahead_queued;
   uint64_t ahead_first, ahead_count;
-  bool ahead_start;             /* it follows the image's first read */
   uint64_t last_end;          /* where the last read ended (a sequence) */
   uint8_t *stash;
   uint64_t st_first, st_count, st_at, st_wepoch;
@@ -175,7 +174,6 @@ static void ahead_work(struct xwork *w)
   struct digest_backend *db = (struct digest_backend *) ((char *) w - offsetof(struct digest_backend, ahead_work));
   pthread_mutex_lock(&db->lock);
   uint64_t first = db->ahead_first, count = db->ahead_count;
-  bool start = db->ahead_start;
   db->ahead_queued = false;
   if (!count) { pthread_mutex_unlock(&db->lock); return; }
   bool have = db->stash && first >= db->st_first &&
@@ -187,11 +185,9 @@ static void ahead_work(struct xwork *w)
   /* Every core, at nice AHEAD_NICE: the reads that feed the link (which
    * the digests read so far keep busy) come first, the rest of the CPU
    * goes here.  (On half the cores at the usual priority, the chunk after
-   * a seeded RAM copy's first took 40-60 ms here instead of 37-46.)
-   * After the image's first read no copy reads data yet: the proxy's next
-   * request waits for exactly this, at the usual priority. */
+   * a seeded RAM copy's first took 40-60 ms here instead of 37-46.) */
   unsigned threads = db->ncpu;
-  int nice = start ? 0 : AHEAD_NICE;
+  int nice = AHEAD_NICE;
   uint64_t t0 = now_ns();
   if (db->sc) {
     if (digests_via_sidecar(db, first, count, buf, threads, nice) < 0)
@@ -248,7 +244,6 @@ static void read_ahead(struct digest_backend *db, uint64_t first, uint64_t count
   }
   db->ahead_first = next;
   db->ahead_count = MIN(MAX(count, (uint64_t) AHEAD_BLOCKS), nblocks - next);
-  db->ahead_start = first == 0;
   bool submit = !db->ahead_queued;
   db->ahead_queued = true;
   pthread_mutex_unlock(&db->lock);

@@ -21,8 +21,7 @@
  * Read-ahead: a read of at least 1024 blocks that starts the image or
  * goes on from where the last read ended has the next as many (at least
  * 16384, to the image's end) computed on wq's low lane (once nothing else
- * waits), over every CPU at nice 10 (at the usual priority after the
- * image's first read: no copy reads data yet); into the sidecar, or
+ * waits), over every CPU at nice 10; into the sidecar, or
  * without one into a stash served to the next read (as much of it as
  * the stash holds from its start) only while no write through the guard
  * began since (nor is in flight), the image's size and times are
