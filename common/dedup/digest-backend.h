@@ -22,8 +22,8 @@
  * goes on from where the last read ended has the next as many (at least
  * 16384, to the image's end) computed on wq's low lane (once nothing else
  * waits), over every CPU at nice 10; into the sidecar, or
- * without one into a stash served to the next read (as much of it as
- * the stash holds from its start) only while no write through the guard
+ * without one into a stash (a read that begins in it takes what it holds
+ * from there, the rest is computed), served only while no write through the guard
  * began since (nor is in flight), the image's size and times are
  * unchanged, and it is under 1 s old.  The proxy's next digest query then
  * costs no hashing time. */

@@ -43,7 +43,6 @@ struct digest_sidecar {
   atomic_uint_fast64_t hits, stored;
 };
 
-
 static void put_be(uint8_t *p, uint64_t v, unsigned n)
 {
   for (unsigned i = 0; i < n; i++) p[i] = (uint8_t) (v >> (8 * (n - 1 - i)));
